@@ -1,0 +1,182 @@
+"""Gateway settings, read once from environment variables and validated at start."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+T = TypeVar("T")
+
+SETUP_HELP = (
+    "WEBHOOK_SECRET is not set. The gateway needs the preset secret that GPU servers send "
+    "when they register. Set it, for example:\n"
+    "    export WEBHOOK_SECRET=\"$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')\"\n"
+    "or start the gateway with `make run`, which generates one for you."
+)
+
+
+class ConfigError(ValueError):
+    """A setting is missing or has a bad value; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of the gateway. Build it with `Config.from_env()`."""
+
+    webhook_secret: str = field(repr=False)
+    backend_api_base: str = ""
+    backend_servers_file: str = "backend_servers.json"
+    task_affinity_file: str = "task_affinity.db"
+    task_affinity_ttl: float = 86400.0
+    health_check_interval: float = 30.0
+    health_check_failures: int = 3
+    health_check_timeout: float = 5.0
+    health_check_path: str = "/health"
+    health_check_concurrency: int = 256
+    proxy_prefixes: tuple[str, ...] = ("/api/",)
+    proxy_connect_timeout: float = 5.0
+    proxy_read_timeout: float = 300.0
+    proxy_max_retries: int = 2
+    proxy_max_body_bytes: int = 100 * 1024 * 1024
+    proxy_pool_maxsize: int = 64
+    allowed_backend_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    trusted_proxy_count: int = 0
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+        """Read the settings from `environ` (default: os.environ); keyword overrides win."""
+        env = os.environ if environ is None else environ
+        reader = _Reader(env)
+        values: dict[str, Any] = {
+            "webhook_secret": reader.secret("WEBHOOK_SECRET"),
+            "backend_api_base": reader.get("BACKEND_API_BASE", "", _parse_base_url),
+            "backend_servers_file": reader.get("BACKEND_SERVERS_FILE", cls.backend_servers_file, _nonempty),
+            "task_affinity_file": reader.get("TASK_AFFINITY_FILE", cls.task_affinity_file, _nonempty),
+            "task_affinity_ttl": reader.get("TASK_AFFINITY_TTL", cls.task_affinity_ttl, _number(min_value=1)),
+            "health_check_interval": reader.get(
+                "HEALTH_CHECK_INTERVAL", cls.health_check_interval, _number(min_value=1)
+            ),
+            "health_check_failures": reader.get("HEALTH_CHECK_FAILURES", cls.health_check_failures, _integer(1)),
+            "health_check_timeout": reader.get(
+                "HEALTH_CHECK_TIMEOUT", cls.health_check_timeout, _number(min_value=0.1)
+            ),
+            "health_check_path": reader.get("HEALTH_CHECK_PATH", cls.health_check_path, _url_path),
+            "health_check_concurrency": reader.get(
+                "HEALTH_CHECK_CONCURRENCY", cls.health_check_concurrency, _integer(1)
+            ),
+            "proxy_prefixes": reader.get("PROXY_PREFIXES", cls.proxy_prefixes, _prefixes),
+            "proxy_connect_timeout": reader.get(
+                "PROXY_CONNECT_TIMEOUT", cls.proxy_connect_timeout, _number(min_value=0.1)
+            ),
+            "proxy_read_timeout": reader.get("PROXY_READ_TIMEOUT", cls.proxy_read_timeout, _number(min_value=0.1)),
+            "proxy_max_retries": reader.get("PROXY_MAX_RETRIES", cls.proxy_max_retries, _integer(0)),
+            "proxy_max_body_bytes": reader.get("PROXY_MAX_BODY_BYTES", cls.proxy_max_body_bytes, _integer(1)),
+            "proxy_pool_maxsize": reader.get("PROXY_POOL_MAXSIZE", cls.proxy_pool_maxsize, _integer(1)),
+            "allowed_backend_networks": reader.get("ALLOWED_BACKEND_NETWORKS", cls.allowed_backend_networks, _networks),
+            "trusted_proxy_count": reader.get("TRUSTED_PROXY_COUNT", cls.trusted_proxy_count, _integer(0)),
+            "log_level": reader.get("LOG_LEVEL", cls.log_level, _log_level),
+        }
+        values.update(overrides)
+        return cls(**values)
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def get(self, name: str, default: T, parse: Callable[[str], T]) -> T:
+        raw = self.env.get(name)
+        if raw is None or raw.strip() == "":
+            return default
+        try:
+            return parse(raw.strip())
+        except ValueError as exc:
+            raise ConfigError(f"{name}={raw!r} is not valid: {exc}") from None
+
+    def secret(self, name: str) -> str:
+        value = self.env.get(name, "")
+        if not value.strip():
+            raise ConfigError(SETUP_HELP)
+        if value != value.strip():
+            raise ConfigError(f"{name} has leading or trailing whitespace; remove it.")
+        return value
+
+
+def _nonempty(raw: str) -> str:
+    return raw
+
+
+def _number(min_value: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError("expected a number") from None
+        if not value >= min_value or value == float("inf"):
+            raise ValueError(f"expected a finite number of at least {min_value:g}")
+        return value
+
+    return parse
+
+
+def _integer(min_value: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError("expected an integer") from None
+        if value < min_value:
+            raise ValueError(f"expected an integer of at least {min_value}")
+        return value
+
+    return parse
+
+
+def _url_path(raw: str) -> str:
+    if not raw.startswith("/"):
+        raise ValueError("expected a path starting with '/'")
+    return raw
+
+
+def _prefixes(raw: str) -> tuple[str, ...]:
+    prefixes = tuple(p.strip() for p in raw.split(",") if p.strip())
+    for prefix in prefixes:
+        if not (prefix.startswith("/") and prefix.endswith("/")) or prefix == "/":
+            raise ValueError(f"prefix {prefix!r} must start and end with '/' and not be '/' alone")
+        if prefix.startswith("/webhook/"):
+            raise ValueError("prefixes may not cover /webhook/")
+    if not prefixes:
+        raise ValueError("expected a comma-separated list of path prefixes")
+    return prefixes
+
+
+def _parse_base_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected an http:// or https:// URL with a host")
+    if parts.query or parts.fragment:
+        raise ValueError("the URL may not carry a query or fragment")
+    return raw.rstrip("/")
+
+
+def _networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for item in raw.split(","):
+        if item.strip():
+            try:
+                networks.append(ipaddress.ip_network(item.strip(), strict=False))
+            except ValueError:
+                raise ValueError(f"{item.strip()!r} is not a CIDR network") from None
+    return tuple(networks)
+
+
+def _log_level(raw: str) -> str:
+    level = raw.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return level

@@ -1,0 +1,80 @@
+"""Config.from_env: defaults, parsing, and errors that name the variable."""
+
+import ipaddress
+
+import pytest
+
+from config import Config, ConfigError
+
+BASE = {"WEBHOOK_SECRET": "s3cret-value"}
+
+
+def test_defaults():
+    config = Config.from_env(BASE)
+    assert config.webhook_secret == "s3cret-value"
+    assert config.backend_api_base == ""
+    assert config.backend_servers_file == "backend_servers.json"
+    assert (config.health_check_interval, config.health_check_failures) == (30.0, 3)
+    assert (config.health_check_timeout, config.health_check_path) == (5.0, "/health")
+    assert config.proxy_prefixes == ("/api/",)
+
+
+def test_secret_is_not_in_repr():
+    assert "s3cret-value" not in repr(Config.from_env(BASE))
+
+
+@pytest.mark.parametrize("env", [{}, {"WEBHOOK_SECRET": ""}, {"WEBHOOK_SECRET": "   "}])
+def test_missing_secret_refuses_to_start_and_says_how(env):
+    with pytest.raises(ConfigError, match="WEBHOOK_SECRET") as info:
+        Config.from_env(env)
+    assert "export WEBHOOK_SECRET" in str(info.value)
+
+
+def test_parsed_values():
+    config = Config.from_env(
+        {
+            **BASE,
+            "HEALTH_CHECK_INTERVAL": "1",
+            "HEALTH_CHECK_FAILURES": "5",
+            "HEALTH_CHECK_TIMEOUT": "0.5",
+            "HEALTH_CHECK_PATH": "/healthz",
+            "BACKEND_API_BASE": "http://fallback.example:8000/",
+            "PROXY_PREFIXES": "/api/, /v1/",
+            "ALLOWED_BACKEND_NETWORKS": "10.0.0.0/8, fd00::/8",
+        }
+    )
+    assert config.health_check_interval == 1.0
+    assert config.health_check_failures == 5
+    assert config.health_check_timeout == 0.5
+    assert config.health_check_path == "/healthz"
+    assert config.backend_api_base == "http://fallback.example:8000"
+    assert config.proxy_prefixes == ("/api/", "/v1/")
+    assert config.allowed_backend_networks == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("HEALTH_CHECK_INTERVAL", "0"),
+        ("HEALTH_CHECK_INTERVAL", "abc"),
+        ("HEALTH_CHECK_INTERVAL", "nan"),
+        ("HEALTH_CHECK_INTERVAL", "inf"),
+        ("HEALTH_CHECK_FAILURES", "0"),
+        ("HEALTH_CHECK_FAILURES", "2.5"),
+        ("HEALTH_CHECK_TIMEOUT", "-1"),
+        ("HEALTH_CHECK_PATH", "health"),
+        ("BACKEND_API_BASE", "ftp://x"),
+        ("BACKEND_API_BASE", "not a url"),
+        ("BACKEND_API_BASE", "http://h:1/?q=1"),
+        ("PROXY_PREFIXES", "api"),
+        ("PROXY_PREFIXES", "/"),
+        ("PROXY_PREFIXES", "/webhook/"),
+        ("PROXY_MAX_RETRIES", "-1"),
+        ("ALLOWED_BACKEND_NETWORKS", "10.0.0.0/33"),
+        ("LOG_LEVEL", "LOUD"),
+        ("TASK_AFFINITY_TTL", "0"),
+    ],
+)
+def test_bad_value_names_the_variable(name, value):
+    with pytest.raises(ConfigError, match=name):
+        Config.from_env({**BASE, name: value})

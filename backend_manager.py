@@ -1,0 +1,338 @@
+"""The fleet: who is registered, who is healthy, who is next. The one owner of that state."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from health import HealthChecker, HealthResult, Target
+from routing import SequentialRotation
+from store import JsonFileStore
+
+log = logging.getLogger(__name__)
+
+HEALTH_JOB_ID = "health_check"
+
+
+class PersistError(RuntimeError):
+    """A change was made in memory but could not be saved."""
+
+
+def now_iso() -> str:
+    """The current UTC time as ISO 8601, as the state file stores it."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def server_url(ip: str, port: int) -> str:
+    """The base URL of a server; IPv6 addresses get brackets."""
+    host = f"[{ip}]" if ":" in ip else ip
+    return f"http://{host}:{port}"
+
+
+@dataclass
+class BackendServer:
+    """One GPU server, with the seed's fields."""
+
+    server_id: str
+    ip: str
+    port: int
+    url: str = ""
+    is_healthy: bool = True
+    fail_count: int = 0
+    last_check_time: str | None = None
+    last_used_time: str | None = None
+
+    def __post_init__(self) -> None:
+        self.url = server_url(self.ip, self.port)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The seed's JSON shape."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, entry: dict[str, Any]) -> BackendServer:
+        """Rebuild a server from the state file; raise ValueError on a malformed entry."""
+        server_id, ip, port = entry.get("server_id"), entry.get("ip"), entry.get("port")
+        if not isinstance(server_id, str) or not server_id or not isinstance(ip, str) or not ip:
+            raise ValueError(f"entry lacks a server_id or ip: {entry!r:.200}")
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            raise ValueError(f"entry {server_id!r} has a bad port: {port!r}")
+        fail_count = entry.get("fail_count", 0)
+        return cls(
+            server_id=server_id,
+            ip=ip,
+            port=port,
+            is_healthy=entry.get("is_healthy", True) is not False,
+            fail_count=fail_count if isinstance(fail_count, int) and fail_count >= 0 else 0,
+            last_check_time=_optional_str(entry.get("last_check_time")),
+            last_used_time=_optional_str(entry.get("last_used_time")),
+        )
+
+
+class BackendManager:
+    """Keeps the fleet under a lock, saves every change, rotates, and runs the health job."""
+
+    def __init__(
+        self,
+        store: JsonFileStore | None = None,
+        *,
+        failure_threshold: int = 3,
+        health_check_interval: float = 30.0,
+        health_checker: HealthChecker | None = None,
+    ) -> None:
+        self._lock = threading.Lock()
+        self._servers: dict[str, BackendServer] = {}  # insertion order is registration order
+        self._rotation = SequentialRotation()
+        self._version = 0
+        self._save_lock = threading.Lock()
+        self._saved_version = 0
+        self._job_lock = threading.Lock()
+        self._scheduler: BackgroundScheduler | None = None
+        self._last_sweep: dict[str, Any] = {}
+        self.configure(store, failure_threshold, health_check_interval, health_checker)
+
+    def configure(
+        self,
+        store: JsonFileStore | None,
+        failure_threshold: int = 3,
+        health_check_interval: float = 30.0,
+        health_checker: HealthChecker | None = None,
+    ) -> None:
+        """Set where state is saved and how health is checked; call before `load`."""
+        self.store = store
+        self.failure_threshold = failure_threshold
+        self.health_check_interval = health_check_interval
+        self.health_checker = health_checker
+
+    # -- reading -------------------------------------------------------------------------
+
+    def get_next_server(self, exclude: frozenset[str] | set[str] = frozenset()) -> BackendServer | None:
+        """The next healthy server in strict rotation (skipping `exclude`), or None."""
+        with self._lock:
+            server_id = self._rotation.choose(exclude)
+            if server_id is None:
+                return None
+            server = self._servers[server_id]
+            server.last_used_time = now_iso()
+            return replace(server)
+
+    def get_server(self, server_id: str) -> BackendServer | None:
+        """A copy of one server, or None."""
+        with self._lock:
+            server = self._servers.get(server_id)
+            return replace(server) if server else None
+
+    def list_servers(self) -> list[BackendServer]:
+        """Copies of all servers in registration order."""
+        with self._lock:
+            return [replace(server) for server in self._servers.values()]
+
+    @property
+    def health_check_running(self) -> bool:
+        """True while the health job is scheduled, which is while any server is registered."""
+        return self._scheduler is not None and self._scheduler.get_job(HEALTH_JOB_ID) is not None
+
+    def get_status(self) -> dict[str, Any]:
+        """The seed's `/webhook/servers` data: counts, job state and every server."""
+        servers = [server.to_dict() for server in self.list_servers()]
+        healthy = sum(1 for server in servers if server["is_healthy"])
+        return {
+            "total_servers": len(servers),
+            "healthy_servers": healthy,
+            "unhealthy_servers": len(servers) - healthy,
+            "health_check_running": self.health_check_running,
+            "servers": servers,
+        }
+
+    # -- changing ------------------------------------------------------------------------
+
+    def register_server(self, server_id: str, ip: str, port: int) -> tuple[BackendServer, bool]:
+        """Add a server, or update one's address in place; return it and whether it is new."""
+        with self._lock:
+            existing = self._servers.get(server_id)
+            server = BackendServer(server_id=server_id, ip=ip, port=port)
+            if existing is not None:
+                server.last_used_time = existing.last_used_time
+            self._servers[server_id] = server  # a known key keeps its place in the order
+            version = self._changed()
+            registered = replace(server)
+        self._persist(version)
+        self._sync_health_job()
+        if existing is None:
+            log.info("registered server %s at %s", server_id, registered.url)
+        elif existing.url != registered.url:
+            log.info("server %s moved from %s to %s", server_id, existing.url, registered.url)
+        else:
+            log.info("server %s registered again at %s; health reset", server_id, registered.url)
+        return registered, existing is None
+
+    def unregister_server(self, server_id: str) -> bool:
+        """Remove a server; False when it was not registered."""
+        with self._lock:
+            if self._servers.pop(server_id, None) is None:
+                return False
+            version = self._changed()
+        self._persist(version)
+        self._sync_health_job()
+        log.info("unregistered server %s", server_id)
+        return True
+
+    def report_failure(self, server_id: str, url: str, reason: str) -> None:
+        """Count a failed connection from the proxy as a failed health check."""
+        self.apply_health_results([HealthResult(server_id, url, False, f"proxy: {reason}")], checked=False)
+
+    def apply_health_results(self, results: list[HealthResult], checked: bool = True) -> None:
+        """Apply check results; a server re-registered since its check began is left alone."""
+        now = now_iso()
+        transitions: list[tuple[str, bool | None, str]] = []
+        with self._lock:
+            for result in results:
+                server = self._servers.get(result.server_id)
+                if server is None or server.url != result.url:
+                    continue
+                if checked:
+                    server.last_check_time = now
+                was_healthy, old_fails = server.is_healthy, server.fail_count
+                if result.ok:
+                    server.fail_count = 0
+                    server.is_healthy = True
+                else:
+                    server.fail_count += 1
+                    if server.fail_count >= self.failure_threshold:
+                        server.is_healthy = False
+                if server.is_healthy != was_healthy:
+                    transitions.append((server.server_id, server.is_healthy, result.detail))
+                elif server.is_healthy and server.fail_count != old_fails:
+                    transitions.append((server.server_id, None, result.detail))
+            version = self._changed() if transitions else None
+        for server_id, healthy, detail in transitions:
+            if healthy is True:
+                log.info("server %s recovered: %s", server_id, detail)
+            elif healthy is False:
+                log.warning(
+                    "server %s marked unhealthy after %d failures: %s", server_id, self.failure_threshold, detail
+                )
+            else:
+                log.info("server %s health check: %s", server_id, detail)
+        if version is not None:
+            self._persist(version)
+
+    def _changed(self) -> int:
+        """Note a change made under the lock: rebuild the rotation and bump the version."""
+        self._rotation.rebuild([(s.server_id, s.is_healthy) for s in self._servers.values()])
+        self._version += 1
+        return self._version
+
+    # -- persistence ---------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Restore the fleet from the store, with its health state; it takes traffic at once."""
+        if self.store is None:
+            return
+        servers, bad = {}, []
+        for entry in self.store.load():
+            try:
+                server = BackendServer.from_dict(entry)
+            except ValueError as exc:
+                bad.append(str(exc))
+                continue
+            servers[server.server_id] = server
+        if bad:
+            self.store.keep_copy(f"{len(bad)} bad entries, first: {bad[0]}")
+        with self._lock:
+            self._servers = servers
+            self._saved_version = self._changed()
+        log.info("loaded %d servers from %s", len(servers), self.store.path)
+        self._sync_health_job()
+
+    def _persist(self, version: int) -> None:
+        """Save a state at least as new as `version`; writers that queue up share one save."""
+        if self.store is None:
+            return
+        with self._save_lock:
+            if self._saved_version >= version:
+                return  # a save that began after our change already wrote it
+            with self._lock:
+                entries = [server.to_dict() for server in self._servers.values()]
+                snapshot_version = self._version
+            try:
+                self.store.save(entries)
+            except OSError as exc:
+                log.error("could not save %s: %s", self.store.path, exc)
+                raise PersistError(f"could not save the server list: {exc.strerror or exc}") from exc
+            self._saved_version = snapshot_version
+
+    # -- the health job ------------------------------------------------------------------
+
+    def run_health_sweep(self) -> None:
+        """Check every server once, in parallel, and apply the results. The job's body."""
+        if self.health_checker is None:
+            return
+        started = datetime.now(UTC)
+        try:
+            with self._lock:
+                targets = [Target(s.server_id, s.url) for s in self._servers.values()]
+            results = self.health_checker.check_all(targets)
+            self.apply_health_results(results)
+        except Exception:  # the job must survive anything, or health checking stops for good
+            log.exception("health sweep failed")
+            return
+        seconds = (datetime.now(UTC) - started).total_seconds()
+        failed = sum(1 for result in results if not result.ok)
+        self._last_sweep = {"time": started.isoformat(timespec="seconds"), "duration_s": seconds}
+        log.info("health sweep: %d servers, %d failed, %.2fs", len(results), failed, seconds)
+
+    @property
+    def last_sweep(self) -> dict[str, Any]:
+        """When the last sweep began and how long it took."""
+        return dict(self._last_sweep)
+
+    def _sync_health_job(self) -> None:
+        """Schedule the health job while any server is registered, and remove it otherwise."""
+        if self.health_checker is None:
+            return
+        with self._job_lock:
+            wanted = bool(self._servers)
+            if self._scheduler is None:
+                if not wanted:
+                    return
+                self._scheduler = BackgroundScheduler(daemon=True, timezone=UTC)
+                self._scheduler.start()
+            job = self._scheduler.get_job(HEALTH_JOB_ID)
+            if wanted and job is None:
+                self._scheduler.add_job(
+                    self.run_health_sweep,
+                    "interval",
+                    seconds=self.health_check_interval,
+                    id=HEALTH_JOB_ID,
+                    max_instances=1,
+                    coalesce=True,
+                    misfire_grace_time=None,
+                )
+                log.info("health checks started, every %gs", self.health_check_interval)
+            elif not wanted and job is not None:
+                job.remove()
+                log.info("no servers left; health checks stopped")
+
+    def shutdown(self) -> None:
+        """Stop the scheduler and the checker's threads."""
+        with self._job_lock:
+            if self._scheduler is not None:
+                self._scheduler.shutdown(wait=False)
+                self._scheduler = None
+        if self.health_checker is not None:
+            self.health_checker.close()
+
+
+def _optional_str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+# The default instance the seed imports: `from backend_manager import backend_manager`.
+# It holds nothing until `create_app()` configures and loads it.
+backend_manager = BackendManager()

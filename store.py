@@ -1,0 +1,98 @@
+"""Durable storage of the server list: a JSON file written atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class StoreError(RuntimeError):
+    """The state file could not be read or moved aside; starting would risk losing it."""
+
+
+class JsonFileStore:
+    """Keeps a list of JSON objects in one file; a crash leaves the old file or the new one."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    @property
+    def _temp_prefix(self) -> str:
+        return f".{self.path.name}."
+
+    def load(self) -> list[dict[str, Any]]:
+        """Return the stored entries; a corrupt file is moved aside and an empty list returned."""
+        self._remove_stale_temp_files()
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StoreError(f"cannot read {self.path}: {exc}") from exc
+        try:
+            entries = json.loads(text)
+        except ValueError as exc:
+            self.quarantine(f"not valid JSON ({exc})")
+            return []
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            self.quarantine("expected a JSON list of objects")
+            return []
+        return entries
+
+    def save(self, entries: list[dict[str, Any]]) -> None:
+        """Replace the file's content with `entries`: temp file, fsync, rename, fsync folder."""
+        folder = self.path.parent
+        fd, temp_name = tempfile.mkstemp(prefix=self._temp_prefix, suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(entries, handle, ensure_ascii=False, indent=2)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp_name, self.path)
+        except BaseException:
+            _remove_quietly(temp_name)
+            raise
+        _fsync_folder(folder)
+
+    def quarantine(self, reason: str) -> Path:
+        """Move the state file aside as `<file>.corrupt-<timestamp>` and log why."""
+        target = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        try:
+            os.replace(self.path, target)
+        except OSError as exc:
+            raise StoreError(f"{self.path} is corrupt ({reason}) and could not be moved aside: {exc}") from exc
+        log.error("state file %s is corrupt (%s); moved it to %s and started empty", self.path, reason, target)
+        return target
+
+    def keep_copy(self, reason: str) -> None:
+        """Copy the state file aside, unchanged, before entries that failed to load are dropped."""
+        target = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        target.write_bytes(self.path.read_bytes())
+        log.error("state file %s has bad entries (%s); kept a copy at %s", self.path, reason, target)
+
+    def _remove_stale_temp_files(self) -> None:
+        folder = self.path.parent if str(self.path.parent) else Path(".")
+        for stale in folder.glob(f"{self._temp_prefix}*.tmp"):
+            log.warning("removing stale temp file %s left by an interrupted save", stale)
+            _remove_quietly(stale)
+
+
+def _remove_quietly(path: str | os.PathLike[str]) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

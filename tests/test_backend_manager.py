@@ -1,0 +1,259 @@
+"""BackendManager: registration, persistence, thresholds, sweeps, and many threads at once."""
+
+import json
+import threading
+
+import pytest
+
+from backend_manager import BackendManager, PersistError
+from health import HealthChecker, HealthResult
+from store import JsonFileStore
+
+
+def make_manager(tmp_path, **kwargs) -> BackendManager:
+    manager = BackendManager(JsonFileStore(tmp_path / "servers.json"), **kwargs)
+    manager.load()
+    return manager
+
+
+def fail(manager: BackendManager, server_id: str, times: int = 1) -> None:
+    url = manager.get_server(server_id).url
+    for _ in range(times):
+        manager.apply_health_results([HealthResult(server_id, url, False, "refused")])
+
+
+def rotation(manager: BackendManager, count: int) -> list[str | None]:
+    picks = [manager.get_next_server() for _ in range(count)]
+    return [server.server_id if server else None for server in picks]
+
+
+def stored(tmp_path) -> list[dict]:
+    return json.loads((tmp_path / "servers.json").read_text())
+
+
+def test_register_is_saved_before_it_returns(tmp_path):
+    manager = make_manager(tmp_path)
+    server, created = manager.register_server("B1", "192.168.1.100", 8000)
+    assert created
+    assert server.url == "http://192.168.1.100:8000"
+    assert stored(tmp_path) == [
+        {
+            "server_id": "B1",
+            "ip": "192.168.1.100",
+            "port": 8000,
+            "url": "http://192.168.1.100:8000",
+            "is_healthy": True,
+            "fail_count": 0,
+            "last_check_time": None,
+            "last_used_time": None,
+        }
+    ]
+
+
+def test_rotation_skips_unhealthy_and_takes_them_back(tmp_path):
+    manager = make_manager(tmp_path)
+    for name in ("B1", "B2", "B3"):
+        manager.register_server(name, "127.0.0.1", 9000)
+    assert rotation(manager, 4) == ["B1", "B2", "B3", "B1"]
+    fail(manager, "B2", times=3)
+    assert not manager.get_server("B2").is_healthy
+    assert rotation(manager, 4) == ["B3", "B1", "B3", "B1"]
+    url = manager.get_server("B2").url
+    manager.apply_health_results([HealthResult("B2", url, True, "HTTP 200")])
+    assert rotation(manager, 3) == ["B2", "B3", "B1"]
+
+
+@pytest.mark.parametrize("threshold", [1, 3, 5])
+def test_marked_unhealthy_exactly_at_the_threshold(tmp_path, threshold):
+    manager = make_manager(tmp_path, failure_threshold=threshold)
+    manager.register_server("B1", "127.0.0.1", 9000)
+    fail(manager, "B1", times=threshold - 1)
+    assert manager.get_server("B1").is_healthy
+    assert manager.get_server("B1").fail_count == threshold - 1
+    fail(manager, "B1")
+    assert not manager.get_server("B1").is_healthy
+    assert manager.get_next_server() is None
+
+
+def test_a_success_resets_the_fail_count(tmp_path):
+    manager = make_manager(tmp_path)
+    manager.register_server("B1", "127.0.0.1", 9000)
+    fail(manager, "B1", times=2)
+    url = manager.get_server("B1").url
+    manager.apply_health_results([HealthResult("B1", url, True, "HTTP 200")])
+    fail(manager, "B1", times=2)
+    assert manager.get_server("B1").is_healthy
+
+
+def test_result_for_an_old_address_is_ignored(tmp_path):
+    manager = make_manager(tmp_path, failure_threshold=1)
+    manager.register_server("B1", "127.0.0.1", 9000)
+    old_url = manager.get_server("B1").url
+    manager.register_server("B1", "127.0.0.2", 9001)  # moved while a sweep was running
+    manager.apply_health_results([HealthResult("B1", old_url, False, "refused")])
+    assert manager.get_server("B1").is_healthy
+
+
+def test_restart_restores_health_state_and_routes_at_once(tmp_path):
+    manager = make_manager(tmp_path)
+    for name in ("B1", "B2", "B3"):
+        manager.register_server(name, "127.0.0.1", 9000)
+    fail(manager, "B2", times=3)
+    restarted = make_manager(tmp_path)
+    assert [s.server_id for s in restarted.list_servers()] == ["B1", "B2", "B3"]
+    assert not restarted.get_server("B2").is_healthy
+    assert restarted.get_server("B2").fail_count == 3
+    assert rotation(restarted, 3) == ["B1", "B3", "B1"]
+
+
+def test_state_file_with_a_bad_entry_keeps_the_good_ones_and_a_copy(tmp_path, caplog):
+    good = {"server_id": "B1", "ip": "127.0.0.1", "port": 9000}
+    (tmp_path / "servers.json").write_text(json.dumps([good, {"server_id": "B2", "port": "x"}]))
+    manager = make_manager(tmp_path)
+    assert [s.server_id for s in manager.list_servers()] == ["B1"]
+    copies = list(tmp_path.glob("servers.json.corrupt-*"))
+    assert len(copies) == 1
+    assert "B2" in copies[0].read_text()
+    assert "bad entries" in caplog.text
+
+
+def test_unregister(tmp_path):
+    manager = make_manager(tmp_path)
+    manager.register_server("B1", "127.0.0.1", 9000)
+    assert manager.unregister_server("B1")
+    assert not manager.unregister_server("B1")
+    assert stored(tmp_path) == []
+
+
+def test_failed_save_raises_persist_error(tmp_path):
+    manager = BackendManager(JsonFileStore(tmp_path / "missing-folder" / "servers.json"))
+    with pytest.raises(PersistError, match="could not save"):
+        manager.register_server("B1", "127.0.0.1", 9000)
+
+
+def test_health_job_runs_only_while_servers_exist(tmp_path):
+    manager = make_manager(tmp_path, health_checker=HealthChecker(timeout=0.5))
+    try:
+        assert not manager.health_check_running
+        manager.register_server("B1", "127.0.0.1", 9000)
+        assert manager.health_check_running
+        manager.register_server("B2", "127.0.0.1", 9001)
+        manager.unregister_server("B1")
+        assert manager.health_check_running
+        manager.unregister_server("B2")
+        assert not manager.health_check_running
+    finally:
+        manager.shutdown()
+
+
+def test_health_job_starts_after_a_restart_with_servers(tmp_path):
+    make_manager(tmp_path).register_server("B1", "127.0.0.1", 9000)
+    restarted = make_manager(tmp_path, health_checker=HealthChecker(timeout=0.5))
+    try:
+        assert restarted.health_check_running
+    finally:
+        restarted.shutdown()
+
+
+def test_sweep_against_real_servers(tmp_path, fake_servers):
+    up, sick, gone = fake_servers("UP"), fake_servers("SICK"), fake_servers("GONE")
+    manager = make_manager(tmp_path, health_checker=HealthChecker(timeout=1.0), health_check_interval=3600)
+    try:
+        for server in (up, sick, gone):
+            manager.register_server(server.server_id, "127.0.0.1", server.port)
+        sick.healthy = False
+        gone.stop()
+        for _ in range(3):
+            manager.run_health_sweep()
+        health = {s.server_id: (s.is_healthy, s.fail_count) for s in manager.list_servers()}
+        assert health == {"UP": (True, 0), "SICK": (False, 3), "GONE": (False, 3)}
+        assert manager.get_server("UP").last_check_time is not None
+        assert stored(tmp_path)[1]["is_healthy"] is False
+        sick.healthy = True
+        manager.run_health_sweep()
+        assert manager.get_server("SICK").is_healthy
+        assert manager.last_sweep["duration_s"] >= 0
+    finally:
+        manager.shutdown()
+
+
+def test_sweep_does_not_follow_redirects(tmp_path, fake_servers):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(302)
+            self.send_header("Location", "http://169.254.169.254/latest/meta-data")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    manager = make_manager(tmp_path, health_checker=HealthChecker(timeout=1.0), failure_threshold=1)
+    try:
+        manager.register_server("R", "127.0.0.1", server.server_address[1])
+        manager.run_health_sweep()
+        assert not manager.get_server("R").is_healthy
+    finally:
+        manager.shutdown()
+        server.shutdown()
+        server.server_close()
+
+
+def test_50_threads_register_1000_servers_and_none_is_lost(tmp_path):
+    manager = make_manager(tmp_path)
+    errors: list[BaseException] = []
+
+    def register(first: int) -> None:
+        try:
+            for i in range(first, first + 20):
+                manager.register_server(f"S{i:04d}", "127.0.0.1", 10000 + i)
+        except BaseException as exc:  # collected and re-raised by the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=register, args=(n * 20,)) for n in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    expected = {f"S{i:04d}" for i in range(1000)}
+    assert {s.server_id for s in manager.list_servers()} == expected
+    assert {entry["server_id"] for entry in stored(tmp_path)} == expected
+    assert {s.server_id for s in make_manager(tmp_path).list_servers()} == expected
+
+
+def test_rotation_stays_exact_under_concurrent_picks(tmp_path):
+    manager = make_manager(tmp_path)
+    for i in range(10):
+        manager.register_server(f"B{i}", "127.0.0.1", 9000 + i)
+    counts: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def pick() -> None:
+        for _ in range(500):
+            server_id = manager.get_next_server().server_id
+            with lock:
+                counts[server_id] = counts.get(server_id, 0) + 1
+
+    threads = [threading.Thread(target=pick) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert counts == {f"B{i}": 400 for i in range(10)}
+
+
+def test_get_next_server_hands_out_copies(tmp_path):
+    manager = make_manager(tmp_path)
+    manager.register_server("B1", "127.0.0.1", 9000)
+    copy = manager.get_next_server()
+    copy.is_healthy = False
+    copy.ip = "10.0.0.1"
+    assert manager.get_server("B1").is_healthy
+    assert manager.get_server("B1").ip == "127.0.0.1"
+    assert manager.get_server("B1").last_used_time is not None

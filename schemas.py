@@ -1,0 +1,97 @@
+"""Input validation for the webhook API (marshmallow schemas)."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+from marshmallow import Schema, ValidationError, fields, validate, validates
+
+SERVER_ID_PATTERN = re.compile(r"\A[A-Za-z0-9_.-]{1,64}\Z")
+# RFC 1123 host names: labels of 1-63 letters, digits and inner hyphens, 253 characters in all.
+HOSTNAME_PATTERN = re.compile(r"(?=.{1,253}\.?$)(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# A cloud metadata service (169.254.169.254, fd00:ec2::254 is link-local too on some clouds)
+# must never become a backend, nor may "this host" or a multicast group.
+BLOCKED_NETWORKS: tuple[Network, ...] = tuple(
+    ipaddress.ip_network(net)
+    for net in ("0.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "fe80::/10", "ff00::/8", "::/128")
+)
+
+
+class Port(fields.Integer):
+    """An integer from 1 to 65535, given as a JSON number or a string of digits."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())):
+            raise ValidationError("must be an integer from 1 to 65535.")
+        port = int(value)
+        if not 1 <= port <= 65535:
+            raise ValidationError("must be an integer from 1 to 65535.")
+        return port
+
+
+class Secret(fields.String):
+    """The shared secret; accepted in the body and never echoed back."""
+
+
+class ServerIdSchema(Schema):
+    """Names one server; also carries the seed's `secret` field."""
+
+    server_id = fields.String(
+        required=True,
+        validate=validate.Regexp(SERVER_ID_PATTERN, error="must be 1-64 characters of A-Z a-z 0-9 _ . -"),
+    )
+    secret = Secret(load_only=True)
+
+
+class RegisterSchema(ServerIdSchema):
+    """The body of `POST /webhook/register`."""
+
+    ip = fields.String(required=True)
+    port = Port(required=True)
+
+    def __init__(self, allowed_networks: Sequence[Network] = (), **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.allowed_networks = tuple(allowed_networks)
+
+    @validates("ip")
+    def validate_ip(self, value: str, **kwargs: Any) -> None:
+        """An IPv4/IPv6 address or DNS name that is not (and does not resolve to) a blocked address."""
+        check_backend_address(value, self.allowed_networks)
+
+
+def check_backend_address(host: str, allowed_networks: Sequence[Network] = ()) -> None:
+    """Raise ValidationError unless `host` may be a backend."""
+    try:
+        addresses: list[IPAddress] = [ipaddress.ip_address(host)]
+    except ValueError:
+        if not HOSTNAME_PATTERN.fullmatch(host):
+            raise ValidationError("must be an IPv4 or IPv6 address or a DNS name.") from None
+        addresses = _resolve(host)
+    for address in addresses:
+        _check_address(host, address, allowed_networks)
+
+
+def _resolve(host: str) -> list[IPAddress]:
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError):
+        raise ValidationError(f"the name {host!r} does not resolve.") from None
+    return [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+
+
+def _check_address(host: str, address: IPAddress, allowed: Sequence[Network]) -> None:
+    mapped = getattr(address, "ipv4_mapped", None)
+    plain: IPAddress = mapped or address
+    shown = host if str(plain) == host else f"{host} ({plain})"
+    if plain.is_multicast or any(plain in net for net in BLOCKED_NETWORKS if net.version == plain.version):
+        raise ValidationError(f"{shown} is a link-local, multicast or unspecified address and may not be a backend.")
+    if allowed and not any(plain in net for net in allowed if net.version == plain.version):
+        raise ValidationError(f"{shown} is outside ALLOWED_BACKEND_NETWORKS.")

@@ -1,0 +1,110 @@
+"""The webhook API GPU servers call: register, unregister, and the server list."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from marshmallow import Schema
+
+from auth import presented_secret, secret_matches
+from backend_manager import BackendManager, PersistError
+from errors import error_response
+from schemas import RegisterSchema, ServerIdSchema
+
+MAX_BODY_BYTES = 64 * 1024
+
+bp = Blueprint("webhook", __name__, url_prefix="/webhook")
+
+
+def manager() -> BackendManager:
+    """The app's BackendManager."""
+    return current_app.extensions["backend_manager"]
+
+
+@bp.before_request
+def limit_body() -> None:
+    """Webhook bodies are small; a larger one gets 413 before it is read."""
+    request.max_content_length = MAX_BODY_BYTES
+
+
+def json_body() -> dict[str, Any] | Response:
+    """The request's JSON object, or a 400 reply saying what is wrong with it."""
+    body = request.get_json(silent=True)
+    if body is None:
+        return error_response(400, "the body must be JSON (Content-Type: application/json)")
+    if not isinstance(body, dict):
+        return error_response(400, "the body must be a JSON object")
+    return body
+
+
+def unauthorized() -> Response:
+    """The reply to a missing or wrong secret."""
+    return error_response(401, "missing or invalid secret")
+
+
+def load_authorized(schema: Schema) -> dict[str, Any] | Response:
+    """Parse the body, check the secret, then validate: the steps every change takes."""
+    body = json_body()
+    if isinstance(body, Response):
+        return body
+    if not secret_matches(presented_secret(body)):
+        return unauthorized()
+    return schema.load(body)
+
+
+def not_saved(exc: PersistError) -> Response:
+    """The reply when a change could not be made durable; the caller should retry."""
+    return error_response(503, f"{exc}; try again", headers={"Retry-After": "5"})
+
+
+@bp.post("/register")
+def register() -> Response | tuple[Response, int]:
+    """Register a GPU server, or update its address."""
+    config = current_app.config["GATEWAY"]
+    data = load_authorized(RegisterSchema(allowed_networks=config.allowed_backend_networks))
+    if isinstance(data, Response):
+        return data
+    try:
+        server, created = manager().register_server(data["server_id"], data["ip"], data["port"])
+    except PersistError as exc:
+        return not_saved(exc)
+    verb = "registered" if created else "updated"
+    return jsonify(
+        success=True,
+        message=f"server {server.server_id} {verb}",
+        server_id=server.server_id,
+        ip=server.ip,
+        port=server.port,
+        url=server.url,
+    ), 200
+
+
+@bp.post("/unregister")
+def unregister() -> Response:
+    """Remove a GPU server from the fleet."""
+    data = load_authorized(ServerIdSchema())
+    if isinstance(data, Response):
+        return data
+    server_id = data["server_id"]
+    try:
+        removed = manager().unregister_server(server_id)
+    except PersistError as exc:
+        return not_saved(exc)
+    if not removed:
+        return error_response(404, f"server {server_id} is not registered")
+    return jsonify(success=True, message=f"server {server_id} unregistered", server_id=server_id)
+
+
+@bp.get("/servers")
+def list_servers() -> Response:
+    """The fleet with counts; the secret may also come as `?secret=` for the seed's users."""
+    if not secret_matches(presented_secret(allow_query=True)):
+        return unauthorized()
+    return jsonify(success=True, data=manager().get_status())
+
+
+def register_webhook_routes(app: Flask) -> None:
+    """Add the webhook routes to `app`, as the seed's app.py does."""
+    if "webhook" not in app.blueprints:
+        app.register_blueprint(bp)

@@ -1,0 +1,196 @@
+"""A small real GPU-server stand-in: /health, image jobs, an echo, and a slow stream.
+
+Run one:  python demo/fake_gpu_server.py --server-id B1 --port 9001 \
+              --register-to http://127.0.0.1:5000   (the secret comes from WEBHOOK_SECRET)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+from urllib.request import Request, urlopen
+
+
+class FakeGPUServer(ThreadingHTTPServer):
+    """A threaded HTTP server that plays one GPU server of the fleet."""
+
+    daemon_threads = True
+
+    def __init__(self, server_id: str, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__((host, port), Handler)
+        self.server_id = server_id
+        self.healthy = True
+        self.tasks: dict[str, float] = {}
+        self.requests: list[dict[str, Any]] = []
+        self.stream_gate = threading.Event()  # a gated stream waits here after its first chunk
+        self.aborted_streams = 0
+        self._thread: threading.Thread | None = None
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._connections_lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    def start(self) -> FakeGPUServer:
+        """Serve in a background thread."""
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Die as a killed process does: refuse new connections and cut the open ones."""
+        self.shutdown()
+        self.server_close()
+        with self._connections_lock:
+            for connection in self._connections:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+        if self._thread:
+            self._thread.join(timeout=5)
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: FakeGPUServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet by default
+        if os.environ.get("FAKE_GPU_VERBOSE"):
+            super().log_message(format, *args)
+
+    def do_GET(self) -> None:
+        self.route()
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_GET
+
+    def route(self) -> None:
+        parts = urlsplit(self.path)
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        segments = [s for s in parts.path.split("/") if s]
+        self.server.requests.append({"method": self.command, "path": parts.path, "query": query})
+        if parts.path == "/health":
+            status = 200 if self.server.healthy else 503
+            return self.send_json(status, {"status": "healthy" if status == 200 else "unhealthy"})
+        if parts.path == "/_control/health" and self.command == "POST":
+            self.server.healthy = bool(json.loads(body or b"{}").get("healthy", True))
+            return self.send_json(200, {"healthy": self.server.healthy})
+        if segments[:2] == ["api", "enhance"] and self.command == "POST":
+            task_id = uuid.uuid4().hex
+            self.server.tasks[task_id] = time.time()
+            nested = query.get("nested") == "1"
+            reply = {"success": True, "data": {"task_id": task_id}} if nested else {"success": True, "task_id": task_id}
+            return self.send_json(200, reply)
+        if segments[:2] in (["api", "status"], ["api", "download"]) or segments[:2] == ["api", "task"]:
+            task_id = segments[2] if len(segments) > 2 else query.get("task_id", "")
+            if task_id not in self.server.tasks:
+                return self.send_json(404, {"success": False, "message": f"unknown task {task_id}"})
+            if segments[1] == "download":
+                return self.send_bytes(200, f"image-bytes-of-{task_id}".encode(), "image/png")
+            return self.send_json(200, {"task_id": task_id, "status": "completed"})
+        if segments[:2] == ["api", "stream"]:
+            gated = query.get("gated") == "1"
+            return self.send_stream(int(query.get("n", "5")), float(query.get("delay", "0.2")), gated)
+        if segments[:2] == ["api", "echo-bytes"]:
+            return self.send_bytes(200, body, "application/octet-stream")
+        if segments[:2] == ["api", "slow"]:
+            time.sleep(float(query.get("delay", "2")))
+        if segments[:2] == ["api", "status-code"]:
+            return self.send_json(int(query.get("code", "500")), {"code": query.get("code")})
+        self.send_json(
+            200,
+            {
+                "method": self.command,
+                "path": parts.path,
+                "query": parts.query,
+                "headers": dict(self.headers.items()),
+                "body": body.decode("utf-8", "replace"),
+            },
+            extra_headers=[("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("X-Custom", "kept")],
+        )
+
+    def send_json(self, status: int, payload: dict[str, Any], extra_headers: list[tuple[str, str]] = ()) -> None:  # type: ignore[assignment]
+        payload = {"server_id": self.server.server_id, **payload}
+        self.send_bytes(status, json.dumps(payload).encode(), "application/json", extra_headers)
+
+    def send_bytes(self, status: int, data: bytes, content_type: str, extra_headers: Any = ()) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("X-Served-By", self.server.server_id)
+        for name, value in extra_headers:
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def send_stream(self, count: int, delay: float, gated: bool = False) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for i in range(count):
+                line = f"data: {self.server.server_id} chunk {i} at {time.time():.6f}\n\n".encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                self.wfile.flush()
+                if gated and i == 0:
+                    self.server.stream_gate.wait(timeout=30)
+                time.sleep(delay)
+            self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            self.server.aborted_streams += 1
+            self.close_connection = True
+
+
+def register(gateway: str, server_id: str, ip: str, port: int, secret: str) -> dict[str, Any]:
+    """Call the gateway's register webhook, as a GPU server does at startup."""
+    data = json.dumps({"server_id": server_id, "ip": ip, "port": port, "secret": secret}).encode()
+    request = Request(gateway.rstrip("/") + "/webhook/register", data, {"Content-Type": "application/json"})
+    with urlopen(request, timeout=10) as response:
+        return json.load(response)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--server-id", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--register-to", metavar="GATEWAY_URL")
+    args = parser.parse_args()
+    server = FakeGPUServer(args.server_id, args.host, args.port)
+    print(f"fake GPU server {args.server_id} on http://{args.host}:{server.port}", flush=True)
+    if args.register_to:
+        for attempt in range(30):
+            try:
+                print(register(args.register_to, args.server_id, args.host, server.port, os.environ["WEBHOOK_SECRET"]))
+                break
+            except OSError as exc:
+                print(f"register attempt {attempt + 1} failed: {exc}; retrying", flush=True)
+                time.sleep(1)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

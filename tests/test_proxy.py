@@ -1,0 +1,347 @@
+"""The proxy over real HTTP: a live gateway in front of real fake GPU servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+import requests
+from conftest import SECRET
+
+
+def wait_until(condition, timeout: float = 10.0) -> bool:
+    """Poll `condition` until it holds or `timeout` passes (a bound, never an assertion of speed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.fixture
+def fleet(live_gateway, fake_servers):
+    """A live gateway with B1, B2, B3 registered."""
+    gateway = live_gateway()
+    servers = [fake_servers(f"B{i}") for i in (1, 2, 3)]
+    for server in servers:
+        gateway.register(server)
+    return gateway, servers
+
+
+def served_by(gateway, count: int, path: str = "/api/echo") -> list[str]:
+    return [requests.get(gateway.url + path, timeout=5).headers["X-Backend-Server"] for _ in range(count)]
+
+
+def test_rotation_over_http(fleet):
+    gateway, _servers = fleet
+    responses = [requests.get(gateway.url + "/api/echo", timeout=5) for _ in range(6)]
+    assert [r.headers["X-Backend-Server"] for r in responses] == ["B1", "B2", "B3", "B1", "B2", "B3"]
+    assert [r.json()["server_id"] for r in responses] == ["B1", "B2", "B3", "B1", "B2", "B3"]
+
+
+def test_request_is_forwarded_transparently(fleet):
+    gateway, _ = fleet
+    response = requests.post(
+        gateway.url + "/api/v1/enhance-x/thing?a=1&b=two&a=3",
+        data=b'{"image": "abc"}',
+        headers={
+            "Content-Type": "application/json",
+            "Authorization": "Bearer user-token",
+            "X-Request-Id": "r-42",
+            "X-Drop-Me": "1",
+            "Connection": "keep-alive, X-Drop-Me",
+            "Keep-Alive": "timeout=5",
+            "X-Forwarded-For": "203.0.113.9",
+        },
+        timeout=5,
+    )
+    assert response.status_code == 200
+    echo = response.json()
+    assert echo["method"] == "POST"
+    assert echo["path"] == "/api/v1/enhance-x/thing"
+    assert echo["query"] == "a=1&b=two&a=3"
+    assert echo["body"] == '{"image": "abc"}'
+    sent = {name.lower(): value for name, value in echo["headers"].items()}
+    assert sent["authorization"] == "Bearer user-token"
+    assert sent["x-request-id"] == "r-42"
+    assert sent["content-type"] == "application/json"
+    assert "x-drop-me" not in sent
+    assert "keep-alive" not in sent
+    assert sent["x-forwarded-for"] == "203.0.113.9, 127.0.0.1"
+    assert sent["x-forwarded-proto"] == "http"
+    assert sent["x-forwarded-host"] == gateway.url.removeprefix("http://")
+    assert response.headers["X-Custom"] == "kept"
+    assert response.raw.headers.getlist("Set-Cookie") == ["a=1", "b=2"]
+    assert response.headers["X-Backend-Server"] == "B1"
+
+
+def test_methods_and_binary_bodies_pass_through(fleet):
+    gateway, _ = fleet
+    payload = os.urandom(2 * 1024 * 1024)
+    response = requests.put(gateway.url + "/api/echo-bytes", data=payload, timeout=10)
+    assert response.status_code == 200
+    assert response.content == payload
+    for method in ("GET", "DELETE", "PATCH", "OPTIONS"):
+        assert requests.request(method, gateway.url + "/api/echo", timeout=5).json()["method"] == method
+    head = requests.head(gateway.url + "/api/echo", timeout=5)
+    assert head.status_code == 200
+    assert head.content == b""
+
+
+def test_body_over_the_limit_gets_413(live_gateway, fake_servers):
+    gateway = live_gateway(proxy_max_body_bytes=1000)
+    server = fake_servers("B1")
+    gateway.register(server)
+    response = requests.post(gateway.url + "/api/echo", data=b"x" * 1001, timeout=5)
+    assert response.status_code == 413
+    assert response.json()["success"] is False
+    assert not any(r["path"] == "/api/echo" for r in server.requests)
+
+
+def test_upstream_status_codes_pass_through(fleet):
+    gateway, _ = fleet
+    for code in (201, 404, 500, 503):
+        response = requests.get(gateway.url + f"/api/status-code?code={code}", timeout=5)
+        assert response.status_code == code
+        assert response.json()["code"] == str(code)
+
+
+def test_unhealthy_server_is_skipped_and_comes_back(fleet):
+    gateway, servers = fleet
+    servers[1].healthy = False
+    for _ in range(3):
+        gateway.manager.run_health_sweep()
+    assert served_by(gateway, 4) == ["B1", "B3", "B1", "B3"]
+    servers[1].healthy = True
+    gateway.manager.run_health_sweep()
+    assert served_by(gateway, 3) == ["B1", "B2", "B3"]
+
+
+def test_health_job_marks_a_dead_server_on_its_own(live_gateway, fake_servers):
+    gateway = live_gateway(health_check_interval=1.0, health_check_timeout=0.5)
+    alive, dying = fake_servers("B1"), fake_servers("B2")
+    gateway.register(alive)
+    gateway.register(dying)
+    dying.stop()
+    assert wait_until(lambda: not gateway.manager.get_server("B2").is_healthy, timeout=20)
+    assert served_by(gateway, 3) == ["B1", "B1", "B1"]
+
+
+def test_ip_change_moves_traffic_to_the_new_address(live_gateway, fake_servers):
+    gateway = live_gateway()
+    old, new = fake_servers("old-box"), fake_servers("new-box")
+    gateway.register(old, server_id="B1")
+    assert requests.get(gateway.url + "/api/echo", timeout=5).json()["server_id"] == "old-box"
+    gateway.register(new, server_id="B1")
+    response = requests.get(gateway.url + "/api/echo", timeout=5)
+    assert response.json()["server_id"] == "new-box"
+    assert response.headers["X-Backend-Server"] == "B1"
+
+
+def test_no_server_and_no_fallback_gets_503_with_retry_after(live_gateway):
+    gateway = live_gateway()
+    response = requests.get(gateway.url + "/api/echo", timeout=5)
+    assert response.status_code == 503
+    assert response.headers["Retry-After"].isdigit()
+    assert response.json() == {
+        "success": False,
+        "message": "no healthy GPU server is available and no fallback backend is configured",
+        "errors": None,
+    }
+
+
+def test_fallback_backend_serves_when_no_server_is_healthy(live_gateway, fake_servers):
+    fallback = fake_servers("FALLBACK")
+    gateway = live_gateway(backend_api_base=f"http://127.0.0.1:{fallback.port}")
+    response = requests.get(gateway.url + "/api/echo", timeout=5)
+    assert response.status_code == 200
+    assert response.json()["server_id"] == "FALLBACK"
+    assert response.headers["X-Backend-Server"] == "fallback"
+    server = fake_servers("B1")
+    gateway.register(server)
+    assert requests.get(gateway.url + "/api/echo", timeout=5).json()["server_id"] == "B1"
+
+
+def test_failover_when_a_server_is_killed(fleet):
+    gateway, servers = fleet
+    servers[1].stop()
+    responses = [requests.post(gateway.url + "/api/echo", data=b"x", timeout=5) for _ in range(6)]
+    assert all(r.status_code == 200 for r in responses)
+    assert "B2" not in {r.headers["X-Backend-Server"] for r in responses}
+    assert gateway.manager.get_server("B2").fail_count >= 1
+
+
+def test_every_server_down_gives_502_and_counts_failures(fleet):
+    gateway, servers = fleet
+    for server in servers:
+        server.stop()
+    response = requests.get(gateway.url + "/api/echo", timeout=10)
+    assert response.status_code == 502
+    assert response.json()["message"].startswith("every server tried failed")
+    assert [s.fail_count for s in gateway.manager.list_servers()] == [1, 1, 1]
+
+
+def test_upstream_timeout_gives_504(live_gateway, fake_servers):
+    gateway = live_gateway(proxy_read_timeout=0.3)
+    server = fake_servers("B1")
+    gateway.register(server)
+    response = requests.get(gateway.url + "/api/slow?delay=2", timeout=10)
+    assert response.status_code == 504
+    assert response.json()["success"] is False
+    assert gateway.manager.get_server("B1").fail_count == 0
+
+
+class Dropper:
+    """Reads a request and closes the connection without answering: the request may have been seen."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.seen = 0
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                self.seen += 1
+
+    def stop(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize(("method", "retried"), [("GET", True), ("POST", False)])
+def test_only_idempotent_requests_are_retried_once_sent(live_gateway, fake_servers, method, retried):
+    gateway = live_gateway()
+    dropper = Dropper()
+    try:
+        requests.post(
+            gateway.url + "/webhook/register",
+            json={"server_id": "DROP", "ip": "127.0.0.1", "port": dropper.port, "secret": SECRET},
+            timeout=5,
+        ).raise_for_status()
+        good = fake_servers("GOOD")
+        gateway.register(good)
+        response = requests.request(method, gateway.url + "/api/echo", timeout=10)
+        assert dropper.seen == 1
+        if retried:
+            assert response.status_code == 200
+            assert response.headers["X-Backend-Server"] == "GOOD"
+        else:
+            assert response.status_code == 502
+            assert not any(r["path"] == "/api/echo" for r in good.requests)
+    finally:
+        dropper.stop()
+
+
+def test_task_status_and_download_go_to_the_owner(fleet):
+    gateway, _servers = fleet
+    created = requests.post(gateway.url + "/api/enhance", data=b"img", timeout=5)
+    owner = created.headers["X-Backend-Server"]
+    task_id = created.json()["task_id"]
+    for _ in range(4):
+        status = requests.get(f"{gateway.url}/api/status/{task_id}", timeout=5)
+        assert status.status_code == 200
+        assert status.headers["X-Backend-Server"] == owner
+        assert status.json()["status"] == "completed"
+    query = requests.get(f"{gateway.url}/api/task?task_id={task_id}", timeout=5)
+    assert (query.status_code, query.headers["X-Backend-Server"]) == (200, owner)
+    download = requests.get(f"{gateway.url}/api/download/{task_id}", timeout=5)
+    assert download.content == f"image-bytes-of-{task_id}".encode()
+    assert download.headers["X-Backend-Server"] == owner
+
+
+def test_task_id_under_data_is_recognised(fleet):
+    gateway, _ = fleet
+    created = requests.post(gateway.url + "/api/enhance?nested=1", timeout=5)
+    task_id = created.json()["data"]["task_id"]
+    owner = created.headers["X-Backend-Server"]
+    assert served_by(gateway, 3, f"/api/status/{task_id}") == [owner] * 3
+
+
+@pytest.mark.parametrize("fate", ["unregistered", "unhealthy", "killed"])
+def test_task_whose_owner_is_gone_gets_503_and_no_other_server_is_asked(fleet, fate):
+    gateway, servers = fleet
+    created = requests.post(gateway.url + "/api/enhance", timeout=5)
+    owner_id, task_id = created.headers["X-Backend-Server"], created.json()["task_id"]
+    owner = next(s for s in servers if s.server_id == owner_id)
+    if fate == "unregistered":
+        requests.post(
+            gateway.url + "/webhook/unregister", json={"server_id": owner_id, "secret": SECRET}, timeout=5
+        ).raise_for_status()
+    elif fate == "unhealthy":
+        owner.healthy = False
+        for _ in range(3):
+            gateway.manager.run_health_sweep()
+    else:
+        owner.stop()
+    response = requests.get(f"{gateway.url}/api/status/{task_id}", timeout=5)
+    assert response.status_code == 503
+    assert task_id in response.json()["message"]
+    assert owner_id in response.json()["message"]
+    assert "Retry-After" in response.headers
+    for other in servers:
+        if other is not owner:
+            assert not any(task_id in r["path"] for r in other.requests)
+
+
+def test_task_affinity_survives_a_gateway_restart(make_config, make_app, live_gateway, fake_servers):
+    config = make_config()
+    first = live_gateway(make_app(config))
+    servers = [fake_servers(f"B{i}") for i in (1, 2, 3)]
+    for server in servers:
+        first.register(server)
+    tasks = {}
+    for _ in range(3):
+        created = requests.post(first.url + "/api/enhance", timeout=5)
+        tasks[created.json()["task_id"]] = created.headers["X-Backend-Server"]
+    first.stop()
+    first.app.extensions["gateway_shutdown"]()
+    second = live_gateway(make_app(config))
+    for task_id, owner in tasks.items():
+        response = requests.get(f"{second.url}/api/status/{task_id}", timeout=5)
+        assert (response.status_code, response.headers["X-Backend-Server"]) == (200, owner)
+
+
+def test_unknown_task_ids_are_routed_normally(fleet):
+    gateway, _ = fleet
+    response = requests.get(gateway.url + "/api/status/not-a-known-task", timeout=5)
+    assert response.status_code == 404  # the backend's own answer
+    assert response.headers["X-Backend-Server"] in {"B1", "B2", "B3"}
+
+
+def test_stream_reaches_the_client_before_the_backend_finishes(live_gateway, fake_servers):
+    gateway = live_gateway()
+    server = fake_servers("B1")
+    gateway.register(server)
+    with requests.get(gateway.url + "/api/stream?n=3&delay=0&gated=1", stream=True, timeout=10) as response:
+        assert response.headers["Content-Type"] == "text/event-stream"
+        chunks = response.iter_content(chunk_size=None)
+        # The backend holds the rest of the stream until the gate opens: a buffering proxy
+        # would never deliver this first chunk, and the read would time out.
+        first = next(chunks)
+        assert b"B1 chunk 0" in first
+        server.stream_gate.set()
+        rest = b"".join(chunks)
+    assert b"chunk 1" in rest
+    assert b"chunk 2" in rest
+
+
+def test_client_leaving_a_stream_closes_the_upstream(live_gateway, fake_servers):
+    gateway = live_gateway()
+    server = fake_servers("B1")
+    gateway.register(server)
+    response = requests.get(gateway.url + "/api/stream?n=200&delay=0.01&gated=1", stream=True, timeout=10)
+    assert b"chunk 0" in next(response.iter_content(chunk_size=None))
+    response.close()
+    server.stream_gate.set()
+    assert wait_until(lambda: server.aborted_streams == 1, timeout=15)

@@ -1,0 +1,36 @@
+# The README's two commands: `make run` (the gateway) and `make test` (lint and tests).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test lint demo bench-core clean
+
+$(BIN)/.runtime: requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.txt
+	touch $@
+
+$(BIN)/.dev: requirements-dev.txt requirements.txt $(BIN)/.runtime
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+run: $(BIN)/.runtime  ## start the gateway with gunicorn (generates a secret on first run)
+	scripts/run-gateway.sh
+
+demo: $(BIN)/.runtime  ## the gateway plus three simulated GPU servers that register themselves
+	scripts/demo.sh
+
+lint: $(BIN)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint  ## lint, type-check, then every test
+	$(BIN)/python -m pytest
+
+bench-core: $(BIN)/.dev  ## the issue-2 figures: health sweep and rotation cost
+	$(BIN)/python bench/sweep_bench.py
+	$(BIN)/python bench/rotation_bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .demo

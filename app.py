@@ -1,0 +1,104 @@
+"""The GPU gateway: `create_app()` builds it; gunicorn serves `app:app`."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+from flask import Flask, jsonify
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+import errors
+import log_redaction
+import proxy
+from backend_manager import BackendManager, backend_manager
+from config import Config, ConfigError
+from health import HealthChecker
+from store import JsonFileStore
+from webhook_routes import register_webhook_routes
+
+__version__ = "0.1.0"
+DEFAULT_BIND = "127.0.0.1:5000"
+log = logging.getLogger("gateway")
+
+
+def create_app(config: Config | None = None) -> Flask:
+    """Build a gateway. With no config, read the environment and use the default manager."""
+    manager = backend_manager if config is None else BackendManager()
+    config = config or Config.from_env()
+    configure_logging(config)
+    app = Flask(__name__)
+    app.config["GATEWAY"] = config
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the seed's field order
+    if config.trusted_proxy_count:
+        n = config.trusted_proxy_count
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
+
+    manager.configure(
+        JsonFileStore(config.backend_servers_file),
+        failure_threshold=config.health_check_failures,
+        health_check_interval=config.health_check_interval,
+        health_checker=HealthChecker(
+            config.health_check_path, config.health_check_timeout, config.health_check_concurrency
+        ),
+    )
+    manager.load()
+    app.extensions["backend_manager"] = manager
+    errors.init_app(app)
+    register_webhook_routes(app)
+    proxy.init_app(app)
+    started = time.time()
+    app.add_url_rule(
+        "/health", "health", lambda: jsonify(status="ok", version=__version__, uptime_s=round(time.time() - started, 1))
+    )
+
+    def shutdown() -> None:
+        manager.shutdown()
+        app.extensions["task_affinity"].close()
+
+    app.extensions["gateway_shutdown"] = shutdown
+    atexit.register(shutdown)
+    return app
+
+
+def configure_logging(config: Config) -> None:
+    """Log to stderr (journald under systemd) with secrets redacted from every line."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root.setLevel(config.log_level)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)  # it logs every run at INFO
+    names = ("", "werkzeug", "gunicorn.error", "gunicorn.access")
+    log_redaction.install([config.webhook_secret], [logging.getLogger(name) for name in names])
+
+
+_app_lock = threading.Lock()
+
+
+def __getattr__(name: str) -> Any:
+    """Build the module-level `app` on first use, so that importing this module does nothing."""
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    with _app_lock:
+        if "app" not in globals():
+            globals()["app"] = create_app()
+    return globals()["app"]
+
+
+def main() -> None:
+    """Run with werkzeug's threaded server (`python app.py`); production uses gunicorn."""
+    host, _, port = os.environ.get("GATEWAY_BIND", DEFAULT_BIND).rpartition(":")
+    try:
+        application = create_app()
+    except ConfigError as exc:
+        sys.exit(f"gateway: {exc}")
+    application.run(host=host.strip("[]"), port=int(port), threaded=True, use_reloader=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""gunicorn settings for the gateway: `gunicorn -c deploy/gunicorn.conf.py app:app`.
+
+One worker process, because the JSON store and the health scheduler have one owner. It runs
+gevent, so one process holds thousands of open connections (long image jobs, LLM streams)
+while it waits on GPU servers, instead of one OS thread each.
+"""
+
+import os
+import sys
+
+bind = os.environ.get("GATEWAY_BIND", "127.0.0.1:5000")
+workers = 1
+worker_class = "gevent"
+worker_connections = int(os.environ.get("GATEWAY_WORKER_CONNECTIONS", "2000"))
+timeout = 60  # the gevent worker's heartbeat, not a request limit: streams may last longer
+graceful_timeout = 30
+keepalive = 5
+# The access log records the path without its query string, so `?secret=` never lands there.
+accesslog = os.environ.get("GATEWAY_ACCESS_LOG", "-")
+access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms backend=%({x-backend-server}o)s'
+errorlog = "-"
+loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+# gunicorn 27's control socket sits at one path per user; two gateways (or a test run beside a
+# running one) would fight over it, and we manage the process through systemd and signals.
+control_socket_disable = True
+
+
+def on_starting(server):
+    """Refuse to start with a clear message when a setting is missing or bad."""
+    from config import Config, ConfigError
+
+    try:
+        Config.from_env()
+    except ConfigError as exc:
+        sys.exit(f"gateway: {exc}")

@@ -1,0 +1,195 @@
+"""Fixtures: a fresh gateway per test on tmp_path, real fake GPU servers, real gateway processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from werkzeug.serving import make_server
+
+from app import create_app
+from config import Config
+from demo.fake_gpu_server import FakeGPUServer
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "test-secret-5f2b9c0e7d41a8"
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> Callable[..., Config]:
+    """Build a Config on tmp_path; keyword arguments override fields."""
+
+    def build(**overrides: object) -> Config:
+        values: dict[str, object] = {
+            "backend_servers_file": str(tmp_path / "backend_servers.json"),
+            "task_affinity_file": str(tmp_path / "task_affinity.db"),
+            "health_check_interval": 3600.0,  # tests that want the job lower it
+            "health_check_timeout": 1.0,
+            "proxy_connect_timeout": 2.0,
+            "proxy_read_timeout": 10.0,
+        }
+        values.update(overrides)
+        return Config.from_env({"WEBHOOK_SECRET": SECRET}, **values)
+
+    return build
+
+
+@pytest.fixture
+def make_app(make_config: Callable[..., Config]) -> Iterator[Callable[..., object]]:
+    """Build gateways; each is shut down at the end of the test."""
+    apps = []
+
+    def build(config: Config | None = None, **overrides: object):
+        app = create_app(config or make_config(**overrides))
+        app.config["TESTING"] = True
+        apps.append(app)
+        return app
+
+    yield build
+    for app in apps:
+        app.extensions["gateway_shutdown"]()
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def manager(app):
+    return app.extensions["backend_manager"]
+
+
+class LiveGateway:
+    """A gateway served over real HTTP by werkzeug's threaded server, in this process."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def manager(self):
+        return self.app.extensions["backend_manager"]
+
+    def register(self, server: FakeGPUServer, server_id: str | None = None) -> requests.Response:
+        body = {"server_id": server_id or server.server_id, "ip": "127.0.0.1", "port": server.port, "secret": SECRET}
+        response = requests.post(self.url + "/webhook/register", json=body, timeout=5)
+        response.raise_for_status()
+        return response
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def live_gateway(make_app) -> Iterator[Callable[..., LiveGateway]]:
+    """Serve gateways over HTTP on 127.0.0.1; stopped at the end of the test."""
+    gateways: list[LiveGateway] = []
+
+    def start(app=None, **overrides: object) -> LiveGateway:
+        gateway = LiveGateway(app or make_app(**overrides))
+        gateways.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in gateways:
+        gateway.stop()
+
+
+@pytest.fixture
+def fake_servers() -> Iterator[Callable[..., FakeGPUServer]]:
+    """Start fake GPU servers on 127.0.0.1; all are stopped at the end of the test."""
+    servers: list[FakeGPUServer] = []
+
+    def start(server_id: str, port: int = 0) -> FakeGPUServer:
+        server = FakeGPUServer(server_id, "127.0.0.1", port).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        if server.socket.fileno() != -1:
+            server.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class GatewayProcess:
+    """gunicorn running the gateway as deploy/gunicorn.conf.py ships it, in its own session."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / f"gateway-{self.port}.log"
+        full_env = {**os.environ, **env, "GATEWAY_BIND": f"127.0.0.1:{self.port}", "WEBHOOK_SECRET": SECRET}
+        full_env.setdefault("BACKEND_SERVERS_FILE", str(workdir / "backend_servers.json"))
+        full_env.setdefault("TASK_AFFINITY_FILE", str(workdir / "task_affinity.db"))
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "deploy/gunicorn.conf.py"), "app:app"],
+                cwd=ROOT,
+                env=full_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if requests.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        raise RuntimeError(f"gateway did not become ready:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the whole process group (master and worker), by the PID we started."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+            self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def gateway_process(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
+    """Start gunicorn gateways; every one is killed at the end of the test."""
+    started: list[GatewayProcess] = []
+
+    def start(**env: str) -> GatewayProcess:
+        process = GatewayProcess(tmp_path, env)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()

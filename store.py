@@ -53,7 +53,7 @@ class JsonFileStore:
         fd, temp_name = tempfile.mkstemp(prefix=self._temp_prefix, suffix=".tmp", dir=folder)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(entries, handle, ensure_ascii=False, indent=2)
+                handle.write(_one_entry_per_line(entries))
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temp_name, self.path)
@@ -83,6 +83,13 @@ class JsonFileStore:
         for stale in folder.glob(f"{self._temp_prefix}*.tmp"):
             log.warning("removing stale temp file %s left by an interrupted save", stale)
             _remove_quietly(stale)
+
+
+def _one_entry_per_line(entries: list[dict[str, Any]]) -> str:
+    """A JSON list with one object per line: readable, and about 4x cheaper than indent=2."""
+    if not entries:
+        return "[]\n"
+    return "[\n" + ",\n".join(json.dumps(entry, ensure_ascii=False) for entry in entries) + "\n]\n"
 
 
 def _remove_quietly(path: str | os.PathLike[str]) -> None:

@@ -6,10 +6,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
-from conftest import ROOT, SECRET
+from conftest import ROOT, SECRET, free_port
 
 
 def register(url: str, server_id: str, port: int, session: requests.Session | None = None) -> requests.Response:
@@ -29,7 +30,7 @@ def test_acknowledged_registrations_survive_sigkill(gateway_process, fake_server
     for server in servers:
         assert register(gateway.url, server.server_id, server.port).json()["success"] is True
     gateway.kill()  # SIGKILL to master and worker, right after the last acknowledgement
-    restarted = gateway_process(BACKEND_SERVERS_FILE=str(gateway.log_path.parent / "backend_servers.json"))
+    restarted = gateway_process()  # same folder, same state file
     data = listed(restarted.url)
     assert [s["server_id"] for s in data["servers"]] == ["B1", "B2", "B3"]
     assert data["health_check_running"] is True
@@ -125,3 +126,57 @@ def test_seed_imports_share_the_default_manager(tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == [True, "B1"]
     assert json.loads((tmp_path / "b.json").read_text())[0]["server_id"] == "B1"
+
+
+def test_health_job_runs_under_the_gevent_worker(gateway_process, fake_servers):
+    gateway = gateway_process(HEALTH_CHECK_INTERVAL="1", HEALTH_CHECK_TIMEOUT="0.5")
+    alive, dying = fake_servers("B1"), fake_servers("B2")
+    register(gateway.url, "B1", alive.port)
+    register(gateway.url, "B2", dying.port)
+    dying.stop()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        health = {s["server_id"]: s["is_healthy"] for s in listed(gateway.url)["servers"]}
+        if health == {"B1": True, "B2": False}:
+            break
+        time.sleep(0.2)
+    assert health == {"B1": True, "B2": False}
+    assert any(r["path"] == "/health" for r in alive.requests)
+
+
+def test_streams_pass_through_the_gevent_worker_unbuffered(gateway_process, fake_servers):
+    gateway = gateway_process()
+    server = fake_servers("B1")
+    register(gateway.url, "B1", server.port)
+    with requests.get(gateway.url + "/api/stream?n=3&delay=0&gated=1", stream=True, timeout=10) as response:
+        chunks = response.iter_content(chunk_size=None)
+        assert b"B1 chunk 0" in next(chunks)  # the backend sends nothing more until the gate opens
+        server.stream_gate.set()
+        assert b"chunk 2" in b"".join(chunks)
+
+
+def test_python_app_py_serves(tmp_path):
+    port = free_port()
+    env = {
+        **os.environ,
+        "WEBHOOK_SECRET": SECRET,
+        "GATEWAY_BIND": f"127.0.0.1:{port}",
+        "BACKEND_SERVERS_FILE": str(tmp_path / "b.json"),
+        "TASK_AFFINITY_FILE": str(tmp_path / "t.db"),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                response = requests.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        assert response.json()["status"] == "ok"
+        assert register(f"http://127.0.0.1:{port}", "B1", 9000).json()["success"] is True
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

@@ -13,6 +13,7 @@ from urllib3.exceptions import ConnectTimeoutError, HTTPError, ProtocolError, Re
 
 from affinity import FALLBACK_OWNER, TaskAffinity
 from backend_manager import BackendManager
+from body_limit import read_body
 from config import Config
 from errors import error_response
 
@@ -61,8 +62,7 @@ class Proxy:
 
     def handle(self) -> Response:
         """Proxy the current request."""
-        request.max_content_length = self.config.proxy_max_body_bytes
-        body = request.get_data(cache=False)
+        body = read_body(self.config.proxy_max_body_bytes)
         headers = upstream_headers()
         owned = self.affinity.first_owned(task_candidates())
         if owned is not None:

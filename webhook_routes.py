@@ -9,6 +9,7 @@ from marshmallow import Schema
 
 from auth import presented_secret, secret_matches
 from backend_manager import BackendManager, PersistError
+from body_limit import read_body
 from errors import error_response
 from schemas import RegisterSchema, ServerIdSchema
 
@@ -22,14 +23,9 @@ def manager() -> BackendManager:
     return current_app.extensions["backend_manager"]
 
 
-@bp.before_request
-def limit_body() -> None:
-    """Webhook bodies are small; a larger one gets 413 before it is read."""
-    request.max_content_length = MAX_BODY_BYTES
-
-
 def json_body() -> dict[str, Any] | Response:
     """The request's JSON object, or a 400 reply saying what is wrong with it."""
+    read_body(MAX_BODY_BYTES)  # webhook bodies are small: 413 for a larger one, chunked too
     body = request.get_json(silent=True)
     if body is None:
         return error_response(400, "the body must be JSON (Content-Type: application/json)")

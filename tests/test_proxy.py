@@ -345,3 +345,20 @@ def test_client_leaving_a_stream_closes_the_upstream(live_gateway, fake_servers)
     response.close()
     server.stream_gate.set()
     assert wait_until(lambda: server.aborted_streams == 1, timeout=15)
+
+
+def chunks(data: bytes, size: int = 1000):
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+def test_chunked_body_over_the_limit_gets_413_not_a_truncated_forward(live_gateway, fake_servers):
+    gateway = live_gateway(proxy_max_body_bytes=5000)
+    server = fake_servers("B1")
+    gateway.register(server)
+    exact = os.urandom(5000)
+    response = requests.post(gateway.url + "/api/echo-bytes", data=chunks(exact), timeout=5)
+    assert (response.status_code, response.content) == (200, exact)
+    response = requests.post(gateway.url + "/api/echo-bytes", data=chunks(exact + b"x"), timeout=5)
+    assert response.status_code == 413
+    assert sum(r["path"] == "/api/echo-bytes" for r in server.requests) == 1

@@ -161,7 +161,7 @@ class BackendManager:
             self._servers[server_id] = server  # a known key keeps its place in the order
             version = self._changed()
             registered = replace(server)
-        self._persist(version)
+        self._persist_or_undo(version, server_id, placed=server, previous=existing)
         self._sync_health_job()
         if existing is None:
             log.info("registered server %s at %s", server_id, registered.url)
@@ -174,13 +174,38 @@ class BackendManager:
     def unregister_server(self, server_id: str) -> bool:
         """Remove a server; False when it was not registered."""
         with self._lock:
-            if self._servers.pop(server_id, None) is None:
+            order = list(self._servers)
+            removed = self._servers.pop(server_id, None)
+            if removed is None:
                 return False
             version = self._changed()
-        self._persist(version)
+        self._persist_or_undo(version, server_id, placed=None, previous=removed, order=order)
         self._sync_health_job()
         log.info("unregistered server %s", server_id)
         return True
+
+    def _persist_or_undo(
+        self,
+        version: int,
+        server_id: str,
+        placed: BackendServer | None,
+        previous: BackendServer | None,
+        order: list[str] | None = None,
+    ) -> None:
+        """Save a change; if that fails, undo it in memory too, so a retry starts afresh."""
+        try:
+            self._persist(version)
+        except PersistError:
+            with self._lock:
+                if self._servers.get(server_id) is placed:  # untouched since: safe to undo
+                    if previous is None:
+                        self._servers.pop(server_id, None)
+                    else:
+                        self._servers[server_id] = previous
+                        if order is not None:
+                            self._servers = {key: self._servers[key] for key in order if key in self._servers}
+                    self._changed()
+            raise
 
     def report_failure(self, server_id: str, url: str, reason: str) -> None:
         """Count a failed connection from the proxy as a failed health check."""

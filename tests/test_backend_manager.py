@@ -257,3 +257,26 @@ def test_get_next_server_hands_out_copies(tmp_path):
     assert manager.get_server("B1").is_healthy
     assert manager.get_server("B1").ip == "127.0.0.1"
     assert manager.get_server("B1").last_used_time is not None
+
+
+def test_a_change_that_could_not_be_saved_is_undone(tmp_path, monkeypatch):
+    manager = make_manager(tmp_path)
+    for name in ("B1", "B2", "B3"):
+        manager.register_server(name, "127.0.0.1", 9000)
+
+    def disk_full(entries):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(manager.store, "save", disk_full)
+    with pytest.raises(PersistError):
+        manager.unregister_server("B2")
+    with pytest.raises(PersistError):
+        manager.register_server("B4", "127.0.0.1", 9004)
+    with pytest.raises(PersistError):
+        manager.register_server("B1", "127.0.0.9", 9999)
+    assert [(s.server_id, s.ip) for s in manager.list_servers()] == [
+        ("B1", "127.0.0.1"),
+        ("B2", "127.0.0.1"),
+        ("B3", "127.0.0.1"),
+    ]
+    assert rotation(manager, 3) == ["B1", "B2", "B3"]

@@ -17,19 +17,31 @@ HOSTNAME_PATTERN = re.compile(r"(?=.{1,253}\.?$)(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-# A cloud metadata service (169.254.169.254, fd00:ec2::254 is link-local too on some clouds)
-# must never become a backend, nor may "this host" or a multicast group.
+# A cloud metadata service (169.254.169.254; AWS's IPv6 one is fd00:ec2::254) must never
+# become a backend, nor may "this host", broadcast or a multicast group.
 BLOCKED_NETWORKS: tuple[Network, ...] = tuple(
     ipaddress.ip_network(net)
-    for net in ("0.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "fe80::/10", "ff00::/8", "::/128")
+    for net in (
+        "0.0.0.0/8",
+        "169.254.0.0/16",
+        "224.0.0.0/4",
+        "255.255.255.255/32",
+        "fe80::/10",
+        "ff00::/8",
+        "::/128",
+        "fd00:ec2::254/128",
+    )
 )
+# IPv6 forms that carry an IPv4 address in their last 32 bits: NAT64 and the old "compatible".
+IPV4_CARRIERS = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("::/96"))
 
 
 class Port(fields.Integer):
     """An integer from 1 to 65535, given as a JSON number or a string of digits."""
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())):
+        digits = isinstance(value, str) and value.isascii() and value.isdecimal()
+        if isinstance(value, bool) or not (isinstance(value, int) or digits):
             raise ValidationError("must be an integer from 1 to 65535.")
         port = int(value)
         if not 1 <= port <= 65535:
@@ -88,10 +100,25 @@ def _resolve(host: str) -> list[IPAddress]:
 
 
 def _check_address(host: str, address: IPAddress, allowed: Sequence[Network]) -> None:
-    mapped = getattr(address, "ipv4_mapped", None)
-    plain: IPAddress = mapped or address
-    shown = host if str(plain) == host else f"{host} ({plain})"
-    if plain.is_multicast or any(plain in net for net in BLOCKED_NETWORKS if net.version == plain.version):
-        raise ValidationError(f"{shown} is a link-local, multicast or unspecified address and may not be a backend.")
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
+        raise ValidationError(f"{host}: IPv6 zone ids are not supported; register a routable address.")
+    for plain in _with_embedded_ipv4(address):
+        shown = host if str(plain) == host else f"{host} ({plain})"
+        if plain.is_multicast or any(plain in net for net in BLOCKED_NETWORKS if net.version == plain.version):
+            raise ValidationError(
+                f"{shown} is a link-local, metadata, broadcast, multicast or unspecified address"
+                " and may not be a backend."
+            )
+    plain = _with_embedded_ipv4(address)[-1]
     if allowed and not any(plain in net for net in allowed if net.version == plain.version):
-        raise ValidationError(f"{shown} is outside ALLOWED_BACKEND_NETWORKS.")
+        raise ValidationError(f"{host} is outside ALLOWED_BACKEND_NETWORKS.")
+
+
+def _with_embedded_ipv4(address: IPAddress) -> list[IPAddress]:
+    """The address, then the IPv4 address it carries (mapped, NAT64, compatible, 6to4), if any."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return [address]
+    carried = address.ipv4_mapped or address.sixtofour
+    if carried is None and address != ipaddress.IPv6Address("::1") and any(address in n for n in IPV4_CARRIERS):
+        carried = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return [address, carried] if carried is not None else [address]

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint demo bench-core clean
+.PHONY: run test lint demo smoke bench-core clean
 
 $(BIN)/.runtime: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,9 +28,18 @@ lint: $(BIN)/.dev
 test: lint  ## lint, type-check, then every test
 	$(BIN)/python -m pytest
 
+# The demo on a venv with the runtime requirements alone: catches a dependency that only the
+# dev tools happened to bring in (CI runs this after the tests).
+smoke:
+	rm -rf .venv-runtime
+	$(PYTHON) -m venv .venv-runtime
+	.venv-runtime/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+	VENV=.venv-runtime DEMO_ONESHOT=1 DEMO_DIR=.venv-runtime/demo GATEWAY_BIND=127.0.0.1:$${SMOKE_PORT:-5099} \
+		WEBHOOK_SECRET=smoke-$$$$-$$RANDOM scripts/demo.sh
+
 bench-core: $(BIN)/.dev  ## the issue-2 figures: health sweep and rotation cost
 	$(BIN)/python bench/sweep_bench.py
 	$(BIN)/python bench/rotation_bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .demo
+	rm -rf $(VENV) .venv-runtime .pytest_cache .ruff_cache .mypy_cache .demo

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from dataclasses import asdict, dataclass, replace
@@ -234,7 +235,10 @@ class BackendManager:
                     transitions.append((server.server_id, server.is_healthy, result.detail))
                 elif server.is_healthy and server.fail_count != old_fails:
                     transitions.append((server.server_id, None, result.detail))
-            version = self._changed() if transitions else None
+            # Only a change of health must be durable at once (it changes routing after a
+            # restart); a fail count on its way to the threshold goes out with the next save.
+            health_changed = any(healthy is not None for _, healthy, _ in transitions)
+            version = self._changed() if health_changed else None
         for server_id, healthy, detail in transitions:
             if healthy is True:
                 log.info("server %s recovered: %s", server_id, detail)
@@ -245,7 +249,8 @@ class BackendManager:
             else:
                 log.info("server %s health check: %s", server_id, detail)
         if version is not None:
-            self._persist(version)
+            with contextlib.suppress(PersistError):  # logged by _persist; the next save carries it
+                self._persist(version)
 
     def _changed(self) -> int:
         """Note a change made under the lock: rebuild the rotation and bump the version."""

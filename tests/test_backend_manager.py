@@ -280,3 +280,26 @@ def test_a_change_that_could_not_be_saved_is_undone(tmp_path, monkeypatch):
         ("B3", "127.0.0.1"),
     ]
     assert rotation(manager, 3) == ["B1", "B2", "B3"]
+
+
+def test_health_changes_are_applied_even_when_they_cannot_be_saved(tmp_path, monkeypatch):
+    manager = make_manager(tmp_path, failure_threshold=1)
+    manager.register_server("B1", "127.0.0.1", 9000)
+
+    def disk_full(entries):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(manager.store, "save", disk_full)
+    manager.report_failure("B1", manager.get_server("B1").url, "refused")  # must not raise
+    assert not manager.get_server("B1").is_healthy
+    assert manager.get_next_server() is None
+
+
+def test_fail_counts_below_the_threshold_are_not_saved_at_once(tmp_path):
+    manager = make_manager(tmp_path)
+    manager.register_server("B1", "127.0.0.1", 9000)
+    fail(manager, "B1", times=2)
+    assert stored(tmp_path)[0]["fail_count"] == 0
+    fail(manager, "B1")
+    saved = stored(tmp_path)[0]
+    assert (saved["is_healthy"], saved["fail_count"]) == (False, 3)

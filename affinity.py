@@ -9,6 +9,8 @@ import threading
 import time
 from pathlib import Path
 
+from store import aside_path
+
 log = logging.getLogger(__name__)
 
 FALLBACK_OWNER = "~fallback"  # tasks created by BACKEND_API_BASE; not a valid server_id
@@ -23,22 +25,25 @@ class TaskAffinity:
         self.ttl = ttl
         self._lock = threading.Lock()
         self._db = self._open()
+        self._next_purge = 0.0
         self.purge_expired()
 
     def _open(self) -> sqlite3.Connection:
         try:
             return self._connect()
         except sqlite3.DatabaseError as exc:
-            target = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+            target = aside_path(self.path)
             os.replace(self.path, target)
             log.error("task affinity store %s is corrupt (%s); moved it to %s", self.path, exc, target)
             return self._connect()
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db = sqlite3.connect(self.path, timeout=2.0, check_same_thread=False, isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
+            # NORMAL in WAL mode: a commit survives the process being killed (what a gateway
+            # restart needs) without an fsync on the request path; power loss may drop the last few.
+            db.execute("PRAGMA synchronous=NORMAL")
             db.execute(
                 "CREATE TABLE IF NOT EXISTS task_owner ("
                 " task_id TEXT PRIMARY KEY, server_id TEXT NOT NULL, expires_at REAL NOT NULL)"
@@ -48,12 +53,21 @@ class TaskAffinity:
             raise
         return db
 
-    def record(self, task_id: str, server_id: str) -> None:
-        """Remember that `server_id` owns `task_id`."""
+    def record(self, task_id: str, server_id: str) -> bool:
+        """Remember that `server_id` owns `task_id`; False if another server owns it already."""
+        if len(task_id) > MAX_TASK_ID_LENGTH:
+            return False
+        now = time.time()
+        if now >= self._next_purge:
+            self.purge_expired()
         with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO task_owner VALUES (?, ?, ?)", (task_id, server_id, time.time() + self.ttl)
+            cursor = self._db.execute(
+                "INSERT INTO task_owner VALUES (?, ?, ?) ON CONFLICT(task_id) DO UPDATE"
+                " SET server_id = excluded.server_id, expires_at = excluded.expires_at"
+                " WHERE task_owner.expires_at <= ? OR task_owner.server_id = excluded.server_id",
+                (task_id, server_id, now + self.ttl, now),
             )
+            return cursor.rowcount == 1
 
     def owner(self, task_id: str) -> str | None:
         """The server that owns `task_id`, or None if unknown or expired."""
@@ -83,7 +97,8 @@ class TaskAffinity:
         return None
 
     def purge_expired(self) -> int:
-        """Delete expired records; return how many went."""
+        """Delete expired records; return how many went. Runs at start and then hourly."""
+        self._next_purge = time.time() + 3600
         with self._lock:
             return self._db.execute("DELETE FROM task_owner WHERE expires_at <= ?", (time.time(),)).rowcount
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import sqlite3
+import zlib
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import unquote
 
 import urllib3
 from flask import Flask, Response, current_app, request
-from urllib3.exceptions import ConnectTimeoutError, HTTPError, ProtocolError, ReadTimeoutError
+from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ProtocolError, ReadTimeoutError
+from werkzeug.routing import PathConverter
 
 from affinity import FALLBACK_OWNER, TaskAffinity
 from backend_manager import BackendManager
@@ -36,6 +41,8 @@ HOP_BY_HOP = frozenset(
     }
 )
 NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
+# Errors of the gateway's own making (out of sockets or memory): they say nothing about the server.
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL})
 JSON_CAPTURE_LIMIT = 1024 * 1024  # a JSON reply up to this size is read whole to find its task_id
 STREAM_CHUNK = 64 * 1024
 
@@ -43,10 +50,15 @@ STREAM_CHUNK = 64 * 1024
 class UpstreamFailed(Exception):
     """Forwarding to one target failed; `sent` says whether the target may have the request."""
 
-    def __init__(self, reason: str, sent: bool, timed_out: bool = False) -> None:
+    def __init__(self, reason: str, sent: bool, timed_out: bool = False, local: bool = False) -> None:
         super().__init__(reason)
         self.sent = sent
         self.timed_out = timed_out
+        self.local = local  # the gateway's own fault: not counted against the server
+
+
+class BadTarget(Exception):
+    """The request target cannot be forwarded safely."""
 
 
 class Proxy:
@@ -62,19 +74,25 @@ class Proxy:
 
     def handle(self) -> Response:
         """Proxy the current request."""
+        try:
+            target, segments = request_target(self.config.proxy_prefixes)
+        except BadTarget as exc:
+            return error_response(400, str(exc))
         body = read_body(self.config.proxy_max_body_bytes)
         headers = upstream_headers()
-        owned = self.affinity.first_owned(task_candidates())
+        owned = self.affinity.first_owned(task_candidates(segments))
         if owned is not None:
-            return self.forward_owned(*owned, body, headers)
+            return self.forward_owned(*owned, target, body, headers)
         tried: list[str] = []
         while len(tried) <= self.config.proxy_max_retries:
             server = self.manager.get_next_server(exclude=set(tried))
             if server is None:
                 break
             try:
-                upstream = self.send(server.url, body, headers)
+                upstream = self.send(server.url, target, body, headers)
             except UpstreamFailed as exc:
+                if exc.local:
+                    return self.overloaded(exc)
                 if not exc.timed_out:
                     self.manager.report_failure(server.server_id, server.url, str(exc))
                 if exc.sent and (exc.timed_out or request.method not in IDEMPOTENT_METHODS):
@@ -83,57 +101,63 @@ class Proxy:
                 log.warning("server %s failed (%s); trying another", server.server_id, exc)
                 continue
             return self.respond(upstream, server.server_id)
-        return self.forward_fallback(body, headers, tried)
+        return self.forward_fallback(target, body, headers, tried)
 
-    def forward_owned(self, task_id: str, owner: str, body: bytes, headers: dict[str, str]) -> Response:
+    def forward_owned(self, task_id: str, owner: str, target: str, body: bytes, headers: dict[str, str]) -> Response:
         """Send a request that names a task to the server that owns it, and nowhere else."""
         if owner == FALLBACK_OWNER:
             if not self.config.backend_api_base:
                 return self.unavailable(f"task {task_id} belongs to the fallback backend, which is not configured")
-            return self.forward_to(self.config.backend_api_base, FALLBACK_OWNER, body, headers, remember=False)
+            return self.forward_to(self.config.backend_api_base, FALLBACK_OWNER, target, body, headers, task_id)
         server = self.manager.get_server(owner)
         if server is None or not server.is_healthy:
             state = "is no longer registered" if server is None else "is unhealthy"
             return self.unavailable(f"server {owner}, which owns task {task_id}, {state}")
         try:
-            upstream = self.send(server.url, body, headers)
+            upstream = self.send(server.url, target, body, headers)
         except UpstreamFailed as exc:
-            if exc.timed_out:
+            if exc.local:
+                return self.overloaded(exc)
+            if exc.sent:
                 return upstream_error(owner, exc)
             self.manager.report_failure(owner, server.url, str(exc))
             return self.unavailable(f"server {owner}, which owns task {task_id}, is unreachable: {exc}")
-        return self.respond(upstream, owner, remember=False)
+        return self.respond(upstream, owner, known_task=task_id)
 
-    def forward_fallback(self, body: bytes, headers: dict[str, str], tried: list[str]) -> Response:
+    def forward_fallback(self, target: str, body: bytes, headers: dict[str, str], tried: list[str]) -> Response:
         """No server took the request: use BACKEND_API_BASE, or say why there is none."""
         if self.config.backend_api_base:
             log.warning("no healthy GPU server%s; using the fallback backend", f" left after {tried}" if tried else "")
-            return self.forward_to(self.config.backend_api_base, FALLBACK_OWNER, body, headers)
+            return self.forward_to(self.config.backend_api_base, FALLBACK_OWNER, target, body, headers)
         if tried:
             return error_response(502, f"every server tried failed: {', '.join(tried)}")
         return self.unavailable("no healthy GPU server is available and no fallback backend is configured")
 
     def forward_to(
-        self, base_url: str, label: str, body: bytes, headers: dict[str, str], remember: bool = True
+        self, base_url: str, label: str, target: str, body: bytes, headers: dict[str, str], known_task: str = ""
     ) -> Response:
         """Forward once, with no failover."""
         try:
-            upstream = self.send(base_url, body, headers)
+            upstream = self.send(base_url, target, body, headers)
         except UpstreamFailed as exc:
-            return upstream_error(label, exc)
-        return self.respond(upstream, label, remember)
+            return self.overloaded(exc) if exc.local else upstream_error(label, exc)
+        return self.respond(upstream, label, known_task)
 
     def unavailable(self, message: str) -> Response:
         """503 with Retry-After."""
         return error_response(503, message, headers={"Retry-After": self.retry_after})
 
-    def send(self, base_url: str, body: bytes, headers: dict[str, str]) -> urllib3.BaseHTTPResponse:
+    def overloaded(self, exc: UpstreamFailed) -> Response:
+        """503 for a request the gateway itself could not make (no sockets left, say)."""
+        log.error("gateway could not open a connection: %s", exc)
+        return error_response(503, f"the gateway is overloaded: {exc}", headers={"Retry-After": "1"})
+
+    def send(self, base_url: str, target: str, body: bytes, headers: dict[str, str]) -> urllib3.BaseHTTPResponse:
         """Send the request upstream; the response body is left unread for streaming."""
-        target = base_url + request.full_path if request.query_string else base_url + request.path
         try:
             return self.pool.urlopen(
                 request.method,
-                target,
+                base_url + target,
                 body=body or None,
                 headers=headers,
                 redirect=False,
@@ -142,51 +166,111 @@ class Proxy:
                 decode_content=False,
                 timeout=self.timeout,
             )
-        except ConnectTimeoutError as exc:  # also covers NewConnectionError: nothing was sent
+        except NewConnectionError as exc:  # nothing was sent
+            local = _errno(exc) in LOCAL_ERRNOS
+            raise UpstreamFailed(f"cannot connect: {_reason(exc)}", sent=False, local=local) from exc
+        except ConnectTimeoutError as exc:
             raise UpstreamFailed(f"cannot connect: {_reason(exc)}", sent=False) from exc
         except ReadTimeoutError as exc:
             raise UpstreamFailed("timed out waiting for the answer", sent=True, timed_out=True) from exc
         except (ProtocolError, HTTPError) as exc:
             raise UpstreamFailed(f"connection broken: {_reason(exc)}", sent=True) from exc
 
-    def respond(self, upstream: urllib3.BaseHTTPResponse, label: str, remember: bool = True) -> Response:
+    def respond(self, upstream: urllib3.BaseHTTPResponse, label: str, known_task: str = "") -> Response:
         """Build the client's response: streamed, or read whole when it may name a new task."""
         headers = downstream_headers(upstream)
         headers.append(("X-Backend-Server", "fallback" if label == FALLBACK_OWNER else label))
         first = b""
-        if remember and 200 <= upstream.status < 300 and _is_json(upstream.headers.get("Content-Type", "")):
-            first = upstream.read(JSON_CAPTURE_LIMIT + 1)
+        if may_name_task(upstream):
+            try:
+                first = upstream.read(JSON_CAPTURE_LIMIT + 1)
+                if len(first) <= JSON_CAPTURE_LIMIT and upstream.length_remaining:  # fewer than promised
+                    raise ProtocolError(
+                        f"IncompleteRead: {len(first)} bytes, {upstream.length_remaining} more expected"
+                    )
+            except (HTTPError, OSError) as exc:
+                upstream.close()
+                timed_out = isinstance(exc, ReadTimeoutError)
+                reason = "timed out sending the answer" if timed_out else f"broke off the answer: {_reason(exc)}"
+                return upstream_error(label, UpstreamFailed(reason, sent=True, timed_out=timed_out))
             if len(first) <= JSON_CAPTURE_LIMIT:
                 upstream.release_conn()
-                self.remember_task(first, label)
+                self.remember_task(first, upstream.headers.get("Content-Encoding", ""), label, known_task)
                 return Response(first, status=upstream.status, headers=headers)
-        return Response(stream(upstream, first), status=upstream.status, headers=headers, direct_passthrough=True)
+        body = UpstreamBody(upstream, first, has_body=request.method != "HEAD" and upstream.status not in (204, 304))
+        return Response(body, status=upstream.status, headers=headers, direct_passthrough=True)
 
-    def remember_task(self, payload: bytes, owner: str) -> None:
+    def remember_task(self, payload: bytes, encoding: str, owner: str, known_task: str) -> None:
         """Record the owner of a task id found in a JSON reply, before the reply is sent."""
-        task_id = find_task_id(payload)
-        if task_id is not None:
-            self.affinity.record(task_id, owner)
+        task_id = find_task_id(_decoded(payload, encoding))
+        if task_id is None or task_id == known_task or task_id in request.path.split("/"):
+            return  # nothing new, or an id that would capture the very path that made it
+        try:
+            recorded = self.affinity.record(task_id, owner)
+        except sqlite3.Error as exc:  # the reply still goes out; only later routing may suffer
+            log.error("could not record the owner of task %s (%s): %s", task_id, owner, exc)
+            return
+        if recorded:
             log.info("task %s is owned by %s", task_id, owner)
-
-
-def stream(upstream: urllib3.BaseHTTPResponse, first: bytes) -> Iterator[bytes]:
-    """Yield the body as it arrives; a client that leaves closes the upstream connection."""
-    complete = False
-    try:
-        if first:
-            yield first
-        while chunk := upstream.read1(STREAM_CHUNK, decode_content=False):
-            yield chunk
-        complete = True
-    except (HTTPError, OSError) as exc:
-        log.warning("upstream broke off mid-response: %s", _reason(exc))
-        raise  # the client must see a cut-off body, not a clean end
-    finally:
-        if complete:
-            upstream.release_conn()
         else:
-            upstream.close()
+            log.warning("task %s from %s is already owned by another server; kept the first", task_id, owner)
+
+
+class UpstreamBody:
+    """The streamed body: yields chunks as they arrive and settles the connection on close."""
+
+    def __init__(self, upstream: urllib3.BaseHTTPResponse, first: bytes, has_body: bool) -> None:
+        self.upstream = upstream
+        self.first = first
+        self.complete = not has_body  # HEAD, 204 and 304 have nothing to read
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self.first:
+            yield self.first
+        try:
+            while chunk := self.upstream.read1(STREAM_CHUNK, decode_content=False):
+                yield chunk
+            if self.upstream.length_remaining:
+                raise ProtocolError(f"IncompleteRead: {self.upstream.length_remaining} bytes never came")
+        except (HTTPError, OSError) as exc:
+            log.warning("upstream broke off mid-response: %s", _reason(exc))
+            raise  # the client must see a cut-off body, not a clean end
+        self.complete = True
+
+    def close(self) -> None:
+        """Called by the WSGI server whatever happened: reuse the connection only if drained."""
+        if self.complete:
+            self.upstream.release_conn()
+        else:
+            self.upstream.close()
+
+
+def request_target(prefixes: tuple[str, ...]) -> tuple[str, list[str]]:
+    """The raw path and query to forward, and the decoded segments after the prefix.
+
+    The raw target is forwarded as the client sent it, so `%2F` or `%3F` inside a segment
+    keep their meaning; a target that could climb out of the prefix is refused.
+    """
+    raw = request.environ.get("RAW_URI") or request.environ.get("REQUEST_URI") or request.path
+    raw_path = raw.split("?", 1)[0]
+    if not raw_path.startswith("/"):
+        raise BadTarget("the request target must be a path starting with '/'")
+    prefix = next((p for p in prefixes if raw_path.startswith(p) or raw_path == p.rstrip("/")), None)
+    if prefix is None:
+        raise BadTarget(f"the path must start with one of {', '.join(prefixes)}, unencoded")
+    segments = [unquote(segment) for segment in raw_path[len(prefix) :].split("/")]
+    for segment in segments:
+        if {".", ".."} & set(segment.replace("\\", "/").split("/")):
+            raise BadTarget("the path may not contain '.' or '..' segments, encoded or not")
+    query = request.environ.get("QUERY_STRING", "")
+    return (f"{raw_path}?{query}" if query else raw_path), [s for s in segments if s]
+
+
+def may_name_task(upstream: urllib3.BaseHTTPResponse) -> bool:
+    """A successful JSON reply to a request that can carry a body is read whole for its task_id."""
+    content_type = upstream.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+    is_json = content_type == "application/json" or content_type.endswith("+json")
+    return is_json and 200 <= upstream.status < 300 and upstream.status != 204 and request.method != "HEAD"
 
 
 def find_task_id(payload: bytes) -> str | None:
@@ -203,11 +287,9 @@ def find_task_id(payload: bytes) -> str | None:
     return None
 
 
-def task_candidates() -> list[str]:
-    """Strings in the request that may name a task: `?task_id=`, then each path segment."""
-    candidates = [request.args.get("task_id", "")]
-    candidates.extend(request.path.split("/"))
-    return [c for c in candidates if c]
+def task_candidates(segments: list[str]) -> list[str]:
+    """Strings that may name a task: `?task_id=`, then the segments after the prefix, last first."""
+    return [c for c in [request.args.get("task_id", ""), *reversed(segments)] if c]
 
 
 def upstream_headers() -> dict[str, str]:
@@ -233,13 +315,26 @@ def upstream_error(label: str, exc: UpstreamFailed) -> Response:
     return error_response(504 if exc.timed_out else 502, f"backend {label}: {exc}")
 
 
+def _decoded(payload: bytes, encoding: str) -> bytes:
+    """A gzip/deflate body inflated for inspection (what is sent stays as it came), else as is."""
+    if encoding.strip().lower() not in ("gzip", "x-gzip", "deflate"):
+        return payload
+    try:
+        return zlib.decompressobj(wbits=47).decompress(payload, JSON_CAPTURE_LIMIT)  # 47: gzip or zlib header
+    except zlib.error:
+        return b""
+
+
 def _connection_tokens(value: str) -> frozenset[str]:
     return frozenset(token.strip().lower() for token in value.split(",") if token.strip())
 
 
-def _is_json(content_type: str) -> bool:
-    media = content_type.split(";", 1)[0].strip().lower()
-    return media == "application/json" or media.endswith("+json")
+def _errno(exc: BaseException) -> int | None:
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno:
+            return exc.errno
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return None
 
 
 def _reason(exc: BaseException) -> str:
@@ -259,7 +354,17 @@ def init_app(app: Flask) -> None:
     affinity = TaskAffinity(config.task_affinity_file, ttl=config.task_affinity_ttl)
     app.extensions["task_affinity"] = affinity
     app.extensions["proxy"] = Proxy(config, app.extensions["backend_manager"], affinity)
+    # The raw target is checked and forwarded as sent, so Flask must not redirect or merge slashes.
+    app.url_map.converters["anypath"] = AnyPathConverter
+    options: dict[str, Any] = {"methods": METHODS, "strict_slashes": False, "merge_slashes": False}
     for index, prefix in enumerate(config.proxy_prefixes):
         endpoint = f"proxy_{index}"
-        app.add_url_rule(prefix, endpoint, proxy_view, methods=METHODS)
-        app.add_url_rule(prefix + "<path:path>", endpoint, proxy_view, methods=METHODS)
+        app.add_url_rule(prefix.rstrip("/"), endpoint, proxy_view, **options)
+        app.add_url_rule(prefix + "<anypath:path>", endpoint, proxy_view, **options)
+
+
+class AnyPathConverter(PathConverter):
+    """Like `path`, but may also start with a slash (`/api//x`): the backend decides what it means."""
+
+    regex = ".*"
+    part_isolating = False  # werkzeug would infer True from a regex without a slash

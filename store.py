@@ -64,7 +64,7 @@ class JsonFileStore:
 
     def quarantine(self, reason: str) -> Path:
         """Move the state file aside as `<file>.corrupt-<timestamp>` and log why."""
-        target = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        target = aside_path(self.path)
         try:
             os.replace(self.path, target)
         except OSError as exc:
@@ -74,7 +74,7 @@ class JsonFileStore:
 
     def keep_copy(self, reason: str) -> None:
         """Copy the state file aside, unchanged, before entries that failed to load are dropped."""
-        target = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        target = aside_path(self.path)
         target.write_bytes(self.path.read_bytes())
         log.error("state file %s has bad entries (%s); kept a copy at %s", self.path, reason, target)
 
@@ -83,6 +83,15 @@ class JsonFileStore:
         for stale in folder.glob(f"{self._temp_prefix}*.tmp"):
             log.warning("removing stale temp file %s left by an interrupted save", stale)
             _remove_quietly(stale)
+
+
+def aside_path(path: Path) -> Path:
+    """A free name beside `path` for a damaged copy: `<name>.corrupt-<timestamp>[-n]`."""
+    stem = f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
+    target, n = path.with_name(stem), 1
+    while target.exists():
+        target, n = path.with_name(f"{stem}-{n}"), n + 1
+    return target
 
 
 def _one_entry_per_line(entries: list[dict[str, Any]]) -> str:

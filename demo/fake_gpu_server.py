@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
 import json
 import os
 import socket
@@ -96,11 +97,16 @@ class Handler(BaseHTTPRequestHandler):
             self.server.healthy = bool(json.loads(body or b"{}").get("healthy", True))
             return self.send_json(200, {"healthy": self.server.healthy})
         if segments[:2] == ["api", "enhance"] and self.command == "POST":
-            task_id = uuid.uuid4().hex
+            task_id = query.get("force_task_id") or uuid.uuid4().hex
             self.server.tasks[task_id] = time.time()
             nested = query.get("nested") == "1"
             reply = {"success": True, "data": {"task_id": task_id}} if nested else {"success": True, "task_id": task_id}
+            if query.get("gzip") == "1":
+                data = gzip.compress(json.dumps({"server_id": self.server.server_id, **reply}).encode())
+                return self.send_bytes(200, data, "application/json", [("Content-Encoding", "gzip")])
             return self.send_json(200, reply)
+        if segments[:2] in (["api", "stall-json"], ["api", "short-json"]):
+            return self.send_partial_json(stall=segments[1] == "stall-json", delay=float(query.get("delay", "2")))
         if segments[:2] in (["api", "status"], ["api", "download"]) or segments[:2] == ["api", "task"]:
             task_id = segments[2] if len(segments) > 2 else query.get("task_id", "")
             if task_id not in self.server.tasks:
@@ -143,6 +149,18 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
+
+    def send_partial_json(self, stall: bool, delay: float) -> None:
+        """Promise 100 bytes of JSON, send 10, then stall or hang up."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "100")
+        self.end_headers()
+        self.wfile.write(b'{"task_id"')
+        self.wfile.flush()
+        if stall:
+            time.sleep(delay)
+        self.close_connection = True
 
     def send_stream(self, count: int, delay: float, gated: bool = False) -> None:
         self.send_response(200)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import socket
+import sqlite3
 import threading
 import time
 
 import pytest
 import requests
 from conftest import SECRET
+from urllib3.exceptions import NewConnectionError
 
 
 def wait_until(condition, timeout: float = 10.0) -> bool:
@@ -362,3 +366,135 @@ def test_chunked_body_over_the_limit_gets_413_not_a_truncated_forward(live_gatew
     response = requests.post(gateway.url + "/api/echo-bytes", data=chunks(exact + b"x"), timeout=5)
     assert response.status_code == 413
     assert sum(r["path"] == "/api/echo-bytes" for r in server.requests) == 1
+
+
+def raw_request(gateway, target: str, method: str = "GET") -> tuple[int, bytes]:
+    """Send a request line exactly as written (requests would normalise the path first)."""
+    import http.client
+
+    host, port = gateway.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        connection.putrequest(method, target, skip_host=False, skip_accept_encoding=True)
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize(
+    ("target", "path", "query"),
+    [
+        ("/api/files/a%2Fb", "/api/files/a%2Fb", ""),
+        ("/api/a%3Fx=1", "/api/a%3Fx=1", ""),
+        ("/api/a%23frag?q=%2F&x", "/api/a%23frag", "q=%2F&x"),
+        ("/api/p%2541", "/api/p%2541", ""),
+        ("/api//double//slash", "/api//double//slash", ""),
+        ("/api", "/api", ""),
+    ],
+)
+def test_the_target_is_forwarded_as_sent(fleet, target, path, query):
+    gateway, _ = fleet
+    status, body = raw_request(gateway, target)
+    assert status == 200
+    echo = json.loads(body)
+    assert (echo["path"], echo["query"]) == (path, query)
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/api/%2e%2e/admin/secret",
+        "/api/..%2fadmin",
+        "/api/x/../../admin",
+        "/api/x/%2E%2E%5Cadmin",
+        "/api/./echo",
+        "/%61pi/echo",
+        "http://127.0.0.1:1/api/echo",
+    ],
+)
+def test_targets_that_could_leave_the_prefix_are_refused(fleet, target):
+    gateway, servers = fleet
+    status, body = raw_request(gateway, target)
+    assert status in (400, 404)
+    assert json.loads(body)["success"] is False
+    assert all(not server.requests for server in servers)
+
+
+def test_a_reply_cannot_pin_traffic_with_a_task_id_like_a_path(fleet):
+    gateway, _ = fleet
+    for name in ("api", "enhance"):
+        assert requests.post(f"{gateway.url}/api/enhance?force_task_id={name}", timeout=5).status_code == 200
+    assert served_by(gateway, 3) == ["B3", "B1", "B2"]
+    assert gateway.app.extensions["task_affinity"].owner("api") is None
+
+
+def test_a_live_task_is_never_taken_over_by_another_server(fleet):
+    gateway, _ = fleet
+    first = requests.post(gateway.url + "/api/enhance?force_task_id=shared-id", timeout=5)
+    second = requests.post(gateway.url + "/api/enhance?force_task_id=shared-id", timeout=5)
+    assert first.headers["X-Backend-Server"] != second.headers["X-Backend-Server"]
+    status = requests.get(gateway.url + "/api/status/shared-id", timeout=5)
+    assert status.headers["X-Backend-Server"] == first.headers["X-Backend-Server"]
+
+
+def test_a_task_created_through_its_parent_is_recorded_to_the_owner(fleet):
+    gateway, _ = fleet
+    parent = requests.post(gateway.url + "/api/enhance", timeout=5)
+    owner, parent_id = parent.headers["X-Backend-Server"], parent.json()["task_id"]
+    child = requests.post(f"{gateway.url}/api/enhance?task_id={parent_id}", timeout=5)
+    assert child.headers["X-Backend-Server"] == owner
+    assert gateway.app.extensions["task_affinity"].owner(child.json()["task_id"]) == owner
+
+
+def test_a_gzipped_json_reply_still_records_its_task(fleet):
+    gateway, _ = fleet
+    created = requests.post(gateway.url + "/api/enhance?gzip=1", timeout=5)
+    assert created.headers["Content-Encoding"] == "gzip"
+    task_id, owner = created.json()["task_id"], created.headers["X-Backend-Server"]
+    assert served_by(gateway, 3, f"/api/status/{task_id}") == [owner] * 3
+
+
+def test_the_reply_goes_out_even_when_the_task_cannot_be_recorded(fleet, monkeypatch):
+    gateway, _ = fleet
+
+    def locked(task_id, server_id):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(gateway.app.extensions["task_affinity"], "record", locked)
+    created = requests.post(gateway.url + "/api/enhance", timeout=5)
+    assert created.status_code == 200
+    assert created.json()["task_id"]
+
+
+@pytest.mark.parametrize(("path", "status"), [("/api/stall-json?delay=3", 504), ("/api/short-json", 502)])
+def test_a_json_reply_that_breaks_off_gets_502_or_504(live_gateway, fake_servers, path, status):
+    gateway = live_gateway(proxy_read_timeout=0.5)
+    gateway.register(fake_servers("B1"))
+    response = requests.get(gateway.url + path, timeout=10)
+    assert response.status_code == status
+    assert response.json()["success"] is False
+
+
+def test_head_keeps_the_backend_length(fleet):
+    gateway, _ = fleet
+    head = requests.head(gateway.url + "/api/echo", timeout=5)
+    assert head.status_code == 200
+    assert int(head.headers["Content-Length"]) > 0
+
+
+def test_gateway_out_of_sockets_answers_503_and_blames_no_server(fleet, monkeypatch):
+    gateway, _ = fleet
+
+    def no_sockets(*args, **kwargs):
+        try:
+            raise OSError(errno.EMFILE, "Too many open files")
+        except OSError as exc:
+            raise NewConnectionError(None, f"Failed to establish a new connection: {exc}") from exc
+
+    monkeypatch.setattr(gateway.app.extensions["proxy"].pool, "urlopen", no_sockets)
+    response = requests.get(gateway.url + "/api/echo", timeout=5)
+    assert response.status_code == 503
+    assert "overloaded" in response.json()["message"]
+    assert [s.fail_count for s in gateway.manager.list_servers()] == [0, 0, 0]

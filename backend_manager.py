@@ -163,7 +163,6 @@ class BackendManager:
             version = self._changed()
             registered = replace(server)
         self._persist_or_undo(version, server_id, placed=server, previous=existing)
-        self._sync_health_job()
         if existing is None:
             log.info("registered server %s at %s", server_id, registered.url)
         elif existing.url != registered.url:
@@ -181,7 +180,6 @@ class BackendManager:
                 return False
             version = self._changed()
         self._persist_or_undo(version, server_id, placed=None, previous=removed, order=order)
-        self._sync_health_job()
         log.info("unregistered server %s", server_id)
         return True
 
@@ -198,15 +196,24 @@ class BackendManager:
             self._persist(version)
         except PersistError:
             with self._lock:
+                if self._saved_version >= version:
+                    return  # another writer's later save already made this change durable
                 if self._servers.get(server_id) is placed:  # untouched since: safe to undo
-                    if previous is None:
-                        self._servers.pop(server_id, None)
-                    else:
-                        self._servers[server_id] = previous
-                        if order is not None:
-                            self._servers = {key: self._servers[key] for key in order if key in self._servers}
+                    self._restore(server_id, previous, order)
                     self._changed()
             raise
+        finally:
+            self._sync_health_job()
+
+    def _restore(self, server_id: str, previous: BackendServer | None, order: list[str] | None) -> None:
+        """Put back `previous` for `server_id` (at its old place), or remove it; under the lock."""
+        if previous is None:
+            self._servers.pop(server_id, None)
+            return
+        self._servers[server_id] = previous
+        if order is not None:  # servers registered meanwhile keep their places after the old ones
+            old = [key for key in order if key in self._servers]
+            self._servers = {key: self._servers[key] for key in old + [k for k in self._servers if k not in order]}
 
     def report_failure(self, server_id: str, url: str, reason: str) -> None:
         """Count a failed connection from the proxy as a failed health check."""

@@ -1,5 +1,6 @@
 """BackendManager: registration, persistence, thresholds, sweeps, and many threads at once."""
 
+import contextlib
 import json
 import threading
 
@@ -303,3 +304,26 @@ def test_fail_counts_below_the_threshold_are_not_saved_at_once(tmp_path):
     fail(manager, "B1")
     saved = stored(tmp_path)[0]
     assert (saved["is_healthy"], saved["fail_count"]) == (False, 3)
+
+
+def test_undoing_an_unregister_keeps_servers_registered_meanwhile(tmp_path, monkeypatch):
+    manager = make_manager(tmp_path)
+    for name in ("X", "Y"):
+        manager.register_server(name, "127.0.0.1", 9000)
+    real_save = manager.store.save
+    late = threading.Thread(target=manager.register_server, args=("Z", "127.0.0.1", 9003))
+
+    def save_fails_while_z_registers(entries):
+        monkeypatch.setattr(manager.store, "save", real_save)
+        late.start()  # Z changes memory now, then waits for the save lock
+        late.join(timeout=0.3)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(manager.store, "save", save_fails_while_z_registers)
+    # Either X's removal is undone, or Z's later save already wrote it: both are consistent.
+    with contextlib.suppress(PersistError):
+        manager.unregister_server("X")
+    late.join(timeout=10)
+    in_memory = [s.server_id for s in manager.list_servers()]
+    assert "Z" in in_memory
+    assert [entry["server_id"] for entry in stored(tmp_path)] == in_memory

@@ -17,7 +17,7 @@ import errors
 import log_redaction
 import proxy
 from backend_manager import BackendManager, backend_manager
-from config import Config, ConfigError
+from config import Config, ConfigError, parse_bind
 from health import HealthChecker
 from store import JsonFileStore
 from webhook_routes import register_webhook_routes
@@ -92,12 +92,12 @@ def __getattr__(name: str) -> Any:
 
 def main() -> None:
     """Run with werkzeug's threaded server (`python app.py`); production uses gunicorn."""
-    host, _, port = os.environ.get("GATEWAY_BIND", DEFAULT_BIND).rpartition(":")
     try:
+        host, port = parse_bind(os.environ.get("GATEWAY_BIND", DEFAULT_BIND))
         application = create_app()
     except ConfigError as exc:
         sys.exit(f"gateway: {exc}")
-    application.run(host=host.strip("[]"), port=int(port), threaded=True, use_reloader=False)
+    application.run(host=host, port=port, threaded=True, use_reloader=False)
 
 
 if __name__ == "__main__":

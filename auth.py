@@ -18,7 +18,7 @@ def presented_secret(body: Any = None, allow_query: bool = False) -> str | None:
         return token.strip()
     if isinstance(body, dict) and isinstance(body.get("secret"), str):
         return body["secret"]
-    if allow_query:
+    if allow_query and b"secret=" in request.query_string:  # literal, so log redaction always matches it
         return request.args.get("secret")
     return None
 
@@ -26,4 +26,7 @@ def presented_secret(body: Any = None, allow_query: bool = False) -> str | None:
 def secret_matches(presented: str | None) -> bool:
     """Compare with the configured secret in constant time."""
     expected = current_app.config["GATEWAY"].webhook_secret
-    return presented is not None and hmac.compare_digest(presented.encode(), expected.encode())
+    if presented is None:
+        return False
+    # surrogatepass: a JSON body may carry lone surrogates ("\ud800"); they must fail, not crash.
+    return hmac.compare_digest(presented.encode("utf-8", "surrogatepass"), expected.encode())

@@ -82,6 +82,11 @@ class Config:
             "log_level": reader.get("LOG_LEVEL", cls.log_level, _log_level),
         }
         values.update(overrides)
+        if values["health_check_timeout"] >= values["health_check_interval"]:
+            raise ConfigError(
+                f"HEALTH_CHECK_TIMEOUT ({values['health_check_timeout']:g}) must be below "
+                f"HEALTH_CHECK_INTERVAL ({values['health_check_interval']:g}), or sweeps would overlap."
+            )
         return cls(**values)
 
 
@@ -161,6 +166,8 @@ def _parse_base_url(raw: str) -> str:
         raise ValueError("expected an http:// or https:// URL with a host")
     if parts.query or parts.fragment:
         raise ValueError("the URL may not carry a query or fragment")
+    if parts.username or parts.password:
+        raise ValueError("credentials in the URL are not sent by the proxy; remove them")
     return raw.rstrip("/")
 
 
@@ -180,3 +187,11 @@ def _log_level(raw: str) -> str:
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
     return level
+
+
+def parse_bind(raw: str) -> tuple[str, int]:
+    """GATEWAY_BIND as (host, port); raise ConfigError naming the variable when malformed."""
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"GATEWAY_BIND={raw!r} is not valid: expected HOST:PORT, e.g. 127.0.0.1:5000")
+    return host.strip("[]"), int(port)

@@ -24,6 +24,7 @@ BLOCKED_NETWORKS: tuple[Network, ...] = tuple(
     for net in (
         "0.0.0.0/8",
         "169.254.0.0/16",
+        "100.100.100.200/32",  # Alibaba Cloud's metadata service
         "224.0.0.0/4",
         "255.255.255.255/32",
         "fe80::/10",

@@ -6,12 +6,21 @@ while it waits on GPU servers, instead of one OS thread each.
 """
 
 import os
+import resource
 import sys
+
+
+def _connections() -> int:
+    raw = os.environ.get("GATEWAY_WORKER_CONNECTIONS", "2000")
+    if not raw.isdigit() or int(raw) < 1:
+        sys.exit(f"gateway: GATEWAY_WORKER_CONNECTIONS={raw!r} is not valid: expected a positive integer")
+    return int(raw)
+
 
 bind = os.environ.get("GATEWAY_BIND", "127.0.0.1:5000")
 workers = 1
 worker_class = "gevent"
-worker_connections = int(os.environ.get("GATEWAY_WORKER_CONNECTIONS", "2000"))
+worker_connections = _connections()
 timeout = 60  # the gevent worker's heartbeat, not a request limit: streams may last longer
 graceful_timeout = 30
 keepalive = 5
@@ -26,10 +35,26 @@ control_socket_disable = True
 
 
 def on_starting(server):
-    """Refuse to start with a clear message when a setting is missing or bad."""
-    from config import Config, ConfigError
+    """Refuse to start with a clear message when a setting is missing or bad; raise the fd limit."""
+    from config import Config, ConfigError, parse_bind
 
     try:
         Config.from_env()
+        parse_bind(bind)
     except ConfigError as exc:
         sys.exit(f"gateway: {exc}")
+    # Each proxied request holds a client and a backend socket, plus idle pooled ones.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 4 * worker_connections + 256
+    if soft < wanted:
+        new_soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
+        server.log.info("raised the open-file limit from %d to %d", soft, new_soft)
+
+
+def worker_exit(server, worker):
+    """Stop the health job before the interpreter tears down its thread pool."""
+    gateway = sys.modules.get("app")
+    built = getattr(gateway, "__dict__", {}).get("app")
+    if built is not None:
+        built.extensions["gateway_shutdown"]()

@@ -10,7 +10,7 @@ DEMO_DIR="${DEMO_DIR:-.demo}"
 mkdir -p "$DEMO_DIR"
 export GATEWAY_BIND="${GATEWAY_BIND:-127.0.0.1:5000}"
 export BACKEND_SERVERS_FILE="$DEMO_DIR/backend_servers.json" TASK_AFFINITY_FILE="$DEMO_DIR/task_affinity.db"
-export HEALTH_CHECK_INTERVAL="${HEALTH_CHECK_INTERVAL:-5}"
+export HEALTH_CHECK_INTERVAL="${HEALTH_CHECK_INTERVAL:-5}" HEALTH_CHECK_TIMEOUT="${HEALTH_CHECK_TIMEOUT:-2}"
 GATEWAY="http://$GATEWAY_BIND"
 rm -f "$BACKEND_SERVERS_FILE"
 
@@ -19,13 +19,17 @@ cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; w
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# wait_for N: wait until the gateway answers and lists N servers
+# wait_for N: wait until the gateway answers and lists N servers (and give up if it died)
 wait_for() {
-  "$VENV"/bin/python - "$GATEWAY" "$1" <<'PY'
+  "$VENV"/bin/python - "$GATEWAY" "$1" "$gateway_pid" "$DEMO_DIR" <<'PY'
 import json, os, sys, time, urllib.request
-gateway, wanted = sys.argv[1], int(sys.argv[2])
+gateway, wanted, pid, folder = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 request = urllib.request.Request(gateway + "/webhook/servers", headers={"X-Webhook-Secret": os.environ["WEBHOOK_SECRET"]})
 for _ in range(150):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        sys.exit("the gateway stopped:\n" + open(os.path.join(folder, "gateway.log")).read()[-2000:])
     try:
         if json.load(urllib.request.urlopen(request, timeout=2))["data"]["total_servers"] == wanted:
             sys.exit(0)
@@ -36,8 +40,14 @@ sys.exit(f"timed out waiting for the gateway to list {wanted} servers; see the l
 PY
 }
 
+if "$VENV"/bin/python -c 'import socket, sys; h, _, p = sys.argv[1].rpartition(":"); socket.create_connection((h, int(p)), 1)' "$GATEWAY_BIND" 2>/dev/null; then
+  echo "Something already listens on $GATEWAY_BIND (a gateway started with 'make run'?)." >&2
+  echo "Stop it, or pick another address: GATEWAY_BIND=127.0.0.1:5001 make demo" >&2
+  exit 1
+fi
 "$VENV"/bin/gunicorn -c deploy/gunicorn.conf.py app:app >"$DEMO_DIR/gateway.log" 2>&1 &
-pids+=($!)
+gateway_pid=$!
+pids+=("$gateway_pid")
 wait_for 0
 count=0
 for id in B1 B2 B3; do

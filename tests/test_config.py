@@ -4,7 +4,7 @@ import ipaddress
 
 import pytest
 
-from config import Config, ConfigError
+from config import Config, ConfigError, parse_bind
 
 BASE = {"WEBHOOK_SECRET": "s3cret-value"}
 
@@ -78,3 +78,24 @@ def test_parsed_values():
 def test_bad_value_names_the_variable(name, value):
     with pytest.raises(ConfigError, match=name):
         Config.from_env({**BASE, name: value})
+
+
+def test_timeout_must_be_below_the_interval():
+    with pytest.raises(ConfigError, match="HEALTH_CHECK_TIMEOUT"):
+        Config.from_env({**BASE, "HEALTH_CHECK_INTERVAL": "5", "HEALTH_CHECK_TIMEOUT": "5"})
+
+
+def test_credentials_in_the_fallback_url_are_refused():
+    with pytest.raises(ConfigError, match=r"BACKEND_API_BASE.*credentials"):
+        Config.from_env({**BASE, "BACKEND_API_BASE": "http://user:pw@fallback:8000"})
+
+
+@pytest.mark.parametrize(("raw", "parsed"), [("127.0.0.1:5000", ("127.0.0.1", 5000)), ("[::1]:8080", ("::1", 8080))])
+def test_bind_is_parsed(raw, parsed):
+    assert parse_bind(raw) == parsed
+
+
+@pytest.mark.parametrize("raw", ["localhost", ":5000", "host:port", "host:70000", ""])
+def test_bad_bind_names_the_variable(raw):
+    with pytest.raises(ConfigError, match="GATEWAY_BIND"):
+        parse_bind(raw)

@@ -180,3 +180,28 @@ def test_python_app_py_serves(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def test_graceful_stop_logs_no_error(gateway_process, fake_servers):
+    gateway = gateway_process(HEALTH_CHECK_INTERVAL="1", HEALTH_CHECK_TIMEOUT="0.5")
+    register(gateway.url, "B1", fake_servers("B1").port)
+    time.sleep(1.5)  # let a sweep or two run, so the job is live at the stop
+    gateway.kill(sig=15)
+    log = gateway.log()
+    assert "Worker exiting" in log
+    assert " ERROR " not in log
+    assert "Traceback" not in log
+
+
+def test_bad_worker_connections_stop_gunicorn_with_a_clear_message():
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py", "app:app"],
+        cwd=ROOT,
+        env={**os.environ, "WEBHOOK_SECRET": SECRET, "GATEWAY_WORKER_CONNECTIONS": "lots"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    assert "GATEWAY_WORKER_CONNECTIONS='lots' is not valid" in result.stderr
+    assert "Traceback" not in result.stderr

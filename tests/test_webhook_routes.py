@@ -785,3 +785,26 @@ def test_the_ipv6_metadata_address_is_refused(client, app, registered):
     response = register(client, "B1", "fd00:ec2::254", 80)
 
     assert_refused(client, app, registered, response, "ip")
+
+
+def test_a_lone_surrogate_as_secret_is_refused_not_a_crash(client):
+    response = client.post(
+        "/webhook/register",
+        data=b'{"server_id": "B1", "ip": "127.0.0.1", "port": 8000, "secret": "\\ud800"}',
+        content_type="application/json",
+    )
+    assert response.status_code == 401
+
+
+def test_an_encoded_secret_parameter_is_not_accepted(client):
+    # `?%73ecret=` would authenticate while escaping the log redaction, which matches `secret=`.
+    response = client.get("/webhook/servers?%73ecret=" + SECRET)
+    assert response.status_code == 401
+
+
+def test_alibaba_metadata_address_is_refused(client):
+    response = client.post(
+        "/webhook/register", json={"server_id": "B1", "ip": "100.100.100.200", "port": 80, "secret": SECRET}
+    )
+    assert response.status_code == 400
+    assert "ip" in response.get_json()["errors"]

@@ -47,6 +47,7 @@ class BackendServer:
     fail_count: int = 0
     last_check_time: str | None = None
     last_used_time: str | None = None
+    monitor_url: str | None = None  # the host's resource monitor, when it runs one
 
     def __post_init__(self) -> None:
         self.url = server_url(self.ip, self.port)
@@ -72,6 +73,7 @@ class BackendServer:
             fail_count=fail_count if isinstance(fail_count, int) and fail_count >= 0 else 0,
             last_check_time=_optional_str(entry.get("last_check_time")),
             last_used_time=_optional_str(entry.get("last_used_time")),
+            monitor_url=_optional_str(entry.get("monitor_url")),
         )
 
 
@@ -152,11 +154,13 @@ class BackendManager:
 
     # -- changing ------------------------------------------------------------------------
 
-    def register_server(self, server_id: str, ip: str, port: int) -> tuple[BackendServer, bool]:
+    def register_server(
+        self, server_id: str, ip: str, port: int, monitor_url: str | None = None
+    ) -> tuple[BackendServer, bool]:
         """Add a server, or update one's address in place; return it and whether it is new."""
         with self._lock:
             existing = self._servers.get(server_id)
-            server = BackendServer(server_id=server_id, ip=ip, port=port)
+            server = BackendServer(server_id=server_id, ip=ip, port=port, monitor_url=monitor_url)
             if existing is not None:
                 server.last_used_time = existing.last_used_time
             self._servers[server_id] = server  # a known key keeps its place in the order

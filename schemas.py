@@ -7,8 +7,11 @@ import re
 import socket
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
-from marshmallow import Schema, ValidationError, fields, validate, validates
+from marshmallow import Schema, ValidationError, fields, post_load, validate, validates
+
+from backend_manager import server_url
 
 SERVER_ID_PATTERN = re.compile(r"\A[A-Za-z0-9_.-]{1,64}\Z")
 # RFC 1123 host names: labels of 1-63 letters, digits and inner hyphens, 253 characters in all.
@@ -69,6 +72,8 @@ class RegisterSchema(ServerIdSchema):
 
     ip = fields.String(required=True)
     port = Port(required=True)
+    monitor_port = Port(load_default=None)
+    monitor_url = fields.String(load_default=None)
 
     def __init__(self, allowed_networks: Sequence[Network] = (), **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -78,6 +83,27 @@ class RegisterSchema(ServerIdSchema):
     def validate_ip(self, value: str, **kwargs: Any) -> None:
         """An IPv4/IPv6 address or DNS name that is not (and does not resolve to) a blocked address."""
         check_backend_address(value, self.allowed_networks)
+
+    @validates("monitor_url")
+    def validate_monitor_url(self, value: str | None, **kwargs: Any) -> None:
+        """An http(s) URL of the host's resource monitor, held to the same address rules."""
+        if value is None:
+            return
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ValidationError("must be an http:// or https:// URL with a host, e.g. http://10.0.0.5:8006.")
+        if parts.username or parts.password:
+            raise ValidationError("may not carry credentials.")
+        check_backend_address(parts.hostname, self.allowed_networks)
+
+    @post_load
+    def resolve_monitor(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        """Turn monitor_port or monitor_url into one `monitor_url` (or None)."""
+        port, url = data.pop("monitor_port"), data.pop("monitor_url")
+        if port is not None and url is not None:
+            raise ValidationError("give monitor_port or monitor_url, not both.", "monitor_port")
+        data["monitor_url"] = url.rstrip("/") if url else (server_url(data["ip"], port) if port else None)
+        return data
 
 
 def check_backend_address(host: str, allowed_networks: Sequence[Network] = ()) -> None:

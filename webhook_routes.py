@@ -62,18 +62,23 @@ def register() -> Response | tuple[Response, int]:
     if isinstance(data, Response):
         return data
     try:
-        server, created = manager().register_server(data["server_id"], data["ip"], data["port"])
+        server, created = manager().register_server(
+            data["server_id"], data["ip"], data["port"], monitor_url=data["monitor_url"]
+        )
     except PersistError as exc:
         return not_saved(exc)
     verb = "registered" if created else "updated"
-    return jsonify(
-        success=True,
-        message=f"server {server.server_id} {verb}",
-        server_id=server.server_id,
-        ip=server.ip,
-        port=server.port,
-        url=server.url,
-    ), 200
+    reply = {
+        "success": True,
+        "message": f"server {server.server_id} {verb}",
+        "server_id": server.server_id,
+        "ip": server.ip,
+        "port": server.port,
+        "url": server.url,
+    }
+    if server.monitor_url:
+        reply["monitor_url"] = server.monitor_url
+    return jsonify(reply), 200
 
 
 @bp.post("/unregister")

@@ -47,6 +47,7 @@ def test_register_is_saved_before_it_returns(tmp_path):
             "fail_count": 0,
             "last_check_time": None,
             "last_used_time": None,
+            "monitor_url": None,
         }
     ]
 

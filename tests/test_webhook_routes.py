@@ -110,7 +110,7 @@ def test_registered_server_is_listed_with_the_seed_fields(client):
     register(client, "B1", "127.0.0.1", 8000)
 
     (server,) = servers(client)
-    assert set(server) == SEED_SERVER_FIELDS
+    assert set(server) >= SEED_SERVER_FIELDS  # new abilities add fields beside the seed's
     assert server == {
         "server_id": "B1",
         "ip": "127.0.0.1",
@@ -120,6 +120,7 @@ def test_registered_server_is_listed_with_the_seed_fields(client):
         "fail_count": 0,
         "last_check_time": None,
         "last_used_time": None,
+        "monitor_url": None,
     }
 
 
@@ -808,3 +809,46 @@ def test_alibaba_metadata_address_is_refused(client):
     )
     assert response.status_code == 400
     assert "ip" in response.get_json()["errors"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "monitor_url"),
+    [
+        ({"monitor_port": 8006}, "http://127.0.0.1:8006"),
+        ({"monitor_port": "8005"}, "http://127.0.0.1:8005"),
+        ({"monitor_url": "http://localhost:8006/"}, "http://localhost:8006"),
+        ({}, None),
+    ],
+)
+def test_register_with_a_resource_monitor(client, manager, extra, monitor_url):
+    body = {"server_id": "B1", "ip": "127.0.0.1", "port": 8000, "secret": SECRET, **extra}
+    response = client.post("/webhook/register", json=body)
+    assert response.status_code == 200
+    assert response.get_json().get("monitor_url") == monitor_url
+    assert manager.get_server("B1").monitor_url == monitor_url
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"monitor_port": 0}, "monitor_port"),
+        ({"monitor_port": "x"}, "monitor_port"),
+        ({"monitor_url": "ftp://h:1"}, "monitor_url"),
+        ({"monitor_url": "http://169.254.169.254/latest"}, "monitor_url"),
+        ({"monitor_url": "http://u:p@h:1"}, "monitor_url"),
+        ({"monitor_port": 8006, "monitor_url": "http://127.0.0.1:8006"}, "monitor_port"),
+    ],
+)
+def test_bad_monitor_fields_are_refused(client, manager, extra, field):
+    body = {"server_id": "B1", "ip": "127.0.0.1", "port": 8000, "secret": SECRET, **extra}
+    response = client.post("/webhook/register", json=body)
+    assert response.status_code == 400
+    assert field in response.get_json()["errors"]
+    assert manager.get_server("B1") is None
+
+
+def test_re_registering_without_a_monitor_forgets_it(client, manager):
+    body = {"server_id": "B1", "ip": "127.0.0.1", "port": 8000, "secret": SECRET}
+    client.post("/webhook/register", json={**body, "monitor_port": 8006})
+    client.post("/webhook/register", json=body)
+    assert manager.get_server("B1").monitor_url is None

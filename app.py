@@ -13,6 +13,7 @@ from typing import Any
 from flask import Flask, jsonify
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+import admin_routes
 import errors
 import log_redaction
 import proxy
@@ -47,10 +48,13 @@ def create_app(config: Config | None = None) -> Flask:
             config.health_check_path, config.health_check_timeout, config.health_check_concurrency
         ),
     )
+    manager.routing_policy = config.routing_policy
+    manager.load_weights = dict(config.load_score_weights)
     manager.load()
     app.extensions["backend_manager"] = manager
     errors.init_app(app)
     register_webhook_routes(app)
+    admin_routes.init_app(app)
     proxy.init_app(app)
     started = time.time()
     app.add_url_rule(

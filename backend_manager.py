@@ -5,19 +5,29 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from health import HealthChecker, HealthResult, Target
-from routing import SequentialRotation
+from resources import DEFAULT_WEIGHTS, Reading
+from routing import SequentialRotation, choose_by_resources
 from store import JsonFileStore
 
 log = logging.getLogger(__name__)
 
 HEALTH_JOB_ID = "health_check"
+
+
+class Pick(NamedTuple):
+    """A routing decision: the server, or None and whether servers were there but none fit."""
+
+    server: BackendServer | None
+    no_fit: bool
 
 
 class PersistError(RuntimeError):
@@ -97,6 +107,9 @@ class BackendManager:
         self._job_lock = threading.Lock()
         self._scheduler: BackgroundScheduler | None = None
         self._last_sweep: dict[str, Any] = {}
+        self._readings: dict[str, Reading] = {}  # the latest report of each server's monitor
+        self.routing_policy = "round_robin"
+        self.load_weights: dict[str, float] = dict(DEFAULT_WEIGHTS)
         self.configure(store, failure_threshold, health_check_interval, health_checker)
 
     def configure(
@@ -115,14 +128,73 @@ class BackendManager:
     # -- reading -------------------------------------------------------------------------
 
     def get_next_server(self, exclude: frozenset[str] | set[str] = frozenset()) -> BackendServer | None:
-        """The next healthy server in strict rotation (skipping `exclude`), or None."""
+        """The next healthy server by the routing policy (skipping `exclude`), or None."""
+        return self.pick_server(exclude).server
+
+    def pick_server(self, exclude: Collection[str] = frozenset(), required_bytes: int | None = None) -> Pick:
+        """Choose a server; with `required_bytes`, one whose fresh reading shows that much free."""
         with self._lock:
-            server_id = self._rotation.choose(exclude)
+            no_fit = False
+            if required_bytes is None and self.routing_policy == "round_robin":
+                server_id = self._rotation.choose(exclude)  # the O(1) path every plain request takes
+            else:
+                server_id, no_fit = choose_by_resources(
+                    self._rotation,
+                    [s.server_id for s in self._servers.values() if s.is_healthy],
+                    self._fresh_readings(),
+                    exclude,
+                    required_bytes,
+                    self.routing_policy,
+                    self.load_weights,
+                )
             if server_id is None:
-                return None
+                return Pick(None, no_fit)
             server = self._servers[server_id]
             server.last_used_time = now_iso()
-            return replace(server)
+            return Pick(replace(server), False)
+
+    def _summary(self, server_id: str, now: float) -> dict[str, Any] | None:
+        """A server's reading as /webhook/servers shows it; under the lock."""
+        reading = self._readings.get(server_id)
+        return reading.summary(now, self.stale_after) if reading else None
+
+    @property
+    def stale_after(self) -> float:
+        """A reading older than three sweeps is stale and never used for routing."""
+        return 3 * self.health_check_interval
+
+    def _fresh_readings(self) -> dict[str, Reading]:
+        """Readings young enough to route by; under the lock."""
+        oldest = time.monotonic() - self.stale_after
+        return {server_id: r for server_id, r in self._readings.items() if r.received >= oldest}
+
+    def apply_readings(self, readings: list[tuple[str, str, Reading]]) -> None:
+        """Keep each (server_id, monitor_url, reading) whose server still has that monitor."""
+        with self._lock:
+            for server_id, monitor_url, reading in readings:
+                server = self._servers.get(server_id)
+                if server is not None and server.monitor_url == monitor_url:
+                    self._readings[server_id] = reading
+
+    def rankings(self) -> list[dict[str, Any]]:
+        """Healthy and unhealthy servers by load score, lowest first; those without a fresh reading last."""
+        now = time.monotonic()
+        with self._lock:
+            fresh = self._fresh_readings()
+            rows = []
+            for server in self._servers.values():
+                reading = self._readings.get(server.server_id)
+                rows.append(
+                    {
+                        "server_id": server.server_id,
+                        "is_healthy": server.is_healthy,
+                        "score": round(fresh[server.server_id].load_score(self.load_weights), 2)
+                        if server.server_id in fresh
+                        else None,
+                        "resources": reading.summary(now, self.stale_after) if reading else None,
+                    }
+                )
+        return sorted(rows, key=lambda row: (row["score"] is None, row["score"] or 0.0))
 
     def get_server(self, server_id: str) -> BackendServer | None:
         """A copy of one server, or None."""
@@ -142,7 +214,12 @@ class BackendManager:
 
     def get_status(self) -> dict[str, Any]:
         """The seed's `/webhook/servers` data: counts, job state and every server."""
-        servers = [server.to_dict() for server in self.list_servers()]
+        now = time.monotonic()
+        with self._lock:
+            servers = [
+                {**server.to_dict(), "resources": self._summary(server.server_id, now)}
+                for server in self._servers.values()
+            ]
         healthy = sum(1 for server in servers if server["is_healthy"])
         return {
             "total_servers": len(servers),
@@ -164,6 +241,8 @@ class BackendManager:
             if existing is not None:
                 server.last_used_time = existing.last_used_time
             self._servers[server_id] = server  # a known key keeps its place in the order
+            if existing is None or existing.monitor_url != monitor_url:
+                self._readings.pop(server_id, None)
             version = self._changed()
             registered = replace(server)
         self._persist_or_undo(version, server_id, placed=server, previous=existing)
@@ -182,6 +261,7 @@ class BackendManager:
             removed = self._servers.pop(server_id, None)
             if removed is None:
                 return False
+            self._readings.pop(server_id, None)
             version = self._changed()
         self._persist_or_undo(version, server_id, placed=None, previous=removed, order=order)
         log.info("unregistered server %s", server_id)

@@ -9,7 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from resources import DEFAULT_WEIGHTS, parse_weights
+
 T = TypeVar("T")
+ROUTING_POLICIES = ("round_robin", "least_load")
 
 SETUP_HELP = (
     "WEBHOOK_SECRET is not set. The gateway needs the preset secret that GPU servers send "
@@ -46,6 +49,8 @@ class Config:
     allowed_backend_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     trusted_proxy_count: int = 0
     log_level: str = "INFO"
+    routing_policy: str = "round_robin"
+    load_score_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
@@ -80,6 +85,8 @@ class Config:
             "allowed_backend_networks": reader.get("ALLOWED_BACKEND_NETWORKS", cls.allowed_backend_networks, _networks),
             "trusted_proxy_count": reader.get("TRUSTED_PROXY_COUNT", cls.trusted_proxy_count, _integer(0)),
             "log_level": reader.get("LOG_LEVEL", cls.log_level, _log_level),
+            "routing_policy": reader.get("ROUTING_POLICY", cls.routing_policy, _policy),
+            "load_score_weights": reader.get("LOAD_SCORE_WEIGHTS", dict(DEFAULT_WEIGHTS), parse_weights),
         }
         values.update(overrides)
         if values["health_check_timeout"] >= values["health_check_interval"]:
@@ -180,6 +187,12 @@ def _networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, 
             except ValueError:
                 raise ValueError(f"{item.strip()!r} is not a CIDR network") from None
     return tuple(networks)
+
+
+def _policy(raw: str) -> str:
+    if raw not in ROUTING_POLICIES:
+        raise ValueError(f"expected one of {', '.join(ROUTING_POLICIES)}")
+    return raw
 
 
 def _log_level(raw: str) -> str:

@@ -21,6 +21,7 @@ from backend_manager import BackendManager
 from body_limit import read_body
 from config import Config
 from errors import error_response
+from resources import GIB
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ HOP_BY_HOP = frozenset(
 NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
 # Errors of the gateway's own making (out of sockets or memory): they say nothing about the server.
 LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL})
+REQUIRED_MEMORY_HEADER = "X-Required-GPU-Memory-GB"
 JSON_CAPTURE_LIMIT = 1024 * 1024  # a JSON reply up to this size is read whole to find its task_id
 STREAM_CHUNK = 64 * 1024
 
@@ -78,14 +80,21 @@ class Proxy:
             target, segments = request_target(self.config.proxy_prefixes)
         except BadTarget as exc:
             return error_response(400, str(exc))
+        try:
+            required = required_gpu_memory()
+        except ValueError as exc:
+            return error_response(400, str(exc))
         body = read_body(self.config.proxy_max_body_bytes)
         headers = upstream_headers()
         owned = self.affinity.first_owned(task_candidates(segments))
         if owned is not None:
             return self.forward_owned(*owned, target, body, headers)
+        required_bytes = None if required is None else int(required * GIB)
         tried: list[str] = []
         while len(tried) <= self.config.proxy_max_retries:
-            server = self.manager.get_next_server(exclude=set(tried))
+            server, no_fit = self.manager.pick_server(set(tried), required_bytes)
+            if no_fit:
+                return self.unavailable(f"no healthy server has {required:g} GB of GPU memory free under its threshold")
             if server is None:
                 break
             try:
@@ -264,6 +273,20 @@ def request_target(prefixes: tuple[str, ...]) -> tuple[str, list[str]]:
             raise BadTarget("the path may not contain '.' or '..' segments, encoded or not")
     query = request.environ.get("QUERY_STRING", "")
     return (f"{raw_path}?{query}" if query else raw_path), [s for s in segments if s]
+
+
+def required_gpu_memory() -> float | None:
+    """The GB of GPU memory the request asks for in X-Required-GPU-Memory-GB, if any."""
+    raw = request.headers.get(REQUIRED_MEMORY_HEADER)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1_000_000:  # also refuses nan and inf
+        raise ValueError(f"{REQUIRED_MEMORY_HEADER} must be a positive number of GB, not {raw!r}")
+    return value
 
 
 def may_name_task(upstream: urllib3.BaseHTTPResponse) -> bool:

@@ -121,6 +121,7 @@ def test_registered_server_is_listed_with_the_seed_fields(client):
         "last_check_time": None,
         "last_used_time": None,
         "monitor_url": None,
+        "resources": None,
     }
 
 

@@ -234,7 +234,22 @@ class BackendManager:
     def register_server(
         self, server_id: str, ip: str, port: int, monitor_url: str | None = None
     ) -> tuple[BackendServer, bool]:
-        """Add a server, or update one's address in place; return it and whether it is new."""
+        """Add a server, or update one's address in place; return it and whether it is new.
+
+        A new address resets the server's health (the seed's IP change). The same address
+        again is a heartbeat: health is kept, or an agent re-registering every 30 s would
+        hide a dead service from the health checks, and nothing needs writing.
+        """
+        with self._lock:
+            existing = self._servers.get(server_id)
+            if existing is not None and (existing.ip, existing.port, existing.monitor_url) == (ip, port, monitor_url):
+                heartbeat, version = replace(existing), self._version
+            else:
+                heartbeat = None
+        if heartbeat is not None:
+            self._persist(version)  # a no-op unless an earlier save of this state failed
+            log.debug("server %s registered again at %s (unchanged)", server_id, heartbeat.url)
+            return heartbeat, False
         with self._lock:
             existing = self._servers.get(server_id)
             server = BackendServer(server_id=server_id, ip=ip, port=port, monitor_url=monitor_url)
@@ -249,9 +264,9 @@ class BackendManager:
         if existing is None:
             log.info("registered server %s at %s", server_id, registered.url)
         elif existing.url != registered.url:
-            log.info("server %s moved from %s to %s", server_id, existing.url, registered.url)
+            log.info("server %s moved from %s to %s; health reset", server_id, existing.url, registered.url)
         else:
-            log.info("server %s registered again at %s; health reset", server_id, registered.url)
+            log.info("server %s now has monitor %s; health reset", server_id, registered.monitor_url)
         return registered, existing is None
 
     def unregister_server(self, server_id: str) -> bool:

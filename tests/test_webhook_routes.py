@@ -596,17 +596,19 @@ def test_registering_again_moves_the_server_keeps_its_place_and_resets_health(cl
     ]
 
 
-def test_registering_again_at_the_same_address_resets_health(client, manager):
+def test_a_heartbeat_at_the_same_address_keeps_health_and_writes_nothing(client, app, manager):
     register(client, "B1", "127.0.0.1", 9001)
     mark_unhealthy(manager, "B1")
-    assert servers(client)[0]["is_healthy"] is False
+    state_file = Path(app.config["GATEWAY"].backend_servers_file)
+    before = state_file.stat().st_mtime_ns, state_file.read_bytes()
 
-    register(client, "B1", "127.0.0.1", 9001)
+    response = register(client, "B1", "127.0.0.1", 9001)  # an agent's heartbeat
 
+    assert response.status_code == 200
     (server,) = servers(client)
-    assert server["is_healthy"] is True
-    assert server["fail_count"] == 0
-    assert manager.get_next_server().server_id == "B1"
+    assert server["is_healthy"] is False  # a live agent must not hide a dead service
+    assert server["fail_count"] == 3
+    assert (state_file.stat().st_mtime_ns, state_file.read_bytes()) == before
 
 
 # -- unregister ---------------------------------------------------------------------------

@@ -1,0 +1,172 @@
+"""python -m resource_monitor: serve this host's readings, and optionally keep it registered with a gateway."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import threading
+from typing import Any
+from urllib.parse import urlsplit
+
+import click
+from werkzeug.serving import make_server
+
+from resource_monitor.agent import RegistrationAgent
+from resource_monitor.app import close_app, create_app
+from resource_monitor.settings import DEFAULT_PORTS, DEVICE_TYPES, Settings, SettingsError
+
+log = logging.getLogger("resource_monitor")
+
+SERVER_ID_PATTERN = re.compile(r"\A[A-Za-z0-9_.-]{1,64}\Z")  # as the gateway accepts it
+
+EPILOG = """\b
+Settings from the environment (the seed's config.yaml keys):
+  MONITOR_MEMORY_THRESHOLD      percent of RAM a request may fill up to (90)
+  MONITOR_GPU_MEMORY_THRESHOLD  percent of a GPU's memory a request may fill up to (90)
+  MONITOR_CACHE_EXPIRE_TIME     seconds a reading is reused; 0 reads every time (2)
+  MONITOR_DISK_PATH             the disk /resources reports ("/")
+  WEBHOOK_SECRET                the gateway's secret; required with --register-to
+
+\b
+A GPU host joins the fleet with one command, e.g.:
+  WEBHOOK_SECRET=... python -m resource_monitor --device gpu \\
+      --register-to https://gateway.example.com --server-id B1 --service-port 8000
+"""
+
+
+def check_gateway_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Accept only http:// and https:// URLs with a host."""
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise click.BadParameter("must be a URL such as https://gateway.example.com or http://127.0.0.1:5000")
+    return value
+
+
+def check_server_id(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not SERVER_ID_PATTERN.match(value):
+        raise click.BadParameter("must be 1-64 characters of A-Z a-z 0-9 _ . -")
+    return value
+
+
+@click.command(epilog=EPILOG)
+@click.option(
+    "--device",
+    type=click.Choice(DEVICE_TYPES),
+    envvar="MONITOR_DEVICE_TYPE",
+    show_envvar=True,
+    required=True,
+    help="What this host serves with: gpu reads NVML, cpu reads RAM only.",
+)
+@click.option("--host", default="0.0.0.0", envvar="MONITOR_HOST", show_envvar=True, show_default=True)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    envvar="MONITOR_PORT",
+    show_envvar=True,
+    help="Port to listen on [default: 8005 for cpu, 8006 for gpu; 0 picks a free one].",
+)
+@click.option(
+    "--register-to",
+    metavar="GATEWAY_URL",
+    callback=check_gateway_url,
+    help="Register this host's service with the gateway at this URL, and keep it registered.",
+)
+@click.option("--server-id", metavar="ID", callback=check_server_id, help="The id to register, e.g. B1.")
+@click.option(
+    "--service-port",
+    type=click.IntRange(1, 65535),
+    metavar="PORT",
+    help="The port of the GPU service the gateway sends requests to (not the monitor's).",
+)
+@click.option(
+    "--advertise-ip",
+    metavar="ADDRESS",
+    help="The address the gateway should reach this host at [default: the local address routing to the gateway].",
+)
+@click.option(
+    "--heartbeat",
+    type=click.FloatRange(min=1),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Register again this often, so a changed address reaches the gateway.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    default="INFO",
+    envvar="MONITOR_LOG_LEVEL",
+    show_envvar=True,
+    show_default=True,
+)
+def main(
+    device: str,
+    host: str,
+    port: int | None,
+    register_to: str | None,
+    server_id: str | None,
+    service_port: int | None,
+    advertise_ip: str | None,
+    heartbeat: float,
+    log_level: str,
+) -> None:
+    """Serve this host's CPU, memory, disk and GPU readings: /health, /resources and /check."""
+    try:
+        settings = Settings.from_env(device_type=device)
+    except SettingsError as exc:
+        raise click.UsageError(str(exc)) from None
+    agent_options = agent_settings(register_to, server_id, service_port)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if log_level.upper() != "DEBUG":
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per poll
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+
+    port = DEFAULT_PORTS[device] if port is None else port
+    app = create_app(settings)
+    try:
+        server = make_server(host, port, app, threaded=True)
+    except OSError as exc:
+        close_app(app)
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from None
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    log.info("%s monitor listening on http://%s:%d", device, host, server.server_port)
+
+    agent = None
+    if agent_options is not None:
+        agent = RegistrationAgent(
+            **agent_options, monitor_port=server.server_port, advertise_ip=advertise_ip, heartbeat=heartbeat
+        )
+        agent.start()
+    stop.wait()
+    log.info("stopping")
+    if agent is not None:
+        agent.stop()  # leave the fleet while the monitor still answers
+    server.shutdown()
+    server.server_close()
+    close_app(app)
+
+
+def agent_settings(register_to: str | None, server_id: str | None, service_port: int | None) -> dict[str, Any] | None:
+    """The agent's arguments when --register-to is given; a usage error when something it needs is missing."""
+    if register_to is None:
+        if server_id is not None or service_port is not None:
+            raise click.UsageError("--server-id and --service-port are for registering: give --register-to too")
+        return None
+    missing = [flag for flag, value in (("--server-id", server_id), ("--service-port", service_port)) if value is None]
+    if missing:
+        raise click.UsageError(f"--register-to needs {' and '.join(missing)}")
+    secret = os.environ.get("WEBHOOK_SECRET", "")
+    if not secret:
+        raise click.UsageError("WEBHOOK_SECRET must be set to the gateway's secret when --register-to is given")
+    return {"gateway_url": register_to, "secret": secret, "server_id": server_id, "service_port": service_port}
+
+
+if __name__ == "__main__":
+    main()

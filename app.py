@@ -20,6 +20,7 @@ import proxy
 from backend_manager import BackendManager, backend_manager
 from config import Config, ConfigError, parse_bind
 from health import HealthChecker
+from monitor_reader import MonitorReader
 from store import JsonFileStore
 from webhook_routes import register_webhook_routes
 
@@ -47,6 +48,7 @@ def create_app(config: Config | None = None) -> Flask:
         health_checker=HealthChecker(
             config.health_check_path, config.health_check_timeout, config.health_check_concurrency
         ),
+        monitor_reader=MonitorReader(config.health_check_timeout),
     )
     manager.routing_policy = config.routing_policy
     manager.load_weights = dict(config.load_score_weights)

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from health import HealthChecker, HealthResult, Target
+from monitor_reader import MonitorReader, MonitorTarget
 from resources import DEFAULT_WEIGHTS, Reading
 from routing import SequentialRotation, choose_by_resources
 from store import JsonFileStore
@@ -118,12 +119,14 @@ class BackendManager:
         failure_threshold: int = 3,
         health_check_interval: float = 30.0,
         health_checker: HealthChecker | None = None,
+        monitor_reader: MonitorReader | None = None,
     ) -> None:
         """Set where state is saved and how health is checked; call before `load`."""
         self.store = store
         self.failure_threshold = failure_threshold
         self.health_check_interval = health_check_interval
         self.health_checker = health_checker
+        self.monitor_reader = monitor_reader
 
     # -- reading -------------------------------------------------------------------------
 
@@ -413,8 +416,13 @@ class BackendManager:
         try:
             with self._lock:
                 targets = [Target(s.server_id, s.url) for s in self._servers.values()]
+                monitors = [MonitorTarget(s.server_id, s.monitor_url) for s in self._servers.values() if s.monitor_url]
+            reader = self.monitor_reader
+            reading = reader.submit(monitors) if reader is not None and monitors else []
             results = self.health_checker.check_all(targets)
             self.apply_health_results(results)
+            if reader is not None and reading:
+                self.apply_readings(reader.collect(reading))
         except Exception:  # the job must survive anything, or health checking stops for good
             log.exception("health sweep failed")
             return
@@ -463,6 +471,8 @@ class BackendManager:
                 self._scheduler = None
         if self.health_checker is not None:
             self.health_checker.close()
+        if self.monitor_reader is not None:
+            self.monitor_reader.close()
 
 
 def _optional_str(value: Any) -> str | None:

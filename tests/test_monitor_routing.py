@@ -93,11 +93,12 @@ def served(gateway, count: int, required_gb: float) -> list[str]:
 
 
 def test_gateway_routes_by_the_monitors_free_memory(live_gateway, fake_servers, monitors):
-    gateway = live_gateway(health_check_interval=1.0, health_check_timeout=0.5)
+    gateway = live_gateway(health_check_interval=3600.0, health_check_timeout=5.0)  # sweeps run by hand
     small, big = fake_servers("SMALL"), fake_servers("BIG")
     register(gateway, "SMALL", small.port, monitors(24, 20).port)  # 24*0.9-20 = 1.6 GiB usable
     register(gateway, "BIG", big.port, monitors(80, 10).port)  # 80*0.9-10 = 62 GiB usable
-    assert wait_until(lambda: all(s["resources"] for s in listed(gateway).values()))
+    gateway.manager.run_health_sweep()
+    assert all(s["resources"] for s in listed(gateway).values())
 
     fleet = listed(gateway)
     assert fleet["BIG"]["resources"]["gpu_memory_free"] == 70 * GIB
@@ -113,7 +114,7 @@ def test_gateway_routes_by_the_monitors_free_memory(live_gateway, fake_servers, 
 
 
 def test_a_killed_monitor_goes_stale_and_routing_ignores_it(live_gateway, fake_servers, monitors):
-    gateway = live_gateway(health_check_interval=1.0, health_check_timeout=0.5)
+    gateway = live_gateway(health_check_interval=1.0, health_check_timeout=0.9)  # stale after 3 s
     first, second = fake_servers("B1"), fake_servers("B2")
     dying = monitors(80, 0)
     register(gateway, "B1", first.port, dying.port)

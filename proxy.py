@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import sqlite3
@@ -21,6 +20,7 @@ from backend_manager import BackendManager
 from body_limit import read_body
 from config import Config
 from errors import error_response
+from health import LOCAL_ERRNOS
 from resources import GIB
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,6 @@ HOP_BY_HOP = frozenset(
     }
 )
 NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
-# Errors of the gateway's own making (out of sockets or memory): they say nothing about the server.
-LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL})
 REQUIRED_MEMORY_HEADER = "X-Required-GPU-Memory-GB"
 JSON_CAPTURE_LIMIT = 1024 * 1024  # a JSON reply up to this size is read whole to find its task_id
 STREAM_CHUNK = 64 * 1024

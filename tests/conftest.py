@@ -131,6 +131,16 @@ def fake_servers() -> Iterator[Callable[..., FakeGPUServer]]:
             server.stop()
 
 
+def wait_until(condition: Callable[[], object], timeout: float = 10.0) -> bool:
+    """Poll `condition` until it holds or `timeout` passes (a bound, never an assertion of speed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return bool(condition())
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -6,12 +6,11 @@ import importlib.util
 import itertools
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import SECRET
+from conftest import SECRET, wait_until
 from werkzeug.serving import make_server
 
 from resource_monitor.app import close_app, create_app
@@ -73,15 +72,6 @@ def register(gateway, server_id: str, port: int, monitor_port: int | None) -> No
 def listed(gateway) -> dict[str, dict]:
     reply = requests.get(gateway.url + "/webhook/servers", headers={"X-Webhook-Secret": SECRET}, timeout=5)
     return {server["server_id"]: server for server in reply.json()["data"]["servers"]}
-
-
-def wait_until(condition, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
 
 
 def served(gateway, count: int, required_gb: float) -> list[str]:

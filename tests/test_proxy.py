@@ -8,22 +8,11 @@ import os
 import socket
 import sqlite3
 import threading
-import time
 
 import pytest
 import requests
-from conftest import SECRET
+from conftest import SECRET, wait_until
 from urllib3.exceptions import NewConnectionError
-
-
-def wait_until(condition, timeout: float = 10.0) -> bool:
-    """Poll `condition` until it holds or `timeout` passes (a bound, never an assertion of speed)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 @pytest.fixture

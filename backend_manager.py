@@ -184,19 +184,17 @@ class BackendManager:
         now = time.monotonic()
         with self._lock:
             fresh = self._fresh_readings()
-            rows = []
-            for server in self._servers.values():
-                reading = self._readings.get(server.server_id)
-                rows.append(
-                    {
-                        "server_id": server.server_id,
-                        "is_healthy": server.is_healthy,
-                        "score": round(fresh[server.server_id].load_score(self.load_weights), 2)
-                        if server.server_id in fresh
-                        else None,
-                        "resources": reading.summary(now, self.stale_after) if reading else None,
-                    }
-                )
+            rows = [
+                {
+                    "server_id": server.server_id,
+                    "is_healthy": server.is_healthy,
+                    "score": round(fresh[server.server_id].load_score(self.load_weights), 2)
+                    if server.server_id in fresh
+                    else None,
+                    "resources": self._summary(server.server_id, now),
+                }
+                for server in self._servers.values()
+            ]
         return sorted(rows, key=lambda row: (row["score"] is None, row["score"] or 0.0))
 
     def get_server(self, server_id: str) -> BackendServer | None:

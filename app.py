@@ -7,16 +7,17 @@ import logging
 import os
 import sys
 import threading
-import time
 from typing import Any
 
-from flask import Flask, jsonify
+from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import admin_routes
 import errors
 import log_redaction
+import metrics
 import proxy
+import status_routes
 from backend_manager import BackendManager, backend_manager
 from config import Config, ConfigError, parse_bind
 from health import HealthChecker
@@ -55,13 +56,11 @@ def create_app(config: Config | None = None) -> Flask:
     manager.load()
     app.extensions["backend_manager"] = manager
     errors.init_app(app)
+    status_routes.init_app(app, __version__)
+    metrics.init_app(app, manager)
     register_webhook_routes(app)
     admin_routes.init_app(app)
     proxy.init_app(app)
-    started = time.time()
-    app.add_url_rule(
-        "/health", "health", lambda: jsonify(status="ok", version=__version__, uptime_s=round(time.time() - started, 1))
-    )
 
     def shutdown() -> None:
         manager.shutdown()

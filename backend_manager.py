@@ -109,6 +109,7 @@ class BackendManager:
         self._scheduler: BackgroundScheduler | None = None
         self._last_sweep: dict[str, Any] = {}
         self._readings: dict[str, Reading] = {}  # the latest report of each server's monitor
+        self.observers: list[Any] = []  # told server_removed(id) and health_checked(results, seconds)
         self.routing_policy = "round_robin"
         self.load_weights: dict[str, float] = dict(DEFAULT_WEIGHTS)
         self.configure(store, failure_threshold, health_check_interval, health_checker)
@@ -280,6 +281,8 @@ class BackendManager:
             self._readings.pop(server_id, None)
             version = self._changed()
         self._persist_or_undo(version, server_id, placed=None, previous=removed, order=order)
+        for observer in self.observers:
+            observer.server_removed(server_id)
         log.info("unregistered server %s", server_id)
         return True
 
@@ -425,6 +428,8 @@ class BackendManager:
             log.exception("health sweep failed")
             return
         seconds = (datetime.now(UTC) - started).total_seconds()
+        for observer in self.observers:
+            observer.health_checked(results, seconds)
         failed = sum(1 for result in results if not result.ok)
         self._last_sweep = {"time": started.isoformat(timespec="seconds"), "duration_s": seconds}
         log.info("health sweep: %d servers, %d failed, %.2fs", len(results), failed, seconds)

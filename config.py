@@ -49,6 +49,7 @@ class Config:
     allowed_backend_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     trusted_proxy_count: int = 0
     log_level: str = "INFO"
+    metrics_token: str = field(default="", repr=False)
     routing_policy: str = "round_robin"
     load_score_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
 
@@ -85,6 +86,7 @@ class Config:
             "allowed_backend_networks": reader.get("ALLOWED_BACKEND_NETWORKS", cls.allowed_backend_networks, _networks),
             "trusted_proxy_count": reader.get("TRUSTED_PROXY_COUNT", cls.trusted_proxy_count, _integer(0)),
             "log_level": reader.get("LOG_LEVEL", cls.log_level, _log_level),
+            "metrics_token": reader.get("METRICS_TOKEN", "", _nonempty),
             "routing_policy": reader.get("ROUTING_POLICY", cls.routing_policy, _policy),
             "load_score_weights": reader.get("LOAD_SCORE_WEIGHTS", dict(DEFAULT_WEIGHTS), parse_weights),
         }

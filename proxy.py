@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import time
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +22,7 @@ from body_limit import read_body
 from config import Config
 from errors import error_response
 from health import LOCAL_ERRNOS
+from metrics import NO_SERVER, GatewayMetrics
 from resources import GIB
 
 log = logging.getLogger(__name__)
@@ -64,10 +66,13 @@ class BadTarget(Exception):
 class Proxy:
     """Forwards requests to the fleet with failover, fallback and task affinity."""
 
-    def __init__(self, config: Config, manager: BackendManager, affinity: TaskAffinity) -> None:
+    def __init__(
+        self, config: Config, manager: BackendManager, affinity: TaskAffinity, metrics: GatewayMetrics
+    ) -> None:
         self.config = config
         self.manager = manager
         self.affinity = affinity
+        self.metrics = metrics
         self.timeout = urllib3.Timeout(connect=config.proxy_connect_timeout, read=config.proxy_read_timeout)
         self.pool = urllib3.PoolManager(num_pools=1024, maxsize=config.proxy_pool_maxsize, block=False, retries=False)
         self.retry_after = str(int(config.health_check_interval))
@@ -96,7 +101,7 @@ class Proxy:
             if server is None:
                 break
             try:
-                upstream = self.send(server.url, target, body, headers)
+                upstream = self.send(server.url, server.server_id, target, body, headers)
             except UpstreamFailed as exc:
                 if exc.local:
                     return self.overloaded(exc)
@@ -105,8 +110,11 @@ class Proxy:
                 if exc.sent and (exc.timed_out or request.method not in IDEMPOTENT_METHODS):
                     return upstream_error(server.server_id, exc)
                 tried.append(server.server_id)
+                self.metrics.retries.labels(server.server_id).inc()
                 log.warning("server %s failed (%s); trying another", server.server_id, exc)
                 continue
+            if tried:
+                self.metrics.failovers.inc()
             return self.respond(upstream, server.server_id)
         return self.forward_fallback(target, body, headers, tried)
 
@@ -121,7 +129,7 @@ class Proxy:
             state = "is no longer registered" if server is None else "is unhealthy"
             return self.unavailable(f"server {owner}, which owns task {task_id}, {state}")
         try:
-            upstream = self.send(server.url, target, body, headers)
+            upstream = self.send(server.url, owner, target, body, headers)
         except UpstreamFailed as exc:
             if exc.local:
                 return self.overloaded(exc)
@@ -145,7 +153,7 @@ class Proxy:
     ) -> Response:
         """Forward once, with no failover."""
         try:
-            upstream = self.send(base_url, target, body, headers)
+            upstream = self.send(base_url, label, target, body, headers)
         except UpstreamFailed as exc:
             return self.overloaded(exc) if exc.local else upstream_error(label, exc)
         return self.respond(upstream, label, known_task)
@@ -159,7 +167,18 @@ class Proxy:
         log.error("gateway could not open a connection: %s", exc)
         return error_response(503, f"the gateway is overloaded: {exc}", headers={"Retry-After": "1"})
 
-    def send(self, base_url: str, target: str, body: bytes, headers: dict[str, str]) -> urllib3.BaseHTTPResponse:
+    def send(
+        self, base_url: str, label: str, target: str, body: bytes, headers: dict[str, str]
+    ) -> urllib3.BaseHTTPResponse:
+        """Send the request upstream, counted in flight until `respond`'s reply closes."""
+        self.metrics.in_flight.labels(display(label)).inc()
+        try:
+            return self._send(base_url, target, body, headers)
+        except UpstreamFailed:
+            self.metrics.in_flight.labels(display(label)).dec()
+            raise
+
+    def _send(self, base_url: str, target: str, body: bytes, headers: dict[str, str]) -> urllib3.BaseHTTPResponse:
         """Send the request upstream; the response body is left unread for streaming."""
         try:
             return self.pool.urlopen(
@@ -184,9 +203,15 @@ class Proxy:
             raise UpstreamFailed(f"connection broken: {_reason(exc)}", sent=True) from exc
 
     def respond(self, upstream: urllib3.BaseHTTPResponse, label: str, known_task: str = "") -> Response:
+        """The client's response; the request stops counting in flight when it closes."""
+        response = self._respond(upstream, label, known_task)
+        response.call_on_close(self.metrics.in_flight.labels(display(label)).dec)
+        return response
+
+    def _respond(self, upstream: urllib3.BaseHTTPResponse, label: str, known_task: str) -> Response:
         """Build the client's response: streamed, or read whole when it may name a new task."""
         headers = downstream_headers(upstream)
-        headers.append(("X-Backend-Server", "fallback" if label == FALLBACK_OWNER else label))
+        headers.append(("X-Backend-Server", display(label)))
         first = b""
         if may_name_task(upstream):
             try:
@@ -205,7 +230,9 @@ class Proxy:
                 self.remember_task(first, upstream.headers.get("Content-Encoding", ""), label, known_task)
                 return Response(first, status=upstream.status, headers=headers)
         body = UpstreamBody(upstream, first, has_body=request.method != "HEAD" and upstream.status not in (204, 304))
-        return Response(body, status=upstream.status, headers=headers, direct_passthrough=True)
+        # Not direct_passthrough: werkzeug would hand the body on unwrapped and never call
+        # Response.close(), so call_on_close callbacks (the in-flight count) would not run.
+        return Response(body, status=upstream.status, headers=headers)
 
     def remember_task(self, payload: bytes, encoding: str, owner: str, known_task: str) -> None:
         """Record the owner of a task id found in a JSON reply, before the reply is sent."""
@@ -331,6 +358,11 @@ def downstream_headers(upstream: urllib3.BaseHTTPResponse) -> list[tuple[str, st
     return [(name, value) for name, value in upstream.headers.iteritems() if name.lower() not in dropped]
 
 
+def display(label: str) -> str:
+    """The server label users and metrics see: the fallback backend is `fallback`."""
+    return "fallback" if label == FALLBACK_OWNER else label
+
+
 def upstream_error(label: str, exc: UpstreamFailed) -> Response:
     """502 for a refused or broken upstream, 504 for one that timed out."""
     return error_response(504 if exc.timed_out else 502, f"backend {label}: {exc}")
@@ -364,9 +396,14 @@ def _reason(exc: BaseException) -> str:
 
 
 def proxy_view(path: str = "") -> Response:
-    """The view behind every proxied prefix."""
+    """The view behind every proxied prefix; each request is counted once, when it ends."""
     proxy: Proxy = current_app.extensions["proxy"]
-    return proxy.handle()
+    started, method = time.perf_counter(), request.method
+    response = proxy.handle()
+    server = response.headers.get("X-Backend-Server", NO_SERVER)
+    status = response.status_code
+    response.call_on_close(lambda: proxy.metrics.request_done(server, method, status, time.perf_counter() - started))
+    return response
 
 
 def init_app(app: Flask) -> None:
@@ -374,7 +411,7 @@ def init_app(app: Flask) -> None:
     config: Config = app.config["GATEWAY"]
     affinity = TaskAffinity(config.task_affinity_file, ttl=config.task_affinity_ttl)
     app.extensions["task_affinity"] = affinity
-    app.extensions["proxy"] = Proxy(config, app.extensions["backend_manager"], affinity)
+    app.extensions["proxy"] = Proxy(config, app.extensions["backend_manager"], affinity, app.extensions["metrics"])
     # The raw target is checked and forwarded as sent, so Flask must not redirect or merge slashes.
     app.url_map.converters["anypath"] = AnyPathConverter
     options: dict[str, Any] = {"methods": METHODS, "strict_slashes": False, "merge_slashes": False}

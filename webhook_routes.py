@@ -23,6 +23,20 @@ def manager() -> BackendManager:
     return current_app.extensions["backend_manager"]
 
 
+RESULTS = {200: "ok", 400: "invalid", 401: "bad_secret", 404: "unknown", 413: "invalid", 503: "not_saved"}
+
+
+@bp.after_request
+def count_result(response: Response) -> Response:
+    """Count register and unregister calls by result, whichever path answered them."""
+    counters = {"webhook.register": "registrations", "webhook.unregister": "unregistrations"}
+    name = counters.get(request.endpoint or "")
+    if name is not None:
+        counter = getattr(current_app.extensions["metrics"], name)
+        counter.labels(RESULTS.get(response.status_code, "error")).inc()
+    return response
+
+
 def json_body() -> dict[str, Any] | Response:
     """The request's JSON object, or a 400 reply saying what is wrong with it."""
     read_body(MAX_BODY_BYTES)  # webhook bodies are small: 413 for a larger one, chunked too

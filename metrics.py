@@ -1,0 +1,135 @@
+"""Prometheus metrics of the gateway (prometheus_client), and the /metrics endpoint."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from flask import Blueprint, Flask, Response, current_app, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from errors import error_response
+
+if TYPE_CHECKING:
+    from backend_manager import BackendManager
+    from health import HealthResult
+
+bp = Blueprint("metrics", __name__)
+NO_SERVER = "none"  # the server label of a request no server answered
+
+
+class FleetCollector(Collector):
+    """Up/down and counts, read from the manager at scrape time: a server that leaves is gone."""
+
+    def __init__(self, manager: BackendManager) -> None:
+        self.manager = manager
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        servers = self.manager.list_servers()
+        up = GaugeMetricFamily("gateway_server_up", "1 if the server is healthy, 0 if not", labels=["server"])
+        for server in servers:
+            up.add_metric([server.server_id], 1.0 if server.is_healthy else 0.0)
+        yield up
+        yield GaugeMetricFamily("gateway_servers_registered", "Registered servers", value=len(servers))
+        yield GaugeMetricFamily(
+            "gateway_servers_healthy", "Healthy servers", value=sum(1 for s in servers if s.is_healthy)
+        )
+
+
+class GatewayMetrics:
+    """Every metric of one gateway, on its own registry (a fresh one per app, so per test)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "gateway_requests", "Proxied requests by server, method and status class",
+            ["server", "method", "status_class"], registry=r,
+        )  # fmt: skip
+        self.duration = Histogram(
+            "gateway_request_duration_seconds", "Time to the last byte of a proxied request", ["server"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge("gateway_requests_in_flight", "Requests open to each server", ["server"], registry=r)
+        self.health_checks = Counter(
+            "gateway_health_checks", "Health checks by server and result", ["server", "result"], registry=r
+        )
+        self.sweep_duration = Histogram(
+            "gateway_health_sweep_duration_seconds", "Time one health sweep takes",
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 20, 30, 60), registry=r,
+        )  # fmt: skip
+        self.registrations = Counter("gateway_registrations", "Register calls by result", ["result"], registry=r)
+        self.unregistrations = Counter("gateway_unregistrations", "Unregister calls by result", ["result"], registry=r)
+        self.retries = Counter(
+            "gateway_proxy_retries", "Attempts that failed and moved on, by server", ["server"], registry=r
+        )
+        self.failovers = Counter(
+            "gateway_proxy_failovers", "Requests answered by a server other than the first tried", registry=r
+        )
+        self.fallback = Counter("gateway_fallback_requests", "Requests answered by BACKEND_API_BASE", registry=r)
+        self.no_server = Counter("gateway_no_server_responses", "503s for want of a server", registry=r)
+
+    def watch(self, manager: BackendManager) -> None:
+        """Collect the fleet gauges from `manager` and hear of sweeps and departures."""
+        self.registry.register(FleetCollector(manager))
+        manager.observers.append(self)
+
+    # -- what the manager tells ----------------------------------------------------------
+
+    def health_checked(self, results: list[HealthResult], seconds: float) -> None:
+        """A sweep finished."""
+        self.sweep_duration.observe(seconds)
+        for result in results:
+            self.health_checks.labels(result.server_id, "ok" if result.ok else "fail").inc()
+
+    def server_removed(self, server_id: str) -> None:
+        """Drop every series of a server that left."""
+        for metric in (self.requests, self.duration, self.in_flight, self.health_checks, self.retries):
+            metric.remove_by_labels({"server": server_id})
+
+    # -- what the proxy tells ------------------------------------------------------------
+
+    def request_done(self, server: str, method: str, status: int, seconds: float) -> None:
+        """One proxied request ended (its last byte went out, or the client left)."""
+        self.requests.labels(server, method, f"{status // 100}xx").inc()
+        self.duration.labels(server).observe(seconds)
+        if server == "fallback":
+            self.fallback.inc()
+        elif server == NO_SERVER and status == 503:
+            self.no_server.inc()
+
+    def total_requests(self) -> dict[str, float]:
+        """Proxied requests so far by status class, for /status."""
+        totals: dict[str, float] = {}
+        for family in self.requests.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    status_class = sample.labels["status_class"]
+                    totals[status_class] = totals.get(status_class, 0.0) + sample.value
+        return totals
+
+
+@bp.get("/metrics")
+def scrape() -> Response:
+    """The Prometheus exposition; behind a bearer token when METRICS_TOKEN is set."""
+    token = current_app.config["GATEWAY"].metrics_token
+    if token:
+        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            presented.strip().encode("utf-8", "surrogatepass"), token.encode()
+        ):
+            return error_response(401, "missing or invalid metrics token (Authorization: Bearer <METRICS_TOKEN>)")
+    metrics: GatewayMetrics = current_app.extensions["metrics"]
+    return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+
+
+def init_app(app: Flask, manager: BackendManager) -> GatewayMetrics:
+    """Create the app's metrics, watch its manager and add /metrics."""
+    metrics = GatewayMetrics()
+    metrics.watch(manager)
+    app.extensions["metrics"] = metrics
+    app.register_blueprint(bp)
+    return metrics

@@ -1,0 +1,53 @@
+"""The gateway's own liveness (/health, open) and the operator's summary (/status, secret)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, jsonify
+
+from auth import presented_secret, secret_matches
+from errors import error_response
+
+bp = Blueprint("status", __name__)
+
+
+@bp.get("/health")
+def health() -> Response:
+    """200 while the gateway serves; no secret, no server data."""
+    return jsonify(status="ok", version=current_app.config["GATEWAY_VERSION"], uptime_s=_uptime())
+
+
+@bp.get("/status")
+def status() -> Response:
+    """Version, uptime, policy, the health job, server counts and request totals."""
+    if not secret_matches(presented_secret()):
+        return error_response(401, "missing or invalid secret (send it in X-Webhook-Secret or as a Bearer token)")
+    manager = current_app.extensions["backend_manager"]
+    fleet = manager.get_status()
+    by_class = current_app.extensions["metrics"].total_requests()
+    data: dict[str, Any] = {
+        "version": current_app.config["GATEWAY_VERSION"],
+        "uptime_s": _uptime(),
+        "routing_policy": current_app.config["GATEWAY"].routing_policy,
+        "health_check": {
+            "running": fleet["health_check_running"],
+            "interval_s": manager.health_check_interval,
+            "last_sweep": manager.last_sweep or None,
+        },
+        "servers": {key: fleet[key] for key in ("total_servers", "healthy_servers", "unhealthy_servers")},
+        "requests": {"total": sum(by_class.values()), "by_status_class": by_class},
+    }
+    return jsonify(success=True, data=data)
+
+
+def _uptime() -> float:
+    return round(time.monotonic() - current_app.config["GATEWAY_STARTED"], 1)
+
+
+def init_app(app: Flask, version: str) -> None:
+    """Add /health and /status."""
+    app.config["GATEWAY_VERSION"] = version
+    app.config["GATEWAY_STARTED"] = time.monotonic()
+    app.register_blueprint(bp)

@@ -234,6 +234,26 @@ def list_servers(gateway: Gateway, as_json: bool) -> None:
     click.echo(summarize(data, len(servers)))
 
 
+@cli.command("status", epilog=EPILOG)
+@click.option("--json", "as_json", is_flag=True, help="Print the gateway's raw JSON reply.")
+@gateway_options
+def show_status(gateway: Gateway, as_json: bool) -> None:
+    """Show the gateway's version, uptime, health job, server counts and request totals."""
+    reply = gateway.call("GET", "/status")
+    if as_json:
+        click.echo(json.dumps(reply, indent=2, ensure_ascii=False))
+        return
+    data = reply.get("data") or {}
+    check, servers, totals = data.get("health_check") or {}, data.get("servers") or {}, data.get("requests") or {}
+    sweep = check.get("last_sweep") or {}
+    last = f"last sweep {sweep['time']} took {sweep['duration_s']:.2f} s" if sweep else "no sweep yet"
+    by_class = ", ".join(f"{name} {count:g}" for name, count in sorted((totals.get("by_status_class") or {}).items()))
+    click.echo(f"version {data.get('version')}, up {data.get('uptime_s')} s, routing {data.get('routing_policy')}")
+    click.echo(summarize({**servers, "health_check_running": check.get("running")}, 0))
+    click.echo(last)
+    click.echo(f"{totals.get('total', 0):g} requests proxied" + (f" ({by_class})" if by_class else ""))
+
+
 COLUMNS = ("ID", "ADDRESS", "HEALTH", "FAILS", "LAST CHECK", "LAST USED")
 
 

@@ -337,3 +337,25 @@ def test_field_messages(errors, lines):
 def test_table_brackets_ipv6_and_shows_never():
     server = {"server_id": "B6", "ip": "::1", "port": 8000, "is_healthy": True, "fail_count": 0}
     assert b_client.server_row(server) == ("B6", "[::1]:8000", "healthy", "0", "never", "never")
+
+
+def test_status_summarises_the_gateway(live_gateway, fake_servers):
+    gateway = live_gateway()
+    gateway.register(fake_servers("B1"))
+    gateway.manager.run_health_sweep()
+    result = run_cli("status", "--gateway", gateway.url)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("version ")
+    assert "routing round_robin" in lines[0]
+    assert lines[1] == "1 server: 1 healthy, 0 unhealthy; health checks running"
+    assert lines[2].startswith("last sweep ")
+    assert lines[3] == "0 requests proxied"
+    as_json = run_cli("status", "--gateway", gateway.url, "--json")
+    assert json.loads(as_json.stdout)["data"]["servers"]["total_servers"] == 1
+
+
+def test_status_with_a_wrong_secret_fails(live_gateway):
+    result = run_cli("status", "--gateway", live_gateway().url, secret=WRONG_SECRET)
+    assert result.returncode == 1
+    assert "error 401" in result.stderr

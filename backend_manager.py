@@ -59,6 +59,7 @@ class BackendServer:
     last_check_time: str | None = None
     last_used_time: str | None = None
     monitor_url: str | None = None  # the host's resource monitor, when it runs one
+    health_changed_time: str | None = None  # when is_healthy last changed (or registration)
 
     def __post_init__(self) -> None:
         self.url = server_url(self.ip, self.port)
@@ -85,6 +86,7 @@ class BackendServer:
             last_check_time=_optional_str(entry.get("last_check_time")),
             last_used_time=_optional_str(entry.get("last_used_time")),
             monitor_url=_optional_str(entry.get("monitor_url")),
+            health_changed_time=_optional_str(entry.get("health_changed_time")),
         )
 
 
@@ -254,7 +256,9 @@ class BackendManager:
             return heartbeat, False
         with self._lock:
             existing = self._servers.get(server_id)
-            server = BackendServer(server_id=server_id, ip=ip, port=port, monitor_url=monitor_url)
+            server = BackendServer(
+                server_id=server_id, ip=ip, port=port, monitor_url=monitor_url, health_changed_time=now_iso()
+            )
             if existing is not None:
                 server.last_used_time = existing.last_used_time
             self._servers[server_id] = server  # a known key keeps its place in the order
@@ -342,6 +346,7 @@ class BackendManager:
                     if server.fail_count >= self.failure_threshold:
                         server.is_healthy = False
                 if server.is_healthy != was_healthy:
+                    server.health_changed_time = now
                     transitions.append((server.server_id, server.is_healthy, result.detail))
                 elif server.is_healthy and server.fail_count != old_fails:
                     transitions.append((server.server_id, None, result.detail))

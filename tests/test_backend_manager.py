@@ -37,7 +37,9 @@ def test_register_is_saved_before_it_returns(tmp_path):
     server, created = manager.register_server("B1", "192.168.1.100", 8000)
     assert created
     assert server.url == "http://192.168.1.100:8000"
-    assert stored(tmp_path) == [
+    (entry,) = stored(tmp_path)
+    assert entry.pop("health_changed_time") == server.health_changed_time is not None
+    assert [entry] == [
         {
             "server_id": "B1",
             "ip": "192.168.1.100",
@@ -328,3 +330,15 @@ def test_undoing_an_unregister_keeps_servers_registered_meanwhile(tmp_path, monk
     in_memory = [s.server_id for s in manager.list_servers()]
     assert "Z" in in_memory
     assert [entry["server_id"] for entry in stored(tmp_path)] == in_memory
+
+
+def test_the_time_of_the_last_health_change_is_kept(tmp_path):
+    manager = make_manager(tmp_path)
+    manager.register_server("B1", "127.0.0.1", 9000)
+    registered_at = manager.get_server("B1").health_changed_time
+    fail(manager, "B1", times=2)
+    assert manager.get_server("B1").health_changed_time == registered_at  # still healthy: no change
+    fail(manager, "B1")
+    changed = manager.get_server("B1").health_changed_time
+    assert changed is not None and changed >= registered_at
+    assert make_manager(tmp_path).get_server("B1").health_changed_time == changed

@@ -9,14 +9,18 @@ import logging
 import socket
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 64 * 1024  # the status decides; the body is read only to finish the exchange
-# Errors of the gateway's own making (out of sockets or memory): they say nothing about a server.
+MAX_BODY_BYTES = 64 * 1024  # a health answer is small; never hold a whole large body in memory
+WATCH_INTERVAL_S = 0.05  # how often overdue checks are aborted: the most a check can overrun its deadline
+USER_AGENT = "gpu-gateway-health-check"
+
+# The gateway's own trouble (out of descriptors, buffers, memory or local ports): such an error
+# says nothing about the server, so it must not count against it.
 LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL})
 
 
@@ -38,105 +42,192 @@ class HealthResult:
     detail: str
 
 
-class GatewayFault(Exception):
-    """The gateway itself could not make the check."""
+class NotChecked(Exception):
+    """The gateway itself could not make a check (or was closing); it says nothing about the server."""
+
+
+@dataclass(eq=False)
+class _Call:
+    """One check: when it started, its socket once connected, and how it ended."""
+
+    started: float
+    sock: socket.socket | None = None
+    ended: str | None = None  # None while in flight; then "done", or aborted at the "deadline" or for "closing"
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
 class HealthChecker:
-    """Checks many servers at once; a sweep takes about one timeout, however many hang or drip."""
+    """Checks many servers at once; a sweep takes about one timeout, however many hang."""
 
     def __init__(self, path: str = "/health", timeout: float = 5.0, concurrency: int = 256) -> None:
         self.path = path
         self.timeout = timeout
         self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="health-check")
         self._lock = threading.Lock()
-        self._in_flight: dict[int, tuple[float, http.client.HTTPConnection]] = {}  # id -> (deadline, conn)
-        self._cut: set[int] = set()
+        self._calls: set[_Call] = set()
 
     def check_all(self, targets: list[Target]) -> list[HealthResult]:
-        """Check every target in parallel; one result per target that could be checked.
+        """Check every target in parallel and return one result, in order, per target that could be checked.
 
-        Checks the gateway itself could not make (no file descriptors left, say) are left
-        out, so they count neither for nor against a server.
+        Results for checks the gateway itself could not make (it ran out of file descriptors,
+        memory or local ports, or it was closing) are left out, so they count neither way.
         """
-        try:
-            futures = [self._executor.submit(self.check, target) for target in targets]
-        except RuntimeError:  # the executor is shut down: the gateway is stopping
-            log.debug("health checker closed; sweep skipped")
-            return []
-        pending: set[Future[HealthResult]] = set(futures)
-        while pending:
-            _, pending = wait(pending, timeout=min(0.25, self.timeout / 4), return_when=FIRST_COMPLETED)
-            self._cut_overdue()
-        results, local = [], 0
-        for future in futures:
-            if isinstance(future.exception(), GatewayFault):
-                local += 1
-            else:
-                results.append(future.result())
-        if local:
-            log.warning("%d health checks could not be made by the gateway itself (out of sockets?)", local)
+        outcomes = self._run(targets)
+        results = [outcome for outcome in outcomes if isinstance(outcome, HealthResult)]
+        skipped = [outcome for outcome in outcomes if isinstance(outcome, NotChecked)]
+        if skipped:
+            log.warning(
+                "health sweep: %d of %d servers could not be checked, through no fault of theirs: %s",
+                len(skipped),
+                len(targets),
+                skipped[0],
+            )
         return results
 
     def check(self, target: Target) -> HealthResult:
-        """GET the target's health path; any 2xx answer within the deadline is healthy."""
-        parts = urlsplit(target.url)
-        connection = http.client.HTTPConnection(parts.hostname or "", parts.port or 80, timeout=self.timeout)
-        key = id(connection)
-        with self._lock:
-            self._in_flight[key] = (time.monotonic() + self.timeout, connection)
-        response: http.client.HTTPResponse | None = None
-        failure: BaseException | None = None
-        try:
-            connection.request("GET", self.path, headers={"User-Agent": "gpu-gateway-health-check"})
-            response = connection.getresponse()
-            response.read(MAX_BODY_BYTES)
-        except (OSError, http.client.HTTPException) as exc:
-            failure = exc
-        finally:
-            if response is not None:
-                response.close()
-            connection.close()
-            with self._lock:
-                self._in_flight.pop(key, None)
-                was_cut = key in self._cut
-                self._cut.discard(key)
-        # A cut socket can look like a clean end of headers to http.client: the cut decides.
-        if was_cut or isinstance(failure, TimeoutError):
-            return HealthResult(target.server_id, target.url, False, "timed out")
-        if isinstance(failure, OSError) and failure.errno in LOCAL_ERRNOS:
-            raise GatewayFault(str(failure)) from failure
-        if failure is not None or response is None:
-            return HealthResult(target.server_id, target.url, False, f"unreachable: {_short_reason(failure)}")
-        ok = 200 <= response.status < 300
-        return HealthResult(target.server_id, target.url, ok, f"HTTP {response.status}")
-
-    def _cut_overdue(self) -> None:
-        """Shut the sockets of checks past their deadline; a server that drips bytes cannot hold one."""
-        now = time.monotonic()
-        with self._lock:
-            overdue = [(key, conn) for key, (deadline, conn) in self._in_flight.items() if deadline <= now]
-            self._cut.update(key for key, _ in overdue)
-        for _, connection in overdue:
-            _shut(connection)
+        """Check one target under the same hard deadline; raise NotChecked if the gateway could not."""
+        outcomes = self._run([target])
+        if not outcomes:
+            raise NotChecked("the health checker is closed")
+        outcome = outcomes[0]
+        if isinstance(outcome, NotChecked):
+            raise outcome
+        return outcome
 
     def close(self) -> None:
-        """Stop the worker threads and cut checks in flight."""
+        """Stop the worker threads and abort the checks in flight."""
         self._executor.shutdown(wait=False, cancel_futures=True)
         with self._lock:
-            connections = [conn for _, conn in self._in_flight.values()]
-        for connection in connections:
-            _shut(connection)
+            calls = list(self._calls)
+        for call in calls:
+            _abort(call, "closing")
+
+    # -- running the checks ----------------------------------------------------------------
+
+    def _run(self, targets: list[Target]) -> list[HealthResult | NotChecked]:
+        """Run the checks in the pool, aborting each one that passes its deadline; [] if closed."""
+        futures: list[Future[HealthResult | NotChecked]] = []
+        try:
+            for target in targets:
+                futures.append(self._executor.submit(self._attempt, target))
+        except RuntimeError as exc:  # closed, or the interpreter is exiting: a graceful stop, not an error
+            log.debug("health checks skipped: %s", exc)
+            for future in futures:
+                future.cancel()
+            self._watch(futures)  # those already running still get their deadline
+            return []
+        self._watch(futures)
+        return [NotChecked("closing") if future.cancelled() else future.result() for future in futures]
+
+    def _watch(self, futures: list[Future[HealthResult | NotChecked]]) -> None:
+        """Wait for the futures, aborting overdue checks, which only a wall clock can catch."""
+        pending = set(futures)
+        while pending:
+            _, pending = wait(pending, timeout=WATCH_INTERVAL_S)
+            deadline = time.monotonic() - self.timeout
+            with self._lock:
+                overdue = [call for call in self._calls if call.started <= deadline]
+            for call in overdue:
+                _abort(call, "deadline")
+
+    def _attempt(self, target: Target) -> HealthResult | NotChecked:
+        """Make one check in a pool thread; its deadline starts now, not when it was queued."""
+        call = _Call(started=time.monotonic())
+        with self._lock:
+            self._calls.add(call)
+        try:
+            return self._exchange(target, call)
+        finally:
+            with self._lock:
+                self._calls.discard(call)
+
+    def _exchange(self, target: Target, call: _Call) -> HealthResult | NotChecked:
+        """GET the target's health path over a fresh connection; any 2xx status is healthy."""
+
+        def result(ok: bool, detail: str) -> HealthResult:
+            return HealthResult(target.server_id, target.url, ok, detail)
+
+        try:
+            host, port, request_path = _parse_url(target.url + self.path)
+        except ValueError as exc:
+            return result(False, f"bad url: {exc}")
+        conn = http.client.HTTPConnection(host, port, timeout=self.timeout)  # a backstop; the watcher is the deadline
+        status: int | None = None
+        failure: str | NotChecked | None = None
+        try:
+            conn.connect()
+            _attach(call, conn.sock)
+            conn.request("GET", request_path, headers={"User-Agent": USER_AGENT, "Connection": "close"})
+            response = conn.getresponse()
+            status = response.status
+            try:
+                response.read(MAX_BODY_BYTES)  # at most this much; the status decides, not the body
+            finally:
+                response.close()
+        except (OSError, http.client.HTTPException, ValueError) as exc:  # ValueError: a host idna cannot encode
+            failure = _failure(exc)
+        finally:
+            with call.lock:  # from here on _abort leaves the socket alone, as close() releases it
+                ended = call.ended = call.ended or "done"
+            conn.close()
+        if ended == "closing":
+            return NotChecked("closing")
+        if ended == "deadline":
+            return result(False, "timed out")
+        if isinstance(failure, NotChecked):
+            return failure
+        if status is None:  # no status line in time: the failure says why
+            return result(False, failure or "no response")
+        if failure == "timed out":  # the body too must come within the deadline
+            return result(False, failure)
+        return result(200 <= status < 300, f"HTTP {status}")  # a body that broke off later: the status decides
 
 
-def _shut(connection: http.client.HTTPConnection) -> None:
-    sock = connection.sock
-    if sock is not None:
-        with contextlib.suppress(OSError):  # already closed by its own thread
-            sock.shutdown(socket.SHUT_RDWR)
+def _parse_url(url: str) -> tuple[str, int, str]:
+    """Host, port and request target of a plain-HTTP URL; IPv6 literals come without brackets."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"not a plain http URL with a host: {url!r}")
+    request_path = parts.path or "/"
+    if parts.query:
+        request_path += "?" + parts.query
+    return parts.hostname, parts.port or 80, request_path  # .port raises ValueError if out of range
 
 
-def _short_reason(exc: BaseException | None) -> str:
+def _attach(call: _Call, sock: socket.socket | None) -> None:
+    """Let the watcher reach the socket; one aborted while connecting stops here."""
+    with call.lock:
+        call.sock = sock
+        ended = call.ended
+    if ended is not None:
+        raise TimeoutError("aborted while connecting")
+
+
+def _abort(call: _Call, reason: str) -> None:
+    """Wake a check blocked on its socket, whatever it is waiting for, and note why."""
+    with call.lock:
+        if call.ended is not None:
+            return  # finished or aborted already
+        call.ended = reason
+        if call.sock is not None:
+            with contextlib.suppress(OSError):  # the peer may have closed it already; nothing is blocked then
+                call.sock.shutdown(socket.SHUT_RDWR)  # unblocks send/recv in the checking thread
+
+
+def _failure(exc: Exception) -> str | NotChecked:
+    """The detail for a failed exchange, or NotChecked when the failure is the gateway's own."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.errno in LOCAL_ERRNOS:
+        return NotChecked(f"{exc.strerror or exc} ({errno.errorcode.get(exc.errno, exc.errno)})")
+    if isinstance(exc, http.client.HTTPException):  # RemoteDisconnected, BadStatusLine, LineTooLong, ...
+        return f"bad response: {_short_reason(exc)}"
+    return f"unreachable: {_short_reason(exc)}"
+
+
+def _short_reason(exc: Exception) -> str:
+    """A short reason for a log line or a result: the OS's words, else the exception's."""
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
-    return str(exc) or type(exc).__name__
+    text = str(exc).strip()
+    return text[:120] if text else type(exc).__name__

@@ -14,7 +14,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 import admin_routes
 import errors
-import log_redaction
+import log_setup
 import metrics
 import proxy
 import status_routes
@@ -72,14 +72,11 @@ def create_app(config: Config | None = None) -> Flask:
 
 
 def configure_logging(config: Config) -> None:
-    """Log to stderr (journald under systemd) with secrets redacted from every line."""
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    root.setLevel(config.log_level)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)  # it logs every run at INFO
-    names = ("", "werkzeug", "gunicorn.error", "gunicorn.access")
-    log_redaction.install([config.webhook_secret], [logging.getLogger(name) for name in names])
+    """Structured lines to stdout (journald under systemd), and to LOG_DIR's files when set."""
+    secrets = [s for s in (config.webhook_secret, config.metrics_token) if s]
+    log_setup.configure(
+        config.log_level, config.log_format, config.log_dir, config.log_max_bytes, config.log_backups, secrets
+    )
 
 
 _app_lock = threading.Lock()

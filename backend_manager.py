@@ -20,6 +20,8 @@ from routing import SequentialRotation, choose_by_resources
 from store import JsonFileStore
 
 log = logging.getLogger(__name__)
+health_log = logging.getLogger("gateway.health")
+performance_log = logging.getLogger("gateway.performance")
 
 HEALTH_JOB_ID = "health_check"
 
@@ -356,13 +358,13 @@ class BackendManager:
             version = self._changed() if health_changed else None
         for server_id, healthy, detail in transitions:
             if healthy is True:
-                log.info("server %s recovered: %s", server_id, detail)
+                health_log.info("server %s recovered: %s", server_id, detail)
             elif healthy is False:
-                log.warning(
+                health_log.warning(
                     "server %s marked unhealthy after %d failures: %s", server_id, self.failure_threshold, detail
                 )
             else:
-                log.info("server %s health check: %s", server_id, detail)
+                health_log.info("server %s health check: %s", server_id, detail)
         if version is not None:
             with contextlib.suppress(PersistError):  # logged by _persist; the next save carries it
                 self._persist(version)
@@ -437,7 +439,10 @@ class BackendManager:
             observer.health_checked(results, seconds)
         failed = sum(1 for result in results if not result.ok)
         self._last_sweep = {"time": started.isoformat(timespec="seconds"), "duration_s": seconds}
-        log.info("health sweep: %d servers, %d failed, %.2fs", len(results), failed, seconds)
+        health_log.info("health sweep: %d servers, %d failed, %.2fs", len(results), failed, seconds)
+        performance_log.info(
+            "health sweep", extra={"fields": {"servers": len(results), "failed": failed, "seconds": round(seconds, 3)}}
+        )
 
     @property
     def last_sweep(self) -> dict[str, Any]:

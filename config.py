@@ -49,6 +49,10 @@ class Config:
     allowed_backend_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     trusted_proxy_count: int = 0
     log_level: str = "INFO"
+    log_format: str = "kv"
+    log_dir: str = ""
+    log_max_bytes: int = 10 * 1024 * 1024
+    log_backups: int = 5
     metrics_token: str = field(default="", repr=False)
     routing_policy: str = "round_robin"
     load_score_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
@@ -86,6 +90,10 @@ class Config:
             "allowed_backend_networks": reader.get("ALLOWED_BACKEND_NETWORKS", cls.allowed_backend_networks, _networks),
             "trusted_proxy_count": reader.get("TRUSTED_PROXY_COUNT", cls.trusted_proxy_count, _integer(0)),
             "log_level": reader.get("LOG_LEVEL", cls.log_level, _log_level),
+            "log_format": reader.get("LOG_FORMAT", cls.log_format, _log_format),
+            "log_dir": reader.get("LOG_DIR", cls.log_dir, _nonempty),
+            "log_max_bytes": reader.get("LOG_MAX_BYTES", cls.log_max_bytes, _integer(1024)),
+            "log_backups": reader.get("LOG_BACKUPS", cls.log_backups, _integer(0)),
             "metrics_token": reader.get("METRICS_TOKEN", "", _nonempty),
             "routing_policy": reader.get("ROUTING_POLICY", cls.routing_policy, _policy),
             "load_score_weights": reader.get("LOAD_SCORE_WEIGHTS", dict(DEFAULT_WEIGHTS), parse_weights),
@@ -194,6 +202,12 @@ def _networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, 
 def _policy(raw: str) -> str:
     if raw not in ROUTING_POLICIES:
         raise ValueError(f"expected one of {', '.join(ROUTING_POLICIES)}")
+    return raw
+
+
+def _log_format(raw: str) -> str:
+    if raw not in ("kv", "json"):
+        raise ValueError("expected kv or json")
     return raw
 
 

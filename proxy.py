@@ -26,6 +26,9 @@ from metrics import NO_SERVER, GatewayMetrics
 from resources import GIB
 
 log = logging.getLogger(__name__)
+request_log = logging.getLogger("gateway.request")
+performance_log = logging.getLogger("gateway.performance")
+SLOW_REQUEST_SECONDS = 1.0  # requests at least this long are also logged as performance events
 
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
@@ -401,8 +404,17 @@ def proxy_view(path: str = "") -> Response:
     started, method = time.perf_counter(), request.method
     response = proxy.handle()
     server = response.headers.get("X-Backend-Server", NO_SERVER)
-    status = response.status_code
-    response.call_on_close(lambda: proxy.metrics.request_done(server, method, status, time.perf_counter() - started))
+    status, path = response.status_code, request.path  # the path only: a query may carry a secret
+
+    def done() -> None:
+        seconds = time.perf_counter() - started
+        proxy.metrics.request_done(server, method, status, seconds)
+        fields = {"method": method, "path": path, "server": server, "status": status, "ms": round(seconds * 1000, 1)}
+        request_log.info("request", extra={"fields": fields})
+        if seconds >= SLOW_REQUEST_SECONDS:
+            performance_log.info("slow request", extra={"fields": fields})
+
+    response.call_on_close(done)
     return response
 
 

@@ -124,7 +124,7 @@ def test_seed_imports_share_the_default_manager(tmp_path):
         timeout=30,
     )
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == [True, "B1"]
+    assert json.loads(result.stdout.splitlines()[-1]) == [True, "B1"]  # logs go to stdout first
     assert json.loads((tmp_path / "b.json").read_text())[0]["server_id"] == "B1"
 
 

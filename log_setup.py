@@ -1,0 +1,98 @@
+"""Where logs go and how a line looks: one event per line, key=value or JSON, secrets redacted."""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import os
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+import log_redaction
+
+# Loggers with a file of their own under LOG_DIR (they also reach app.log through the root).
+TOPIC_FILES = {
+    "gateway.request": "request.log",
+    "gateway.performance": "performance.log",
+    "gateway.health": "health.log",
+}
+_MARK = "_gateway_handler"  # handlers this module made, replaced when the app is configured again
+
+
+class StructuredFormatter(logging.Formatter):
+    """`ts=… level=… logger=… msg="…" key=value…`, or the same as one JSON object."""
+
+    def __init__(self, style: str = "kv") -> None:
+        super().__init__()
+        self.json = style == "json"
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+            **getattr(record, "fields", {}),
+        }
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            fields["exc"] = record.exc_text
+        if self.json:
+            return json.dumps(fields, ensure_ascii=False, default=str)
+        return " ".join(f"{key}={_kv_value(value)}" for key, value in fields.items())
+
+
+def _kv_value(value: Any) -> str:
+    text = str(value)
+    if text and not any(c in text for c in ' "=\n\t'):
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def configure(level: str, style: str, log_dir: str, max_bytes: int, backups: int, secrets: list[str]) -> None:
+    """Log to stdout (journald under systemd) and, with `log_dir`, to five rotating files."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, _MARK, False)]:
+        root.removeHandler(handler)
+        handler.close()
+    for name in TOPIC_FILES:
+        topic = logging.getLogger(name)
+        for handler in [h for h in topic.handlers if getattr(h, _MARK, False)]:
+            topic.removeHandler(handler)
+            handler.close()
+    formatter = StructuredFormatter(style)
+    redacting = log_redaction.RedactingFilter(secrets)
+    if not root.handlers:  # under gunicorn or pytest, leave their handlers be, and add ours beside
+        _add(root, logging.StreamHandler(sys.stdout), formatter, redacting)
+    if log_dir:
+        os.makedirs(log_dir, exist_ok=True)
+
+        def rotating(name: str) -> logging.Handler:
+            path = os.path.join(log_dir, name)
+            return logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+
+        _add(root, rotating("app.log"), formatter, redacting)
+        _add(root, rotating("error.log"), formatter, redacting, level=logging.ERROR)
+        for name, filename in TOPIC_FILES.items():
+            _add(logging.getLogger(name), rotating(filename), formatter, redacting)
+    root.setLevel(level)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)  # it logs every run at INFO
+    names = ("", "werkzeug", "gunicorn.error", "gunicorn.access")
+    log_redaction.install(secrets, [logging.getLogger(name) for name in names])
+
+
+def _add(
+    logger: logging.Logger,
+    handler: logging.Handler,
+    formatter: logging.Formatter,
+    redacting: logging.Filter,
+    level: int = logging.NOTSET,
+) -> None:
+    setattr(handler, _MARK, True)
+    handler.setFormatter(formatter)
+    handler.addFilter(redacting)
+    handler.setLevel(level)
+    logger.addHandler(handler)

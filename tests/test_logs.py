@@ -1,0 +1,100 @@
+"""Logs: one structured line per event, five files under LOG_DIR with rotation, no secret anywhere."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import requests
+from conftest import SECRET, wait_until
+
+from log_setup import StructuredFormatter
+
+
+def record(msg: str, *args, fields=None) -> logging.LogRecord:
+    made = logging.LogRecord("gateway.request", logging.INFO, __file__, 1, msg, args, None)
+    if fields is not None:
+        made.fields = fields
+    return made
+
+
+def test_key_value_lines():
+    line = StructuredFormatter("kv").format(record("server %s moved", "B1", fields={"ms": 1.5, "path": "/a b"}))
+    assert line.startswith("ts=")
+    assert ' level=INFO logger=gateway.request msg="server B1 moved" ms=1.5 path="/a b"' in line
+    assert "\n" not in line
+
+
+def test_json_lines():
+    document = json.loads(StructuredFormatter("json").format(record("request", fields={"status": 200})))
+    assert (document["level"], document["msg"], document["status"]) == ("INFO", "request", 200)
+
+
+def test_exceptions_stay_on_one_line_of_json():
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failing = record("failed")
+        failing.exc_info = sys.exc_info()
+    document = json.loads(StructuredFormatter("json").format(failing))
+    assert "ValueError: boom" in document["exc"]
+
+
+def use_the_secret_everywhere(url: str, port: int) -> None:
+    """Every place the secret is accepted, plus wrong tries that echo secret-like strings."""
+    body = {"server_id": "B1", "ip": "127.0.0.1", "port": port}
+    requests.post(url + "/webhook/register", json={**body, "secret": SECRET}, timeout=5).raise_for_status()
+    requests.post(url + "/webhook/register", json=body, headers={"X-Webhook-Secret": SECRET}, timeout=5)
+    requests.get(url + "/webhook/servers", headers={"Authorization": f"Bearer {SECRET}"}, timeout=5)
+    requests.get(url + "/webhook/servers", params={"secret": SECRET}, timeout=5).raise_for_status()
+    requests.get(url + "/status", headers={"X-Webhook-Secret": SECRET}, timeout=5)
+    requests.post(url + "/webhook/register", json={**body, "secret": SECRET + "x"}, timeout=5)
+    requests.post(url + "/webhook/register", json={**body, "port": 0, "secret": SECRET}, timeout=5)
+    requests.get(url + "/api/echo?secret=" + SECRET, timeout=5)
+    requests.post(url + "/api/echo", data=SECRET, headers={"Authorization": f"Bearer {SECRET}"}, timeout=5)
+
+
+def test_five_files_and_no_secret_in_any_of_them(gateway_process, fake_servers, tmp_path):
+    log_dir = tmp_path / "logs"
+    gateway = gateway_process(LOG_DIR=str(log_dir), HEALTH_CHECK_INTERVAL="1", HEALTH_CHECK_TIMEOUT="0.5")
+    server = fake_servers("B1")
+    use_the_secret_everywhere(gateway.url, server.port)
+    for _ in range(3):
+        requests.get(gateway.url + "/api/echo", timeout=5)
+    server.stop()
+    assert wait_until(lambda: "marked unhealthy" in (log_dir / "health.log").read_text(), timeout=20)
+    requests.post(gateway.url + "/webhook/unregister", json={"server_id": "B1", "secret": SECRET}, timeout=5)
+    gateway.kill(sig=15)
+
+    files = {path.name: path.read_text() for path in log_dir.iterdir()}
+    assert {"app.log", "request.log", "error.log", "performance.log", "health.log"} <= set(files)
+    for name, text in {**files, "stdout": gateway.log()}.items():
+        assert SECRET not in text, f"the secret is in {name}"
+    requests_logged = [line for line in files["request.log"].splitlines() if "server=B1" in line]
+    assert any("method=GET path=/api/echo server=B1 status=200 ms=" in line for line in requests_logged)
+    assert "marked unhealthy" in files["health.log"]
+    assert 'msg="health sweep"' in files["performance.log"]
+    assert "registered server B1" in files["app.log"]
+    assert "unregistered server B1" in files["app.log"]
+    assert all(" level=ERROR " in line or line.startswith("exc") for line in files["error.log"].splitlines() if line)
+
+
+def test_json_format_and_rotation(gateway_process, fake_servers, tmp_path):
+    log_dir = tmp_path / "logs"
+    gateway = gateway_process(LOG_DIR=str(log_dir), LOG_FORMAT="json", LOG_MAX_BYTES="2048", LOG_BACKUPS="2")
+    server = fake_servers("B1")
+    requests.post(
+        gateway.url + "/webhook/register",
+        json={"server_id": "B1", "ip": "127.0.0.1", "port": server.port, "secret": SECRET},
+        timeout=5,
+    ).raise_for_status()
+    with requests.Session() as session:
+        for _ in range(60):
+            session.get(gateway.url + "/api/echo", timeout=5)
+    gateway.kill(sig=15)
+    names = sorted(path.name for path in log_dir.iterdir() if path.name.startswith("request.log"))
+    assert names == ["request.log", "request.log.1", "request.log.2"]
+    for line in (log_dir / "request.log.1").read_text().splitlines():
+        document = json.loads(line)
+        assert document["msg"] == "request" and document["server"] == "B1"

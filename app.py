@@ -13,6 +13,7 @@ from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import admin_routes
+import dashboard
 import errors
 import log_setup
 import metrics
@@ -60,6 +61,7 @@ def create_app(config: Config | None = None) -> Flask:
     metrics.init_app(app, manager)
     register_webhook_routes(app)
     admin_routes.init_app(app)
+    dashboard.init_app(app)
     proxy.init_app(app)
 
     def shutdown() -> None:

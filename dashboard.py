@@ -1,0 +1,153 @@
+"""The operator's live dashboard: /dashboard, behind a login kept in a signed session cookie."""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+from urllib.parse import urlsplit
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, redirect, render_template, request, session
+from prometheus_client import Counter, Gauge
+
+from auth import secret_matches
+from backend_manager import now_iso
+from errors import error_response
+
+bp = Blueprint("dashboard", __name__, url_prefix="/dashboard")
+SESSION_FLAG = "dashboard"
+SESSION_KEY_INFO = b"gpu-gateway dashboard session"
+
+
+def logged_in() -> bool:
+    return session.get(SESSION_FLAG) is True
+
+
+def same_origin() -> bool:
+    """False when the browser names an Origin other than this host (a cross-site form post)."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    parts = urlsplit(origin)
+    return parts.scheme == request.scheme and parts.netloc == request.host
+
+
+def render_page(status: int = 200, error: str | None = None) -> Response:
+    """The page: the login form alone, or the dashboard once logged in."""
+    nonce = secrets.token_urlsafe(16)
+    html = render_template("dashboard.html", logged_in=logged_in(), error=error, nonce=nonce)
+    response = Response(html, status=status, mimetype="text/html")
+    response.headers["Content-Security-Policy"] = (
+        f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
+        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    )
+    return response
+
+
+@bp.after_request
+def no_store(response: Response) -> Response:
+    """Server data must not linger in a shared cache or the back button."""
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response
+
+
+@bp.get("")
+def page() -> Response:
+    """The single page; it fetches /dashboard/data itself."""
+    return render_page()
+
+
+@bp.post("/login")
+def login() -> Response:
+    """Check the secret from the form; on success remember the login in the session cookie."""
+    if not same_origin():
+        return render_page(403, "login refused: the form came from another site")
+    if not secret_matches(request.form.get("secret")):
+        return render_page(401, "wrong secret")
+    session.clear()
+    session[SESSION_FLAG] = True
+    return redirect("/dashboard", code=303)  # type: ignore[return-value]
+
+
+@bp.post("/logout")
+def logout() -> Response:
+    """Forget the login."""
+    if not same_origin():
+        return render_page(403, "logout refused: the form came from another site")
+    session.clear()
+    return redirect("/dashboard", code=303)  # type: ignore[return-value]
+
+
+def login_required(view: Callable[[], Response]) -> Callable[[], Response]:
+    @wraps(view)
+    def wrapped() -> Response:
+        if not logged_in():
+            return error_response(401, "log in at /dashboard first")
+        return view()
+
+    return wrapped
+
+
+@bp.get("/data")
+@login_required
+def data() -> Response:
+    """Summary counters and one row per server, as the page's table shows them."""
+    manager = current_app.extensions["backend_manager"]
+    metrics = current_app.extensions["metrics"]
+    fleet = manager.get_status()
+    in_flight = samples_by_server(metrics.in_flight)
+    served = samples_by_server(metrics.requests, suffix="_total")
+    summary = {key: fleet[key] for key in ("total_servers", "healthy_servers", "unhealthy_servers")}
+    summary["health_check_running"] = fleet["health_check_running"]
+    summary["requests_total"] = sum(metrics.total_requests().values())
+    rows = [server_row(server, in_flight, served) for server in fleet["servers"]]
+    return jsonify(success=True, data={"now": now_iso(), "summary": summary, "servers": rows})
+
+
+def samples_by_server(metric: Counter | Gauge, suffix: str = "") -> dict[str, float]:
+    """Sum a metric's samples by server label, without creating a series for any server."""
+    totals: dict[str, float] = {}
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.name.endswith(suffix):
+                server = sample.labels["server"]
+                totals[server] = totals.get(server, 0.0) + sample.value
+    return totals
+
+
+def server_row(server: dict[str, Any], in_flight: dict[str, float], served: dict[str, float]) -> dict[str, Any]:
+    """One table row of a server from get_status()."""
+    server_id = server["server_id"]
+    resources = server.get("resources") or {}
+    fresh = not resources.get("stale", True) and resources.get("gpu_memory_total", 0) > 0
+    host = f"[{server['ip']}]" if ":" in server["ip"] else server["ip"]
+    return {
+        "server_id": server_id,
+        "address": f"{host}:{server['port']}",
+        "is_healthy": server["is_healthy"],
+        "health_changed_time": server["health_changed_time"],
+        "fail_count": server["fail_count"],
+        "in_flight": int(in_flight.get(server_id, 0)),
+        "served": int(served.get(server_id, 0)),
+        "gpu_memory_free": resources["gpu_memory_free"] if fresh else None,
+        "gpu_memory_total": resources["gpu_memory_total"] if fresh else None,
+        "weight": 1,  # issue 4 adds weights, priorities and draining
+        "priority": 1,
+        "draining": False,
+    }
+
+
+def init_app(app: Flask) -> None:
+    """Add /dashboard; its session key derives from the secret, so a new secret logs everyone out."""
+    if not app.secret_key:
+        secret = app.config["GATEWAY"].webhook_secret
+        app.secret_key = hmac.new(secret.encode(), SESSION_KEY_INFO, "sha256").hexdigest()
+    app.config["SESSION_COOKIE_HTTPONLY"] = True
+    app.config["SESSION_COOKIE_SAMESITE"] = "Strict"
+    if os.environ.get("DASHBOARD_SECURE_COOKIE") == "1":
+        app.config["SESSION_COOKIE_SECURE"] = True
+    app.register_blueprint(bp)

@@ -1,0 +1,106 @@
+"""Take the README's dashboard screenshot (docs/dashboard.png) from a real gateway and headless chromium.
+
+Run it from the repository root:  .venv/bin/python scripts/dashboard_screenshot.py
+It needs selenium (requirements-dev.txt) and Debian's chromium and chromium-driver.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+from werkzeug.serving import make_server
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+from app import create_app  # noqa: E402
+from config import Config  # noqa: E402
+from demo.fake_gpu_server import FakeGPUServer  # noqa: E402
+from resources import parse_reading  # noqa: E402
+
+GIB = 2**30
+OUTPUT = ROOT / "docs" / "dashboard.png"
+FLEET = {"gpu-a": (80, 22), "gpu-b": (80, 61), "gpu-c": (24, 9), "gpu-d": (48, 40)}  # total, used GiB
+MONITOR_URL = "http://127.0.0.1:9/resources"  # never answers: readings are handed in below
+
+
+def reading(total_gib: int, used_gib: int) -> object:
+    """A gpu monitor's reading of one card, as if just received."""
+    gpu = {"index": 0, "memory_total": total_gib * GIB, "memory_used": used_gib * GIB,
+           "memory_free": (total_gib - used_gib) * GIB}  # fmt: skip
+    document = {"device_type": "gpu", "cpu": {"percent": 12}, "disk": {"percent": 40},
+                "memory": {"total": 64 * GIB, "available": 40 * GIB, "percent": 37}, "gpus": [gpu]}  # fmt: skip
+    return parse_reading(document, time.monotonic())
+
+
+def main() -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="dashboard-shot-"))
+    secret = secrets.token_urlsafe(24)
+    config = Config.from_env(
+        {"WEBHOOK_SECRET": secret},
+        backend_servers_file=str(workdir / "backend_servers.json"),
+        task_affinity_file=str(workdir / "task_affinity.db"),
+        health_check_interval=3600.0,
+        health_check_timeout=1.0,
+    )
+    app = create_app(config)
+    manager = app.extensions["backend_manager"]
+    gateway = make_server("127.0.0.1", 0, app, threaded=True)
+    url = f"http://127.0.0.1:{gateway.server_port}"
+    servers = [FakeGPUServer(server_id).start() for server_id in FLEET]
+    driver = None
+    try:
+        threading.Thread(target=gateway.serve_forever, daemon=True).start()
+        for server in servers:
+            manager.register_server(server.server_id, "127.0.0.1", server.port, monitor_url=MONITOR_URL)
+        for _ in range(23):
+            requests.get(url + "/api/echo", timeout=5)
+        servers[3].stop()
+        for _ in range(3):
+            manager.run_health_sweep()
+        manager.apply_readings([(s.server_id, MONITOR_URL, reading(*FLEET[s.server_id])) for s in servers])
+
+        options = webdriver.ChromeOptions()
+        options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+        for argument in (
+            "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={workdir / 'chromium'}", "--window-size=1200,500",
+        ):  # fmt: skip
+            options.add_argument(argument)
+        driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
+        metrics = {"width": 1200, "height": 345, "deviceScaleFactor": 1, "mobile": False}
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)  # the page, not the window
+        driver.get(url + "/dashboard")
+        driver.find_element(By.NAME, "secret").send_keys(secret)
+        driver.find_element(By.CSS_SELECTOR, "form.login button").click()
+        WebDriverWait(driver, 15).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#servers td.health")) == 4)
+        time.sleep(1.5)  # let "since" tick past zero
+        OUTPUT.parent.mkdir(exist_ok=True)
+        driver.save_screenshot(str(OUTPUT))
+        print(f"{OUTPUT.relative_to(ROOT)}: {OUTPUT.stat().st_size} bytes")
+    finally:
+        if driver is not None:
+            driver.quit()
+        for server in servers[:3]:
+            server.stop()
+        gateway.shutdown()
+        gateway.server_close()
+        app.extensions["gateway_shutdown"]()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""The dashboard: its login and data with Flask's test client, then live in a real headless chromium."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, SECRET
+
+from resources import parse_reading
+
+ARTIFACTS = ROOT / "tests" / "artifacts"
+MONITOR_URL = "http://127.0.0.1:9/resources"  # never fetched: the tests hand readings in directly
+GIB = 2**30
+
+
+def reading(total_gib: int, used_gib: int):
+    """A gpu monitor's reading, as if just received."""
+    gpu = {"index": 0, "memory_total": total_gib * GIB, "memory_used": used_gib * GIB,
+           "memory_free": (total_gib - used_gib) * GIB}  # fmt: skip
+    document = {"device_type": "gpu", "cpu": {"percent": 10}, "disk": {"percent": 20},
+                "memory": {"total": 64 * GIB, "available": 32 * GIB, "percent": 50}, "gpus": [gpu]}  # fmt: skip
+    return parse_reading(document, time.monotonic())
+
+
+def page_text(response) -> str:
+    """The page without its random CSP nonce, which could spell anything, a server id included."""
+    nonce = response.headers["Content-Security-Policy"].split("'nonce-")[1].split("'")[0]
+    return response.get_data(as_text=True).replace(nonce, "")
+
+
+def log_in(client, secret: str = SECRET, **headers: str):
+    return client.post("/dashboard/login", data={"secret": secret}, headers=headers)
+
+
+# -- login and data, with the test client --------------------------------------------------
+
+
+def test_without_a_login_only_the_form_is_shown(client, manager):
+    manager.register_server("B1", "127.0.0.1", 9001)
+    page = client.get("/dashboard")
+    assert page.status_code == 200
+    html = page_text(page)
+    assert 'name="secret"' in html and 'type="password"' in html
+    assert "B1" not in html and 'id="servers"' not in html
+    assert "no-store" in page.headers["Cache-Control"]
+    assert "script-src 'nonce-" in page.headers["Content-Security-Policy"]
+    assert "http" not in html.split("<body>")[1].replace('action="/dashboard/login"', "")  # nothing external
+
+
+def test_data_needs_a_login(client, manager):
+    manager.register_server("B1", "127.0.0.1", 9001)
+    response = client.get("/dashboard/data")
+    assert response.status_code == 401
+    assert response.get_json() == {"success": False, "message": "log in at /dashboard first", "errors": None}
+
+
+@pytest.mark.parametrize("secret", ["wrong", "", SECRET + "x", SECRET[:-1]])
+def test_a_wrong_secret_is_refused_without_a_cookie(client, secret):
+    response = log_in(client, secret)
+    assert response.status_code == 401
+    assert "Set-Cookie" not in response.headers
+    assert "wrong secret" in response.get_data(as_text=True)
+    assert client.get("/dashboard/data").status_code == 401
+
+
+def test_the_right_secret_logs_in_with_a_strict_http_only_cookie(client, manager):
+    manager.register_server("B1", "127.0.0.1", 9001)
+    manager.register_server("B2", "127.0.0.1", 9002, monitor_url=MONITOR_URL)
+    manager.apply_readings([("B2", MONITOR_URL, reading(80, 20))])
+    response = log_in(client)
+    assert response.status_code == 303
+    assert response.headers["Location"] == "/dashboard"
+    cookie = response.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    assert SECRET not in cookie
+
+    data = client.get("/dashboard/data").get_json()["data"]
+    assert data["summary"] == {"total_servers": 2, "healthy_servers": 2, "unhealthy_servers": 0,
+                               "health_check_running": True, "requests_total": 0}  # fmt: skip
+    rows = {row["server_id"]: row for row in data["servers"]}
+    assert rows["B1"]["address"] == "127.0.0.1:9001"
+    assert rows["B1"]["is_healthy"] is True and rows["B1"]["fail_count"] == 0
+    assert rows["B1"]["health_changed_time"].startswith("20")
+    assert (rows["B1"]["in_flight"], rows["B1"]["served"]) == (0, 0)
+    assert rows["B1"]["gpu_memory_total"] is None
+    assert (rows["B2"]["gpu_memory_free"], rows["B2"]["gpu_memory_total"]) == (60 * GIB, 80 * GIB)
+    assert (rows["B1"]["weight"], rows["B1"]["priority"], rows["B1"]["draining"]) == (1, 1, False)
+    assert 'id="servers"' in client.get("/dashboard").get_data(as_text=True)
+
+
+def test_data_counts_served_requests_without_making_series(app, client, manager):
+    manager.register_server("B1", "127.0.0.1", 9001)
+    manager.register_server("B2", "127.0.0.1", 9002)
+    metrics = app.extensions["metrics"]
+    metrics.request_done("B1", "GET", 200, 0.01)
+    metrics.request_done("B1", "POST", 500, 0.01)
+    metrics.in_flight.labels("B1").inc()
+    log_in(client)
+    rows = {row["server_id"]: row for row in client.get("/dashboard/data").get_json()["data"]["servers"]}
+    assert (rows["B1"]["served"], rows["B1"]["in_flight"]) == (2, 1)
+    assert (rows["B2"]["served"], rows["B2"]["in_flight"]) == (0, 0)
+    for metric in (metrics.requests, metrics.in_flight):
+        assert all(sample.labels["server"] != "B2" for family in metric.collect() for sample in family.samples)
+
+
+def test_logout_ends_the_session(client, manager):
+    manager.register_server("B1", "127.0.0.1", 9001)
+    log_in(client)
+    assert client.get("/dashboard/data").status_code == 200
+    response = client.post("/dashboard/logout")
+    assert response.status_code == 303
+    assert client.get("/dashboard/data").status_code == 401
+    assert "B1" not in page_text(client.get("/dashboard"))
+
+
+def test_a_login_from_another_origin_is_refused(client):
+    response = log_in(client, Origin="http://evil.example")
+    assert response.status_code == 403
+    assert "Set-Cookie" not in response.headers
+    assert client.get("/dashboard/data").status_code == 401
+    assert log_in(client, Origin="http://localhost").status_code == 303
+
+
+def test_the_secret_never_appears_in_a_response(client, manager):
+    manager.register_server("B1", "127.0.0.1", 9001)
+    bodies = [log_in(client, "wrong"), log_in(client, Origin="http://evil.example"), log_in(client)]
+    bodies += [client.get("/dashboard"), client.get("/dashboard/data"), client.post("/dashboard/logout")]
+    for response in bodies:
+        assert SECRET not in response.get_data(as_text=True)
+        assert SECRET not in str(response.headers)
+
+
+def test_a_new_secret_ends_old_sessions(make_app, make_config):
+    first = make_app().test_client()
+    log_in(first)
+    cookie = first.get_cookie("session")
+    assert cookie is not None
+    other = make_app(make_config(webhook_secret="another-secret-0123456789")).test_client()
+    other.set_cookie("session", cookie.value)
+    assert other.get("/dashboard/data").status_code == 401
+
+
+# -- the page in a real browser --------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def chromedriver() -> str:
+    """Debian's chromium and chromedriver, installed here if missing (CI runs as root)."""
+    if not (shutil.which("chromedriver") and shutil.which("chromium")):
+        subprocess.run(["apt-get", "update", "-qq"], check=True, timeout=600)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium", "chromium-driver"], check=True, timeout=900)
+    path = shutil.which("chromedriver")
+    assert path, "chromedriver is missing even after apt-get install chromium-driver"
+    return path
+
+
+@pytest.fixture
+def browser(chromedriver: str) -> Iterator[object]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="dashboard-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for argument in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+        "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={profile}", "--window-size=1280,800",
+    ):  # fmt: skip
+        options.add_argument(argument)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=chromedriver))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_the_browser_sees_a_killed_server_turn_unhealthy(browser, live_gateway, fake_servers):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    gateway = live_gateway(health_check_interval=3600.0)
+    servers = [fake_servers(f"B{i}") for i in (1, 2, 3)]
+    for server in servers:
+        gateway.register(server)
+
+    browser.get(gateway.url + "/dashboard")
+    assert not browser.find_elements(By.ID, "servers")
+    browser.find_element(By.NAME, "secret").send_keys(SECRET)
+    browser.find_element(By.CSS_SELECTOR, "form.login button").click()
+    wait = WebDriverWait(browser, 15, poll_frequency=0.2)
+
+    def health(server_id: str) -> str | None:
+        cells = browser.find_elements(By.CSS_SELECTOR, f'#servers tr[data-server-id="{server_id}"] td.health')
+        return cells[0].text if cells else None
+
+    wait.until(lambda _: [health(f"B{i}") for i in (1, 2, 3)] == ["healthy"] * 3)
+    assert SECRET not in browser.current_url and SECRET not in browser.page_source
+    assert browser.find_element(By.ID, "total_servers").text == "3"
+    browser.execute_script("window.sameDocument = true")  # a reload would drop it
+
+    servers[1].stop()
+    for _ in range(3):
+        gateway.manager.run_health_sweep()
+    assert not gateway.manager.get_server("B2").is_healthy
+    wait.until(lambda _: health("B2") == "UNHEALTHY")  # the page's own refresh, no reload
+    row = browser.find_element(By.CSS_SELECTOR, '#servers tr[data-server-id="B2"]')
+    assert "unhealthy" in row.get_attribute("class")
+    assert row.find_element(By.CSS_SELECTOR, "td.since").text.startswith("unhealthy for ")
+    assert [health("B1"), health("B3")] == ["healthy", "healthy"]
+    assert browser.find_element(By.ID, "unhealthy_servers").text == "1"
+    assert browser.execute_script("return window.sameDocument === true")
+    assert browser.execute_script("return document.cookie") == ""  # HttpOnly: no script can read it
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    screenshot = ARTIFACTS / "dashboard.png"
+    assert browser.save_screenshot(str(screenshot))
+    assert Path(screenshot).stat().st_size > 0

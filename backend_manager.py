@@ -7,12 +7,13 @@ import logging
 import threading
 import time
 from collections.abc import Collection
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from backend_server import BackendServer, now_iso
 from health import HealthChecker, HealthResult, Target
 from monitor_reader import MonitorReader, MonitorTarget
 from resources import DEFAULT_WEIGHTS, Reading
@@ -35,61 +36,6 @@ class Pick(NamedTuple):
 
 class PersistError(RuntimeError):
     """A change was made in memory but could not be saved."""
-
-
-def now_iso() -> str:
-    """The current UTC time as ISO 8601, as the state file stores it."""
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def server_url(ip: str, port: int) -> str:
-    """The base URL of a server; IPv6 addresses get brackets."""
-    host = f"[{ip}]" if ":" in ip else ip
-    return f"http://{host}:{port}"
-
-
-@dataclass
-class BackendServer:
-    """One GPU server, with the seed's fields."""
-
-    server_id: str
-    ip: str
-    port: int
-    url: str = ""
-    is_healthy: bool = True
-    fail_count: int = 0
-    last_check_time: str | None = None
-    last_used_time: str | None = None
-    monitor_url: str | None = None  # the host's resource monitor, when it runs one
-    health_changed_time: str | None = None  # when is_healthy last changed (or registration)
-
-    def __post_init__(self) -> None:
-        self.url = server_url(self.ip, self.port)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The seed's JSON shape."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, entry: dict[str, Any]) -> BackendServer:
-        """Rebuild a server from the state file; raise ValueError on a malformed entry."""
-        server_id, ip, port = entry.get("server_id"), entry.get("ip"), entry.get("port")
-        if not isinstance(server_id, str) or not server_id or not isinstance(ip, str) or not ip:
-            raise ValueError(f"entry lacks a server_id or ip: {entry!r:.200}")
-        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-            raise ValueError(f"entry {server_id!r} has a bad port: {port!r}")
-        fail_count = entry.get("fail_count", 0)
-        return cls(
-            server_id=server_id,
-            ip=ip,
-            port=port,
-            is_healthy=entry.get("is_healthy", True) is not False,
-            fail_count=fail_count if isinstance(fail_count, int) and fail_count >= 0 else 0,
-            last_check_time=_optional_str(entry.get("last_check_time")),
-            last_used_time=_optional_str(entry.get("last_used_time")),
-            monitor_url=_optional_str(entry.get("monitor_url")),
-            health_changed_time=_optional_str(entry.get("health_changed_time")),
-        )
 
 
 class BackendManager:
@@ -486,10 +432,6 @@ class BackendManager:
             self.health_checker.close()
         if self.monitor_reader is not None:
             self.monitor_reader.close()
-
-
-def _optional_str(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
 
 
 # The default instance the seed imports: `from backend_manager import backend_manager`.

@@ -14,7 +14,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, redirect, re
 from prometheus_client import Counter, Gauge
 
 from auth import secret_matches
-from backend_manager import now_iso
+from backend_server import now_iso
 from errors import error_response
 
 bp = Blueprint("dashboard", __name__, url_prefix="/dashboard")
@@ -31,8 +31,8 @@ def same_origin() -> bool:
     origin = request.headers.get("Origin")
     if origin is None:
         return True
-    parts = urlsplit(origin)
-    return parts.scheme == request.scheme and parts.netloc == request.host
+    # The host only: behind a TLS-terminating proxy the browser says https and we see http.
+    return urlsplit(origin).netloc == request.host
 
 
 def render_page(status: int = 200, error: str | None = None) -> Response:

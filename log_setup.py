@@ -40,16 +40,16 @@ class StructuredFormatter(logging.Formatter):
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
             fields["exc"] = record.exc_text
-        if self.json:
-            return json.dumps(fields, ensure_ascii=False, default=str)
+        if self.json:  # ensure_ascii: U+2028, NEL and control characters come out escaped
+            return json.dumps(fields, ensure_ascii=True, default=str)
         return " ".join(f"{key}={_kv_value(value)}" for key, value in fields.items())
 
 
 def _kv_value(value: Any) -> str:
     text = str(value)
-    if text and not any(c in text for c in ' "=\n\t'):
+    if text and text.isprintable() and not any(c in text for c in ' "='):
         return text
-    return json.dumps(text, ensure_ascii=False)
+    return json.dumps(text, ensure_ascii=True)  # one line whatever the request path held
 
 
 def configure(level: str, style: str, log_dir: str, max_bytes: int, backups: int, secrets: list[str]) -> None:

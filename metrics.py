@@ -76,6 +76,7 @@ class GatewayMetrics:
         """Collect the fleet gauges from `manager` and hear of sweeps and departures."""
         self.registry.register(FleetCollector(manager))
         manager.observers.append(self)
+        self.manager = manager
 
     # -- what the manager tells ----------------------------------------------------------
 
@@ -83,7 +84,8 @@ class GatewayMetrics:
         """A sweep finished."""
         self.sweep_duration.observe(seconds)
         for result in results:
-            self.health_checks.labels(result.server_id, "ok" if result.ok else "fail").inc()
+            if self._still_registered(result.server_id):  # one that left mid-sweep stays gone
+                self.health_checks.labels(result.server_id, "ok" if result.ok else "fail").inc()
 
     def server_removed(self, server_id: str) -> None:
         """Drop every series of a server that left."""
@@ -94,12 +96,18 @@ class GatewayMetrics:
 
     def request_done(self, server: str, method: str, status: int, seconds: float) -> None:
         """One proxied request ended (its last byte went out, or the client left)."""
+        if server not in (NO_SERVER, "fallback") and not self._still_registered(server):
+            server = NO_SERVER  # it left while the request ran: do not bring its series back
         self.requests.labels(server, method, f"{status // 100}xx").inc()
         self.duration.labels(server).observe(seconds)
         if server == "fallback":
             self.fallback.inc()
         elif server == NO_SERVER and status == 503:
             self.no_server.inc()
+
+    def _still_registered(self, server_id: str) -> bool:
+        manager = getattr(self, "manager", None)
+        return manager is None or manager.get_server(server_id) is not None
 
     def total_requests(self) -> dict[str, float]:
         """Proxied requests so far by status class, for /status."""

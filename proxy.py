@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 import time
-import zlib
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import unquote
 
 import urllib3
 from flask import Flask, Response, current_app, request
 from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ProtocolError, ReadTimeoutError
+from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
 from affinity import FALLBACK_OWNER, TaskAffinity
 from backend_manager import BackendManager
 from body_limit import read_body
 from config import Config
-from errors import error_response
+from errors import error_response, handle_http_exception
+from forwarding import (
+    JSON_CAPTURE_LIMIT,
+    BadTarget,
+    decoded,
+    downstream_headers,
+    find_task_id,
+    may_name_task,
+    request_target,
+    required_gpu_memory,
+    task_candidates,
+    upstream_headers,
+)
 from health import LOCAL_ERRNOS
 from metrics import NO_SERVER, GatewayMetrics
 from resources import GIB
@@ -32,23 +42,6 @@ SLOW_REQUEST_SECONDS = 1.0  # requests at least this long are also logged as per
 
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
-NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
-REQUIRED_MEMORY_HEADER = "X-Required-GPU-Memory-GB"
-JSON_CAPTURE_LIMIT = 1024 * 1024  # a JSON reply up to this size is read whole to find its task_id
 STREAM_CHUNK = 64 * 1024
 
 
@@ -60,10 +53,6 @@ class UpstreamFailed(Exception):
         self.sent = sent
         self.timed_out = timed_out
         self.local = local  # the gateway's own fault: not counted against the server
-
-
-class BadTarget(Exception):
-    """The request target cannot be forwarded safely."""
 
 
 class Proxy:
@@ -207,8 +196,13 @@ class Proxy:
 
     def respond(self, upstream: urllib3.BaseHTTPResponse, label: str, known_task: str = "") -> Response:
         """The client's response; the request stops counting in flight when it closes."""
-        response = self._respond(upstream, label, known_task)
-        response.call_on_close(self.metrics.in_flight.labels(display(label)).dec)
+        release = self.metrics.in_flight.labels(display(label)).dec
+        try:
+            response = self._respond(upstream, label, known_task)
+        except BaseException:
+            release()
+            raise
+        response.call_on_close(release)
         return response
 
     def _respond(self, upstream: urllib3.BaseHTTPResponse, label: str, known_task: str) -> Response:
@@ -239,7 +233,7 @@ class Proxy:
 
     def remember_task(self, payload: bytes, encoding: str, owner: str, known_task: str) -> None:
         """Record the owner of a task id found in a JSON reply, before the reply is sent."""
-        task_id = find_task_id(_decoded(payload, encoding))
+        task_id = find_task_id(decoded(payload, encoding))
         if task_id is None or task_id == known_task or task_id in request.path.split("/"):
             return  # nothing new, or an id that would capture the very path that made it
         try:
@@ -282,107 +276,16 @@ class UpstreamBody:
             self.upstream.close()
 
 
-def request_target(prefixes: tuple[str, ...]) -> tuple[str, list[str]]:
-    """The raw path and query to forward, and the decoded segments after the prefix.
-
-    The raw target is forwarded as the client sent it, so `%2F` or `%3F` inside a segment
-    keep their meaning; a target that could climb out of the prefix is refused.
-    """
-    raw = request.environ.get("RAW_URI") or request.environ.get("REQUEST_URI") or request.path
-    raw_path = raw.split("?", 1)[0]
-    if not raw_path.startswith("/"):
-        raise BadTarget("the request target must be a path starting with '/'")
-    prefix = next((p for p in prefixes if raw_path.startswith(p) or raw_path == p.rstrip("/")), None)
-    if prefix is None:
-        raise BadTarget(f"the path must start with one of {', '.join(prefixes)}, unencoded")
-    segments = [unquote(segment) for segment in raw_path[len(prefix) :].split("/")]
-    for segment in segments:
-        if {".", ".."} & set(segment.replace("\\", "/").split("/")):
-            raise BadTarget("the path may not contain '.' or '..' segments, encoded or not")
-    query = request.environ.get("QUERY_STRING", "")
-    return (f"{raw_path}?{query}" if query else raw_path), [s for s in segments if s]
-
-
-def required_gpu_memory() -> float | None:
-    """The GB of GPU memory the request asks for in X-Required-GPU-Memory-GB, if any."""
-    raw = request.headers.get(REQUIRED_MEMORY_HEADER)
-    if raw is None:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= 1_000_000:  # also refuses nan and inf
-        raise ValueError(f"{REQUIRED_MEMORY_HEADER} must be a positive number of GB, not {raw!r}")
-    return value
-
-
-def may_name_task(upstream: urllib3.BaseHTTPResponse) -> bool:
-    """A successful JSON reply to a request that can carry a body is read whole for its task_id."""
-    content_type = upstream.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
-    is_json = content_type == "application/json" or content_type.endswith("+json")
-    return is_json and 200 <= upstream.status < 300 and upstream.status != 204 and request.method != "HEAD"
-
-
-def find_task_id(payload: bytes) -> str | None:
-    """The `task_id` at the top level of a JSON object, or under its `data`."""
-    try:
-        document = json.loads(payload)
-    except ValueError:
-        return None
-    for holder in (document, document.get("data") if isinstance(document, dict) else None):
-        if isinstance(holder, dict):
-            value = holder.get("task_id")
-            if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value):
-                return str(value)
-    return None
-
-
-def task_candidates(segments: list[str]) -> list[str]:
-    """Strings that may name a task: `?task_id=`, then the segments after the prefix, last first."""
-    return [c for c in [request.args.get("task_id", ""), *reversed(segments)] if c]
-
-
-def upstream_headers() -> dict[str, str]:
-    """End-to-end request headers, plus X-Forwarded-For/-Proto/-Host."""
-    dropped = NOT_FORWARDED | _connection_tokens(request.headers.get("Connection", ""))
-    headers = {name: value for name, value in request.headers.items() if name.lower() not in dropped}
-    peer = request.environ.get("werkzeug.proxy_fix.orig", {}).get("REMOTE_ADDR", request.remote_addr) or ""
-    prior = request.headers.get("X-Forwarded-For")
-    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    headers["X-Forwarded-Proto"] = request.scheme
-    headers["X-Forwarded-Host"] = request.host
-    return headers
-
-
-def downstream_headers(upstream: urllib3.BaseHTTPResponse) -> list[tuple[str, str]]:
-    """End-to-end response headers, each repeated header kept apart (Set-Cookie)."""
-    dropped = HOP_BY_HOP | _connection_tokens(upstream.headers.get("Connection", ""))
-    return [(name, value) for name, value in upstream.headers.iteritems() if name.lower() not in dropped]
-
-
 def display(label: str) -> str:
     """The server label users and metrics see: the fallback backend is `fallback`."""
     return "fallback" if label == FALLBACK_OWNER else label
 
 
 def upstream_error(label: str, exc: UpstreamFailed) -> Response:
-    """502 for a refused or broken upstream, 504 for one that timed out."""
-    return error_response(504 if exc.timed_out else 502, f"backend {label}: {exc}")
-
-
-def _decoded(payload: bytes, encoding: str) -> bytes:
-    """A gzip/deflate body inflated for inspection (what is sent stays as it came), else as is."""
-    if encoding.strip().lower() not in ("gzip", "x-gzip", "deflate"):
-        return payload
-    try:
-        return zlib.decompressobj(wbits=47).decompress(payload, JSON_CAPTURE_LIMIT)  # 47: gzip or zlib header
-    except zlib.error:
-        return b""
-
-
-def _connection_tokens(value: str) -> frozenset[str]:
-    return frozenset(token.strip().lower() for token in value.split(",") if token.strip())
+    """502 for a refused or broken upstream, 504 for one that timed out, naming the server."""
+    response = error_response(504 if exc.timed_out else 502, f"backend {display(label)}: {exc}")
+    response.headers["X-Backend-Server"] = display(label)
+    return response
 
 
 def _errno(exc: BaseException) -> int | None:
@@ -402,8 +305,11 @@ def proxy_view(path: str = "") -> Response:
     """The view behind every proxied prefix; each request is counted once, when it ends."""
     proxy: Proxy = current_app.extensions["proxy"]
     started, method = time.perf_counter(), request.method
-    response = proxy.handle()
-    server = response.headers.get("X-Backend-Server", NO_SERVER)
+    try:
+        response = proxy.handle()
+    except HTTPException as exc:  # 413 from the body limit, say: still one request to count and log
+        response = handle_http_exception(exc)
+    server = response.headers.get("X-Backend-Server", NO_SERVER)  # only ever set by this proxy
     status, path = response.status_code, request.path  # the path only: a query may carry a secret
 
     def done() -> None:

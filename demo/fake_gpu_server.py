@@ -117,6 +117,10 @@ class Handler(BaseHTTPRequestHandler):
         if segments[:2] == ["api", "stream"]:
             gated = query.get("gated") == "1"
             return self.send_stream(int(query.get("n", "5")), float(query.get("delay", "0.2")), gated)
+        if segments[:2] == ["api", "deep-json"]:  # nested deeper than Python's json can parse
+            return self.send_bytes(200, b"[" * 100_000 + b"]" * 100_000, "application/json")
+        if segments[:2] == ["api", "spoof"]:  # a backend that names itself in our header
+            return self.send_json(200, {}, extra_headers=[("X-Backend-Server", "evil-000001")])
         if segments[:2] == ["api", "echo-bytes"]:
             return self.send_bytes(200, body, "application/octet-stream")
         if segments[:2] == ["api", "slow"]:

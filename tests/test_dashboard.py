@@ -223,3 +223,14 @@ def test_the_browser_sees_a_killed_server_turn_unhealthy(browser, live_gateway, 
     screenshot = ARTIFACTS / "dashboard.png"
     assert browser.save_screenshot(str(screenshot))
     assert Path(screenshot).stat().st_size > 0
+
+
+def test_login_behind_a_tls_proxy_is_same_origin(app):
+    client = app.test_client()
+    response = client.post(
+        "/dashboard/login",
+        data={"secret": SECRET},
+        headers={"Origin": "https://localhost"},
+        base_url="http://localhost",
+    )
+    assert response.status_code == 303

@@ -98,3 +98,11 @@ def test_json_format_and_rotation(gateway_process, fake_servers, tmp_path):
     for line in (log_dir / "request.log.1").read_text().splitlines():
         document = json.loads(line)
         assert document["msg"] == "request" and document["server"] == "B1"
+
+
+def test_a_path_full_of_control_characters_stays_on_one_line():
+    path = "/api/b\x85x/c\u2028y/d\x1b[31m/e\rf"
+    for style in ("kv", "json"):
+        line = StructuredFormatter(style).format(record("request", fields={"path": path}))
+        assert len(line.splitlines()) == 1
+        assert not any(c in line for c in "\x85\u2028\x1b\r")

@@ -133,3 +133,59 @@ def test_status_needs_the_secret_and_sums_it_up(live_gateway, fake_servers):
     assert reply["servers"] == {"total_servers": 1, "healthy_servers": 1, "unhealthy_servers": 0}
     assert reply["requests"] == {"total": 1, "by_status_class": {"2xx": 1}}
     assert SECRET not in requests.get(gateway.url + "/health", timeout=5).text
+
+
+def test_a_reply_too_deep_to_parse_still_ends_its_request(live_gateway, fake_servers):
+    gateway = live_gateway()
+    gateway.register(fake_servers("B1"))
+    response = requests.get(gateway.url + "/api/deep-json", timeout=10)
+    assert response.status_code == 200
+    assert len(response.content) == 200_000
+    assert wait_until(
+        lambda: value(scrape(gateway.url), "gateway_requests_total", server="B1", method="GET", status_class="2xx") == 1
+    )
+    assert value(scrape(gateway.url), "gateway_requests_in_flight", server="B1") == 0
+
+
+def test_a_backend_cannot_name_itself_in_our_header(live_gateway, fake_servers):
+    gateway = live_gateway()
+    gateway.register(fake_servers("B1"))
+    response = requests.get(gateway.url + "/api/spoof", timeout=5)
+    assert response.raw.headers.getlist("X-Backend-Server") == ["B1"]
+    assert wait_until(
+        lambda: value(scrape(gateway.url), "gateway_requests_total", server="B1", method="GET", status_class="2xx") == 1
+    )
+    assert not any(dict(labels).get("server", "").startswith("evil") for _, labels in scrape(gateway.url))
+
+
+def test_a_server_that_leaves_mid_request_does_not_come_back_in_the_metrics(live_gateway, fake_servers):
+    gateway = live_gateway()
+    server = fake_servers("B1")
+    gateway.register(server)
+    response = requests.get(gateway.url + "/api/stream?n=3&delay=0&gated=1", stream=True, timeout=10)
+    next(response.iter_content(chunk_size=None))
+    requests.post(gateway.url + "/webhook/unregister", json={"server_id": "B1", "secret": SECRET}, timeout=5)
+    server.stream_gate.set()
+    b"".join(response.iter_content(chunk_size=None))
+    response.close()
+    assert wait_until(
+        lambda: (
+            value(scrape(gateway.url), "gateway_requests_total", server="none", method="GET", status_class="2xx") == 1
+        )
+    )
+    assert not any(dict(labels).get("server") == "B1" for _, labels in scrape(gateway.url))
+
+
+def test_errors_and_refusals_are_counted_with_their_server(live_gateway, fake_servers):
+    gateway = live_gateway(proxy_read_timeout=0.3, proxy_max_body_bytes=100)
+    gateway.register(fake_servers("B1"))
+    assert requests.get(gateway.url + "/api/slow?delay=2", timeout=10).status_code == 504
+    assert requests.post(gateway.url + "/api/echo", data=b"x" * 101, timeout=5).status_code == 413
+    assert wait_until(
+        lambda: value(scrape(gateway.url), "gateway_requests_total", server="B1", method="GET", status_class="5xx") == 1
+    )
+    assert wait_until(
+        lambda: (
+            value(scrape(gateway.url), "gateway_requests_total", server="none", method="POST", status_class="4xx") == 1
+        )
+    )

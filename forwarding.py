@@ -1,0 +1,126 @@
+"""What crosses the proxy: the request target, headers both ways, and task ids in replies."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from urllib.parse import unquote
+
+import urllib3
+from flask import request
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
+REQUIRED_MEMORY_HEADER = "X-Required-GPU-Memory-GB"
+JSON_CAPTURE_LIMIT = 1024 * 1024  # a JSON reply up to this size is read whole to find its task_id
+
+
+class BadTarget(Exception):
+    """The request target cannot be forwarded safely."""
+
+
+def request_target(prefixes: tuple[str, ...]) -> tuple[str, list[str]]:
+    """The raw path and query to forward, and the decoded segments after the prefix.
+
+    The raw target is forwarded as the client sent it, so `%2F` or `%3F` inside a segment
+    keep their meaning; a target that could climb out of the prefix is refused.
+    """
+    raw = request.environ.get("RAW_URI") or request.environ.get("REQUEST_URI") or request.path
+    raw_path = raw.split("?", 1)[0]
+    if not raw_path.startswith("/"):
+        raise BadTarget("the request target must be a path starting with '/'")
+    prefix = next((p for p in prefixes if raw_path.startswith(p) or raw_path == p.rstrip("/")), None)
+    if prefix is None:
+        raise BadTarget(f"the path must start with one of {', '.join(prefixes)}, unencoded")
+    segments = [unquote(segment) for segment in raw_path[len(prefix) :].split("/")]
+    for segment in segments:
+        if {".", ".."} & set(segment.replace("\\", "/").split("/")):
+            raise BadTarget("the path may not contain '.' or '..' segments, encoded or not")
+    query = request.environ.get("QUERY_STRING", "")
+    return (f"{raw_path}?{query}" if query else raw_path), [s for s in segments if s]
+
+
+def required_gpu_memory() -> float | None:
+    """The GB of GPU memory the request asks for in X-Required-GPU-Memory-GB, if any."""
+    raw = request.headers.get(REQUIRED_MEMORY_HEADER)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1_000_000:  # also refuses nan and inf
+        raise ValueError(f"{REQUIRED_MEMORY_HEADER} must be a positive number of GB, not {raw!r}")
+    return value
+
+
+def may_name_task(upstream: urllib3.BaseHTTPResponse) -> bool:
+    """A successful JSON reply to a request that can carry a body is read whole for its task_id."""
+    content_type = upstream.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+    is_json = content_type == "application/json" or content_type.endswith("+json")
+    return is_json and 200 <= upstream.status < 300 and upstream.status != 204 and request.method != "HEAD"
+
+
+def find_task_id(payload: bytes) -> str | None:
+    """The `task_id` at the top level of a JSON object, or under its `data`."""
+    try:
+        document = json.loads(payload)
+    except (ValueError, RecursionError):  # RecursionError: a reply nested deeper than json can parse
+        return None
+    for holder in (document, document.get("data") if isinstance(document, dict) else None):
+        if isinstance(holder, dict):
+            value = holder.get("task_id")
+            if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value):
+                return str(value)
+    return None
+
+
+def task_candidates(segments: list[str]) -> list[str]:
+    """Strings that may name a task: `?task_id=`, then the segments after the prefix, last first."""
+    return [c for c in [request.args.get("task_id", ""), *reversed(segments)] if c]
+
+
+def upstream_headers() -> dict[str, str]:
+    """End-to-end request headers, plus X-Forwarded-For/-Proto/-Host."""
+    dropped = NOT_FORWARDED | _connection_tokens(request.headers.get("Connection", ""))
+    headers = {name: value for name, value in request.headers.items() if name.lower() not in dropped}
+    peer = request.environ.get("werkzeug.proxy_fix.orig", {}).get("REMOTE_ADDR", request.remote_addr) or ""
+    prior = request.headers.get("X-Forwarded-For")
+    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    headers["X-Forwarded-Proto"] = request.scheme
+    headers["X-Forwarded-Host"] = request.host
+    return headers
+
+
+def downstream_headers(upstream: urllib3.BaseHTTPResponse) -> list[tuple[str, str]]:
+    """End-to-end response headers, each repeated header kept apart (Set-Cookie)."""
+    # The backend's own X-Backend-Server is dropped: ours names the server, for clients and metrics.
+    dropped = HOP_BY_HOP | {"x-backend-server"} | _connection_tokens(upstream.headers.get("Connection", ""))
+    return [(name, value) for name, value in upstream.headers.iteritems() if name.lower() not in dropped]
+
+
+def decoded(payload: bytes, encoding: str) -> bytes:
+    """A gzip/deflate body inflated for inspection (what is sent stays as it came), else as is."""
+    if encoding.strip().lower() not in ("gzip", "x-gzip", "deflate"):
+        return payload
+    try:
+        return zlib.decompressobj(wbits=47).decompress(payload, JSON_CAPTURE_LIMIT)  # 47: gzip or zlib header
+    except zlib.error:
+        return b""
+
+
+def _connection_tokens(value: str) -> frozenset[str]:
+    return frozenset(token.strip().lower() for token in value.split(",") if token.strip())

@@ -83,7 +83,9 @@ def served(gateway, count: int, required_gb: float) -> list[str]:
 
 
 def test_gateway_routes_by_the_monitors_free_memory(live_gateway, fake_servers, monitors):
-    gateway = live_gateway(health_check_interval=3600.0, health_check_timeout=5.0)  # sweeps run by hand
+    # Sweeps run by hand. The score counts GPU memory alone: both monitors read this host's
+    # real CPU, whose percent swings between two reads by more than the GPU terms differ.
+    gateway = live_gateway(health_check_interval=3600.0, health_check_timeout=5.0, load_score_weights={"gpu": 1.0})
     small, big = fake_servers("SMALL"), fake_servers("BIG")
     register(gateway, "SMALL", small.port, monitors(24, 20).port)  # 24*0.9-20 = 1.6 GiB usable
     register(gateway, "BIG", big.port, monitors(80, 10).port)  # 80*0.9-10 = 62 GiB usable

@@ -75,7 +75,7 @@ def create_app(config: Config | None = None) -> Flask:
 
 def configure_logging(config: Config) -> None:
     """Structured lines to stdout (journald under systemd), and to LOG_DIR's files when set."""
-    secrets = [s for s in (config.webhook_secret, config.metrics_token) if s]
+    secrets = [s for s in (config.webhook_secret, config.metrics_token, config.admin_token) if s]
     log_setup.configure(
         config.log_level, config.log_format, config.log_dir, config.log_max_bytes, config.log_backups, secrets
     )

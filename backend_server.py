@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,6 +32,14 @@ class BackendServer:
     last_used_time: str | None = None
     monitor_url: str | None = None  # the host's resource monitor, when it runs one
     health_changed_time: str | None = None  # when is_healthy last changed (or registration)
+    weight: int = 1  # share of traffic within its priority tier
+    priority: int = 1  # tier: 1 is preferred, 2 is used only when no tier-1 server can take work
+    max_concurrent: int = 0  # in-flight requests it may hold; 0 means unlimited
+    models: list[str] = field(default_factory=list)  # model names it serves, as registered
+    model_map: dict[str, str] = field(default_factory=dict)  # virtual model name -> its actual name
+    labels: dict[str, str] = field(default_factory=dict)
+    draining: bool = False  # takes no new work; its tasks still reach it
+    discovered_models: list[str] = field(default_factory=list)  # found by the health sweep
 
     def __post_init__(self) -> None:
         self.url = server_url(self.ip, self.port)
@@ -59,7 +67,36 @@ class BackendServer:
             last_used_time=_optional_str(entry.get("last_used_time")),
             monitor_url=_optional_str(entry.get("monitor_url")),
             health_changed_time=_optional_str(entry.get("health_changed_time")),
-        )
+            draining=entry.get("draining", False) is True,
+            discovered_models=_strings(entry.get("discovered_models", [])),
+            **{name: entry[name] for name in OPTION_NAMES if name in entry},
+        ).checked()
+
+    def checked(self) -> BackendServer:
+        """Self, after checking the routing options read from the state file; ValueError if bad."""
+        for name in ("weight", "priority", "max_concurrent"):
+            value = getattr(self, name)
+            low = 0 if name == "max_concurrent" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"entry {self.server_id!r} has a bad {name}: {value!r}")
+        if _strings(self.models) != self.models:
+            raise ValueError(f"entry {self.server_id!r} has bad models: {self.models!r:.200}")
+        for name in ("model_map", "labels"):
+            value = getattr(self, name)
+            if not isinstance(value, dict) or not all(isinstance(x, str) for pair in value.items() for x in pair):
+                raise ValueError(f"entry {self.server_id!r} has a bad {name}: {value!r:.200}")
+        return self
+
+    def options(self) -> dict[str, Any]:
+        """The routing options an operator may set."""
+        return {name: getattr(self, name) for name in OPTION_NAMES}
+
+
+OPTION_NAMES = ("weight", "priority", "max_concurrent", "models", "model_map", "labels")
+
+
+def _strings(value: Any) -> list[str]:
+    return [item for item in value if isinstance(item, str)] if isinstance(value, list) else []
 
 
 def _optional_str(value: Any) -> str | None:

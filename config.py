@@ -12,7 +12,8 @@ from urllib.parse import urlsplit
 from resources import DEFAULT_WEIGHTS, parse_weights
 
 T = TypeVar("T")
-ROUTING_POLICIES = ("round_robin", "least_load")
+ROUTING_POLICIES = ("round_robin", "least_connections", "least_load")
+MODEL_DISCOVERY_MODES = ("auto", "ollama", "openai", "off")
 
 SETUP_HELP = (
     "WEBHOOK_SECRET is not set. The gateway needs the preset secret that GPU servers send "
@@ -56,6 +57,15 @@ class Config:
     metrics_token: str = field(default="", repr=False)
     routing_policy: str = "round_robin"
     load_score_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+    admin_token: str = field(default="", repr=False)
+    queue_timeout: float = 30.0
+    queue_max_size: int = 100
+    outlier_consecutive_failures: int = 5
+    outlier_base_ejection_seconds: float = 30.0
+    outlier_max_ejection_seconds: float = 300.0
+    slow_start_seconds: float = 0.0
+    model_discovery: str = "auto"
+    llm_routes: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
@@ -97,12 +107,32 @@ class Config:
             "metrics_token": reader.get("METRICS_TOKEN", "", _nonempty),
             "routing_policy": reader.get("ROUTING_POLICY", cls.routing_policy, _policy),
             "load_score_weights": reader.get("LOAD_SCORE_WEIGHTS", dict(DEFAULT_WEIGHTS), parse_weights),
+            "admin_token": reader.optional_secret("ADMIN_TOKEN"),
+            "queue_timeout": reader.get("QUEUE_TIMEOUT", cls.queue_timeout, _number(min_value=0)),
+            "queue_max_size": reader.get("QUEUE_MAX_SIZE", cls.queue_max_size, _integer(0)),
+            "outlier_consecutive_failures": reader.get(
+                "OUTLIER_CONSECUTIVE_FAILURES", cls.outlier_consecutive_failures, _integer(0)
+            ),
+            "outlier_base_ejection_seconds": reader.get(
+                "OUTLIER_BASE_EJECTION_SECONDS", cls.outlier_base_ejection_seconds, _number(min_value=0.1)
+            ),
+            "outlier_max_ejection_seconds": reader.get(
+                "OUTLIER_MAX_EJECTION_SECONDS", cls.outlier_max_ejection_seconds, _number(min_value=0.1)
+            ),
+            "slow_start_seconds": reader.get("SLOW_START_SECONDS", cls.slow_start_seconds, _number(min_value=0)),
+            "model_discovery": reader.get("MODEL_DISCOVERY", cls.model_discovery, _choice(MODEL_DISCOVERY_MODES)),
+            "llm_routes": reader.get("LLM_ROUTES", cls.llm_routes, _boolean),
         }
         values.update(overrides)
         if values["health_check_timeout"] >= values["health_check_interval"]:
             raise ConfigError(
                 f"HEALTH_CHECK_TIMEOUT ({values['health_check_timeout']:g}) must be below "
                 f"HEALTH_CHECK_INTERVAL ({values['health_check_interval']:g}), or sweeps would overlap."
+            )
+        if values["outlier_max_ejection_seconds"] < values["outlier_base_ejection_seconds"]:
+            raise ConfigError(
+                f"OUTLIER_MAX_EJECTION_SECONDS ({values['outlier_max_ejection_seconds']:g}) must be at least "
+                f"OUTLIER_BASE_EJECTION_SECONDS ({values['outlier_base_ejection_seconds']:g})."
             )
         return cls(**values)
 
@@ -124,6 +154,10 @@ class _Reader:
         value = self.env.get(name, "")
         if not value.strip():
             raise ConfigError(SETUP_HELP)
+        return self.optional_secret(name)
+
+    def optional_secret(self, name: str) -> str:
+        value = self.env.get(name, "")
         if value != value.strip():
             raise ConfigError(f"{name} has leading or trailing whitespace; remove it.")
         return value
@@ -200,9 +234,23 @@ def _networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, 
 
 
 def _policy(raw: str) -> str:
-    if raw not in ROUTING_POLICIES:
-        raise ValueError(f"expected one of {', '.join(ROUTING_POLICIES)}")
-    return raw
+    return _choice(ROUTING_POLICIES)(raw)
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return raw
+
+    return parse
+
+
+def _boolean(raw: str) -> bool:
+    value = raw.lower()
+    if value not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+        raise ValueError("expected true or false (also 1/0, yes/no, on/off)")
+    return value in ("1", "true", "yes", "on")
 
 
 def _log_format(raw: str) -> str:

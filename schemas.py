@@ -17,6 +17,9 @@ SERVER_ID_PATTERN = re.compile(r"\A[A-Za-z0-9_.-]{1,64}\Z")
 # RFC 1123 host names: labels of 1-63 letters, digits and inner hyphens, 253 characters in all.
 HOSTNAME_PATTERN = re.compile(r"(?=.{1,253}\.?$)(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 
+NAME_PATTERN = re.compile(r"\A[^\s\x00-\x1f\x7f]{1,200}\Z")
+MAX_ITEMS = 256
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -53,6 +56,28 @@ class Port(fields.Integer):
         return port
 
 
+class Count(fields.Integer):
+    """A JSON integer from `low` to `high`; booleans and strings are refused."""
+
+    def __init__(self, low: int, high: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.low, self.high = low, high
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not self.low <= value <= self.high:
+            raise ValidationError(f"must be an integer from {self.low} to {self.high}.")
+        return value
+
+
+class Name(fields.String):
+    """A model name or label: 1-200 printable characters without spaces."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
+            raise ValidationError("must be 1-200 printable characters without spaces.")
+        return value
+
+
 class Secret(fields.String):
     """The shared secret; accepted in the body and never echoed back."""
 
@@ -67,7 +92,29 @@ class ServerIdSchema(Schema):
     secret = Secret(load_only=True)
 
 
-class RegisterSchema(ServerIdSchema):
+class ServerOptionsSchema(Schema):
+    """The routing options a registration or an operator may set; absent ones are left as they are."""
+
+    weight = Count(1, 1000)
+    priority = Count(1, 100)
+    max_concurrent = Count(0, 100_000)
+    models = fields.List(Name(), validate=validate.Length(max=MAX_ITEMS, error="may hold at most {max} names."))
+    model_map = fields.Dict(
+        keys=Name(), values=Name(), validate=validate.Length(max=MAX_ITEMS, error="may hold at most {max} names.")
+    )
+    labels = fields.Dict(
+        keys=Name(), values=fields.String(validate=validate.Length(max=200)), validate=validate.Length(max=64)
+    )
+
+    @post_load
+    def unique_models(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        """Drop repeated model names, keeping the first of each."""
+        if "models" in data:
+            data["models"] = list(dict.fromkeys(data["models"]))
+        return data
+
+
+class RegisterSchema(ServerIdSchema, ServerOptionsSchema):
     """The body of `POST /webhook/register`."""
 
     ip = fields.String(required=True)

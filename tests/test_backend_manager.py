@@ -50,6 +50,14 @@ def test_register_is_saved_before_it_returns(tmp_path):
             "last_check_time": None,
             "last_used_time": None,
             "monitor_url": None,
+            "weight": 1,
+            "priority": 1,
+            "max_concurrent": 0,
+            "models": [],
+            "model_map": {},
+            "labels": {},
+            "draining": False,
+            "discovered_models": [],
         }
     ]
 

@@ -22,7 +22,9 @@ import status_routes
 from backend_manager import BackendManager, backend_manager
 from config import Config, ConfigError, parse_bind
 from health import HealthChecker
+from model_discovery import ModelDiscoverer
 from monitor_reader import MonitorReader
+from outliers import OutlierDetector
 from store import JsonFileStore
 from webhook_routes import register_webhook_routes
 
@@ -51,9 +53,15 @@ def create_app(config: Config | None = None) -> Flask:
             config.health_check_path, config.health_check_timeout, config.health_check_concurrency
         ),
         monitor_reader=MonitorReader(config.health_check_timeout),
+        model_discoverer=ModelDiscoverer(config.model_discovery, config.health_check_timeout),
     )
     manager.routing_policy = config.routing_policy
     manager.load_weights = dict(config.load_score_weights)
+    manager.selector.slow_start_seconds = config.slow_start_seconds
+    manager.queue_timeout, manager.queue_max_size = config.queue_timeout, config.queue_max_size
+    manager.outliers = OutlierDetector(
+        config.outlier_consecutive_failures, config.outlier_base_ejection_seconds, config.outlier_max_ejection_seconds
+    )
     manager.load()
     app.extensions["backend_manager"] = manager
     errors.init_app(app)

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Collection
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -13,12 +14,18 @@ from typing import Any, NamedTuple
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from backend_server import BackendServer, now_iso
+from admission import Lease, LeaseOwner, NoServer, RouteRequest, Waiter
+from backend_server import OPTION_NAMES, BackendServer, now_iso
+from fleet_models import catalog, listed_names, model_key
 from health import HealthChecker, HealthResult, Target
+from model_discovery import DiscoveryTarget, ModelDiscoverer
 from monitor_reader import MonitorReader, MonitorTarget
-from resources import DEFAULT_WEIGHTS, Reading
-from routing import SequentialRotation, choose_by_resources
+from outliers import OutlierDetector
+from resources import Reading
+from selection import Selector
 from store import JsonFileStore
+
+__all__ = ["BackendManager", "Lease", "NoServer", "PersistError", "Pick", "RouteRequest", "backend_manager"]
 
 log = logging.getLogger(__name__)
 health_log = logging.getLogger("gateway.health")
@@ -38,8 +45,8 @@ class PersistError(RuntimeError):
     """A change was made in memory but could not be saved."""
 
 
-class BackendManager:
-    """Keeps the fleet under a lock, saves every change, rotates, and runs the health job."""
+class BackendManager(LeaseOwner):
+    """Keeps the fleet under a lock, saves every change, routes, and runs the health job."""
 
     def __init__(
         self,
@@ -51,7 +58,12 @@ class BackendManager:
     ) -> None:
         self._lock = threading.Lock()
         self._servers: dict[str, BackendServer] = {}  # insertion order is registration order
-        self._rotation = SequentialRotation()
+        self.selector = Selector()
+        self._in_flight: dict[str, int] = {}  # leases held per server id; an entry goes at zero
+        self._waiters: deque[Waiter] = deque()  # requests queued for a slot, first come first served
+        self.queue_timeout = 30.0
+        self.queue_max_size = 100
+        self.outliers = OutlierDetector(consecutive_failures=0)
         self._version = 0
         self._save_lock = threading.Lock()
         self._saved_version = 0
@@ -60,8 +72,6 @@ class BackendManager:
         self._last_sweep: dict[str, Any] = {}
         self._readings: dict[str, Reading] = {}  # the latest report of each server's monitor
         self.observers: list[Any] = []  # told server_removed(id) and health_checked(results, seconds)
-        self.routing_policy = "round_robin"
-        self.load_weights: dict[str, float] = dict(DEFAULT_WEIGHTS)
         self.configure(store, failure_threshold, health_check_interval, health_checker)
 
     def configure(
@@ -71,6 +81,7 @@ class BackendManager:
         health_check_interval: float = 30.0,
         health_checker: HealthChecker | None = None,
         monitor_reader: MonitorReader | None = None,
+        model_discoverer: ModelDiscoverer | None = None,
     ) -> None:
         """Set where state is saved and how health is checked; call before `load`."""
         self.store = store
@@ -78,6 +89,25 @@ class BackendManager:
         self.health_check_interval = health_check_interval
         self.health_checker = health_checker
         self.monitor_reader = monitor_reader
+        self.model_discoverer = model_discoverer
+
+    @property
+    def routing_policy(self) -> str:
+        """round_robin, least_connections or least_load."""
+        return self.selector.policy
+
+    @routing_policy.setter
+    def routing_policy(self, policy: str) -> None:
+        self.selector.policy = policy
+
+    @property
+    def load_weights(self) -> dict[str, float]:
+        """The weights of the load score (least_load)."""
+        return self.selector.load_weights
+
+    @load_weights.setter
+    def load_weights(self, weights: dict[str, float]) -> None:
+        self.selector.load_weights = dict(weights)
 
     # -- reading -------------------------------------------------------------------------
 
@@ -86,26 +116,108 @@ class BackendManager:
         return self.pick_server(exclude).server
 
     def pick_server(self, exclude: Collection[str] = frozenset(), required_bytes: int | None = None) -> Pick:
-        """Choose a server; with `required_bytes`, one whose fresh reading shows that much free."""
+        """Choose a server without holding a slot on it; say when servers were up but none fit."""
         with self._lock:
-            no_fit = False
-            if required_bytes is None and self.routing_policy == "round_robin":
-                server_id = self._rotation.choose(exclude)  # the O(1) path every plain request takes
+            try:
+                server_id, _ = self._choose(RouteRequest(required_bytes=required_bytes), exclude)
+            except NoServer as exc:
+                return Pick(None, exc.code == "no_fit")
+            return Pick(self._used(server_id), False)
+
+    def acquire(
+        self, route: RouteRequest, exclude: Collection[str] = frozenset(), timeout: float | None = None
+    ) -> Lease:
+        """A slot on the server chosen for `route`; waits in the queue while all are at their cap.
+
+        Raises NoServer when none can take it, the queue is full, or `timeout` (default
+        QUEUE_TIMEOUT) passes first.
+        """
+        timeout = self.queue_timeout if timeout is None else timeout
+        with self._lock:
+            try:
+                return self._lease(route, exclude)
+            except NoServer as exc:
+                if exc.code != "at_capacity":
+                    raise
+                if timeout <= 0 or len(self._waiters) >= self.queue_max_size:
+                    reason = "and the queue is full" if timeout > 0 else "and queueing is off"
+                    raise NoServer(503, "queue_full", f"{exc.message}, {reason}", retry_after="1") from None
+                waiter = Waiter(route, exclude)
+                self._waiters.append(waiter)
+        waiter.event.wait(timeout)
+        with self._lock:
+            if waiter.lease is not None:
+                return waiter.lease
+            if waiter.error is not None:
+                raise waiter.error
+            self._waiters.remove(waiter)
+        message = f"every server that can take this request stayed at its max_concurrent for {timeout:g}s"
+        raise NoServer(503, "queue_timeout", message, retry_after="1")
+
+    def hold(self, server_id: str) -> Lease:
+        """A slot on a given server, cap or not: a request for a task it owns must go there."""
+        with self._lock:
+            server = self._servers.get(server_id)
+            if server is None:
+                return Lease(None, None, None)
+            self._in_flight[server_id] = self._in_flight.get(server_id, 0) + 1
+            return Lease(self, replace(server), None)
+
+    def release_lease(self, lease: Lease) -> None:
+        """Free a lease's slot once, and hand it to the first queued request that can use it."""
+        with self._lock:
+            if lease.released or lease.server is None:
+                return
+            lease.released = True
+            server_id = lease.server.server_id
+            count = self._in_flight.get(server_id, 0) - 1
+            if count > 0:
+                self._in_flight[server_id] = count
             else:
-                server_id, no_fit = choose_by_resources(
-                    self._rotation,
-                    [s.server_id for s in self._servers.values() if s.is_healthy],
-                    self._fresh_readings(),
-                    exclude,
-                    required_bytes,
-                    self.routing_policy,
-                    self.load_weights,
-                )
-            if server_id is None:
-                return Pick(None, no_fit)
-            server = self._servers[server_id]
-            server.last_used_time = now_iso()
-            return Pick(replace(server), False)
+                self._in_flight.pop(server_id, None)
+            self._dispatch_waiters()
+
+    def _choose(self, route: RouteRequest, exclude: Collection[str]) -> tuple[str, str | None]:
+        """Under the lock: the Selector's decision over the current state."""
+        readings = (
+            self._fresh_readings() if route.required_bytes is not None or self.routing_policy == "least_load" else {}
+        )
+        return self.selector.choose(
+            self._servers, route, exclude, self._in_flight, self.outliers.ejected_ids(), readings
+        )
+
+    def _lease(self, route: RouteRequest, exclude: Collection[str]) -> Lease:
+        """Under the lock: choose and take a slot."""
+        server_id, actual_model = self._choose(route, exclude)
+        self._in_flight[server_id] = self._in_flight.get(server_id, 0) + 1
+        return Lease(self, self._used(server_id), actual_model)
+
+    def _used(self, server_id: str) -> BackendServer:
+        """Under the lock: stamp a server as used and return a copy."""
+        server = self._servers[server_id]
+        server.last_used_time = now_iso()
+        return replace(server)
+
+    def _dispatch_waiters(self) -> None:
+        """Under the lock: give queued requests, oldest first, the slots that are free now."""
+        for waiter in list(self._waiters):
+            try:
+                waiter.lease = self._lease(waiter.route, waiter.exclude)
+            except NoServer as exc:
+                if exc.code == "at_capacity":
+                    continue
+                waiter.error = exc
+            self._waiters.remove(waiter)
+            waiter.event.set()
+
+    def report_result(self, server_id: str, ok: bool, detail: str = "") -> None:
+        """Count a proxied request's outcome (a failure is a 5xx or a broken connection) for ejection."""
+        if ok:
+            self.outliers.record_success(server_id)
+            return
+        seconds = self.outliers.record_failure(server_id)
+        if seconds is not None:
+            health_log.warning("server %s ejected for %gs after consecutive failures: %s", server_id, seconds, detail)
 
     def _summary(self, server_id: str, now: float) -> dict[str, Any] | None:
         """A server's reading as /webhook/servers shows it; under the lock."""
@@ -129,6 +241,26 @@ class BackendManager:
                 server = self._servers.get(server_id)
                 if server is not None and server.monitor_url == monitor_url:
                     self._readings[server_id] = reading
+
+    def apply_discovered(self, found: list[tuple[str, str, list[str]]]) -> None:
+        """Keep each (server_id, url, models) found by discovery whose server is still at that url."""
+        with self._lock:
+            changed = []
+            for server_id, url, models in found:
+                server = self._servers.get(server_id)
+                if (
+                    server is not None
+                    and server.url == url
+                    and not _declares(server)
+                    and server.discovered_models != models
+                ):
+                    server.discovered_models = list(models)
+                    changed.append(server_id)
+            version = self._changed() if changed else None
+        if version is not None:
+            log.info("models discovered on %s", ", ".join(changed))
+            with contextlib.suppress(PersistError):  # logged by _persist; the next save carries it
+                self._persist(version)
 
     def rankings(self) -> list[dict[str, Any]]:
         """Healthy and unhealthy servers by load score, lowest first; those without a fresh reading last."""
@@ -164,14 +296,94 @@ class BackendManager:
         """True while the health job is scheduled, which is while any server is registered."""
         return self._scheduler is not None and self._scheduler.get_job(HEALTH_JOB_ID) is not None
 
+    def describe_servers(self) -> list[dict[str, Any]]:
+        """Every server with its routing state: in flight, ejection, effective weight, models, resources."""
+        with self._lock:
+            return self._rows()
+
+    def describe_server(self, server_id: str) -> dict[str, Any] | None:
+        """One server as `describe_servers` shows it, or None."""
+        with self._lock:
+            return next((row for row in self._rows() if row["server_id"] == server_id), None)
+
+    def _rows(self) -> list[dict[str, Any]]:
+        """Under the lock: each server's data and routing state."""
+        now, clock = time.monotonic(), self.outliers.describe
+        rows = []
+        for server in self._servers.values():
+            ejection = clock(server.server_id)
+            rows.append(
+                {
+                    **server.to_dict(),
+                    "in_flight": self._in_flight.get(server.server_id, 0),
+                    "ejected": ejection["ejected"],
+                    "ejection_seconds_left": ejection["seconds_left"],
+                    "effective_weight": round(self.selector.effective_weight(server), 3),
+                    "served_models": listed_names(server),
+                    "resources": self._summary(server.server_id, now),
+                }
+            )
+        return rows
+
+    def model_catalog(self) -> dict[str, list[str]]:
+        """Model name -> ids of the servers that can take work for it now (healthy, not draining)."""
+        with self._lock:
+            return catalog(s for s in self._servers.values() if s.is_healthy and not s.draining)
+
+    def priority_check(self, model: str) -> dict[str, Any]:
+        """Which servers would serve `model`, tier by tier, and in what state each is."""
+        key = model_key(model)
+        ejected = self.outliers.ejected_ids()
+        with self._lock:
+            serving = [s for s in self._servers.values() if key in self.selector.served[s.server_id]]
+            tiers: dict[int, list[dict[str, Any]]] = {}
+            for server in sorted(serving, key=lambda s: s.priority):
+                tiers.setdefault(server.priority, []).append(
+                    {
+                        "server_id": server.server_id,
+                        "actual_model": self.selector.served[server.server_id][key],
+                        "state": self._state(server, ejected),
+                        "weight": server.weight,
+                        "in_flight": self._in_flight.get(server.server_id, 0),
+                        "max_concurrent": server.max_concurrent,
+                    }
+                )
+        serving_tier = next((p for p, rows in tiers.items() if any(r["state"] == "available" for r in rows)), None)
+        return {
+            "model": model,
+            "known": bool(serving),
+            "serving_tier": serving_tier,
+            "tiers": [{"priority": p, "servers": rows} for p, rows in tiers.items()],
+        }
+
+    def priority_overview(self) -> dict[str, Any]:
+        """The servers of each tier, how many can take work now, and the models the tier serves."""
+        ejected = self.outliers.ejected_ids()
+        with self._lock:
+            tiers: dict[int, dict[str, Any]] = {}
+            for server in sorted(self._servers.values(), key=lambda s: s.priority):
+                tier = tiers.setdefault(server.priority, {"priority": server.priority, "servers": [], "available": 0})
+                tier["servers"].append(server.server_id)
+                tier["available"] += self._state(server, ejected) == "available"
+            for priority, tier in tiers.items():
+                tier["models"] = list(catalog(s for s in self._servers.values() if s.priority == priority))
+        return {"tiers": list(tiers.values())}
+
+    def _state(self, server: BackendServer, ejected: Collection[str]) -> str:
+        """Under the lock: whether a server can take new work now, or why not."""
+        if not server.is_healthy:
+            return "unhealthy"
+        if server.draining:
+            return "draining"
+        if server.server_id in ejected:
+            return "ejected"
+        if server.max_concurrent and self._in_flight.get(server.server_id, 0) >= server.max_concurrent:
+            return "at_capacity"
+        return "available"
+
     def get_status(self) -> dict[str, Any]:
         """The seed's `/webhook/servers` data: counts, job state and every server."""
-        now = time.monotonic()
-        with self._lock:
-            servers = [
-                {**server.to_dict(), "resources": self._summary(server.server_id, now)}
-                for server in self._servers.values()
-            ]
+        servers = self.describe_servers()
         healthy = sum(1 for server in servers if server["is_healthy"])
         return {
             "total_servers": len(servers),
@@ -184,17 +396,26 @@ class BackendManager:
     # -- changing ------------------------------------------------------------------------
 
     def register_server(
-        self, server_id: str, ip: str, port: int, monitor_url: str | None = None
+        self,
+        server_id: str,
+        ip: str,
+        port: int,
+        monitor_url: str | None = None,
+        options: dict[str, Any] | None = None,
     ) -> tuple[BackendServer, bool]:
         """Add a server, or update one's address in place; return it and whether it is new.
 
         A new address resets the server's health (the seed's IP change). The same address
         again is a heartbeat: health is kept, or an agent re-registering every 30 s would
-        hide a dead service from the health checks, and nothing needs writing.
+        hide a dead service from the health checks, and nothing needs writing. `options`
+        (weight, priority, ...) that are given replace the server's; absent ones are kept, so
+        a heartbeat never undoes what an operator set.
         """
+        options = _checked_options(options or {})
+        address = (ip, port, monitor_url)
         with self._lock:
             existing = self._servers.get(server_id)
-            if existing is not None and (existing.ip, existing.port, existing.monitor_url) == (ip, port, monitor_url):
+            if existing is not None and _address(existing) == address and _has(existing, options):
                 heartbeat, version = replace(existing), self._version
             else:
                 heartbeat = None
@@ -204,11 +425,18 @@ class BackendManager:
             return heartbeat, False
         with self._lock:
             existing = self._servers.get(server_id)
-            server = BackendServer(
-                server_id=server_id, ip=ip, port=port, monitor_url=monitor_url, health_changed_time=now_iso()
-            )
-            if existing is not None:
-                server.last_used_time = existing.last_used_time
+            if existing is not None and _address(existing) == address:
+                server = replace(existing, **options)  # new options at the same address: health is kept
+            else:
+                server = BackendServer(
+                    server_id=server_id, ip=ip, port=port, monitor_url=monitor_url, health_changed_time=now_iso()
+                )
+                if existing is not None:  # a move keeps what the operator and the sweeps set
+                    server = replace(server, **existing.options(), draining=existing.draining)
+                    server.last_used_time = existing.last_used_time
+                    server.discovered_models = existing.discovered_models
+                server = replace(server, **options)
+                self.selector.came_back(server_id)
             self._servers[server_id] = server  # a known key keeps its place in the order
             if existing is None or existing.monitor_url != monitor_url:
                 self._readings.pop(server_id, None)
@@ -217,6 +445,8 @@ class BackendManager:
         self._persist_or_undo(version, server_id, placed=server, previous=existing)
         if existing is None:
             log.info("registered server %s at %s", server_id, registered.url)
+        elif _address(existing) == address:
+            log.info("server %s registered with new options: %s", server_id, options)
         elif existing.url != registered.url:
             log.info("server %s moved from %s to %s; health reset", server_id, existing.url, registered.url)
         else:
@@ -232,11 +462,35 @@ class BackendManager:
                 return False
             self._readings.pop(server_id, None)
             version = self._changed()
+        self.outliers.forget(server_id)
         self._persist_or_undo(version, server_id, placed=None, previous=removed, order=order)
         for observer in self.observers:
             observer.server_removed(server_id)
         log.info("unregistered server %s", server_id)
         return True
+
+    def update_server(self, server_id: str, changes: dict[str, Any]) -> BackendServer | None:
+        """Change a server's routing options; None when it is not registered."""
+        return self._modify(server_id, _checked_options(changes))
+
+    def set_draining(self, server_id: str, draining: bool) -> BackendServer | None:
+        """Drain a server (no new work; its tasks still reach it) or take it back; None when unknown."""
+        return self._modify(server_id, {"draining": draining})
+
+    def _modify(self, server_id: str, changes: dict[str, Any]) -> BackendServer | None:
+        with self._lock:
+            existing = self._servers.get(server_id)
+            if existing is None:
+                return None
+            if _has(existing, changes):
+                return replace(existing)  # nothing changes: nothing to write
+            server = replace(existing, **changes)
+            self._servers[server_id] = server
+            version = self._changed()
+            updated = replace(server)
+        self._persist_or_undo(version, server_id, placed=server, previous=existing)
+        log.info("server %s changed: %s", server_id, changes)
+        return updated
 
     def _persist_or_undo(
         self,
@@ -289,12 +543,17 @@ class BackendManager:
                 if result.ok:
                     server.fail_count = 0
                     server.is_healthy = True
+                    if checked and self.outliers.restore(server.server_id):
+                        self.selector.came_back(server.server_id)
+                        transitions.append((server.server_id, None, "back from ejection: the health check passed"))
                 else:
                     server.fail_count += 1
                     if server.fail_count >= self.failure_threshold:
                         server.is_healthy = False
                 if server.is_healthy != was_healthy:
                     server.health_changed_time = now
+                    if server.is_healthy:
+                        self.selector.came_back(server.server_id)
                     transitions.append((server.server_id, server.is_healthy, result.detail))
                 elif server.is_healthy and server.fail_count != old_fails:
                     transitions.append((server.server_id, None, result.detail))
@@ -316,8 +575,10 @@ class BackendManager:
                 self._persist(version)
 
     def _changed(self) -> int:
-        """Note a change made under the lock: rebuild the rotation and bump the version."""
-        self._rotation.rebuild([(s.server_id, s.is_healthy) for s in self._servers.values()])
+        """Note a change made under the lock: rebuild the routing state, serve the queue, bump the version."""
+        self.selector.rebuild(self._servers.values())
+        if self._waiters:
+            self._dispatch_waiters()
         self._version += 1
         return self._version
 
@@ -371,12 +632,16 @@ class BackendManager:
             with self._lock:
                 targets = [Target(s.server_id, s.url) for s in self._servers.values()]
                 monitors = [MonitorTarget(s.server_id, s.monitor_url) for s in self._servers.values() if s.monitor_url]
-            reader = self.monitor_reader
+                unlisted = [DiscoveryTarget(s.server_id, s.url) for s in self._servers.values() if not _declares(s)]
+            reader, discoverer = self.monitor_reader, self.model_discoverer
             reading = reader.submit(monitors) if reader is not None and monitors else []
+            discovering = discoverer.submit(unlisted) if discoverer is not None and unlisted else []
             results = self.health_checker.check_all(targets)
             self.apply_health_results(results)
             if reader is not None and reading:
                 self.apply_readings(reader.collect(reading))
+            if discoverer is not None and discovering:
+                self.apply_discovered(discoverer.collect(discovering))
         except Exception:  # the job must survive anything, or health checking stops for good
             log.exception("health sweep failed")
             return
@@ -432,6 +697,29 @@ class BackendManager:
             self.health_checker.close()
         if self.monitor_reader is not None:
             self.monitor_reader.close()
+        if self.model_discoverer is not None:
+            self.model_discoverer.close()
+
+
+def _declares(server: BackendServer) -> bool:
+    """True when the server registered its models, so discovery leaves it alone."""
+    return bool(server.models or server.model_map)
+
+
+def _address(server: BackendServer) -> tuple[str, int, str | None]:
+    return server.ip, server.port, server.monitor_url
+
+
+def _has(server: BackendServer, values: dict[str, Any]) -> bool:
+    """True when the server already holds every given value."""
+    return all(getattr(server, name) == value for name, value in values.items())
+
+
+def _checked_options(options: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(options) - set(OPTION_NAMES)
+    if unknown:
+        raise ValueError(f"unknown server options: {', '.join(sorted(unknown))}")
+    return dict(options)
 
 
 # The default instance the seed imports: `from backend_manager import backend_manager`.

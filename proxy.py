@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import urllib3
@@ -14,6 +14,7 @@ from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionErro
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
+from admission import Lease, NoServer, RouteRequest
 from affinity import FALLBACK_OWNER, TaskAffinity
 from backend_manager import BackendManager
 from body_limit import read_body
@@ -35,6 +36,9 @@ from health import LOCAL_ERRNOS
 from metrics import NO_SERVER, GatewayMetrics
 from resources import GIB
 
+Body = bytes | Callable[[Lease], bytes]  # the request body, or one made for the chosen server
+ErrorRenderer = Callable[[NoServer], Response]
+
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("gateway.request")
 performance_log = logging.getLogger("gateway.performance")
@@ -43,6 +47,7 @@ SLOW_REQUEST_SECONDS = 1.0  # requests at least this long are also logged as per
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 STREAM_CHUNK = 64 * 1024
+SESSION_HEADER = "X-Session-Key"  # requests with one key go to one server while it can take them
 
 
 class UpstreamFailed(Exception):
@@ -84,19 +89,45 @@ class Proxy:
         owned = self.affinity.first_owned(task_candidates(segments))
         if owned is not None:
             return self.forward_owned(*owned, target, body, headers)
-        required_bytes = None if required is None else int(required * GIB)
+        route = RouteRequest(
+            session_key=request.headers.get(SESSION_HEADER) or None,
+            required_bytes=None if required is None else int(required * GIB),
+        )
+        return self.forward_routed(route, target, body, headers)
+
+    def forward_routed(
+        self,
+        route: RouteRequest,
+        target: str,
+        body: Body,
+        headers: dict[str, str],
+        render_error: ErrorRenderer | None = None,
+    ) -> Response:
+        """Send to the server chosen for `route`; on a connect failure try another, then the fallback.
+
+        Nothing is retried once the server may have the request (a timeout, or a non-idempotent
+        request that was sent), and never once a byte has gone to the client.
+        """
+        render = render_error or self.render_no_server
         tried: list[str] = []
         while len(tried) <= self.config.proxy_max_retries:
-            server, no_fit = self.manager.pick_server(set(tried), required_bytes)
-            if no_fit:
-                return self.unavailable(f"no healthy server has {required:g} GB of GPU memory free under its threshold")
-            if server is None:
-                break
             try:
-                upstream = self.send(server.url, server.server_id, target, body, headers)
+                lease = self.manager.acquire(route, tried)
+            except NoServer as exc:
+                if tried and not exc.fallback_ok:
+                    return error_response(502, f"every server tried failed: {', '.join(tried)}")
+                if exc.fallback_ok or tried:
+                    return self.forward_fallback(target, body, headers, tried, render, exc)
+                return render(exc)
+            assert lease.server is not None  # the manager's leases always name a server
+            server = lease.server
+            try:
+                upstream = self.send(server.url, server.server_id, target, _payload(body, lease), headers)
             except UpstreamFailed as exc:
+                lease.release()
                 if exc.local:
                     return self.overloaded(exc)
+                self.manager.report_result(server.server_id, False, str(exc))
                 if not exc.timed_out:
                     self.manager.report_failure(server.server_id, server.url, str(exc))
                 if exc.sent and (exc.timed_out or request.method not in IDEMPOTENT_METHODS):
@@ -105,10 +136,16 @@ class Proxy:
                 self.metrics.retries.labels(server.server_id).inc()
                 log.warning("server %s failed (%s); trying another", server.server_id, exc)
                 continue
+            self.manager.report_result(server.server_id, upstream.status < 500, f"HTTP {upstream.status}")
             if tried:
                 self.metrics.failovers.inc()
-            return self.respond(upstream, server.server_id)
-        return self.forward_fallback(target, body, headers, tried)
+            return self.respond(upstream, server.server_id, release=lease.release)
+        return self.forward_fallback(target, body, headers, tried, render)
+
+    def render_no_server(self, exc: NoServer) -> Response:
+        """The gateway's JSON error for a request no server could take."""
+        retry_after = exc.retry_after or (self.retry_after if exc.status == 503 else None)
+        return error_response(exc.status, exc.message, headers={"Retry-After": retry_after} if retry_after else None)
 
     def forward_owned(self, task_id: str, owner: str, target: str, body: bytes, headers: dict[str, str]) -> Response:
         """Send a request that names a task to the server that owns it, and nowhere else."""
@@ -116,29 +153,46 @@ class Proxy:
             if not self.config.backend_api_base:
                 return self.unavailable(f"task {task_id} belongs to the fallback backend, which is not configured")
             return self.forward_to(self.config.backend_api_base, FALLBACK_OWNER, target, body, headers, task_id)
-        server = self.manager.get_server(owner)
+        lease = self.manager.hold(owner)  # a drained or capped owner still serves its own tasks
+        server = lease.server
         if server is None or not server.is_healthy:
+            lease.release()
             state = "is no longer registered" if server is None else "is unhealthy"
             return self.unavailable(f"server {owner}, which owns task {task_id}, {state}")
         try:
             upstream = self.send(server.url, owner, target, body, headers)
         except UpstreamFailed as exc:
+            lease.release()
             if exc.local:
                 return self.overloaded(exc)
             if exc.sent:
                 return upstream_error(owner, exc)
             self.manager.report_failure(owner, server.url, str(exc))
             return self.unavailable(f"server {owner}, which owns task {task_id}, is unreachable: {exc}")
-        return self.respond(upstream, owner, known_task=task_id)
+        return self.respond(upstream, owner, known_task=task_id, release=lease.release)
 
-    def forward_fallback(self, target: str, body: bytes, headers: dict[str, str], tried: list[str]) -> Response:
+    def forward_fallback(
+        self,
+        target: str,
+        body: Body,
+        headers: dict[str, str],
+        tried: list[str],
+        render: ErrorRenderer,
+        no_server: NoServer | None = None,
+    ) -> Response:
         """No server took the request: use BACKEND_API_BASE, or say why there is none."""
         if self.config.backend_api_base:
-            log.warning("no healthy GPU server%s; using the fallback backend", f" left after {tried}" if tried else "")
-            return self.forward_to(self.config.backend_api_base, FALLBACK_OWNER, target, body, headers)
+            log.warning("no GPU server could take it%s; using the fallback backend", f" after {tried}" if tried else "")
+            return self.forward_to(
+                self.config.backend_api_base, FALLBACK_OWNER, target, _payload(body, Lease(None, None, None)), headers
+            )
         if tried:
             return error_response(502, f"every server tried failed: {', '.join(tried)}")
-        return self.unavailable("no healthy GPU server is available and no fallback backend is configured")
+        if no_server is not None and no_server.code != "no_server":
+            return render(no_server)
+        return render(
+            NoServer(503, "no_server", "no healthy GPU server is available and no fallback backend is configured")
+        )
 
     def forward_to(
         self, base_url: str, label: str, target: str, body: bytes, headers: dict[str, str], known_task: str = ""
@@ -194,15 +248,27 @@ class Proxy:
         except (ProtocolError, HTTPError) as exc:
             raise UpstreamFailed(f"connection broken: {_reason(exc)}", sent=True) from exc
 
-    def respond(self, upstream: urllib3.BaseHTTPResponse, label: str, known_task: str = "") -> Response:
-        """The client's response; the request stops counting in flight when it closes."""
-        release = self.metrics.in_flight.labels(display(label)).dec
+    def respond(
+        self,
+        upstream: urllib3.BaseHTTPResponse,
+        label: str,
+        known_task: str = "",
+        release: Callable[[], None] | None = None,
+    ) -> Response:
+        """The client's response; the request stops counting in flight (and frees its slot) when it closes."""
+        gauge_down, free_slot = self.metrics.in_flight.labels(display(label)).dec, release
+
+        def done() -> None:
+            gauge_down()
+            if free_slot is not None:
+                free_slot()
+
         try:
             response = self._respond(upstream, label, known_task)
         except BaseException:
-            release()
+            done()
             raise
-        response.call_on_close(release)
+        response.call_on_close(done)
         return response
 
     def _respond(self, upstream: urllib3.BaseHTTPResponse, label: str, known_task: str) -> Response:
@@ -301,12 +367,21 @@ def _reason(exc: BaseException) -> str:
     return str(reason).split(": ", 1)[-1] if ": " in str(reason) else type(reason).__name__
 
 
+def _payload(body: Body, lease: Lease) -> bytes:
+    return body(lease) if callable(body) else body
+
+
 def proxy_view(path: str = "") -> Response:
-    """The view behind every proxied prefix; each request is counted once, when it ends."""
+    """The view behind every proxied prefix."""
+    return observe(current_app.extensions["proxy"].handle)
+
+
+def observe(handler: Callable[[], Response]) -> Response:
+    """Run one proxied request's handler; count it and log it once, when its response ends."""
     proxy: Proxy = current_app.extensions["proxy"]
     started, method = time.perf_counter(), request.method
     try:
-        response = proxy.handle()
+        response = handler()
     except HTTPException as exc:  # 413 from the body limit, say: still one request to count and log
         response = handle_http_exception(exc)
     server = response.headers.get("X-Backend-Server", NO_SERVER)  # only ever set by this proxy

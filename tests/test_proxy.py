@@ -487,3 +487,87 @@ def test_gateway_out_of_sockets_answers_503_and_blames_no_server(fleet, monkeypa
     assert response.status_code == 503
     assert "overloaded" in response.json()["message"]
     assert [s.fail_count for s in gateway.manager.list_servers()] == [0, 0, 0]
+
+
+def in_flight(gateway, server_id: str) -> int:
+    return gateway.manager.describe_server(server_id)["in_flight"]
+
+
+def test_a_request_over_the_cap_waits_for_the_slot_then_is_served(live_gateway, fake_servers):
+    gateway = live_gateway(queue_timeout=30.0)
+    server = fake_servers("B1")
+    gateway.manager.register_server("B1", "127.0.0.1", server.port, options={"max_concurrent": 1})
+    first = requests.get(gateway.url + "/api/stream?n=2&delay=0&gated=1", stream=True, timeout=10)
+    assert b"chunk 0" in next(first.iter_content(chunk_size=None))
+    second: list[requests.Response] = []
+    waiter = threading.Thread(target=lambda: second.append(requests.get(gateway.url + "/api/echo", timeout=30)))
+    waiter.start()
+    assert wait_until(lambda: len(gateway.manager._waiters) == 1)
+    assert second == []  # held in the queue while B1 is at its cap
+
+    server.stream_gate.set()
+    first.content  # noqa: B018  # read to the end: the response closes and frees the slot
+    first.close()
+    waiter.join(timeout=15)
+    assert [(r.status_code, r.headers["X-Backend-Server"]) for r in second] == [(200, "B1")]
+    assert wait_until(lambda: in_flight(gateway, "B1") == 0)
+
+
+def test_a_request_that_waits_too_long_gets_503_with_retry_after(live_gateway, fake_servers):
+    gateway = live_gateway(queue_timeout=0.3)
+    server = fake_servers("B1")
+    gateway.manager.register_server("B1", "127.0.0.1", server.port, options={"max_concurrent": 1})
+    with requests.get(gateway.url + "/api/stream?n=2&delay=0&gated=1", stream=True, timeout=10) as first:
+        assert b"chunk 0" in next(first.iter_content(chunk_size=None))
+        response = requests.get(gateway.url + "/api/echo", timeout=10)
+        server.stream_gate.set()
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"
+    assert "max_concurrent" in response.json()["message"]
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(live_gateway, fake_servers):
+    gateway = live_gateway()
+    server = fake_servers("B1")
+    gateway.manager.register_server("B1", "127.0.0.1", server.port, options={"max_concurrent": 1})
+    response = requests.get(gateway.url + "/api/stream?n=200&delay=0.01&gated=1", stream=True, timeout=10)
+    assert b"chunk 0" in next(response.iter_content(chunk_size=None))
+    assert in_flight(gateway, "B1") == 1
+    response.close()
+    server.stream_gate.set()
+    assert wait_until(lambda: in_flight(gateway, "B1") == 0, timeout=15)
+    assert requests.get(gateway.url + "/api/echo", timeout=5).status_code == 200
+
+
+def test_a_server_answering_5xx_is_ejected_and_the_others_take_its_work(live_gateway, fake_servers):
+    gateway = live_gateway(outlier_consecutive_failures=3)
+    bad, good = fake_servers("BAD"), fake_servers("GOOD")
+    gateway.register(bad)
+    statuses = [requests.get(gateway.url + "/api/status-code?code=500", timeout=5).status_code for _ in range(4)]
+    assert statuses == [500] * 4  # the 5xx passes through; the fourth went to BAD although ejected:
+    assert gateway.manager.describe_server("BAD")["ejected"]  # with no one else, ejection never means 503
+
+    gateway.register(good)
+    assert set(served_by(gateway, 4)) == {"GOOD"}
+
+
+def test_a_drained_server_still_serves_its_own_tasks(live_gateway, fake_servers):
+    gateway = live_gateway()
+    b1, b2 = fake_servers("B1"), fake_servers("B2")
+    gateway.register(b1)
+    gateway.register(b2)
+    task_id = requests.post(gateway.url + "/api/enhance", timeout=5).json()["task_id"]  # made on B1
+    gateway.manager.set_draining("B1", True)
+    assert set(served_by(gateway, 4)) == {"B2"}
+    status = requests.get(gateway.url + f"/api/status/{task_id}", timeout=5)
+    assert (status.status_code, status.headers["X-Backend-Server"]) == (200, "B1")
+
+
+def test_a_session_key_keeps_a_client_on_one_server(fleet):
+    gateway, _ = fleet
+    headers = {"X-Session-Key": "conversation-42"}
+    chosen = {
+        requests.get(gateway.url + "/api/echo", headers=headers, timeout=5).headers["X-Backend-Server"]
+        for _ in range(6)
+    }
+    assert len(chosen) == 1

@@ -122,6 +122,19 @@ def test_registered_server_is_listed_with_the_seed_fields(client):
         "last_check_time": None,
         "last_used_time": None,
         "monitor_url": None,
+        "weight": 1,
+        "priority": 1,
+        "max_concurrent": 0,
+        "models": [],
+        "model_map": {},
+        "labels": {},
+        "draining": False,
+        "discovered_models": [],
+        "in_flight": 0,
+        "ejected": False,
+        "ejection_seconds_left": None,
+        "effective_weight": 1,
+        "served_models": [],
         "resources": None,
     }
 
@@ -856,3 +869,72 @@ def test_re_registering_without_a_monitor_forgets_it(client, manager):
     client.post("/webhook/register", json={**body, "monitor_port": 8006})
     client.post("/webhook/register", json=body)
     assert manager.get_server("B1").monitor_url is None
+
+
+# -- routing options at registration -----------------------------------------------------
+
+OPTIONS = {
+    "weight": 30,
+    "priority": 2,
+    "max_concurrent": 8,
+    "models": ["qwen3:14b"],
+    "model_map": {"qwen3": "qwen3:14b"},
+    "labels": {"gpu": "a100"},
+}
+DEFAULT_OPTIONS = {"weight": 1, "priority": 1, "max_concurrent": 0, "models": [], "model_map": {}, "labels": {}}
+
+
+def test_register_reply_carries_the_options(client):
+    body = register(client).get_json()
+
+    assert {name: body[name] for name in DEFAULT_OPTIONS} == DEFAULT_OPTIONS
+
+
+def test_register_passes_the_options_through_and_saves_them(client, app, manager):
+    response = register(client, **OPTIONS)
+
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert {name: response.get_json()[name] for name in OPTIONS} == OPTIONS
+    assert manager.get_server("B1").options() == OPTIONS
+    (entry,) = stored(app)
+    assert {name: entry[name] for name in OPTIONS} == OPTIONS
+
+
+def test_registering_again_without_options_keeps_them(client, manager):
+    register(client, **OPTIONS)
+
+    response = register(client, port=8001)  # a move, as an agent's re-registration would make
+
+    assert {name: response.get_json()[name] for name in OPTIONS} == OPTIONS
+    assert manager.get_server("B1").options() == OPTIONS
+
+
+def test_registering_again_with_one_option_changes_only_it(client, manager):
+    register(client, **OPTIONS)
+
+    register(client, weight=5)
+
+    assert manager.get_server("B1").options() == {**OPTIONS, "weight": 5}
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("weight", 0),
+        ("weight", 1001),
+        ("priority", 0),
+        ("priority", 101),
+        ("max_concurrent", -1),
+        ("models", "qwen3"),
+        ("model_map", {"qwen3": ""}),
+        ("labels", {"gpu": 1}),
+    ],
+)
+def test_register_refuses_a_bad_option(client, app, registered, option, value):
+    response = register(client, port=9000, **{option: value})
+
+    body = assert_error(response, 400)
+    assert option in body["errors"]
+    assert option in body["message"]
+    assert servers(client) == registered[0]
+    assert stored(app) == registered[1]

@@ -9,6 +9,7 @@ from marshmallow import Schema
 
 from auth import presented_secret, secret_matches
 from backend_manager import BackendManager, PersistError
+from backend_server import OPTION_NAMES
 from body_limit import read_body
 from errors import error_response
 from schemas import RegisterSchema, ServerIdSchema
@@ -70,14 +71,18 @@ def not_saved(exc: PersistError) -> Response:
 
 @bp.post("/register")
 def register() -> Response | tuple[Response, int]:
-    """Register a GPU server, or update its address."""
+    """Register a GPU server, or update its address and the routing options it names."""
     config = current_app.config["GATEWAY"]
     data = load_authorized(RegisterSchema(allowed_networks=config.allowed_backend_networks))
     if isinstance(data, Response):
         return data
     try:
         server, created = manager().register_server(
-            data["server_id"], data["ip"], data["port"], monitor_url=data["monitor_url"]
+            data["server_id"],
+            data["ip"],
+            data["port"],
+            monitor_url=data["monitor_url"],
+            options={name: data[name] for name in OPTION_NAMES if name in data},
         )
     except PersistError as exc:
         return not_saved(exc)
@@ -92,6 +97,7 @@ def register() -> Response | tuple[Response, int]:
     }
     if server.monitor_url:
         reply["monitor_url"] = server.monitor_url
+    reply.update(server.options())
     return jsonify(reply), 200
 
 

@@ -163,6 +163,11 @@ class BackendManager(LeaseOwner):
             self._in_flight[server_id] = self._in_flight.get(server_id, 0) + 1
             return Lease(self, replace(server), None)
 
+    @property
+    def queue_length(self) -> int:
+        """Requests waiting for a slot now."""
+        return len(self._waiters)
+
     def release_lease(self, lease: Lease) -> None:
         """Free a lease's slot once, and hand it to the first queued request that can use it."""
         with self._lock:

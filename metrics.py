@@ -37,6 +37,22 @@ class FleetCollector(Collector):
         yield GaugeMetricFamily(
             "gateway_servers_healthy", "Healthy servers", value=sum(1 for s in servers if s.is_healthy)
         )
+        ejected = self.manager.outliers.ejected_ids()
+        for name, help_text, value in (
+            ("gateway_server_draining", "1 while the server is drained by an operator", lambda s: s.draining),
+            (
+                "gateway_server_ejected",
+                "1 while the server is ejected for consecutive failures",
+                lambda s: s.server_id in ejected,
+            ),
+        ):
+            family = GaugeMetricFamily(name, help_text, labels=["server"])
+            for server in servers:
+                family.add_metric([server.server_id], 1.0 if value(server) else 0.0)
+            yield family
+        yield GaugeMetricFamily(
+            "gateway_queue_waiting", "Requests waiting for a slot under max_concurrent", value=self.manager.queue_length
+        )
 
 
 class GatewayMetrics:

@@ -189,3 +189,18 @@ def test_errors_and_refusals_are_counted_with_their_server(live_gateway, fake_se
             value(scrape(gateway.url), "gateway_requests_total", server="none", method="POST", status_class="4xx") == 1
         )
     )
+
+
+def test_draining_ejection_and_the_queue_are_visible(live_gateway, fake_servers):
+    gateway = live_gateway(outlier_consecutive_failures=2)
+    for name in ("B1", "B2"):
+        gateway.register(fake_servers(name))
+    gateway.manager.set_draining("B1", True)
+    for _ in range(2):
+        gateway.manager.report_result("B2", False, "HTTP 500")
+    samples = scrape(gateway.url)
+    assert value(samples, "gateway_server_draining", server="B1") == 1
+    assert value(samples, "gateway_server_draining", server="B2") == 0
+    assert value(samples, "gateway_server_ejected", server="B2") == 1
+    assert value(samples, "gateway_server_ejected", server="B1") == 0
+    assert ("gateway_queue_waiting", ()) in samples

@@ -1,11 +1,13 @@
-"""The preset secret: where a caller may present it, and a constant-time check."""
+"""The preset secret and the admin token: where a caller may present each, and a constant-time check."""
 
 from __future__ import annotations
 
 import hmac
 from typing import Any
 
-from flask import current_app, request
+from flask import Response, current_app, request
+
+from errors import error_response
 
 
 def presented_secret(body: Any = None, allow_query: bool = False) -> str | None:
@@ -13,9 +15,9 @@ def presented_secret(body: Any = None, allow_query: bool = False) -> str | None:
     header = request.headers.get("X-Webhook-Secret")
     if header:
         return header
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
+    token = presented_bearer()
+    if token is not None:
+        return token
     if isinstance(body, dict) and isinstance(body.get("secret"), str):
         return body["secret"]
     if allow_query and b"secret=" in request.query_string:  # literal, so log redaction always matches it
@@ -23,10 +25,46 @@ def presented_secret(body: Any = None, allow_query: bool = False) -> str | None:
     return None
 
 
+def presented_bearer() -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, if there is one."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return None
+
+
 def secret_matches(presented: str | None) -> bool:
-    """Compare with the configured secret in constant time."""
-    expected = current_app.config["GATEWAY"].webhook_secret
-    if presented is None:
+    """Compare with the configured webhook secret in constant time."""
+    return _equal(presented, current_app.config["GATEWAY"].webhook_secret)
+
+
+def admin_matches(presented: str | None) -> bool:
+    """Compare with the admin credential (ADMIN_TOKEN, or the webhook secret while it is unset)."""
+    config = current_app.config["GATEWAY"]
+    return _equal(presented, config.admin_token or config.webhook_secret)
+
+
+def admin_authorized() -> bool:
+    """Whether the request carries the admin credential in a header (never the body or the URL).
+
+    With ADMIN_TOKEN set, only `Authorization: Bearer <ADMIN_TOKEN>` counts: every GPU server
+    holds the webhook secret, and holding it must not make one an operator. Without it, the
+    webhook secret opens the admin endpoints as before, in X-Webhook-Secret or as a Bearer token.
+    """
+    if current_app.config["GATEWAY"].admin_token:
+        return admin_matches(presented_bearer())
+    return admin_matches(presented_secret())
+
+
+def admin_refusal() -> Response:
+    """The 401 reply to a missing or wrong admin credential, saying where to send it."""
+    if current_app.config["GATEWAY"].admin_token:
+        return error_response(401, "missing or invalid admin token (send it as Authorization: Bearer <ADMIN_TOKEN>)")
+    return error_response(401, "missing or invalid secret (send it in X-Webhook-Secret or as a Bearer token)")
+
+
+def _equal(presented: str | None, expected: str) -> bool:
+    if presented is None or not expected:
         return False
     # surrogatepass: a JSON body may carry lone surrogates ("\ud800"); they must fail, not crash.
     return hmac.compare_digest(presented.encode("utf-8", "surrogatepass"), expected.encode())

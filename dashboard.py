@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from flask import Blueprint, Flask, Response, current_app, jsonify, redirect, render_template, request, session
 from prometheus_client import Counter, Gauge
 
-from auth import secret_matches
+from auth import admin_matches
 from backend_server import now_iso
 from errors import error_response
 
@@ -63,10 +63,10 @@ def page() -> Response:
 
 @bp.post("/login")
 def login() -> Response:
-    """Check the secret from the form; on success remember the login in the session cookie."""
+    """Check the admin credential from the form; on success remember the login in the session cookie."""
     if not same_origin():
         return render_page(403, "login refused: the form came from another site")
-    if not secret_matches(request.form.get("secret")):
+    if not admin_matches(request.form.get("secret")):
         return render_page(401, "wrong secret")
     session.clear()
     session[SESSION_FLAG] = True
@@ -142,9 +142,10 @@ def server_row(server: dict[str, Any], in_flight: dict[str, float], served: dict
 
 
 def init_app(app: Flask) -> None:
-    """Add /dashboard; its session key derives from the secret, so a new secret logs everyone out."""
+    """Add /dashboard; its session key derives from the login credential, so a new one logs everyone out."""
     if not app.secret_key:
-        secret = app.config["GATEWAY"].webhook_secret
+        config = app.config["GATEWAY"]
+        secret = config.admin_token or config.webhook_secret
         app.secret_key = hmac.new(secret.encode(), SESSION_KEY_INFO, "sha256").hexdigest()
     app.config["SESSION_COOKIE_HTTPONLY"] = True
     app.config["SESSION_COOKIE_SAMESITE"] = "Strict"

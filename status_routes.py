@@ -1,4 +1,4 @@
-"""The gateway's own liveness (/health, open) and the operator's summary (/status, secret)."""
+"""The gateway's own liveness (/health, open) and the operator's summary (/status, the admin credential)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify
 
-from auth import presented_secret, secret_matches
-from errors import error_response
+from auth import admin_authorized, admin_refusal
 
 bp = Blueprint("status", __name__)
 
@@ -22,8 +21,8 @@ def health() -> Response:
 @bp.get("/status")
 def status() -> Response:
     """Version, uptime, policy, the health job, server counts and request totals."""
-    if not secret_matches(presented_secret()):
-        return error_response(401, "missing or invalid secret (send it in X-Webhook-Secret or as a Bearer token)")
+    if not admin_authorized():
+        return admin_refusal()
     manager = current_app.extensions["backend_manager"]
     fleet = manager.get_status()
     by_class = current_app.extensions["metrics"].total_requests()

@@ -1,4 +1,4 @@
-"""The command line a GPU host or an operator uses against the gateway: register, unregister, list."""
+"""The command line a GPU host or an operator uses against the gateway: register, list, drain, tune."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import functools
 import json
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import click
 import requests
@@ -24,6 +24,19 @@ Exit status:
 
 Pass the secret in WEBHOOK_SECRET rather than --secret, so it stays out of the shell history and the
 process list.
+"""
+
+ADMIN_EPILOG = """\b
+Exit status:
+  0  the gateway did what was asked
+  1  the gateway refused (wrong token, invalid fields, unknown server),
+     or the reply did not come from the gateway
+  2  usage error (missing or invalid option)
+  3  the gateway could not be reached or did not answer in time
+
+The admin token goes as Authorization: Bearer. Pass it in ADMIN_TOKEN rather than --admin-token,
+so it stays out of the shell history and the process list. A gateway without ADMIN_TOKEN accepts
+the webhook secret instead (WEBHOOK_SECRET or --secret).
 """
 
 
@@ -44,12 +57,13 @@ class GatewayUnreachable(GatewayError):
 
 
 class Gateway:
-    """The gateway's webhook API, with the secret in the X-Webhook-Secret header."""
+    """The gateway's API, with the secret in the X-Webhook-Secret header or, for /admin, as a Bearer token."""
 
-    def __init__(self, url: str, secret: str, timeout: float) -> None:
+    def __init__(self, url: str, secret: str, timeout: float, bearer: bool = False) -> None:
         self.url = url.rstrip("/")
         self.secret = secret
         self.timeout = timeout
+        self.headers = {"Authorization": f"Bearer {secret}"} if bearer else {"X-Webhook-Secret": secret}
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         """Send one request and return the JSON reply; raise GatewayError unless it says success."""
@@ -59,7 +73,7 @@ class Gateway:
                 method,
                 self.url + path,
                 json=body,
-                headers={"X-Webhook-Secret": self.secret},
+                headers=self.headers,
                 timeout=self.timeout,
                 allow_redirects=False,
             )
@@ -153,19 +167,47 @@ def check_gateway_url(ctx: click.Context, param: click.Parameter, value: str) ->
     return value
 
 
+def pairs(form: str, empty_values: bool = False) -> Callable[[click.Context, click.Parameter, Any], dict[str, str]]:
+    """A callback that turns repeated NAME=VALUE options into a dict, refusing bad forms and repeats."""
+
+    def parse(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+        parsed: dict[str, str] = {}
+        for item in values:
+            name, sep, value = item.partition("=")
+            if not sep or not name or not (value or empty_values):
+                raise click.BadParameter(f"{item!r} is not of the form {form}")
+            if name in parsed:
+                raise click.BadParameter(f"{name!r} is given twice")
+            parsed[name] = value
+        return parsed
+
+    return parse
+
+
+gateway_url_option = click.option(
+    "--gateway",
+    "gateway_url",
+    metavar="URL",
+    envvar="GATEWAY_URL",
+    show_envvar=True,
+    required=True,
+    callback=check_gateway_url,
+    help="The gateway's base URL, e.g. https://gateway.example.com.",
+)
+timeout_option = click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for the gateway.",
+)
+
+
 def gateway_options(command: Callable[..., None]) -> Callable[..., None]:
     """Add --gateway, --secret and --timeout to a command, and hand it a Gateway built from them."""
 
-    @click.option(
-        "--gateway",
-        "gateway_url",
-        metavar="URL",
-        envvar="GATEWAY_URL",
-        show_envvar=True,
-        required=True,
-        callback=check_gateway_url,
-        help="The gateway's base URL, e.g. https://gateway.example.com.",
-    )
+    @gateway_url_option
     @click.option(
         "--secret",
         metavar="SECRET",
@@ -174,14 +216,7 @@ def gateway_options(command: Callable[..., None]) -> Callable[..., None]:
         required=True,
         help="The gateway's webhook secret; prefer the environment variable.",
     )
-    @click.option(
-        "--timeout",
-        type=click.FloatRange(min=0, min_open=True),
-        metavar="SECONDS",
-        default=10.0,
-        show_default=True,
-        help="Seconds to wait for the gateway.",
-    )
+    @timeout_option
     @functools.wraps(command)
     def run(gateway_url: str, secret: str, timeout: float, **kwargs: Any) -> None:
         command(Gateway(gateway_url, secret, timeout), **kwargs)
@@ -189,9 +224,93 @@ def gateway_options(command: Callable[..., None]) -> Callable[..., None]:
     return run
 
 
+def admin_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Add --gateway, --admin-token, --secret and --timeout, and hand the command an admin Gateway."""
+
+    @gateway_url_option
+    @click.option(
+        "--admin-token",
+        metavar="TOKEN",
+        envvar="ADMIN_TOKEN",
+        show_envvar=True,
+        help="The gateway's admin token; prefer the environment variable.",
+    )
+    @click.option(
+        "--secret",
+        metavar="SECRET",
+        envvar="WEBHOOK_SECRET",
+        show_envvar=True,
+        help="Sent instead when no admin token is given; a gateway without ADMIN_TOKEN accepts it.",
+    )
+    @timeout_option
+    @functools.wraps(command)
+    def run(gateway_url: str, admin_token: str | None, secret: str | None, timeout: float, **kwargs: Any) -> None:
+        credential = admin_token or secret
+        if not credential:
+            raise click.UsageError(
+                "Missing option '--admin-token' (env var: 'ADMIN_TOKEN'); "
+                "a gateway without ADMIN_TOKEN takes '--secret' (env var: 'WEBHOOK_SECRET') instead."
+            )
+        command(Gateway(gateway_url, credential, timeout, bearer=True), **kwargs)
+
+    return run
+
+
+def server_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Add the routing options a server may have, and hand the command the ones given as `options`."""
+
+    @click.option("--weight", type=int, metavar="N", help="Its share of traffic within its priority tier (1-1000).")
+    @click.option(
+        "--priority", type=int, metavar="N", help="Its tier: 1 is used first, 2 when no tier-1 server can (1-100)."
+    )
+    @click.option("--max-concurrent", type=int, metavar="N", help="Requests it may hold at once; 0 means no limit.")
+    @click.option("--model", "models", multiple=True, metavar="NAME", help="A model it serves; repeat for more.")
+    @click.option(
+        "--model-map",
+        multiple=True,
+        metavar="VIRTUAL=ACTUAL",
+        callback=pairs("VIRTUAL=ACTUAL"),
+        help="Serve the model VIRTUAL as its model ACTUAL; repeat for more.",
+    )
+    @click.option(
+        "--label",
+        "labels",
+        multiple=True,
+        metavar="KEY=VALUE",
+        callback=pairs("KEY=VALUE", empty_values=True),
+        help="A label; repeat for more.",
+    )
+    @functools.wraps(command)
+    def run(
+        weight: int | None,
+        priority: int | None,
+        max_concurrent: int | None,
+        models: tuple[str, ...],
+        model_map: dict[str, str],
+        labels: dict[str, str],
+        **kwargs: Any,
+    ) -> None:
+        given = {
+            "weight": weight,
+            "priority": priority,
+            "max_concurrent": max_concurrent,
+            "models": list(models) or None,
+            "model_map": model_map or None,
+            "labels": labels or None,
+        }
+        command(options={name: value for name, value in given.items() if value is not None}, **kwargs)
+
+    return run
+
+
+def server_path(server_id: str, action: str = "") -> str:
+    """/admin/servers/<id>[/action], the id quoted so that it stays one path segment."""
+    return f"/admin/servers/{quote(server_id, safe='')}{action}"
+
+
 @click.group(epilog=EPILOG)
 def cli() -> None:
-    """Register GPU servers with the gateway, remove them, and list the fleet."""
+    """Register GPU servers with the gateway, remove them, list the fleet; drain, enable and tune them."""
 
 
 @cli.command(epilog=EPILOG)
@@ -200,10 +319,11 @@ def cli() -> None:
     "--ip", metavar="ADDRESS", required=True, help="The address the gateway should reach it at (IP or DNS name)."
 )
 @click.option("--port", metavar="PORT", required=True, type=click.IntRange(1, 65535), help="The port it serves on.")
+@server_options
 @gateway_options
-def register(gateway: Gateway, server_id: str, ip: str, port: int) -> None:
-    """Register a GPU server with the gateway, or update its address."""
-    reply = gateway.call("POST", "/webhook/register", {"server_id": server_id, "ip": ip, "port": port})
+def register(gateway: Gateway, server_id: str, ip: str, port: int, options: dict[str, Any]) -> None:
+    """Register a GPU server with the gateway, or update its address and the options given."""
+    reply = gateway.call("POST", "/webhook/register", {"server_id": server_id, "ip": ip, "port": port, **options})
     click.echo(reply.get("message") or f"server {server_id} registered")
 
 
@@ -234,9 +354,9 @@ def list_servers(gateway: Gateway, as_json: bool) -> None:
     click.echo(summarize(data, len(servers)))
 
 
-@cli.command("status", epilog=EPILOG)
+@cli.command("status", epilog=ADMIN_EPILOG)
 @click.option("--json", "as_json", is_flag=True, help="Print the gateway's raw JSON reply.")
-@gateway_options
+@admin_options
 def show_status(gateway: Gateway, as_json: bool) -> None:
     """Show the gateway's version, uptime, health job, server counts and request totals."""
     reply = gateway.call("GET", "/status")
@@ -254,13 +374,89 @@ def show_status(gateway: Gateway, as_json: bool) -> None:
     click.echo(f"{totals.get('total', 0):g} requests proxied" + (f" ({by_class})" if by_class else ""))
 
 
+@cli.command(epilog=ADMIN_EPILOG)
+@click.argument("server_id")
+@admin_options
+def drain(gateway: Gateway, server_id: str) -> None:
+    """Send SERVER_ID no new work; requests for its existing tasks still reach it."""
+    reply = gateway.call("POST", server_path(server_id, "/drain"))
+    click.echo(reply.get("message") or f"server {server_id} draining")
+
+
+@cli.command(epilog=ADMIN_EPILOG)
+@click.argument("server_id")
+@admin_options
+def enable(gateway: Gateway, server_id: str) -> None:
+    """Let a drained SERVER_ID take new work again."""
+    reply = gateway.call("POST", server_path(server_id, "/enable"))
+    click.echo(reply.get("message") or f"server {server_id} enabled")
+
+
+@cli.command("set", epilog=ADMIN_EPILOG)
+@click.argument("server_id")
+@server_options
+@admin_options
+def set_options(gateway: Gateway, server_id: str, options: dict[str, Any]) -> None:
+    """Change some of SERVER_ID's routing options; those not given stay as they are."""
+    if not options:
+        raise click.UsageError(
+            "Nothing to change: give --weight, --priority, --max-concurrent, --model, --model-map or --label."
+        )
+    reply = gateway.call("PATCH", server_path(server_id), options)
+    click.echo(reply.get("message") or f"server {server_id} updated")
+
+
+@cli.command("priority", epilog=ADMIN_EPILOG)
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print the gateway's raw JSON reply.")
+@admin_options
+def show_priority(gateway: Gateway, model: str, as_json: bool) -> None:
+    """Show which priority tier and which servers would serve MODEL now, and why the others would not."""
+    reply = gateway.call("GET", "/admin/server-priority/check/" + quote(model, safe=""))
+    if as_json:
+        click.echo(json.dumps(reply, indent=2, ensure_ascii=False))
+        return
+    check = reply.get("data") or {}
+    tiers = [tier for tier in check.get("tiers") or [] if isinstance(tier, dict)]
+    if not check.get("known"):
+        click.echo(f"{model}: no registered server serves this model")
+    elif check.get("serving_tier") is None:
+        click.echo(f"{model}: no server can take it now")
+    else:
+        click.echo(f"{model}: tier {check['serving_tier']} serves it now")
+    rows = [priority_row(tier.get("priority"), server) for tier in tiers for server in tier.get("servers") or []]
+    if rows:
+        click.echo(format_rows(PRIORITY_COLUMNS, rows))
+
+
+PRIORITY_COLUMNS = ("TIER", "ID", "STATE", "MODEL", "WEIGHT", "IN FLIGHT")
+
+
+def priority_row(priority: Any, server: dict[str, Any]) -> tuple[str, ...]:
+    """One server's cells in the priority check."""
+    limit = server.get("max_concurrent") or "unlimited"
+    return (
+        str(priority),
+        str(server.get("server_id", "?")),
+        str(server.get("state", "?")),
+        str(server.get("actual_model", "?")),
+        str(server.get("weight", "?")),
+        f"{server.get('in_flight', 0)}/{limit}",
+    )
+
+
 COLUMNS = ("ID", "ADDRESS", "HEALTH", "FAILS", "LAST CHECK", "LAST USED")
 
 
 def format_table(servers: list[dict[str, Any]]) -> str:
     """The servers as an aligned text table with a header row."""
-    rows = [COLUMNS] + [server_row(server) for server in servers]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    return format_rows(COLUMNS, [server_row(server) for server in servers])
+
+
+def format_rows(header: tuple[str, ...], body: list[tuple[str, ...]]) -> str:
+    """Rows of cells as an aligned text table under `header`."""
+    rows = [header, *body]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
     )

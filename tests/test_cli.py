@@ -20,16 +20,17 @@ import test_b_client as b_client
 
 ROOT = Path(__file__).resolve().parent.parent
 WRONG_SECRET = "not-the-secret-93b1d7"
+ADMIN = "admin-token-61c0f9e2d87a"
 
 
 def run_cli(*args: str, secret: str | None = SECRET, **env: str) -> subprocess.CompletedProcess[str]:
     """Run the CLI as a subprocess; `secret` goes on the command line. No secret may reach its output."""
-    clean_env = {k: v for k, v in os.environ.items() if k not in ("WEBHOOK_SECRET", "GATEWAY_URL")}
+    clean_env = {k: v for k, v in os.environ.items() if k not in ("WEBHOOK_SECRET", "GATEWAY_URL", "ADMIN_TOKEN")}
     command = [sys.executable, "test_b_client.py", *args]
     if secret is not None:
         command += ["--secret", secret]
     result = subprocess.run(command, cwd=ROOT, env={**clean_env, **env}, capture_output=True, text=True, timeout=30)
-    for value in (SECRET, WRONG_SECRET):
+    for value in (SECRET, WRONG_SECRET, ADMIN):
         assert value not in result.stdout + result.stderr
     return result
 
@@ -259,7 +260,7 @@ class StubHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    do_POST = do_GET
+    do_POST = do_PATCH = do_GET
 
 
 @pytest.fixture
@@ -359,3 +360,226 @@ def test_status_with_a_wrong_secret_fails(live_gateway):
     result = run_cli("status", "--gateway", live_gateway().url, secret=WRONG_SECRET)
     assert result.returncode == 1
     assert "error 401" in result.stderr
+
+
+# -- routing options at registration ------------------------------------------------------
+
+
+def test_register_sends_the_routing_options(live_gateway):
+    gateway = live_gateway()
+    options = ["--weight", "5", "--priority", "2", "--max-concurrent", "3", "--model", "a", "--model", "b:7b"]
+    options += ["--model-map", "v=b:7b", "--model-map", "w=a", "--label", "zone=eu", "--label", "spare="]
+
+    result = run_cli(*register_args(gateway.url, "B1", 8000), *options)
+
+    assert (result.returncode, result.stdout, result.stderr) == (0, "server B1 registered\n", "")
+    assert gateway.manager.get_server("B1").options() == {
+        "weight": 5,
+        "priority": 2,
+        "max_concurrent": 3,
+        "models": ["a", "b:7b"],
+        "model_map": {"v": "b:7b", "w": "a"},
+        "labels": {"zone": "eu", "spare": ""},
+    }
+
+
+def test_register_sends_only_the_options_given(stub_gateway):
+    stub_gateway.answer(200, {"success": True, "message": "ok"})
+
+    assert run_cli(*register_args(stub_gateway.url, "B1", 8000), "--priority", "2").returncode == 0
+
+    (sent,) = stub_gateway.received
+    assert sent["body"] == {"server_id": "B1", "ip": "127.0.0.1", "port": 8000, "priority": 2}
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("--weight", "heavy", "Invalid value for '--weight': 'heavy' is not a valid integer"),
+        ("--priority", "1.5", "Invalid value for '--priority': '1.5' is not a valid integer"),
+        ("--max-concurrent", "", "Invalid value for '--max-concurrent': '' is not a valid integer"),
+        ("--model-map", "qwen3", "Invalid value for '--model-map': 'qwen3' is not of the form VIRTUAL=ACTUAL"),
+        ("--model-map", "=qwen3:14b", "Invalid value for '--model-map': '=qwen3:14b' is not of the form"),
+        ("--model-map", "qwen3=", "Invalid value for '--model-map': 'qwen3=' is not of the form VIRTUAL=ACTUAL"),
+        ("--label", "zone", "Invalid value for '--label': 'zone' is not of the form KEY=VALUE"),
+        ("--label", "=eu", "Invalid value for '--label': '=eu' is not of the form KEY=VALUE"),
+    ],
+)
+def test_bad_option_forms_are_usage_errors(live_gateway, option, value, expected):
+    gateway = live_gateway()
+
+    result = run_cli(*register_args(gateway.url, "B1", 8000), option, value)
+
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert gateway.manager.list_servers() == []
+
+
+@pytest.mark.parametrize("option", ["--model-map", "--label"])
+def test_a_repeated_name_is_a_usage_error(live_gateway, option):
+    gateway = live_gateway()
+
+    result = run_cli(*register_args(gateway.url, "B1", 8000), option, "a=1", option, "a=2")
+
+    assert result.returncode == 2
+    assert f"Invalid value for '{option}': 'a' is given twice" in result.stderr
+    assert gateway.manager.list_servers() == []
+
+
+def test_an_option_out_of_range_is_the_gateways_refusal(live_gateway):
+    gateway = live_gateway()
+
+    result = run_cli(*register_args(gateway.url, "B1", 8000), "--weight", "0")
+
+    assert result.returncode == 1
+    assert result.stderr.startswith("error 400: invalid fields: weight\n  weight: must be an integer from 1 to 1000.")
+    assert gateway.manager.list_servers() == []
+
+
+# -- operator commands: drain, enable, set, priority ---------------------------------------
+
+
+@pytest.fixture
+def admin_gateway(live_gateway, fake_servers):
+    """A live gateway with ADMIN_TOKEN set and B1 registered, serving model m1."""
+    gateway = live_gateway(admin_token=ADMIN)
+    gateway.register(fake_servers("B1"))
+    gateway.manager.update_server("B1", {"models": ["m1"]})
+    return gateway
+
+
+def admin_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The CLI with the admin token on the command line (and the webhook secret, which it must not use)."""
+    return run_cli(*args, "--admin-token", ADMIN, **env)
+
+
+def test_drain_and_enable(admin_gateway):
+    url = admin_gateway.url
+
+    result = admin_cli("drain", "B1", "--gateway", url)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "server B1 draining\n", "")
+    assert admin_gateway.manager.get_server("B1").draining is True
+    assert admin_cli("drain", "B1", "--gateway", url).returncode == 0  # idempotent
+
+    result = admin_cli("enable", "B1", "--gateway", url)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "server B1 enabled\n", "")
+    assert admin_gateway.manager.get_server("B1").draining is False
+
+
+def test_set_changes_only_the_options_given(admin_gateway):
+    result = admin_cli("set", "B1", "--gateway", admin_gateway.url, "--weight", "40", "--label", "zone=eu")
+
+    assert (result.returncode, result.stdout, result.stderr) == (0, "server B1 updated: weight, labels\n", "")
+    server = admin_gateway.manager.get_server("B1")
+    assert (server.weight, server.labels, server.models, server.priority) == (40, {"zone": "eu"}, ["m1"], 1)
+
+
+def test_set_without_options_is_a_usage_error(admin_gateway):
+    result = admin_cli("set", "B1", "--gateway", admin_gateway.url)
+
+    assert result.returncode == 2
+    assert "Nothing to change: give --weight" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["drain", "B9"], ["enable", "B9"], ["set", "B9", "--weight", "2"]],
+    ids=["drain", "enable", "set"],
+)
+def test_an_unknown_server_is_refused(admin_gateway, args):
+    result = admin_cli(*args, "--gateway", admin_gateway.url)
+
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", "error 404: server B9 is not registered\n")
+
+
+def test_priority_prints_the_check(admin_gateway, fake_servers):
+    admin_gateway.register(fake_servers("B2"))
+    admin_gateway.manager.update_server("B2", {"models": ["m1"], "priority": 2, "max_concurrent": 4})
+    admin_gateway.manager.set_draining("B1", True)
+
+    result = admin_cli("priority", "m1", "--gateway", admin_gateway.url)
+
+    assert result.returncode == 0, result.stderr
+    first, header, b1, b2 = result.stdout.splitlines()
+    assert first == "m1: tier 2 serves it now"
+    assert header.split() == ["TIER", "ID", "STATE", "MODEL", "WEIGHT", "IN", "FLIGHT"]
+    assert b1.split() == ["1", "B1", "draining", "m1", "1", "0/unlimited"]
+    assert b2.split() == ["2", "B2", "available", "m1", "1", "0/4"]
+    as_json = admin_cli("priority", "m1", "--gateway", admin_gateway.url, "--json")
+    assert json.loads(as_json.stdout)["data"] == admin_gateway.manager.priority_check("m1")
+
+
+def test_priority_of_an_unknown_model(admin_gateway):
+    result = admin_cli("priority", "nope", "--gateway", admin_gateway.url)
+
+    assert (result.returncode, result.stdout) == (0, "nope: no registered server serves this model\n")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["drain", "B1"], ["enable", "B1"], ["set", "B1", "--weight", "2"], ["priority", "m1"], ["status"]],
+    ids=["drain", "enable", "set", "priority", "status"],
+)
+def test_the_webhook_secret_is_refused_when_an_admin_token_is_set(admin_gateway, args):
+    before = admin_gateway.manager.get_server("B1")
+
+    result = run_cli(*args, "--gateway", admin_gateway.url)  # --secret SECRET only
+
+    assert result.returncode == 1
+    assert result.stderr.startswith("error 401: missing or invalid admin token")
+    assert admin_gateway.manager.get_server("B1") == before
+
+
+def test_the_admin_token_comes_from_the_environment(admin_gateway):
+    result = run_cli("drain", "B1", secret=None, ADMIN_TOKEN=ADMIN, GATEWAY_URL=admin_gateway.url)
+
+    assert result.returncode == 0, result.stderr
+    assert admin_gateway.manager.get_server("B1").draining is True
+
+
+def test_without_an_admin_token_the_secret_is_used(live_gateway, fake_servers):
+    gateway = live_gateway()  # ADMIN_TOKEN unset: the webhook secret opens /admin
+    gateway.register(fake_servers("B1"))
+
+    result = run_cli("drain", "B1", "--gateway", gateway.url)
+
+    assert (result.returncode, result.stdout) == (0, "server B1 draining\n")
+    assert gateway.manager.get_server("B1").draining is True
+
+
+def test_an_operator_command_without_a_credential_is_a_usage_error(admin_gateway):
+    result = run_cli("drain", "B1", "--gateway", admin_gateway.url, secret=None)
+
+    assert result.returncode == 2
+    assert "Missing option '--admin-token'" in result.stderr
+    assert admin_gateway.manager.get_server("B1").draining is False
+
+
+def test_status_takes_the_admin_token(admin_gateway):
+    result = admin_cli("status", "--gateway", admin_gateway.url)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1] == "1 server: 1 healthy, 0 unhealthy; health checks running"
+
+
+@pytest.mark.parametrize(
+    ("args", "method", "path"),
+    [
+        (["drain", "B1"], "POST", "/admin/servers/B1/drain"),
+        (["enable", "B1"], "POST", "/admin/servers/B1/enable"),
+        (["set", "B1", "--priority", "2"], "PATCH", "/admin/servers/B1"),
+        (["drain", "a/b?c"], "POST", "/admin/servers/a%2Fb%3Fc/drain"),
+        (["priority", "org/model:7b"], "GET", "/admin/server-priority/check/org%2Fmodel%3A7b"),
+    ],
+)
+def test_the_admin_token_travels_as_a_bearer_token(stub_gateway, args, method, path):
+    stub_gateway.answer(200, {"success": True, "message": "ok", "data": {}})
+
+    assert admin_cli(*args, "--gateway", stub_gateway.url).returncode == 0
+
+    (sent,) = stub_gateway.received
+    assert (sent["method"], sent["path"]) == (method, path)
+    assert sent["headers"]["Authorization"] == f"Bearer {ADMIN}"
+    assert "X-Webhook-Secret" not in sent["headers"]
+    if method == "PATCH":
+        assert sent["body"] == {"priority": 2}

@@ -146,6 +146,31 @@ def test_a_new_secret_ends_old_sessions(make_app, make_config):
     assert other.get("/dashboard/data").status_code == 401
 
 
+ADMIN = "admin-token-4be07d2a9c1f58"
+
+
+def test_with_an_admin_token_only_it_logs_in(make_app):
+    client = make_app(admin_token=ADMIN).test_client()
+    refused = log_in(client, SECRET)  # every GPU server holds the webhook secret
+    assert refused.status_code == 401
+    assert "Set-Cookie" not in refused.headers
+    assert client.get("/dashboard/data").status_code == 401
+    accepted = log_in(client, ADMIN)
+    assert accepted.status_code == 303
+    assert ADMIN not in accepted.headers["Set-Cookie"]
+    assert client.get("/dashboard/data").status_code == 200
+
+
+def test_a_new_admin_token_ends_old_sessions(make_app):
+    first = make_app(admin_token=ADMIN).test_client()
+    log_in(first, ADMIN)
+    cookie = first.get_cookie("session")
+    assert cookie is not None
+    other = make_app(admin_token=ADMIN + "-rotated").test_client()
+    other.set_cookie("session", cookie.value)
+    assert other.get("/dashboard/data").status_code == 401
+
+
 # -- the page in a real browser --------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 import admin_routes
 import dashboard
 import errors
+import llm_routes
 import log_setup
 import metrics
 import proxy
@@ -71,6 +72,7 @@ def create_app(config: Config | None = None) -> Flask:
     admin_routes.init_app(app)
     dashboard.init_app(app)
     proxy.init_app(app)
+    llm_routes.init_app(app)
 
     def shutdown() -> None:
         manager.shutdown()

@@ -115,6 +115,9 @@ class Proxy:
                 lease = self.manager.acquire(route, tried)
             except NoServer as exc:
                 if tried and not exc.fallback_ok:
+                    if route.model is not None:  # for an LLM client: its model's servers are down, come back later
+                        message = f"every server with model {route.model!r} failed to connect: {', '.join(tried)}"
+                        return render(NoServer(503, "model_unavailable", message, retry_after=self.retry_after))
                     return error_response(502, f"every server tried failed: {', '.join(tried)}")
                 if exc.fallback_ok or tried:
                     return self.forward_fallback(target, body, headers, tried, render, exc)

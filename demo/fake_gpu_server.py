@@ -16,24 +16,18 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 from urllib.request import Request, urlopen
 
 
-class FakeGPUServer(ThreadingHTTPServer):
-    """A threaded HTTP server that plays one GPU server of the fleet."""
+class KillableHTTPServer(ThreadingHTTPServer):
+    """A threaded HTTP server that runs in the background and can die as a killed process does."""
 
     daemon_threads = True
 
-    def __init__(self, server_id: str, host: str = "127.0.0.1", port: int = 0) -> None:
-        super().__init__((host, port), Handler)
-        self.server_id = server_id
-        self.healthy = True
-        self.tasks: dict[str, float] = {}
-        self.requests: list[dict[str, Any]] = []
-        self.stream_gate = threading.Event()  # a gated stream waits here after its first chunk
-        self.aborted_streams = 0
+    def __init__(self, address: tuple[str, int], handler: Any) -> None:
+        super().__init__(address, handler)
         self._thread: threading.Thread | None = None
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
@@ -52,7 +46,7 @@ class FakeGPUServer(ThreadingHTTPServer):
     def port(self) -> int:
         return int(self.server_address[1])
 
-    def start(self) -> FakeGPUServer:
+    def start(self) -> Self:
         """Serve in a background thread."""
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
@@ -66,8 +60,25 @@ class FakeGPUServer(ThreadingHTTPServer):
             for connection in self._connections:
                 with contextlib.suppress(OSError):
                     connection.shutdown(socket.SHUT_RDWR)
+        self.release_waiting()
         if self._thread:
             self._thread.join(timeout=5)
+
+    def release_waiting(self) -> None:
+        """Let handlers held at a gate finish, so none outlives the server."""
+
+
+class FakeGPUServer(KillableHTTPServer):
+    """A threaded HTTP server that plays one GPU server of the fleet."""
+
+    def __init__(self, server_id: str, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__((host, port), Handler)
+        self.server_id = server_id
+        self.healthy = True
+        self.tasks: dict[str, float] = {}
+        self.requests: list[dict[str, Any]] = []
+        self.stream_gate = threading.Event()  # a gated stream waits here after its first chunk
+        self.aborted_streams = 0
 
 
 class Handler(BaseHTTPRequestHandler):

@@ -203,3 +203,21 @@ def gateway_process(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
     yield start
     for process in started:
         process.kill()
+
+
+@pytest.fixture
+def fake_llm_servers() -> Iterator[Callable[..., object]]:
+    """Start fake Ollama/OpenAI servers (demo/fake_llm_server.py) on 127.0.0.1; all stop at the end of the test."""
+    from demo.fake_llm_server import FakeLLMServer  # here, so this fixture is all that was added
+
+    servers: list[FakeLLMServer] = []
+
+    def start(server_id: str, **options: object) -> FakeLLMServer:
+        server = FakeLLMServer(server_id, **options).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        if server.socket.fileno() != -1:
+            server.stop()

@@ -1,0 +1,339 @@
+"""A small real LLM-server stand-in speaking the Ollama and OpenAI APIs, streams included.
+
+Every answer names the server and the model it received, so a test (or you) can see where a
+request went and which model name reached the server. Run a fake Ollama box:
+
+    python demo/fake_llm_server.py --server-id B1 --port 11434 --models llama3:8b,qwen2:7b \
+        --register-to http://127.0.0.1:5000    (the secret comes from WEBHOOK_SECRET)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+from urllib.request import Request, urlopen
+
+if __package__:  # imported as demo.fake_llm_server (tests)
+    from demo.fake_gpu_server import KillableHTTPServer
+else:  # run as a script: demo/ is on sys.path
+    from fake_gpu_server import KillableHTTPServer  # type: ignore[no-redef]
+
+EMBEDDING_SIZE = 8
+STREAM_ABORTED = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+
+
+class FakeLLMServer(KillableHTTPServer):
+    """A threaded HTTP server that plays one Ollama/vLLM box with the given models."""
+
+    def __init__(
+        self,
+        server_id: str,
+        models: list[str] | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        chunks: int = 5,
+        chunk_delay: float = 0.0,
+        gate: threading.Event | None = None,
+    ) -> None:
+        super().__init__((host, port), LLMHandler)
+        self.server_id = server_id
+        self.models = list(models or ["llama3:8b"])
+        self.chunks = chunks
+        self.chunk_delay = chunk_delay
+        self.gate = gate  # when set, every stream waits here after its first chunk
+        self.healthy = True
+        self.requests: list[dict[str, Any]] = []
+        self.aborted_streams = 0
+        self.in_progress = 0
+        self._counts_lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def release_waiting(self) -> None:
+        """A stream held at the gate must not outlive the server."""
+        if self.gate is not None:
+            self.gate.set()
+
+    def count(self, name: str, delta: int) -> None:
+        """Change one of the counters under the lock (handlers run on many threads)."""
+        with self._counts_lock:
+            setattr(self, name, getattr(self, name) + delta)
+
+    def serves(self, model: str) -> bool:
+        """True when it has the model; as in Ollama, `name` is `name:latest`."""
+        return model_key(model) in {model_key(m) for m in self.models}
+
+    def requests_to(self, path: str) -> list[dict[str, Any]]:
+        """The recorded requests to one path."""
+        return [entry for entry in list(self.requests) if entry["path"] == path]
+
+
+class LLMHandler(BaseHTTPRequestHandler):
+    server: FakeLLMServer
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # as Ollama and vLLM do: each token leaves at once, on kept-alive connections too
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet by default
+        if os.environ.get("FAKE_LLM_VERBOSE"):
+            super().log_message(format, *args)
+
+    def do_GET(self) -> None:
+        self.server.count("in_progress", 1)
+        try:
+            self.route()
+        finally:
+            self.server.count("in_progress", -1)
+
+    do_POST = do_GET
+
+    def route(self) -> None:
+        parts = urlsplit(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        self.server.requests.append(
+            {
+                "method": self.command,
+                "path": parts.path,
+                "query": {k: v[-1] for k, v in parse_qs(parts.query).items()},
+                "headers": dict(self.headers.items()),
+                "raw": raw,
+                "body": body,
+            }
+        )
+        openai = parts.path.startswith("/v1/")
+        if parts.path == "/health":
+            return self.send_json(200 if self.server.healthy else 503, {"status": "ok"})
+        if self.command == "GET" and parts.path in ("/api/tags", "/v1/models"):
+            return self.send_json(200, self.list_models(openai))
+        handler = POST_ROUTES.get(parts.path)
+        if self.command != "POST" or handler is None:
+            return self.send_error_json(404, f"no route {self.command} {parts.path}", openai)
+        if not isinstance(body, dict):
+            return self.send_error_json(400, "the body must be a JSON object", openai)
+        model = body.get("model", body.get("name") if parts.path == "/api/show" else None)  # Ollama takes both
+        if not isinstance(model, str) or not self.server.serves(model):
+            message = f"model {model!r} not found on {self.server.server_id}"
+            return self.send_error_json(404, message, openai, code="model_not_found")
+        handler(self, body, model)
+
+    # -- listings and one-shot answers ---------------------------------------------------
+
+    def list_models(self, openai: bool) -> dict[str, Any]:
+        if openai:
+            models = self.server.models
+            data = [{"id": m, "object": "model", "created": 0, "owned_by": self.server.server_id} for m in models]
+            return {"object": "list", "data": data}
+        entries = [
+            {"name": m, "model": m, "modified_at": now(), "size": 0, "digest": digest(m), "details": {}}
+            for m in self.server.models
+        ]
+        return {"models": entries}
+
+    def ollama_show(self, body: dict[str, Any], model: str) -> None:
+        details = {"family": model.split(":", 1)[0], "parameter_size": "8B", "quantization_level": "Q4_0"}
+        self.send_json(200, {"modelfile": f"FROM {model}\n", "details": details, "model_info": {}, "model": model})
+
+    def ollama_embed(self, body: dict[str, Any], model: str) -> None:
+        inputs = body.get("input", "")
+        texts = inputs if isinstance(inputs, list) else [inputs]
+        self.send_json(200, {"model": model, "embeddings": [embedding(str(text)) for text in texts]})
+
+    def ollama_embeddings(self, body: dict[str, Any], model: str) -> None:
+        self.send_json(200, {"model": model, "embedding": embedding(str(body.get("prompt", "")))})
+
+    def openai_embeddings(self, body: dict[str, Any], model: str) -> None:
+        inputs = body.get("input", "")
+        texts = inputs if isinstance(inputs, list) else [inputs]
+        data = [{"object": "embedding", "index": i, "embedding": embedding(str(t))} for i, t in enumerate(texts)]
+        self.send_json(200, {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": len(texts)}})
+
+    # -- generation, streamed or not -----------------------------------------------------
+
+    def ollama_generate(self, body: dict[str, Any], model: str) -> None:
+        chat = self.path.split("?", 1)[0] == "/api/chat"
+
+        def piece(text: str, done: bool) -> dict[str, Any]:
+            content = {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
+            extra = {"done_reason": "stop", "eval_count": self.server.chunks} if done else {}
+            return {"model": model, "created_at": now(), **content, "done": done, **extra}
+
+        if body.get("stream") is False:  # Ollama streams unless told not to
+            return self.send_json(200, piece("".join(self.tokens(model)), done=True))
+
+        def lines() -> Iterator[str]:
+            for token in self.tokens(model):
+                yield json.dumps(piece(token, False)) + "\n"
+            yield json.dumps(piece("", True)) + "\n"
+
+        self.stream("application/x-ndjson", lines())
+
+    def openai_generate(self, body: dict[str, Any], model: str) -> None:
+        chat = self.path.split("?", 1)[0] == "/v1/chat/completions"
+        kind = "chat.completion" if chat else "text_completion"
+        ident = f"cmpl-{self.server.server_id}-{time.monotonic_ns()}"
+
+        def choice(text: str, finish: str | None, streamed: bool) -> dict[str, Any]:
+            if not chat:
+                return {"index": 0, "text": text, "finish_reason": finish}
+            key = "delta" if streamed else "message"
+            return {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": finish}
+
+        def document(text: str, finish: str | None, streamed: bool) -> dict[str, Any]:
+            object_name = kind + ".chunk" if streamed and chat else kind
+            choices = [choice(text, finish, streamed)]
+            return {"id": ident, "object": object_name, "created": int(time.time()), "model": model, "choices": choices}
+
+        if body.get("stream") is not True:  # OpenAI streams only when asked
+            return self.send_json(200, document("".join(self.tokens(model)), "stop", streamed=False))
+
+        def events() -> Iterator[str]:
+            for token in self.tokens(model):
+                yield f"data: {json.dumps(document(token, None, True))}\n\n"
+            yield f"data: {json.dumps(document('', 'stop', True))}\n\ndata: [DONE]\n\n"
+
+        self.stream("text/event-stream", events())
+
+    def tokens(self, model: str) -> Iterator[str]:
+        for i in range(self.server.chunks):
+            yield f"[{self.server.server_id} {model} {i}] "
+
+    def stream(self, content_type: str, pieces: Iterator[str]) -> None:
+        """Send each piece as its own HTTP chunk, flushed, `chunk_delay` apart; count a client that left."""
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("X-Served-By", self.server.server_id)
+        self.end_headers()
+        try:
+            for index, piece in enumerate(pieces):
+                if index and self.server.chunk_delay:
+                    time.sleep(self.server.chunk_delay)
+                self.write_chunk(piece.encode())
+                if index == 0 and self.server.gate is not None:
+                    self.server.gate.wait(timeout=30)
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except STREAM_ABORTED:
+            self.server.count("aborted_streams", 1)
+            self.close_connection = True
+
+    def write_chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    # -- replies -------------------------------------------------------------------------
+
+    def send_json(self, status: int, payload: dict[str, Any]) -> None:
+        data = json.dumps({**payload, "server_id": self.server.server_id}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("X-Served-By", self.server.server_id)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_error_json(self, status: int, message: str, openai: bool, code: str | None = None) -> None:
+        if openai:
+            error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+            return self.send_json(status, {"error": error})
+        self.send_json(status, {"error": message})
+
+
+POST_ROUTES = {
+    "/api/generate": LLMHandler.ollama_generate,
+    "/api/chat": LLMHandler.ollama_generate,
+    "/api/embed": LLMHandler.ollama_embed,
+    "/api/embeddings": LLMHandler.ollama_embeddings,
+    "/api/show": LLMHandler.ollama_show,
+    "/v1/chat/completions": LLMHandler.openai_generate,
+    "/v1/completions": LLMHandler.openai_generate,
+    "/v1/embeddings": LLMHandler.openai_embeddings,
+}
+
+
+def model_key(name: str) -> str:
+    return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def embedding(text: str) -> list[float]:
+    """A deterministic unit-free vector of the text: the same text always gives the same one."""
+    raw = hashlib.sha256(text.encode()).digest()
+    return [round(byte / 255, 4) for byte in raw[:EMBEDDING_SIZE]]
+
+
+def register(gateway: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Call the gateway's register webhook with this server's models."""
+    request = Request(
+        gateway.rstrip("/") + "/webhook/register", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urlopen(request, timeout=10) as response:
+        return json.load(response)
+
+
+def parse_model_map(raw: str) -> dict[str, str]:
+    """`virtual=actual,...` as a dict."""
+    pairs = [item.split("=", 1) for item in raw.split(",") if item.strip()]
+    if any(len(pair) != 2 for pair in pairs):
+        raise argparse.ArgumentTypeError("expected virtual=actual,virtual=actual")
+    return {virtual.strip(): actual.strip() for virtual, actual in pairs}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--server-id", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--models", default="llama3:8b", help="comma-separated model names it serves")
+    parser.add_argument("--model-map", type=parse_model_map, default={}, help="virtual=actual,... to register")
+    parser.add_argument("--no-register-models", action="store_true", help="register no models: let discovery find them")
+    parser.add_argument("--chunks", type=int, default=5, help="tokens in each answer")
+    parser.add_argument("--chunk-delay", type=float, default=0.2, help="seconds between streamed tokens")
+    parser.add_argument("--register-to", metavar="GATEWAY_URL")
+    args = parser.parse_args()
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    server = FakeLLMServer(args.server_id, models, args.host, args.port, args.chunks, args.chunk_delay)
+    print(f"fake LLM server {args.server_id} on http://{args.host}:{server.port} with {', '.join(models)}", flush=True)
+    if args.register_to:
+        body: dict[str, Any] = {"server_id": args.server_id, "ip": args.host, "port": server.port}
+        if not args.no_register_models:
+            body["models"] = models
+        if args.model_map:
+            body["model_map"] = args.model_map
+        body["secret"] = os.environ["WEBHOOK_SECRET"]
+        for attempt in range(30):
+            try:
+                print(register(args.register_to, body), flush=True)
+                break
+            except OSError as exc:
+                print(f"register attempt {attempt + 1} failed: {exc}; retrying", flush=True)
+                time.sleep(1)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

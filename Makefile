@@ -41,5 +41,16 @@ bench-core: $(BIN)/.dev  ## the issue-2 figures: health sweep and rotation cost
 	$(BIN)/python bench/sweep_bench.py
 	$(BIN)/python bench/rotation_bench.py
 
+# Issue 6's suite, never part of `make test`: installs nginx and wrk when missing (apt-get), starts
+# and stops everything itself on 127.0.0.1, and writes bench/results.json, BENCHMARKS.md and
+# bench/results.png. `make bench BENCH_QUICK=1` is a short smoke run.
+.PHONY: bench
+$(BIN)/.bench: bench/requirements.txt $(BIN)/.runtime
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r bench/requirements.txt
+	touch $@
+
+bench: $(BIN)/.bench  ## the benchmark suite: ours beside nginx and a naive gateway (about 6 minutes)
+	$(BIN)/python bench/run_suite.py $(if $(filter 1 yes true,$(BENCH_QUICK)),--quick)
+
 clean:
 	rm -rf $(VENV) .venv-runtime .pytest_cache .ruff_cache .mypy_cache .demo

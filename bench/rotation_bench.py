@@ -5,11 +5,15 @@ per fleet size and times, with `time.perf_counter`:
   - `get_next_server()` with every server healthy, and with every other one unhealthy;
   - `SequentialRotation.choose()` alone, and `SequentialRotation.rebuild()`, from routing.py;
   - `register_server()`: filling the fleet from empty, and adding one more server to a full fleet.
+With --fill load the fleet is instead written to a JSON store and read back with one
+`BackendManager.load()` (a register costs O(fleet), so filling 10,000 one by one takes a minute);
+the store is detached afterwards, so later registrations stay in memory as with --fill register.
 A timed run makes up to --calls calls or stops after --max-seconds, whichever comes first, in
 batches; it is repeated --repeat times and the median and minimum microseconds per call are shown.
 The garbage collector stays on, as in the gateway.
 
-Run:  .venv/bin/python bench/rotation_bench.py [--sizes 10,1000,10000] [--repeat 5] [--json-out rotation.json]
+Run:  .venv/bin/python bench/rotation_bench.py [--sizes 10,1000,10000] [--repeat 5] [--fill register|load]
+          [--json-out rotation.json]
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import platform
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -31,8 +36,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from backend_manager import BackendManager
+from backend_server import BackendServer
 from health import HealthResult
 from routing import SequentialRotation
+from store import JsonFileStore
 
 HOST = "127.0.0.1"
 BATCH = 1000  # calls between two looks at the clock
@@ -96,6 +103,20 @@ def fill_manager(size: int) -> tuple[BackendManager, float]:
     return manager, (time.perf_counter() - started) / size * 1e6
 
 
+def load_manager(size: int) -> tuple[BackendManager, float]:
+    """Store a fleet of `size` and load it into a fresh manager at once; return it and the µs per server."""
+    entries = [BackendServer(f"S{number:05d}", HOST, 10000 + number % 50000).to_dict() for number in range(size)]
+    with tempfile.TemporaryDirectory(prefix="rotation-bench-") as folder:
+        store = JsonFileStore(Path(folder) / "backend_servers.json")
+        store.save(entries)
+        manager = BackendManager(store=store, failure_threshold=1, health_check_interval=10**6, health_checker=None)
+        started = time.perf_counter()
+        manager.load()
+        elapsed = time.perf_counter() - started
+        manager.store = None  # later changes stay in memory, as after fill_manager
+    return manager, elapsed / size * 1e6
+
+
 def time_marginal_register(manager: BackendManager, size: int, args: argparse.Namespace) -> Row:
     """µs to register one new server into a fleet of `size`; each is unregistered again, untimed."""
     per_call: list[float] = []
@@ -141,9 +162,14 @@ def bench_size(size: int, args: argparse.Namespace) -> tuple[list[Row], list[str
     """All the timings at one fleet size, and the sanity verdicts."""
     rows: list[Row] = []
     checks: list[str] = []
-    manager, fill_us = fill_manager(size)
+    if args.fill == "load":
+        manager, fill_us = load_manager(size)
+        fill_row = Row("BackendManager.load", size, f"load {size} from a store", size, 1, fill_us, fill_us)
+    else:
+        manager, fill_us = fill_manager(size)
+        fill_row = Row("register_server", size, f"fill 0 -> {size}", size, 1, fill_us, fill_us)
     try:
-        rows.append(Row("register_server", size, f"fill 0 -> {size}", size, 1, fill_us, fill_us))
+        rows.append(fill_row)
         rows.append(time_marginal_register(manager, size, args))
         fleet = [(server.server_id, server.is_healthy) for server in manager.list_servers()]
 
@@ -197,6 +223,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--calls", type=int, default=200_000, help="most calls per timed run (200000)")
     parser.add_argument("--max-seconds", type=float, default=3.0, help="most seconds per timed run (3)")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per measurement (5)")
+    parser.add_argument(
+        "--fill", choices=("register", "load"), default="register", help="build each fleet by registering (default)"
+    )
     parser.add_argument("--json-out", type=Path, help="also write the figures here as JSON")
     args = parser.parse_args(argv)
     if not 1 <= args.calls <= 10_000_000 or not 0 < args.max_seconds <= 30 or not 1 <= args.repeat <= 20:
@@ -216,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"settings: sizes={args.sizes}, up to {args.calls} calls or {args.max_seconds:g}s per run, "
-        f"{args.repeat} runs; store=None, no health checker\n"
+        f"{args.repeat} runs, fleets built by {args.fill}; store=None, no health checker\n"
     )
     rows: list[Row] = []
     checks: list[str] = []

@@ -1,0 +1,52 @@
+"""How long and how hard each part of the suite runs, and its progress lines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long and how hard each part runs; --quick picks the small one."""
+
+    duration_s: float = 6.0
+    warmup_s: float = 1.0
+    connections: tuple[int, ...] = (64, 256)
+    methods: tuple[str, ...] = ("GET", "POST")
+    single_connection_s: float = 5.0
+    first_token_samples: int = 20
+    stream_steps: tuple[int, ...] = (500, 1000, 2000, 3000, 4000)
+    stream_worker_connections: int = 4500
+    stream_budget_s: float = 150.0
+    sweep_sizes: tuple[int, ...] = (100, 1000, 5000)
+    sweep_timeout_s: float = 2.0
+    sweep_repeat: int = 2
+    routing_sizes: tuple[int, ...] = (10, 1000, 10000)
+    routing_repeat: int = 3
+    routing_max_seconds: float = 0.5
+    registration_fleet: int = 1000
+    registration_clients: int = 8
+    registration_deadline_s: float = 60.0
+
+
+QUICK = Plan(
+    duration_s=2.0,
+    warmup_s=1.0,
+    connections=(64,),
+    single_connection_s=2.0,
+    first_token_samples=5,
+    stream_steps=(200, 500),
+    stream_budget_s=40.0,
+    sweep_sizes=(100,),
+    sweep_repeat=1,
+    routing_sizes=(10, 1000),
+    routing_repeat=1,
+    routing_max_seconds=0.2,
+    registration_fleet=200,
+    registration_deadline_s=20.0,
+)
+
+
+def say(message: str) -> None:
+    """Progress on stdout, flushed: make shows it as it happens."""
+    print(message, flush=True)

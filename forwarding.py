@@ -6,8 +6,9 @@ import json
 import zlib
 from urllib.parse import unquote
 
-import urllib3
 from flask import request
+
+from upstream import UpstreamResponse
 
 HOP_BY_HOP = frozenset(
     {
@@ -67,7 +68,7 @@ def required_gpu_memory() -> float | None:
     return value
 
 
-def may_name_task(upstream: urllib3.BaseHTTPResponse) -> bool:
+def may_name_task(upstream: UpstreamResponse) -> bool:
     """A successful JSON reply to a request that can carry a body is read whole for its task_id."""
     content_type = upstream.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
     is_json = content_type == "application/json" or content_type.endswith("+json")
@@ -105,7 +106,7 @@ def upstream_headers() -> dict[str, str]:
     return headers
 
 
-def downstream_headers(upstream: urllib3.BaseHTTPResponse) -> list[tuple[str, str]]:
+def downstream_headers(upstream: UpstreamResponse) -> list[tuple[str, str]]:
     """End-to-end response headers, each repeated header kept apart (Set-Cookie)."""
     # The backend's own X-Backend-Server is dropped: ours names the server, for clients and metrics.
     dropped = HOP_BY_HOP | {"x-backend-server"} | _connection_tokens(upstream.headers.get("Connection", ""))

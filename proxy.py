@@ -8,9 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import urllib3
 from flask import Flask, Response, current_app, request
-from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ProtocolError, ReadTimeoutError
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
@@ -35,6 +33,7 @@ from forwarding import (
 from health import LOCAL_ERRNOS
 from metrics import NO_SERVER, GatewayMetrics
 from resources import GIB
+from upstream import ConnectFailed, IncompleteBody, UpstreamPool, UpstreamResponse
 
 Body = bytes | Callable[[Lease], bytes]  # the request body, or one made for the chosen server
 ErrorRenderer = Callable[[NoServer], Response]
@@ -47,6 +46,7 @@ SLOW_REQUEST_SECONDS = 1.0  # requests at least this long are also logged as per
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 STREAM_CHUNK = 64 * 1024
+MAX_POOLS = 1024
 SESSION_HEADER = "X-Session-Key"  # requests with one key go to one server while it can take them
 
 
@@ -70,8 +70,7 @@ class Proxy:
         self.manager = manager
         self.affinity = affinity
         self.metrics = metrics
-        self.timeout = urllib3.Timeout(connect=config.proxy_connect_timeout, read=config.proxy_read_timeout)
-        self.pool = urllib3.PoolManager(num_pools=1024, maxsize=config.proxy_pool_maxsize, block=False, retries=False)
+        self.pools: dict[str, UpstreamPool] = {}  # one per base URL, looked up once a request
         self.retry_after = str(int(config.health_check_interval))
 
     def handle(self) -> Response:
@@ -216,9 +215,7 @@ class Proxy:
         log.error("gateway could not open a connection: %s", exc)
         return error_response(503, f"the gateway is overloaded: {exc}", headers={"Retry-After": "1"})
 
-    def send(
-        self, base_url: str, label: str, target: str, body: bytes, headers: dict[str, str]
-    ) -> urllib3.BaseHTTPResponse:
+    def send(self, base_url: str, label: str, target: str, body: bytes, headers: dict[str, str]) -> UpstreamResponse:
         """Send the request upstream, counted in flight until `respond`'s reply closes."""
         self.metrics.in_flight.labels(display(label)).inc()
         try:
@@ -227,33 +224,34 @@ class Proxy:
             self.metrics.in_flight.labels(display(label)).dec()
             raise
 
-    def _send(self, base_url: str, target: str, body: bytes, headers: dict[str, str]) -> urllib3.BaseHTTPResponse:
+    def _send(self, base_url: str, target: str, body: bytes, headers: dict[str, str]) -> UpstreamResponse:
         """Send the request upstream; the response body is left unread for streaming."""
+        pool = self.pools.get(base_url) or self._new_pool(base_url)
         try:
-            return self.pool.urlopen(
-                request.method,
-                base_url + target,
-                body=body or None,
-                headers=headers,
-                redirect=False,
-                retries=False,
-                preload_content=False,
-                decode_content=False,
-                timeout=self.timeout,
-            )
-        except NewConnectionError as exc:  # nothing was sent
+            return pool.request(request.method, target, headers, body)
+        except ConnectFailed as exc:  # nothing was sent
             local = _errno(exc) in LOCAL_ERRNOS
-            raise UpstreamFailed(f"cannot connect: {_reason(exc)}", sent=False, local=local) from exc
-        except ConnectTimeoutError as exc:
-            raise UpstreamFailed(f"cannot connect: {_reason(exc)}", sent=False) from exc
-        except ReadTimeoutError as exc:
+            raise UpstreamFailed(exc.strerror or "cannot connect", sent=False, local=local) from exc
+        except TimeoutError as exc:
             raise UpstreamFailed("timed out waiting for the answer", sent=True, timed_out=True) from exc
-        except (ProtocolError, HTTPError) as exc:
-            raise UpstreamFailed(f"connection broken: {_reason(exc)}", sent=True) from exc
+        except OSError as exc:
+            raise UpstreamFailed(exc.strerror or f"connection broken: {exc}", sent=True) from exc
+
+    def _new_pool(self, base_url: str) -> UpstreamPool:
+        """A keep-alive pool for one server; the oldest go when servers keep changing address."""
+        if len(self.pools) >= MAX_POOLS:
+            oldest = next(iter(self.pools))
+            self.pools.pop(oldest).close()
+        config = self.config
+        pool = UpstreamPool(
+            base_url, config.proxy_pool_maxsize, config.proxy_connect_timeout, config.proxy_read_timeout
+        )
+        self.pools[base_url] = pool
+        return pool
 
     def respond(
         self,
-        upstream: urllib3.BaseHTTPResponse,
+        upstream: UpstreamResponse,
         label: str,
         known_task: str = "",
         release: Callable[[], None] | None = None,
@@ -274,7 +272,7 @@ class Proxy:
         response.call_on_close(done)
         return response
 
-    def _respond(self, upstream: urllib3.BaseHTTPResponse, label: str, known_task: str) -> Response:
+    def _respond(self, upstream: UpstreamResponse, label: str, known_task: str) -> Response:
         """Build the client's response: streamed, or read whole when it may name a new task."""
         headers = downstream_headers(upstream)
         headers.append(("X-Backend-Server", display(label)))
@@ -283,12 +281,12 @@ class Proxy:
             try:
                 first = upstream.read(JSON_CAPTURE_LIMIT + 1)
                 if len(first) <= JSON_CAPTURE_LIMIT and upstream.length_remaining:  # fewer than promised
-                    raise ProtocolError(
-                        f"IncompleteRead: {len(first)} bytes, {upstream.length_remaining} more expected"
+                    raise IncompleteBody(
+                        None, f"IncompleteRead: {len(first)} bytes, {upstream.length_remaining} more expected"
                     )
-            except (HTTPError, OSError) as exc:
+            except OSError as exc:
                 upstream.close()
-                timed_out = isinstance(exc, ReadTimeoutError)
+                timed_out = isinstance(exc, TimeoutError)
                 reason = "timed out sending the answer" if timed_out else f"broke off the answer: {_reason(exc)}"
                 return upstream_error(label, UpstreamFailed(reason, sent=True, timed_out=timed_out))
             if len(first) <= JSON_CAPTURE_LIMIT:
@@ -319,7 +317,7 @@ class Proxy:
 class UpstreamBody:
     """The streamed body: yields chunks as they arrive and settles the connection on close."""
 
-    def __init__(self, upstream: urllib3.BaseHTTPResponse, first: bytes, has_body: bool) -> None:
+    def __init__(self, upstream: UpstreamResponse, first: bytes, has_body: bool) -> None:
         self.upstream = upstream
         self.first = first
         self.complete = not has_body  # HEAD, 204 and 304 have nothing to read
@@ -331,8 +329,8 @@ class UpstreamBody:
             while chunk := self.upstream.read1(STREAM_CHUNK, decode_content=False):
                 yield chunk
             if self.upstream.length_remaining:
-                raise ProtocolError(f"IncompleteRead: {self.upstream.length_remaining} bytes never came")
-        except (HTTPError, OSError) as exc:
+                raise IncompleteBody(None, f"IncompleteRead: {self.upstream.length_remaining} bytes never came")
+        except OSError as exc:
             log.warning("upstream broke off mid-response: %s", _reason(exc))
             raise  # the client must see a cut-off body, not a clean end
         self.complete = True
@@ -366,8 +364,9 @@ def _errno(exc: BaseException) -> int | None:
 
 
 def _reason(exc: BaseException) -> str:
-    reason: Any = getattr(exc, "reason", None) or exc
-    return str(reason).split(": ", 1)[-1] if ": " in str(reason) else type(reason).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
 
 
 def _payload(body: Body, lease: Lease) -> bytes:

@@ -12,7 +12,8 @@ import threading
 import pytest
 import requests
 from conftest import SECRET, wait_until
-from urllib3.exceptions import NewConnectionError
+
+import upstream
 
 
 @pytest.fixture
@@ -477,12 +478,10 @@ def test_gateway_out_of_sockets_answers_503_and_blames_no_server(fleet, monkeypa
     gateway, _ = fleet
 
     def no_sockets(*args, **kwargs):
-        try:
-            raise OSError(errno.EMFILE, "Too many open files")
-        except OSError as exc:
-            raise NewConnectionError(None, f"Failed to establish a new connection: {exc}") from exc
+        raise OSError(errno.EMFILE, "Too many open files")
 
-    monkeypatch.setattr(gateway.app.extensions["proxy"].pool, "urlopen", no_sockets)
+    gateway.app.extensions["proxy"].pools.clear()  # no kept-alive connection to fall back on
+    monkeypatch.setattr(upstream.socket, "create_connection", no_sockets)
     response = requests.get(gateway.url + "/api/echo", timeout=5)
     assert response.status_code == 503
     assert "overloaded" in response.json()["message"]

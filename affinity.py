@@ -25,6 +25,7 @@ class TaskAffinity:
         self.ttl = ttl
         self._lock = threading.Lock()
         self._db = self._open()
+        self._known: set[str] = set()  # every live task id, so most requests skip the query
         self._next_purge = 0.0
         self.purge_expired()
 
@@ -67,6 +68,8 @@ class TaskAffinity:
                 " WHERE task_owner.expires_at <= ? OR task_owner.server_id = excluded.server_id",
                 (task_id, server_id, now + self.ttl, now),
             )
+            if cursor.rowcount == 1:
+                self._known.add(task_id)
             return cursor.rowcount == 1
 
     def owner(self, task_id: str) -> str | None:
@@ -81,7 +84,7 @@ class TaskAffinity:
 
     def first_owned(self, candidates: list[str]) -> tuple[str, str] | None:
         """The first candidate that is a known task, with its owner, in one query."""
-        names = [c for c in candidates if c and len(c) <= MAX_TASK_ID_LENGTH]
+        names = [c for c in candidates if c in self._known]
         if not names:
             return None
         marks = ",".join("?" * len(names))
@@ -100,7 +103,9 @@ class TaskAffinity:
         """Delete expired records; return how many went. Runs at start and then hourly."""
         self._next_purge = time.time() + 3600
         with self._lock:
-            return self._db.execute("DELETE FROM task_owner WHERE expires_at <= ?", (time.time(),)).rowcount
+            purged = self._db.execute("DELETE FROM task_owner WHERE expires_at <= ?", (time.time(),)).rowcount
+            self._known = {row[0] for row in self._db.execute("SELECT task_id FROM task_owner")}
+            return purged
 
     def close(self) -> None:
         """Close the database."""

@@ -46,7 +46,7 @@ class Config:
     proxy_read_timeout: float = 300.0
     proxy_max_retries: int = 2
     proxy_max_body_bytes: int = 100 * 1024 * 1024
-    proxy_pool_maxsize: int = 64
+    proxy_pool_maxsize: int = 128
     allowed_backend_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     trusted_proxy_count: int = 0
     log_level: str = "INFO"

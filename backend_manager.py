@@ -291,6 +291,10 @@ class BackendManager(LeaseOwner):
             server = self._servers.get(server_id)
             return replace(server) if server else None
 
+    def is_registered(self, server_id: str) -> bool:
+        """True while `server_id` is in the fleet (no copy made: every proxied request asks)."""
+        return server_id in self._servers
+
     def list_servers(self) -> list[BackendServer]:
         """Copies of all servers in registration order."""
         with self._lock:

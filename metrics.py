@@ -123,7 +123,7 @@ class GatewayMetrics:
 
     def _still_registered(self, server_id: str) -> bool:
         manager = getattr(self, "manager", None)
-        return manager is None or manager.get_server(server_id) is not None
+        return manager is None or manager.is_registered(server_id)
 
     def total_requests(self) -> dict[str, float]:
         """Proxied requests so far by status class, for /status."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import threading
 import time
@@ -201,7 +202,7 @@ class BackendManager(LeaseOwner):
         """Under the lock: stamp a server as used and return a copy."""
         server = self._servers[server_id]
         server.last_used_time = now_iso()
-        return replace(server)
+        return copy.copy(server)  # a shallow copy, as replace() makes, without re-running __init__
 
     def _dispatch_waiters(self) -> None:
         """Under the lock: give queued requests, oldest first, the slots that are free now."""

@@ -96,8 +96,18 @@ def task_candidates(segments: list[str]) -> list[str]:
 
 def upstream_headers() -> dict[str, str]:
     """End-to-end request headers, plus X-Forwarded-For/-Proto/-Host."""
-    dropped = NOT_FORWARDED | _connection_tokens(request.headers.get("Connection", ""))
-    headers = {name: value for name, value in request.headers.items() if name.lower() not in dropped}
+    environ = request.environ
+    dropped = NOT_FORWARDED | _connection_tokens(environ.get("HTTP_CONNECTION", ""))
+    headers = {}
+    for key, value in environ.items():  # werkzeug's EnvironHeaders, without its per-call cost
+        known = _HEADER_NAMES.get(key)
+        if known is None:
+            known = _header_name(key)
+            if len(_HEADER_NAMES) < 4096:
+                _HEADER_NAMES[key] = known
+        name, lowered = known
+        if name and lowered not in dropped and (value or key.startswith("HTTP_")):
+            headers[name] = value
     peer = request.environ.get("werkzeug.proxy_fix.orig", {}).get("REMOTE_ADDR", request.remote_addr) or ""
     prior = request.headers.get("X-Forwarded-For")
     headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
@@ -121,6 +131,20 @@ def decoded(payload: bytes, encoding: str) -> bytes:
         return zlib.decompressobj(wbits=47).decompress(payload, JSON_CAPTURE_LIMIT)  # 47: gzip or zlib header
     except zlib.error:
         return b""
+
+
+_HEADER_NAMES: dict[str, tuple[str, str]] = {}  # environ key -> (header name, lower case), or ("", "")
+
+
+def _header_name(key: str) -> tuple[str, str]:
+    """The header an environ key carries: HTTP_X_API_KEY is X-Api-Key; CONTENT_TYPE is Content-Type."""
+    if key.startswith("HTTP_") and key not in ("HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH"):
+        name = key[5:].replace("_", "-").title()
+    elif key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+        name = key.replace("_", "-").title()
+    else:
+        return "", ""
+    return name, name.lower()
 
 
 def _connection_tokens(value: str) -> frozenset[str]:

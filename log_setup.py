@@ -6,6 +6,7 @@ import json
 import logging
 import logging.handlers
 import os
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -19,6 +20,9 @@ TOPIC_FILES = {
     "gateway.health": "health.log",
 }
 _MARK = "_gateway_handler"  # handlers this module made, replaced when the app is configured again
+
+
+_PLAIN = re.compile(r'[^ "=]+')  # a value that needs no quotes
 
 
 class StructuredFormatter(logging.Formatter):
@@ -46,8 +50,8 @@ class StructuredFormatter(logging.Formatter):
 
 
 def _kv_value(value: Any) -> str:
-    text = str(value)
-    if text and text.isprintable() and not any(c in text for c in ' "='):
+    text = value if isinstance(value, str) else str(value)
+    if text.isprintable() and _PLAIN.fullmatch(text):
         return text
     return json.dumps(text, ensure_ascii=True)  # one line whatever the request path held
 

@@ -58,10 +58,9 @@ def _kv_value(value: Any) -> str:
 
 def configure(level: str, style: str, log_dir: str, max_bytes: int, backups: int, secrets: list[str]) -> None:
     """Log to stdout (journald under systemd) and, with `log_dir`, to five rotating files."""
-    # Our lines name no source file, thread or process: skip collecting them for every record,
-    # as the logging HOWTO's "Optimization" section describes (a stack walk per request line).
+    # Our lines name no source file: skip the stack walk that finds it for every record, as the
+    # logging HOWTO's "Optimization" section describes. (Process ids stay: gunicorn's lines use them.)
     logging._srcfile = None
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root = logging.getLogger()
     for handler in [h for h in root.handlers if getattr(h, _MARK, False)]:
         root.removeHandler(handler)

@@ -42,9 +42,6 @@ def create_app(config: Config | None = None) -> Flask:
     app = Flask(__name__)
     app.config["GATEWAY"] = config
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the seed's field order
-    if config.trusted_proxy_count:
-        n = config.trusted_proxy_count
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
 
     manager.configure(
         JsonFileStore(config.backend_servers_file),
@@ -73,6 +70,10 @@ def create_app(config: Config | None = None) -> Flask:
     dashboard.init_app(app)
     proxy.init_app(app)
     llm_routes.init_app(app)
+    app.wsgi_app = proxy.FastPath(app, app.wsgi_app)  # type: ignore[method-assign]  # after every route
+    if config.trusted_proxy_count:  # outermost: every path sees the client's real address
+        n = config.trusted_proxy_count
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
 
     def shutdown() -> None:
         manager.shutdown()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from flask import request
 from werkzeug.exceptions import RequestEntityTooLarge
+
+from current_request import request
 
 
 def read_body(limit: int) -> bytes:

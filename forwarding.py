@@ -6,8 +6,7 @@ import json
 import zlib
 from urllib.parse import unquote
 
-from flask import request
-
+from current_request import request
 from upstream import UpstreamResponse
 
 HOP_BY_HOP = frozenset(

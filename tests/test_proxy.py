@@ -9,6 +9,7 @@ import socket
 import sqlite3
 import threading
 
+import flask
 import pytest
 import requests
 from conftest import SECRET, wait_until
@@ -570,3 +571,20 @@ def test_a_session_key_keeps_a_client_on_one_server(fleet):
         for _ in range(6)
     }
     assert len(chosen) == 1
+
+
+def test_proxied_requests_skip_flasks_dispatch_and_the_rest_keep_it(fleet):
+    gateway, _ = fleet
+    dispatched: list[str] = []
+
+    def started(sender, **extra):
+        dispatched.append(flask.request.path)
+
+    flask.request_started.connect(started, gateway.app)
+    try:
+        assert requests.get(gateway.url + "/api/echo", timeout=5).status_code == 200
+        assert requests.get(gateway.url + "/health", timeout=5).status_code == 200
+        assert requests.get(gateway.url + "/api", timeout=5).headers["X-Backend-Server"]  # the bare prefix
+    finally:
+        flask.request_started.disconnect(started, gateway.app)
+    assert dispatched == ["/health", "/api"]

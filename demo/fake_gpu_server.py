@@ -196,12 +196,27 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
 
-def register(gateway: str, server_id: str, ip: str, port: int, secret: str) -> dict[str, Any]:
+def register(gateway: str, body: dict[str, Any]) -> dict[str, Any]:
     """Call the gateway's register webhook, as a GPU server does at startup."""
-    data = json.dumps({"server_id": server_id, "ip": ip, "port": port, "secret": secret}).encode()
+    data = json.dumps(body).encode()
     request = Request(gateway.rstrip("/") + "/webhook/register", data, {"Content-Type": "application/json"})
     with urlopen(request, timeout=10) as response:
         return json.load(response)
+
+
+def register_and_serve(server: KillableHTTPServer, gateway: str | None, body: dict[str, Any]) -> None:
+    """Register (retrying for 30 s while the gateway starts), then serve until interrupted."""
+    if gateway:
+        body = {**body, "secret": os.environ["WEBHOOK_SECRET"]}
+        for attempt in range(30):
+            try:
+                print(register(gateway, body), flush=True)
+                break
+            except OSError as exc:
+                print(f"register attempt {attempt + 1} failed: {exc}; retrying", flush=True)
+                time.sleep(1)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.serve_forever()
 
 
 def main() -> None:
@@ -213,16 +228,7 @@ def main() -> None:
     args = parser.parse_args()
     server = FakeGPUServer(args.server_id, args.host, args.port)
     print(f"fake GPU server {args.server_id} on http://{args.host}:{server.port}", flush=True)
-    if args.register_to:
-        for attempt in range(30):
-            try:
-                print(register(args.register_to, args.server_id, args.host, server.port, os.environ["WEBHOOK_SECRET"]))
-                break
-            except OSError as exc:
-                print(f"register attempt {attempt + 1} failed: {exc}; retrying", flush=True)
-                time.sleep(1)
-    with contextlib.suppress(KeyboardInterrupt):
-        server.serve_forever()
+    register_and_serve(server, args.register_to, {"server_id": args.server_id, "ip": args.host, "port": server.port})
 
 
 if __name__ == "__main__":

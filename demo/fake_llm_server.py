@@ -10,7 +10,6 @@ request went and which model name reached the server. Run a fake Ollama box:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -21,12 +20,11 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
-from urllib.request import Request, urlopen
 
 if __package__:  # imported as demo.fake_llm_server (tests)
-    from demo.fake_gpu_server import KillableHTTPServer
+    from demo.fake_gpu_server import KillableHTTPServer, register_and_serve
 else:  # run as a script: demo/ is on sys.path
-    from fake_gpu_server import KillableHTTPServer  # type: ignore[no-redef]
+    from fake_gpu_server import KillableHTTPServer, register_and_serve  # type: ignore[no-redef]
 
 EMBEDDING_SIZE = 8
 STREAM_ABORTED = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
@@ -285,15 +283,6 @@ def embedding(text: str) -> list[float]:
     return [round(byte / 255, 4) for byte in raw[:EMBEDDING_SIZE]]
 
 
-def register(gateway: str, body: dict[str, Any]) -> dict[str, Any]:
-    """Call the gateway's register webhook with this server's models."""
-    request = Request(
-        gateway.rstrip("/") + "/webhook/register", json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    with urlopen(request, timeout=10) as response:
-        return json.load(response)
-
-
 def parse_model_map(raw: str) -> dict[str, str]:
     """`virtual=actual,...` as a dict."""
     pairs = [item.split("=", 1) for item in raw.split(",") if item.strip()]
@@ -317,22 +306,12 @@ def main() -> None:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     server = FakeLLMServer(args.server_id, models, args.host, args.port, args.chunks, args.chunk_delay)
     print(f"fake LLM server {args.server_id} on http://{args.host}:{server.port} with {', '.join(models)}", flush=True)
-    if args.register_to:
-        body: dict[str, Any] = {"server_id": args.server_id, "ip": args.host, "port": server.port}
-        if not args.no_register_models:
-            body["models"] = models
-        if args.model_map:
-            body["model_map"] = args.model_map
-        body["secret"] = os.environ["WEBHOOK_SECRET"]
-        for attempt in range(30):
-            try:
-                print(register(args.register_to, body), flush=True)
-                break
-            except OSError as exc:
-                print(f"register attempt {attempt + 1} failed: {exc}; retrying", flush=True)
-                time.sleep(1)
-    with contextlib.suppress(KeyboardInterrupt):
-        server.serve_forever()
+    body: dict[str, Any] = {"server_id": args.server_id, "ip": args.host, "port": server.port}
+    if not args.no_register_models:
+        body["models"] = models
+    if args.model_map:
+        body["model_map"] = args.model_map
+    register_and_serve(server, args.register_to, body)
 
 
 if __name__ == "__main__":

@@ -231,7 +231,7 @@ class Proxy:
         try:
             return pool.request(request.method, target, headers, body)
         except ConnectFailed as exc:  # nothing was sent
-            local = _errno(exc) in LOCAL_ERRNOS
+            local = exc.errno in LOCAL_ERRNOS
             raise UpstreamFailed(exc.strerror or "cannot connect", sent=False, local=local) from exc
         except TimeoutError as exc:
             raise UpstreamFailed("timed out waiting for the answer", sent=True, timed_out=True) from exc
@@ -354,14 +354,6 @@ def upstream_error(label: str, exc: UpstreamFailed) -> Response:
     response = error_response(504 if exc.timed_out else 502, f"backend {display(label)}: {exc}")
     response.headers["X-Backend-Server"] = display(label)
     return response
-
-
-def _errno(exc: BaseException) -> int | None:
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno:
-            return exc.errno
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    return None
 
 
 def _reason(exc: BaseException) -> str:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
-
-from resources import Reading
 
 T = TypeVar("T")
 
@@ -76,38 +74,6 @@ def _next_healthy_table(healthy: list[bool]) -> tuple[int, ...]:
         if healthy[i % count]:
             following = i % count
     return tuple(table)
-
-
-def choose_by_resources(
-    rotation: SequentialRotation,
-    healthy: Sequence[str],
-    readings: Mapping[str, Reading],
-    exclude: Collection[str],
-    required_bytes: int | None,
-    policy: str,
-    weights: Mapping[str, float],
-) -> tuple[str | None, bool]:
-    """Pick from `healthy` (registration order) using fresh `readings`; say if nothing fit.
-
-    With `required_bytes`, servers whose fresh reading shows that much usable memory come
-    first; servers whose capacity is unknown (no monitor, or a stale reading) are used only
-    when none of those fits. `least_load` then keeps the lowest load score. Among what is
-    left, the rotation decides, so ties and equal servers still take turns.
-    """
-    candidates = [server_id for server_id in healthy if server_id not in exclude]
-    pool = candidates
-    if required_bytes is not None:
-        pool = [s for s in candidates if s in readings and readings[s].fits(required_bytes)]
-        pool = pool or [s for s in candidates if s not in readings]
-        if not pool:
-            return None, bool(candidates)
-    if policy == "least_load":
-        scores = {s: readings[s].load_score(dict(weights)) for s in pool if s in readings}
-        if scores:
-            best = min(scores.values())
-            pool = [s for s, score in scores.items() if score == best]
-    keep = set(pool)
-    return rotation.choose(exclude={s for s in healthy if s not in keep} | set(exclude)), False
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from backend_manager import BackendManager, Lease, NoServer, RouteRequest
 from body_limit import read_body
 from config import Config
 from forwarding import required_gpu_memory, upstream_headers
-from proxy import SESSION_HEADER, Proxy, observe
+from proxy import SESSION_HEADER, Proxy, as_response, observe
 from resources import GIB
 
 OPENAI_POSTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -141,8 +141,10 @@ def forward_llm(dialect: Dialect) -> Response:
     )
     query = request.environ.get("QUERY_STRING", "")
     target = f"{request.path}?{query}" if query else request.path  # the rule's own path: nothing to climb out of
-    response = proxy.forward_routed(
-        route, target, body_for(raw, payload, llm), upstream_headers(), lambda exc: no_server(dialect, exc)
+    response = as_response(
+        proxy.forward_routed(
+            route, target, body_for(raw, payload, llm), upstream_headers(), lambda exc: no_server(dialect, exc)
+        )
     )
     if llm.stream and response.status_code < 300:
         response.headers.update(STREAM_HEADERS)
@@ -176,12 +178,12 @@ def no_server(dialect: Dialect, exc: NoServer) -> Response:
 
 def openai_view() -> Response:
     """POST /v1/chat/completions, /v1/completions, /v1/embeddings."""
-    return observe(lambda: forward_llm(OPENAI))
+    return as_response(observe(lambda: forward_llm(OPENAI)))
 
 
 def ollama_view() -> Response:
     """POST /api/generate, /api/chat, /api/embed, /api/embeddings, /api/show."""
-    return observe(lambda: forward_llm(OLLAMA))
+    return as_response(observe(lambda: forward_llm(OLLAMA)))
 
 
 def available_models() -> list[str]:

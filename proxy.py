@@ -33,11 +33,13 @@ from forwarding import (
 )
 from health import LOCAL_ERRNOS
 from metrics import NO_SERVER, GatewayMetrics
+from relay import Relay
 from resources import GIB
 from upstream import ConnectFailed, IncompleteBody, UpstreamPool, UpstreamResponse
 
 Body = bytes | Callable[[Lease], bytes]  # the request body, or one made for the chosen server
 ErrorRenderer = Callable[[NoServer], Response]
+Answer = Response | Relay  # a server's answer passed on is a Relay; the gateway's own are Responses
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("gateway.request")
@@ -74,7 +76,7 @@ class Proxy:
         self.pools: dict[str, UpstreamPool] = {}  # one per base URL, looked up once a request
         self.retry_after = str(int(config.health_check_interval))
 
-    def handle(self) -> Response:
+    def handle(self) -> Answer:
         """Proxy the current request."""
         try:
             target, segments = request_target(self.config.proxy_prefixes)
@@ -102,7 +104,7 @@ class Proxy:
         body: Body,
         headers: dict[str, str],
         render_error: ErrorRenderer | None = None,
-    ) -> Response:
+    ) -> Answer:
         """Send to the server chosen for `route`; on a connect failure try another, then the fallback.
 
         Nothing is retried once the server may have the request (a timeout, or a non-idempotent
@@ -150,7 +152,7 @@ class Proxy:
         retry_after = exc.retry_after or (self.retry_after if exc.status == 503 else None)
         return error_response(exc.status, exc.message, headers={"Retry-After": retry_after} if retry_after else None)
 
-    def forward_owned(self, task_id: str, owner: str, target: str, body: bytes, headers: dict[str, str]) -> Response:
+    def forward_owned(self, task_id: str, owner: str, target: str, body: bytes, headers: dict[str, str]) -> Answer:
         """Send a request that names a task to the server that owns it, and nowhere else."""
         if owner == FALLBACK_OWNER:
             if not self.config.backend_api_base:
@@ -182,7 +184,7 @@ class Proxy:
         tried: list[str],
         render: ErrorRenderer,
         no_server: NoServer | None = None,
-    ) -> Response:
+    ) -> Answer:
         """No server took the request: use BACKEND_API_BASE, or say why there is none."""
         if self.config.backend_api_base:
             log.warning("no GPU server could take it%s; using the fallback backend", f" after {tried}" if tried else "")
@@ -199,7 +201,7 @@ class Proxy:
 
     def forward_to(
         self, base_url: str, label: str, target: str, body: bytes, headers: dict[str, str], known_task: str = ""
-    ) -> Response:
+    ) -> Answer:
         """Forward once, with no failover."""
         try:
             upstream = self.send(base_url, label, target, body, headers)
@@ -218,11 +220,11 @@ class Proxy:
 
     def send(self, base_url: str, label: str, target: str, body: bytes, headers: dict[str, str]) -> UpstreamResponse:
         """Send the request upstream, counted in flight until `respond`'s reply closes."""
-        self.metrics.in_flight.labels(display(label)).inc()
+        self.metrics.in_flight_of(display(label)).inc()
         try:
             return self._send(base_url, target, body, headers)
         except UpstreamFailed:
-            self.metrics.in_flight.labels(display(label)).dec()
+            self.metrics.in_flight_of(display(label)).dec()
             raise
 
     def _send(self, base_url: str, target: str, body: bytes, headers: dict[str, str]) -> UpstreamResponse:
@@ -256,9 +258,9 @@ class Proxy:
         label: str,
         known_task: str = "",
         release: Callable[[], None] | None = None,
-    ) -> Response:
+    ) -> Answer:
         """The client's response; the request stops counting in flight (and frees its slot) when it closes."""
-        gauge_down, free_slot = self.metrics.in_flight.labels(display(label)).dec, release
+        gauge_down, free_slot = self.metrics.in_flight_of(display(label)).dec, release
 
         def done() -> None:
             gauge_down()
@@ -273,10 +275,11 @@ class Proxy:
         response.call_on_close(done)
         return response
 
-    def _respond(self, upstream: UpstreamResponse, label: str, known_task: str) -> Response:
+    def _respond(self, upstream: UpstreamResponse, label: str, known_task: str) -> Answer:
         """Build the client's response: streamed, or read whole when it may name a new task."""
+        backend = display(label)
         headers = downstream_headers(upstream)
-        headers.append(("X-Backend-Server", display(label)))
+        headers.append(("X-Backend-Server", backend))
         first = b""
         if may_name_task(upstream):
             try:
@@ -293,11 +296,9 @@ class Proxy:
             if len(first) <= JSON_CAPTURE_LIMIT:
                 upstream.release_conn()
                 self.remember_task(first, upstream.headers.get("Content-Encoding", ""), label, known_task)
-                return Response(first, status=upstream.status, headers=headers)
+                return Relay(upstream.status, headers, first, backend)
         body = UpstreamBody(upstream, first, has_body=request.method != "HEAD" and upstream.status not in (204, 304))
-        # Not direct_passthrough: werkzeug would hand the body on unwrapped and never call
-        # Response.close(), so call_on_close callbacks (the in-flight count) would not run.
-        return Response(body, status=upstream.status, headers=headers)
+        return Relay(upstream.status, headers, body, backend)
 
     def remember_task(self, payload: bytes, encoding: str, owner: str, known_task: str) -> None:
         """Record the owner of a task id found in a JSON reply, before the reply is sent."""
@@ -367,11 +368,16 @@ def _payload(body: Body, lease: Lease) -> bytes:
 
 
 def proxy_view(path: str = "") -> Response:
-    """The view behind every proxied prefix."""
-    return observe(current_app.extensions["proxy"].handle)
+    """The view behind every proxied prefix (when the fast path does not serve them)."""
+    return as_response(observe(current_app.extensions["proxy"].handle))
 
 
-def observe(handler: Callable[[], Response]) -> Response:
+def as_response(answer: Answer) -> Response:
+    """A werkzeug Response for Flask, whichever kind of answer the proxy made."""
+    return answer.to_response() if isinstance(answer, Relay) else answer
+
+
+def observe(handler: Callable[[], Answer]) -> Answer:
     """Run one proxied request's handler; count it and log it once, when its response ends."""
     proxy: Proxy = current_app.extensions["proxy"]
     started, method = time.perf_counter(), request.method
@@ -379,7 +385,9 @@ def observe(handler: Callable[[], Response]) -> Response:
         response = handler()
     except HTTPException as exc:  # 413 from the body limit, say: still one request to count and log
         response = handle_http_exception(exc)
-    server = response.headers.get("X-Backend-Server", NO_SERVER)  # only ever set by this proxy
+    # A server's answer names its server; one of the gateway's own (an error) names the server
+    # that failed, if one did: the header is only ever set by this proxy.
+    server = response.backend if isinstance(response, Relay) else response.headers.get("X-Backend-Server", NO_SERVER)
     status, path = response.status_code, request.path  # the path only: a query may carry a secret
 
     def done() -> None:

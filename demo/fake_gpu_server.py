@@ -128,6 +128,10 @@ class Handler(BaseHTTPRequestHandler):
         if segments[:2] == ["api", "stream"]:
             gated = query.get("gated") == "1"
             return self.send_stream(int(query.get("n", "5")), float(query.get("delay", "0.2")), gated)
+        if segments[:2] == ["api", "chunked-json"]:  # a JSON reply framed in chunks, naming a new task
+            task_id = uuid.uuid4().hex
+            self.server.tasks[task_id] = time.time()
+            return self.send_chunked_json({"server_id": self.server.server_id, "task_id": task_id})
         if segments[:2] == ["api", "deep-json"]:  # nested deeper than Python's json can parse
             return self.send_bytes(200, b"[" * 100_000 + b"]" * 100_000, "application/json")
         if segments[:2] == ["api", "spoof"]:  # a backend that names itself in our header
@@ -164,6 +168,17 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
+
+    def send_chunked_json(self, payload: dict[str, Any]) -> None:
+        """The JSON document in two chunks, with no Content-Length."""
+        data = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        half = len(data) // 2
+        for part in (data[:half], data[half:], b""):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
 
     def send_partial_json(self, stall: bool, delay: float) -> None:
         """Promise 100 bytes of JSON, send 10, then stall or hang up."""

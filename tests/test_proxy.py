@@ -447,6 +447,17 @@ def test_a_gzipped_json_reply_still_records_its_task(fleet):
     assert served_by(gateway, 3, f"/api/status/{task_id}") == [owner] * 3
 
 
+def test_a_chunked_json_reply_read_whole_goes_out_with_its_length(fleet):
+    gateway, _ = fleet
+    created = requests.post(gateway.url + "/api/chunked-json", timeout=5)
+    assert created.status_code == 200
+    assert "Transfer-Encoding" not in created.headers
+    assert int(created.headers["Content-Length"]) == len(created.content)
+    task_id, owner = created.json()["task_id"], created.headers["X-Backend-Server"]
+    assert created.json()["server_id"] == owner
+    assert served_by(gateway, 3, f"/api/status/{task_id}") == [owner] * 3
+
+
 def test_the_reply_goes_out_even_when_the_task_cannot_be_recorded(fleet, monkeypatch):
     gateway, _ = fleet
 

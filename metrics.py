@@ -87,6 +87,10 @@ class GatewayMetrics:
         )
         self.fallback = Counter("gateway_fallback_requests", "Requests answered by BACKEND_API_BASE", registry=r)
         self.no_server = Counter("gateway_no_server_responses", "503s for want of a server", registry=r)
+        # Each proxied request touches these series; labels() validates and locks on every call,
+        # so the children are looked up once per label set (and forgotten when a server leaves).
+        self._in_flight_children: dict[str, Gauge] = {}
+        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     def watch(self, manager: BackendManager) -> None:
         """Collect the fleet gauges from `manager` and hear of sweeps and departures."""
@@ -107,6 +111,9 @@ class GatewayMetrics:
         """Drop every series of a server that left."""
         for metric in (self.requests, self.duration, self.in_flight, self.health_checks, self.retries):
             metric.remove_by_labels({"server": server_id})
+        self._in_flight_children.pop(server_id, None)
+        for key in [key for key in self._request_children if key[0] == server_id]:
+            self._request_children.pop(key, None)
 
     # -- what the proxy tells ------------------------------------------------------------
 
@@ -114,12 +121,27 @@ class GatewayMetrics:
         """One proxied request ended (its last byte went out, or the client left)."""
         if server not in (NO_SERVER, "fallback") and not self._still_registered(server):
             server = NO_SERVER  # it left while the request ran: do not bring its series back
-        self.requests.labels(server, method, f"{status // 100}xx").inc()
-        self.duration.labels(server).observe(seconds)
+        key = (server, method, status // 100)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self.requests.labels(server, method, f"{key[2]}xx"), self.duration.labels(server)
+            if len(self._request_children) < 10_000:  # methods are a fixed set; servers come and go
+                self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
         if server == "fallback":
             self.fallback.inc()
         elif server == NO_SERVER and status == 503:
             self.no_server.inc()
+
+    def in_flight_of(self, server: str) -> Gauge:
+        """The in-flight gauge of one server (or `fallback`)."""
+        gauge = self._in_flight_children.get(server)
+        if gauge is None:
+            gauge = self.in_flight.labels(server)
+            if len(self._in_flight_children) < 10_000:
+                self._in_flight_children[server] = gauge
+        return gauge
 
     def _still_registered(self, server_id: str) -> bool:
         manager = getattr(self, "manager", None)

@@ -67,6 +67,22 @@ def test_a_server_that_leaves_takes_its_series_with_it(live_gateway, fake_server
     assert value(samples, "gateway_servers_registered") == 0
 
 
+def test_a_server_that_comes_back_is_counted_afresh(live_gateway, fake_servers):
+    gateway = live_gateway()
+    server = fake_servers("B1")
+    gateway.register(server)
+    for _ in range(2):
+        assert requests.get(gateway.url + "/api/echo", timeout=5).status_code == 200
+    requests.post(gateway.url + "/webhook/unregister", json={"server_id": "B1", "secret": SECRET}, timeout=5)
+    gateway.register(server)
+    assert requests.get(gateway.url + "/api/echo", timeout=5).status_code == 200
+    samples = scrape(gateway.url)
+    assert value(samples, "gateway_requests_total", server="B1", method="GET", status_class="2xx") == 1
+    assert value(samples, "gateway_request_duration_seconds_count", server="B1") == 1
+    assert ("gateway_requests_in_flight", (("server", "B1"),)) in samples
+    assert value(samples, "gateway_requests_in_flight", server="B1") == 0
+
+
 def test_failover_fallback_and_no_server_are_counted(live_gateway, fake_servers):
     gateway = live_gateway()
     dead, alive = fake_servers("DEAD"), fake_servers("ALIVE")

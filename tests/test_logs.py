@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from datetime import UTC, datetime
 
+import pytest
 import requests
 from conftest import SECRET, wait_until
 
@@ -24,6 +26,18 @@ def test_key_value_lines():
     assert line.startswith("ts=")
     assert ' level=INFO logger=gateway.request msg="server B1 moved" ms=1.5 path="/a b"' in line
     assert "\n" not in line
+
+
+@pytest.mark.parametrize(
+    "created",
+    [0.0, 1.0005, 1.0004999, 1.9995, 1.9999994, 1.9999996, 1_795_000_000.0, 1_795_000_000.9999999, 2_675_993_906.8559995],
+)
+def test_timestamps_read_as_datetime_writes_them(created):
+    made = record("request")
+    made.created = created
+    expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
+    assert StructuredFormatter("kv").format(made).startswith(f"ts={expected} ")
+    assert json.loads(StructuredFormatter("json").format(made))["ts"] == expected
 
 
 def test_json_lines():

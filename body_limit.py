@@ -14,6 +14,9 @@ def read_body(limit: int) -> bytes:
     stopping quietly at the limit, which would hand on a truncated body. Allowing one byte
     more and checking for it tells a body of exactly `limit` bytes from a longer one.
     """
+    environ = request.environ
+    if environ.get("CONTENT_LENGTH", "0") in ("0", "") and "HTTP_TRANSFER_ENCODING" not in environ:
+        return b""  # no body was sent (most GETs): nothing to read, as werkzeug would find
     request.max_content_length = limit + 1
     body = request.get_data(cache=True)
     if len(body) > limit:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import zlib
+from functools import lru_cache
 from urllib.parse import unquote
+
+from werkzeug.sansio.utils import get_host
 
 from current_request import request
 from upstream import UpstreamResponse
@@ -24,6 +27,8 @@ HOP_BY_HOP = frozenset(
     }
 )
 NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
+# The backend's own X-Backend-Server is dropped: ours names the server, for clients and metrics.
+NOT_RETURNED = HOP_BY_HOP | {"x-backend-server"}
 REQUIRED_MEMORY_HEADER = "X-Required-GPU-Memory-GB"
 JSON_CAPTURE_LIMIT = 1024 * 1024  # a JSON reply up to this size is read whole to find its task_id
 
@@ -96,7 +101,8 @@ def task_candidates(segments: list[str]) -> list[str]:
 def upstream_headers() -> dict[str, str]:
     """End-to-end request headers, plus X-Forwarded-For/-Proto/-Host."""
     environ = request.environ
-    dropped = NOT_FORWARDED | _connection_tokens(environ.get("HTTP_CONNECTION", ""))
+    connection = environ.get("HTTP_CONNECTION")
+    dropped = _dropping(NOT_FORWARDED, connection) if connection else NOT_FORWARDED
     headers = {}
     for key, value in environ.items():  # werkzeug's EnvironHeaders, without its per-call cost
         known = _HEADER_NAMES.get(key)
@@ -107,18 +113,20 @@ def upstream_headers() -> dict[str, str]:
         name, lowered = known
         if name and lowered not in dropped and (value or key.startswith("HTTP_")):
             headers[name] = value
-    peer = request.environ.get("werkzeug.proxy_fix.orig", {}).get("REMOTE_ADDR", request.remote_addr) or ""
-    prior = request.headers.get("X-Forwarded-For")
+    peer = environ.get("werkzeug.proxy_fix.orig", environ).get("REMOTE_ADDR") or ""
+    prior = environ.get("HTTP_X_FORWARDED_FOR")
     headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    headers["X-Forwarded-Proto"] = request.scheme
-    headers["X-Forwarded-Host"] = request.host
+    scheme = environ["wsgi.url_scheme"]
+    headers["X-Forwarded-Proto"] = scheme
+    host = environ.get("HTTP_HOST")  # as request.host has it, without its work when the client sent Host
+    headers["X-Forwarded-Host"] = get_host(scheme, host) if host is not None else request.host
     return headers
 
 
 def downstream_headers(upstream: UpstreamResponse) -> list[tuple[str, str]]:
     """End-to-end response headers, each repeated header kept apart (Set-Cookie)."""
-    # The backend's own X-Backend-Server is dropped: ours names the server, for clients and metrics.
-    dropped = HOP_BY_HOP | {"x-backend-server"} | _connection_tokens(upstream.headers.get("Connection", ""))
+    connection = upstream.headers.get("Connection")
+    dropped = _dropping(NOT_RETURNED, connection) if connection else NOT_RETURNED
     return [(name, value) for name, value in upstream.headers.iteritems() if name.lower() not in dropped]
 
 
@@ -146,5 +154,7 @@ def _header_name(key: str) -> tuple[str, str]:
     return name, name.lower()
 
 
-def _connection_tokens(value: str) -> frozenset[str]:
-    return frozenset(token.strip().lower() for token in value.split(",") if token.strip())
+@lru_cache(maxsize=256)  # clients and servers send a handful of Connection values
+def _dropping(names: frozenset[str], connection: str) -> frozenset[str]:
+    """`names` plus the headers a Connection header lists as hop-by-hop."""
+    return names | {token.strip().lower() for token in connection.split(",") if token.strip()}

@@ -159,7 +159,10 @@ class Connection:
 
     def exchange(self, head: bytes, body: bytes, method: str, pool: UpstreamPool) -> UpstreamResponse:
         try:
-            self.sock.sendall(head + body if len(body) < 65536 else head)
+            data = head + body if len(body) < 65536 else head
+            sent = self.sock.send(data)  # a small request goes in one send; gevent's sendall
+            if sent < len(data):  # asks the socket's buffer size first, on every call
+                self.sock.sendall(memoryview(data)[sent:])
             if len(body) >= 65536:
                 self.sock.sendall(body)
             status_line = self.reader.readline(MAX_HEADER_LINE)

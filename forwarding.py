@@ -50,10 +50,12 @@ def request_target(prefixes: tuple[str, ...]) -> tuple[str, list[str]]:
     prefix = next((p for p in prefixes if raw_path.startswith(p) or raw_path == p.rstrip("/")), None)
     if prefix is None:
         raise BadTarget(f"the path must start with one of {', '.join(prefixes)}, unencoded")
-    segments = [unquote(segment) for segment in raw_path[len(prefix) :].split("/")]
-    for segment in segments:
-        if {".", ".."} & set(segment.replace("\\", "/").split("/")):
-            raise BadTarget("the path may not contain '.' or '..' segments, encoded or not")
+    rest = raw_path[len(prefix) :]
+    segments = [unquote(segment) for segment in rest.split("/")] if "%" in rest else rest.split("/")
+    if "." in rest or "%" in rest:  # without either, no segment can be '.' or '..'
+        for segment in segments:
+            if {".", ".."} & set(segment.replace("\\", "/").split("/")):
+                raise BadTarget("the path may not contain '.' or '..' segments, encoded or not")
     query = request.environ.get("QUERY_STRING", "")
     return (f"{raw_path}?{query}" if query else raw_path), [s for s in segments if s]
 
@@ -81,6 +83,8 @@ def may_name_task(upstream: UpstreamResponse) -> bool:
 
 def find_task_id(payload: bytes) -> str | None:
     """The `task_id` at the top level of a JSON object, or under its `data`."""
+    if b"task_id" not in payload and b"\\u" not in payload:
+        return None  # the key is not there, not even written with escapes: nothing to parse
     try:
         document = json.loads(payload)
     except (ValueError, RecursionError):  # RecursionError: a reply nested deeper than json can parse
@@ -95,7 +99,9 @@ def find_task_id(payload: bytes) -> str | None:
 
 def task_candidates(segments: list[str]) -> list[str]:
     """Strings that may name a task: `?task_id=`, then the segments after the prefix, last first."""
-    return [c for c in [request.args.get("task_id", ""), *reversed(segments)] if c]
+    query = request.environ.get("QUERY_STRING", "")
+    named = request.args.get("task_id", "") if "task_id" in query or "%" in query else ""  # else no such key
+    return [c for c in [named, *reversed(segments)] if c]
 
 
 def upstream_headers() -> dict[str, str]:

@@ -296,6 +296,8 @@ class Proxy:
             if len(first) <= JSON_CAPTURE_LIMIT:
                 upstream.release_conn()
                 self.remember_task(first, upstream.headers.get("Content-Encoding", ""), label, known_task)
+                if "Content-Length" not in upstream.headers:  # it came in chunks
+                    headers.append(("Content-Length", str(len(first))))
                 return Relay(upstream.status, headers, first, backend)
         body = UpstreamBody(upstream, first, has_body=request.method != "HEAD" and upstream.status not in (204, 304))
         return Relay(upstream.status, headers, body, backend)

@@ -55,8 +55,6 @@ class Relay:
         self.backend = backend  # the server label users and metrics see
         self._callbacks: list[Callable[[], None]] = []
         self._closed = False
-        if isinstance(body, bytes) and not any(name.lower() == "content-length" for name, _ in headers):
-            headers.append(("Content-Length", str(len(body))))  # read whole from a chunked answer
 
     def call_on_close(self, callback: Callable[[], None]) -> None:
         """Run `callback` when the response closes."""

@@ -447,6 +447,18 @@ def test_a_gzipped_json_reply_still_records_its_task(fleet):
     assert served_by(gateway, 3, f"/api/status/{task_id}") == [owner] * 3
 
 
+@pytest.mark.parametrize("query", ["task_id={id}", "a=1&task_id={id}", "%74ask_id={id}", "task%5Fid={id}"])
+def test_a_task_named_in_the_query_goes_to_its_owner_however_the_key_is_written(fleet, query):
+    gateway, _ = fleet
+    created = requests.post(gateway.url + "/api/enhance", timeout=5)
+    task_id, owner = created.json()["task_id"], created.headers["X-Backend-Server"]
+    served = [
+        requests.get(f"{gateway.url}/api/task?{query.format(id=task_id)}", timeout=5).headers["X-Backend-Server"]
+        for _ in range(3)
+    ]
+    assert served == [owner] * 3
+
+
 def test_a_chunked_json_reply_read_whole_goes_out_with_its_length(fleet):
     gateway, _ = fleet
     created = requests.post(gateway.url + "/api/chunked-json", timeout=5)

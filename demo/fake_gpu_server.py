@@ -161,12 +161,13 @@ class Handler(BaseHTTPRequestHandler):
     def send_bytes(self, status: int, data: bytes, content_type: str, extra_headers: Any = ()) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
+        if status != 204:  # RFC 9110: a 204 has no body and no Content-Length
+            self.send_header("Content-Length", str(len(data)))
         self.send_header("X-Served-By", self.server.server_id)
         for name, value in extra_headers:
             self.send_header(name, value)
         self.end_headers()
-        if self.command != "HEAD":
+        if self.command != "HEAD" and status not in (204, 304):
             self.wfile.write(data)
 
     def send_chunked_json(self, payload: dict[str, Any]) -> None:

@@ -2,9 +2,12 @@
 
 One worker process, because the JSON store and the health scheduler have one owner. It runs
 gevent, so one process holds thousands of open connections (long image jobs, LLM streams)
-while it waits on GPU servers, instead of one OS thread each.
+while it waits on GPU servers, instead of one OS thread each: gunicorn's gevent worker, in
+gateway_worker.py, sending each response's head with its first body bytes. gunicorn parses
+requests with gunicorn_h1c (requirements-fast.txt) when it is installed.
 """
 
+import importlib.util
 import os
 import resource
 import sys
@@ -19,7 +22,7 @@ def _connections() -> int:
 
 bind = os.environ.get("GATEWAY_BIND", "127.0.0.1:5000")
 workers = 1
-worker_class = "gevent"
+worker_class = "gateway_worker.GeventWorker"  # gunicorn's gevent worker; see gateway_worker.py
 worker_connections = _connections()
 timeout = 60  # the gevent worker's heartbeat, not a request limit: streams may last longer
 graceful_timeout = 30
@@ -53,6 +56,10 @@ def on_starting(server):
         new_soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
         server.log.info("raised the open-file limit from %d to %d", soft, new_soft)
+    if importlib.util.find_spec("gunicorn_h1c") is None:
+        server.log.info("parsing requests with gunicorn's Python parser: gunicorn_h1c is not installed")
+    else:
+        server.log.info("parsing requests with gunicorn_h1c, gunicorn's C parser")
 
 
 def worker_exit(server, worker):

@@ -5,9 +5,11 @@ BIN := $(VENV)/bin
 
 .PHONY: run test lint demo smoke bench-core clean
 
-$(BIN)/.runtime: requirements.txt
+$(BIN)/.runtime: requirements.txt requirements-fast.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements-fast.txt 2>/dev/null \
+		|| echo "note: gunicorn_h1c, gunicorn's C HTTP parser, could not be installed (building it needs gcc and the Python headers; '$(BIN)/pip install -r requirements-fast.txt' shows why). The gateway works the same on gunicorn's Python parser, at more CPU per request." >&2
 	touch $@
 
 $(BIN)/.dev: requirements-dev.txt requirements.txt $(BIN)/.runtime
@@ -29,7 +31,8 @@ test: lint  ## lint, type-check, then every test
 	$(BIN)/python -m pytest
 
 # The demo on a venv with the runtime requirements alone: catches a dependency that only the
-# dev tools happened to bring in (CI runs this after the tests).
+# dev tools happened to bring in (CI runs this after the tests). It also runs the gateway on
+# gunicorn's Python parser, as a machine that cannot build requirements-fast.txt would.
 smoke:
 	rm -rf .venv-runtime
 	$(PYTHON) -m venv .venv-runtime

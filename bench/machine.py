@@ -72,7 +72,7 @@ def machine_info() -> dict[str, Any]:
                 cpu_model = line.split(":", 1)[1].strip()
                 break
     versions = {}
-    for package in ("gunicorn", "gevent", "flask", "werkzeug", "urllib3", "requests"):
+    for package in ("gunicorn", "gunicorn_h1c", "gevent", "flask", "werkzeug", "urllib3", "requests"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[package] = importlib.metadata.version(package)
     return {

@@ -66,7 +66,8 @@ def _header(results: dict[str, Any]) -> str:
     )
     tools = [str(machine.get("nginx", "?")), str(machine.get("wrk", "?"))]
     tools += [
-        f"{name} {machine.get(name.lower(), '?')}" for name in ("gunicorn", "gevent", "Flask", "urllib3", "requests")
+        f"{name} {machine.get(name.lower(), 'not installed' if name == 'gunicorn_h1c' else '?')}"
+        for name in ("gunicorn", "gunicorn_h1c", "gevent", "Flask", "urllib3", "requests")
     ]
     lines = [
         "# Benchmarks",

@@ -24,7 +24,7 @@ from monitor_reader import MonitorReader, MonitorTarget
 from outliers import OutlierDetector
 from resources import Reading
 from selection import Selector
-from store import JsonFileStore
+from store import JsonFileStore, off_the_event_loop
 
 __all__ = ["BackendManager", "Lease", "NoServer", "PersistError", "Pick", "RouteRequest", "backend_manager"]
 
@@ -625,7 +625,7 @@ class BackendManager(LeaseOwner):
                 entries = [server.to_dict() for server in self._servers.values()]
                 snapshot_version = self._version
             try:
-                self.store.save(entries)
+                off_the_event_loop(self.store.save, entries)
             except OSError as exc:
                 log.error("could not save %s: %s", self.store.path, exc)
                 raise PersistError(f"could not save the server list: {exc.strerror or exc}") from exc

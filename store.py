@@ -6,12 +6,32 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def off_the_event_loop(func: Callable[..., T], *args: Any) -> T:
+    """Run `func(*args)` and return its result; under gevent, in a native thread.
+
+    Under gunicorn's gevent worker every request shares one OS thread: a save's fsyncs there
+    would stop all proxied traffic until the disk answered. In gevent's thread pool the
+    caller still waits for the save (a registration is answered only once it is durable)
+    while other requests go on. Without gevent (werkzeug's threaded server, the tests) the
+    caller is a thread of its own already.
+    """
+    if "gevent.monkey" in sys.modules:  # imported only where gevent is in use
+        from gevent import get_hub, monkey
+
+        if monkey.is_module_patched("threading"):
+            return cast(T, get_hub().threadpool.apply(func, args))
+    return func(*args)
 
 
 class StoreError(RuntimeError):

@@ -308,7 +308,8 @@ def _interference(found: dict[str, Any] | None) -> str:
     slowdown = ratio(found["alone"]["requests_per_s"], found["during_moves"]["requests_per_s"])
     return (
         f"\nProxied GETs ({found.get('wrk', '')}) through the same gateway, alone and while 2 clients keep moving "
-        f"servers ({moves.get('succeeded', 0):,} moves at {moves.get('per_s', 0):.1f}/s): a save runs on the gevent "
-        f"worker's only thread, so proxied requests wait for it. Throughput alone / beside: "
+        f"servers ({moves.get('succeeded', 0):,} moves at {moves.get('per_s', 0):.1f}/s). A save's JSON and fsyncs "
+        f"run in gevent's thread pool, so proxied requests go on while the disk works; they share the one core "
+        f"with the moves' own requests and each save's JSON of the whole fleet. Throughput alone / beside: "
         f"**{_fixed(slowdown)}**.\n\n" + table(("proxy", "req/s", "p50 ms", "p99 ms", "max ms", "errors"), rows)
     )

@@ -31,6 +31,16 @@ def date_line() -> str:
     return _date[1]
 
 
+def send_all(sock: Any, data: bytes) -> None:
+    """`sock.sendall(data)`, in one `send` when the socket takes it all, as it does a small answer.
+
+    gevent's sendall asks the socket for its buffer size before every send.
+    """
+    sent = sock.send(data)
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])
+
+
 class CoalescingResponse(wsgi.Response):
     """gunicorn's HTTP/1 response, its head held back to go out with the first body bytes."""
 
@@ -85,9 +95,9 @@ class CoalescingResponse(wsgi.Response):
         if held is None:
             super()._emit_body(data)
         elif self.chunked:
-            self.sock.sendall(b"%s%X\r\n%s\r\n" % (held, len(data), data))
+            send_all(self.sock, b"%s%X\r\n%s\r\n" % (held, len(data), data))
         else:
-            self.sock.sendall(held + data)
+            send_all(self.sock, held + data)
 
     def sendfile(self, respiter: Any) -> bool:
         self.send_headers()

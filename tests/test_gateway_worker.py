@@ -12,7 +12,7 @@ import pytest
 from conftest import SECRET
 from gunicorn.config import Config
 
-from gateway_worker import CoalescingResponse, date_line
+from gateway_worker import CoalescingResponse, date_line, send_all
 
 
 @pytest.fixture
@@ -128,3 +128,22 @@ def test_the_shipped_gateway_keeps_framing_over_one_connection(gateway_process, 
         else:
             assert b'"server_id": "B1"' in data
     connection.close()
+
+
+def test_what_one_send_leaves_goes_out_with_sendall():
+    class Partial:
+        """A socket that takes at most 3 bytes a send, as a full send buffer does."""
+
+        def __init__(self) -> None:
+            self.wire = b""
+
+        def send(self, data) -> int:
+            self.wire += bytes(data[:3])
+            return min(3, len(data))
+
+        def sendall(self, data) -> None:
+            self.wire += bytes(data)
+
+    sock = Partial()
+    send_all(sock, b"HTTP/1.1 200 OK\r\n\r\nbody")
+    assert sock.wire == b"HTTP/1.1 200 OK\r\n\r\nbody"

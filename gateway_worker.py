@@ -4,8 +4,8 @@ gunicorn writes a response's status line and headers with one `sendall`, then ev
 with another; under gevent each `sendall` also asks the socket for its buffer size. A proxied
 answer is mostly one small chunk, so that is two writes (and four system calls) where one write
 does. `CoalescingResponse` holds the head back until the first body bytes and sends both
-together; a response with no body, an empty first chunk, a file sent with sendfile, and the
-end of a chunked body all send a held head first, so nothing waits on bytes that never come.
+together; a write that sends no body bytes, a file sent with sendfile, and the end of the
+response all send a held head first, so nothing waits on bytes that never come.
 It also formats the Date header once a second instead of for each response.
 
 deploy/gunicorn.conf.py names `gateway_worker.GeventWorker` as its worker class.
@@ -87,8 +87,8 @@ class CoalescingResponse(wsgi.Response):
 
     def write(self, arg: bytes) -> None:
         super().write(arg)
-        if not arg:  # an empty chunk sends nothing: the head must not wait for the next one
-            self.flush_head()
+        if self._held is not None:  # nothing went out (an empty chunk, a body HEAD or 204 may not
+            self.flush_head()  # carry, bytes past Content-Length): the head must not wait for more
 
     def _emit_body(self, data: bytes) -> None:
         held, self._held = self._held, None

@@ -61,7 +61,11 @@ class Relay:
         self._callbacks.append(callback)
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Relay:
-        start_response(status_line(self.status_code), self.headers)
+        try:
+            start_response(status_line(self.status_code), self.headers)
+        except BaseException:  # a header the server refuses: no iterator reaches it, so nothing closes it
+            self.close()
+            raise
         return self
 
     def __iter__(self) -> Iterator[bytes]:
@@ -78,8 +82,9 @@ class Relay:
         for step in steps + self._callbacks:
             try:
                 step()
-            except Exception as exc:  # the rest still run: a lease must be released whatever happened
-                log.exception("closing the response to the client failed")
+            except BaseException as exc:  # the rest still run, a greenlet being killed included:
+                if isinstance(exc, Exception):  # a lease must be released whatever happened
+                    log.exception("closing the response to the client failed")
                 failed = failed or exc
         if failed is not None:
             raise failed
@@ -87,7 +92,11 @@ class Relay:
     def to_response(self) -> Response:
         """The same answer as a werkzeug Response, for a Flask view; closing it closes this."""
         body: Iterable[bytes] = [self.body] if isinstance(self.body, bytes) else self
-        response = Response(body, status=self.status_code, headers=self.headers)
+        try:
+            response = Response(body, status=self.status_code, headers=self.headers)
+        except BaseException:  # a header werkzeug refuses: this answer is never sent
+            self.close()
+            raise
         if isinstance(self.body, bytes):
             response.call_on_close(self.close)  # werkzeug closes an iterable body itself, not a list
         return response

@@ -90,6 +90,16 @@ def test_an_answer_without_a_body_sends_its_head_when_it_closes(wire_response, m
     assert (b"Content-Length: 7" in data) is (method == "HEAD")  # 204 may not carry one
 
 
+def test_body_bytes_a_head_answer_may_not_carry_do_not_hold_its_head_back(wire_response):
+    response, theirs = wire_response("HEAD")
+    response.start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", "7")])
+    response.write(b'{"a":1}')  # dropped, as HEAD carries no body: the head goes out now, not at close
+    data = received(theirs)
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n") and data.endswith(b"\r\n\r\n")
+    response.close()
+    assert received(theirs) == b""
+
+
 def test_the_date_header_is_now_in_imf_fixdate():
     line = date_line()
     assert line.startswith("Date: ") and line.endswith(" GMT\r\n")
@@ -97,7 +107,7 @@ def test_the_date_header_is_now_in_imf_fixdate():
 
 
 def test_the_shipped_gateway_keeps_framing_over_one_connection(gateway_process, fake_servers):
-    """HEAD, 204, an empty stream, a JSON reply and a 2 MiB body, one after another on one socket."""
+    """HEAD, 204, streams, a 2 MiB body, 1xx before an answer, a wrong length: in turn on one socket."""
     gateway = gateway_process()
     server = fake_servers("B1")
     body = {"server_id": "B1", "ip": "127.0.0.1", "port": server.port, "secret": SECRET}
@@ -113,6 +123,8 @@ def test_the_shipped_gateway_keeps_framing_over_one_connection(gateway_process, 
         ("GET", "/api/stream?n=0", None, 200, b""),
         ("GET", "/api/stream?n=2&delay=0", None, 200, None),
         ("PUT", "/api/echo-bytes", payload, 200, payload),
+        ("GET", "/api/interim", None, 200, None),
+        ("POST", "/api/chunked-json?lying_length=1", None, 200, None),
         ("GET", "/api/echo", None, 200, None),
     ]
     for method, path, sent, status, expected in steps:

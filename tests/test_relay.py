@@ -80,3 +80,25 @@ def test_as_a_flask_response_it_keeps_status_headers_body_and_callbacks(streamed
     assert b"".join(app_iter) == b"hello"
     app_iter.close()
     assert events == (["body closed", "callback"] if streamed else ["callback"])
+
+
+def test_when_the_server_refuses_a_header_the_callbacks_still_run():
+    events: list[str] = []
+    relay = Relay(200, [("X-Split", "one\rtwo")], Body([b"x"], events), "B1")
+    relay.call_on_close(lambda: events.append("lease released"))
+
+    def refusing_start_response(status, headers, exc_info=None):
+        raise ValueError("invalid header value")
+
+    with pytest.raises(ValueError, match="invalid header value"):
+        relay(create_environ("/api/x"), refusing_start_response)
+    assert events == ["body closed", "lease released"]
+
+
+def test_a_flask_response_werkzeug_refuses_still_runs_the_callbacks():
+    events: list[str] = []
+    relay = Relay(200, [("X-Split", "one\ntwo")], b"x", "B1")
+    relay.call_on_close(lambda: events.append("lease released"))
+    with pytest.raises(ValueError):
+        relay.to_response()
+    assert events == ["lease released"]

@@ -26,9 +26,18 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
+# Expect: gunicorn has already answered the client's 100-continue, and the body goes up whole.
+NOT_FORWARDED = HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "expect",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+}
 # The backend's own X-Backend-Server is dropped: ours names the server, for clients and metrics.
-NOT_RETURNED = HOP_BY_HOP | {"x-backend-server"}
+# Content-Length is set by the proxy from the body it actually passes on.
+NOT_RETURNED = HOP_BY_HOP | {"x-backend-server", "content-length"}
 REQUIRED_MEMORY_HEADER = "X-Required-GPU-Memory-GB"
 JSON_CAPTURE_LIMIT = 1024 * 1024  # a JSON reply up to this size is read whole to find its task_id
 

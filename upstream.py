@@ -9,6 +9,7 @@ and hand the body on chunk by chunk with its framing (Content-Length, chunked, o
 from __future__ import annotations
 
 import io
+import re
 import select
 import socket
 import ssl
@@ -17,6 +18,9 @@ from urllib.parse import urlsplit
 
 MAX_HEADER_LINE = 65536
 MAX_HEADERS = 200
+MAX_INTERIM = 20  # 1xx answers (100 Continue, 103 Early Hints) skipped before the real one
+TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 5.1: a field name
+FIELD_VALUE = re.compile(r"[ \t\x21-\x7e\x80-\xff]*")  # RFC 9110 5.5, no control characters
 NO_BODY_STATUSES = frozenset({204, 304})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
@@ -176,6 +180,13 @@ class Connection:
             self.close()
             raise SendFailed(None, "connection broken: the server closed it without an answer")
         try:
+            for _ in range(MAX_INTERIM):
+                if not _interim(status_line):
+                    break
+                _read_headers(self.reader)  # a 100 Continue or 103 Early Hints: the answer follows
+                status_line = self.reader.readline(MAX_HEADER_LINE)
+            else:
+                raise IncompleteBody(None, f"more than {MAX_INTERIM} interim (1xx) answers")
             return UpstreamResponse(self, pool, status_line, method)
         except (ValueError, OSError):
             self.close()
@@ -276,6 +287,12 @@ class UpstreamResponse:
             connection.close()
 
 
+def _interim(status_line: bytes) -> bool:
+    """True for an informational answer (1xx) other than 101 Switching Protocols."""
+    code = status_line.partition(b" ")[2][:3]
+    return code[:1] == b"1" and code.isdigit() and code != b"101"
+
+
 def _read_headers(reader: io.BufferedReader) -> list[tuple[str, str]]:
     headers: list[tuple[str, str]] = []
     while True:
@@ -287,6 +304,8 @@ def _read_headers(reader: io.BufferedReader) -> list[tuple[str, str]]:
         if len(headers) >= MAX_HEADERS or not line.endswith(b"\n"):
             raise IncompleteBody(None, "the answer's headers are too long")
         name, sep, value = line.decode("latin-1").partition(":")
-        if not sep or not name or name != name.strip():
+        value = value.strip(" \t\r\n")
+        if not sep or not TOKEN.fullmatch(name) or not FIELD_VALUE.fullmatch(value):
+            # As nginx does: a header the client could not be sent makes the answer a bad one (502).
             raise IncompleteBody(None, f"malformed header line {line[:80]!r}")
-        headers.append((name, value.strip()))
+        headers.append((name, value))

@@ -131,7 +131,14 @@ class Handler(BaseHTTPRequestHandler):
         if segments[:2] == ["api", "chunked-json"]:  # a JSON reply framed in chunks, naming a new task
             task_id = uuid.uuid4().hex
             self.server.tasks[task_id] = time.time()
-            return self.send_chunked_json({"server_id": self.server.server_id, "task_id": task_id})
+            lying = query.get("lying_length") == "1"  # also a Content-Length that chunking overrides
+            return self.send_chunked_json({"server_id": self.server.server_id, "task_id": task_id}, lying)
+        if segments[:2] == ["api", "interim"]:  # 100 Continue and 103 Early Hints before the answer
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n")
+            return self.send_json(200, {"after": "interim"})
+        if segments[:2] == ["api", "bad-header"]:  # a header no client may be sent
+            header = ("X-Split", "one\rtwo") if query.get("kind") == "cr" else ("Bad Name", "x")
+            return self.send_json(200, {}, extra_headers=[header])
         if segments[:2] == ["api", "deep-json"]:  # nested deeper than Python's json can parse
             return self.send_bytes(200, b"[" * 100_000 + b"]" * 100_000, "application/json")
         if segments[:2] == ["api", "spoof"]:  # a backend that names itself in our header
@@ -170,11 +177,13 @@ class Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD" and status not in (204, 304):
             self.wfile.write(data)
 
-    def send_chunked_json(self, payload: dict[str, Any]) -> None:
-        """The JSON document in two chunks, with no Content-Length."""
+    def send_chunked_json(self, payload: dict[str, Any], lying_length: bool = False) -> None:
+        """The JSON document in two chunks, with no Content-Length (or a wrong one, which chunking overrides)."""
         data = json.dumps(payload).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
+        if lying_length:
+            self.send_header("Content-Length", str(len(data) + 500))
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         half = len(data) // 2

@@ -459,6 +459,47 @@ def test_a_task_named_in_the_query_goes_to_its_owner_however_the_key_is_written(
     assert served == [owner] * 3
 
 
+@pytest.mark.parametrize("kind", ["cr", "name"])
+def test_an_answer_with_a_header_no_client_may_get_is_a_502_and_frees_its_slot(live_gateway, fake_servers, kind):
+    gateway = live_gateway()
+    gateway.register(fake_servers("B1"))
+    retried = requests.get(f"{gateway.url}/api/bad-header?kind={kind}", timeout=5)  # tried elsewhere: none left
+    assert (retried.status_code, retried.json()["message"]) == (502, "every server tried failed: B1")
+    response = requests.post(f"{gateway.url}/api/bad-header?kind={kind}", timeout=5)  # never sent twice
+    assert response.status_code == 502
+    assert response.headers["X-Backend-Server"] == "B1"
+    assert "malformed header line" in response.json()["message"]
+    assert requests.get(gateway.url + "/api/echo", timeout=5).status_code == 200
+    assert wait_until(lambda: gateway.manager.describe_server("B1")["in_flight"] == 0)
+
+
+def test_interim_answers_are_skipped_and_the_connection_stays_in_step(live_gateway, fake_servers):
+    gateway = live_gateway()
+    gateway.register(fake_servers("B1"))
+    for _ in range(3):  # the same pooled connection, reused: nothing of one answer leaks into the next
+        first = requests.get(gateway.url + "/api/interim", timeout=5)
+        assert (first.status_code, first.json()["after"]) == (200, "interim")
+        assert requests.get(gateway.url + "/api/echo", timeout=5).json()["path"] == "/api/echo"
+
+
+def test_expect_is_answered_by_the_gateway_not_forwarded(fleet):
+    gateway, _ = fleet
+    body = b"x" * 4096
+    response = requests.post(gateway.url + "/api/echo", data=body, headers={"Expect": "100-continue"}, timeout=5)
+    assert response.status_code == 200
+    echo = response.json()
+    assert echo["body"] == body.decode()
+    assert "expect" not in {name.lower() for name in echo["headers"]}
+
+
+def test_a_length_the_chunking_overrides_is_not_passed_on(fleet):
+    gateway, _ = fleet
+    created = requests.post(gateway.url + "/api/chunked-json?lying_length=1", timeout=5)
+    assert created.status_code == 200
+    assert int(created.headers["Content-Length"]) == len(created.content)
+    assert created.json()["task_id"]
+
+
 def test_a_chunked_json_reply_read_whole_goes_out_with_its_length(fleet):
     gateway, _ = fleet
     created = requests.post(gateway.url + "/api/chunked-json", timeout=5)

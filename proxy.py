@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Flask, Response, current_app
+from prometheus_client import Gauge
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
@@ -127,7 +128,7 @@ class Proxy:
             assert lease.server is not None  # the manager's leases always name a server
             server = lease.server
             try:
-                upstream = self.send(server.url, server.server_id, target, _payload(body, lease), headers)
+                upstream, in_flight = self.send(server.url, server.server_id, target, _payload(body, lease), headers)
             except UpstreamFailed as exc:
                 lease.release()
                 if exc.local:
@@ -144,7 +145,7 @@ class Proxy:
             self.manager.report_result(server.server_id, upstream.status < 500, f"HTTP {upstream.status}")
             if tried:
                 self.metrics.failovers.inc()
-            return self.respond(upstream, server.server_id, release=lease.release)
+            return self.respond(upstream, in_flight, server.server_id, release=lease.release)
         return self.forward_fallback(target, body, headers, tried, render)
 
     def render_no_server(self, exc: NoServer) -> Response:
@@ -165,7 +166,7 @@ class Proxy:
             state = "is no longer registered" if server is None else "is unhealthy"
             return self.unavailable(f"server {owner}, which owns task {task_id}, {state}")
         try:
-            upstream = self.send(server.url, owner, target, body, headers)
+            upstream, in_flight = self.send(server.url, owner, target, body, headers)
         except UpstreamFailed as exc:
             lease.release()
             if exc.local:
@@ -174,7 +175,7 @@ class Proxy:
                 return upstream_error(owner, exc)
             self.manager.report_failure(owner, server.url, str(exc))
             return self.unavailable(f"server {owner}, which owns task {task_id}, is unreachable: {exc}")
-        return self.respond(upstream, owner, known_task=task_id, release=lease.release)
+        return self.respond(upstream, in_flight, owner, known_task=task_id, release=lease.release)
 
     def forward_fallback(
         self,
@@ -204,10 +205,10 @@ class Proxy:
     ) -> Answer:
         """Forward once, with no failover."""
         try:
-            upstream = self.send(base_url, label, target, body, headers)
+            upstream, in_flight = self.send(base_url, label, target, body, headers)
         except UpstreamFailed as exc:
             return self.overloaded(exc) if exc.local else upstream_error(label, exc)
-        return self.respond(upstream, label, known_task)
+        return self.respond(upstream, in_flight, label, known_task)
 
     def unavailable(self, message: str) -> Response:
         """503 with Retry-After."""
@@ -218,13 +219,20 @@ class Proxy:
         log.error("gateway could not open a connection: %s", exc)
         return error_response(503, f"the gateway is overloaded: {exc}", headers={"Retry-After": "1"})
 
-    def send(self, base_url: str, label: str, target: str, body: bytes, headers: dict[str, str]) -> UpstreamResponse:
-        """Send the request upstream, counted in flight until `respond`'s reply closes."""
-        self.metrics.in_flight_of(display(label)).inc()
+    def send(
+        self, base_url: str, label: str, target: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[UpstreamResponse, Gauge]:
+        """Send the request upstream, counted in flight on the gauge returned until `respond`'s reply closes.
+
+        The same gauge goes down: looked up again, it could be a new series for a server that
+        left meanwhile, and would stay at -1.
+        """
+        gauge = self.metrics.in_flight_of(display(label))
+        gauge.inc()
         try:
-            return self._send(base_url, target, body, headers)
+            return self._send(base_url, target, body, headers), gauge
         except UpstreamFailed:
-            self.metrics.in_flight_of(display(label)).dec()
+            gauge.dec()
             raise
 
     def _send(self, base_url: str, target: str, body: bytes, headers: dict[str, str]) -> UpstreamResponse:
@@ -255,12 +263,13 @@ class Proxy:
     def respond(
         self,
         upstream: UpstreamResponse,
+        in_flight: Gauge,
         label: str,
         known_task: str = "",
         release: Callable[[], None] | None = None,
     ) -> Answer:
         """The client's response; the request stops counting in flight (and frees its slot) when it closes."""
-        gauge_down, free_slot = self.metrics.in_flight_of(display(label)).dec, release
+        gauge_down, free_slot = in_flight.dec, release
 
         def done() -> None:
             gauge_down()
@@ -296,11 +305,16 @@ class Proxy:
             if len(first) <= JSON_CAPTURE_LIMIT:
                 upstream.release_conn()
                 self.remember_task(first, upstream.headers.get("Content-Encoding", ""), label, known_task)
-                if "Content-Length" not in upstream.headers:  # it came in chunks
-                    headers.append(("Content-Length", str(len(first))))
+                headers.append(("Content-Length", str(len(first))))  # what is sent, however it came
                 return Relay(upstream.status, headers, first, backend)
-        body = UpstreamBody(upstream, first, has_body=request.method != "HEAD" and upstream.status not in (204, 304))
-        return Relay(upstream.status, headers, body, backend)
+        has_body = request.method != "HEAD" and upstream.status not in (204, 304)
+        if not has_body:  # HEAD and 304 may announce the length a GET would have
+            declared = upstream.headers.get("Content-Length")
+            if declared.isdigit():
+                headers.append(("Content-Length", declared))
+        elif upstream.length_remaining is not None:  # framed by a valid Content-Length, not chunked
+            headers.append(("Content-Length", str(len(first) + upstream.length_remaining)))
+        return Relay(upstream.status, headers, UpstreamBody(upstream, first, has_body), backend)
 
     def remember_task(self, payload: bytes, encoding: str, owner: str, known_task: str) -> None:
         """Record the owner of a task id found in a JSON reply, before the reply is sent."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import requests
 from conftest import SECRET, wait_until
 from prometheus_client.parser import text_string_to_metric_families
@@ -189,6 +191,22 @@ def test_a_server_that_leaves_mid_request_does_not_come_back_in_the_metrics(live
             value(scrape(gateway.url), "gateway_requests_total", server="none", method="GET", status_class="2xx") == 1
         )
     )
+    assert not any(dict(labels).get("server") == "B1" for _, labels in scrape(gateway.url))
+
+
+def test_a_server_that_leaves_before_it_answers_leaves_no_series_behind(live_gateway, fake_servers):
+    gateway = live_gateway()
+    server = fake_servers("B1")
+    gateway.register(server)
+    answered: list[int] = []
+    waiting = threading.Thread(
+        target=lambda: answered.append(requests.get(gateway.url + "/api/slow?delay=1", timeout=10).status_code)
+    )
+    waiting.start()
+    assert wait_until(lambda: any(r["path"] == "/api/slow" for r in server.requests))
+    requests.post(gateway.url + "/webhook/unregister", json={"server_id": "B1", "secret": SECRET}, timeout=5)
+    waiting.join(timeout=10)
+    assert answered == [200]
     assert not any(dict(labels).get("server") == "B1" for _, labels in scrape(gateway.url))
 
 

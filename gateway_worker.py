@@ -20,15 +20,17 @@ from typing import Any
 from gunicorn.http import wsgi
 from gunicorn.workers import ggevent
 
-_date: list[Any] = [None, ""]  # the second last formatted, and its Date header line
+_date: tuple[int, str] = (-1, "")  # the second last formatted, and its Date header line
 
 
 def date_line() -> str:
     """`Date: <IMF-fixdate>\\r\\n` for now, formatted once a second."""
+    global _date
     now = int(time.time())
-    if now != _date[0]:
-        _date[:] = [now, f"Date: {formatdate(now, usegmt=True)}\r\n"]
-    return _date[1]
+    cached = _date  # read once: another thread may replace it meanwhile
+    if cached[0] != now:
+        cached = _date = (now, f"Date: {formatdate(now, usegmt=True)}\r\n")
+    return cached[1]
 
 
 def send_all(sock: Any, data: bytes) -> None:

@@ -50,7 +50,7 @@ class StructuredFormatter(logging.Formatter):
         return " ".join(f"{key}={_kv_value(value)}" for key, value in fields.items())
 
 
-_second: list[Any] = [None, ""]  # the last whole second formatted, and its text up to the seconds
+_second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text up to the seconds
 
 
 def _timestamp(created: float) -> str:
@@ -59,10 +59,12 @@ def _timestamp(created: float) -> str:
     Every proxied request logs a line; the date and time part is formatted once a second.
     """
     fraction, whole = math.modf(created)  # rounded as datetime.fromtimestamp rounds
+    global _second
     second, micros = divmod(int(whole) * 1_000_000 + round(fraction * 1_000_000), 1_000_000)
-    if second != _second[0]:
-        _second[:] = [second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")]
-    return f"{_second[1]}.{micros // 1000:03d}+00:00"
+    cached = _second  # read once: another thread may replace it meanwhile
+    if cached[0] != second:
+        cached = _second = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{cached[1]}.{micros // 1000:03d}+00:00"
 
 
 def _kv_value(value: Any) -> str:

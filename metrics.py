@@ -112,7 +112,7 @@ class GatewayMetrics:
         for metric in (self.requests, self.duration, self.in_flight, self.health_checks, self.retries):
             metric.remove_by_labels({"server": server_id})
         self._in_flight_children.pop(server_id, None)
-        for key in [key for key in self._request_children if key[0] == server_id]:
+        for key in [key for key in list(self._request_children) if key[0] == server_id]:  # list(): one step
             self._request_children.pop(key, None)
 
     # -- what the proxy tells ------------------------------------------------------------

@@ -20,6 +20,8 @@ from typing import Any
 from gunicorn.http import wsgi
 from gunicorn.workers import ggevent
 
+from upstream import send_all
+
 _date: tuple[int, str] = (-1, "")  # the second last formatted, and its Date header line
 
 
@@ -31,16 +33,6 @@ def date_line() -> str:
     if cached[0] != now:
         cached = _date = (now, f"Date: {formatdate(now, usegmt=True)}\r\n")
     return cached[1]
-
-
-def send_all(sock: Any, data: bytes) -> None:
-    """`sock.sendall(data)`, in one `send` when the socket takes it all, as it does a small answer.
-
-    gevent's sendall asks the socket for its buffer size before every send.
-    """
-    sent = sock.send(data)
-    if sent < len(data):
-        sock.sendall(memoryview(data)[sent:])
 
 
 class CoalescingResponse(wsgi.Response):
@@ -85,7 +77,7 @@ class CoalescingResponse(wsgi.Response):
         """Send a held head now."""
         held, self._held = self._held, None
         if held:
-            self.sock.sendall(held)
+            send_all(self.sock, held)
 
     def write(self, arg: bytes) -> None:
         super().write(arg)
@@ -110,7 +102,7 @@ class CoalescingResponse(wsgi.Response):
         self.send_headers()
         if self._held is not None and self.chunked:
             held, self._held = self._held, None
-            self.sock.sendall(held + b"0\r\n\r\n")  # head and the last chunk of an empty body
+            send_all(self.sock, held + b"0\r\n\r\n")  # head and the last chunk of an empty body
             return
         self.flush_head()
         super().close()

@@ -14,6 +14,7 @@ import select
 import socket
 import ssl
 from collections import deque
+from typing import Any
 from urllib.parse import urlsplit
 
 MAX_HEADER_LINE = 65536
@@ -163,10 +164,7 @@ class Connection:
 
     def exchange(self, head: bytes, body: bytes, method: str, pool: UpstreamPool) -> UpstreamResponse:
         try:
-            data = head + body if len(body) < 65536 else head
-            sent = self.sock.send(data)  # a small request goes in one send; gevent's sendall
-            if sent < len(data):  # asks the socket's buffer size first, on every call
-                self.sock.sendall(memoryview(data)[sent:])
+            send_all(self.sock, head + body if len(body) < 65536 else head)
             if len(body) >= 65536:
                 self.sock.sendall(body)
             status_line = self.reader.readline(MAX_HEADER_LINE)
@@ -285,6 +283,17 @@ class UpstreamResponse:
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.close()
+
+
+def send_all(sock: socket.socket | Any, data: bytes) -> None:
+    """`sock.sendall(data)`, in one `send` when the socket takes it all, as it does a small message.
+
+    gevent's sendall asks the socket for its buffer size before every send; the proxy's
+    requests upstream and the worker's answers to clients are mostly one small write.
+    """
+    sent = sock.send(data)
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])
 
 
 def _interim(status_line: bytes) -> bool:

@@ -43,6 +43,11 @@ class Gateway:
             raise ServiceFailed(f"registering {server_id} got HTTP {status}: {reply}")
         return reply
 
+    def register_stand_ins(self, ports: Sequence[int]) -> None:
+        """Register S1, S2, ... at the stand-ins' ports."""
+        for number, port in enumerate(ports, start=1):
+            self.register(f"S{number}", port)
+
     def stop(self) -> None:
         """Stop gunicorn by its PID (SIGTERM, then SIGKILL for what is left)."""
         self.service.stop(timeout_s=15)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from processes import HOST, Service
+from processes import HOST, Service, free_port
 
 STAND_INS = 3  # stand-in GPU servers, one nginx port each
 GET_PATH, POST_PATH = "/api/echo", "/api/post"  # what wrk asks for; the stand-ins answer any path
@@ -88,6 +89,14 @@ def proxy_config(folder: Path, port: int, upstream_ports: Sequence[int]) -> str:
 }}
 """
     )
+
+
+def start_stand_ins(folder: Path, stack: contextlib.ExitStack) -> tuple[Service, list[int]]:
+    """The STAND_INS stand-in GPU servers on free ports, stopped when `stack` closes."""
+    ports = [free_port() for _ in range(STAND_INS)]
+    service = start_nginx("stand-ins", stand_ins_config(folder, ports), folder, ports)
+    stack.callback(service.stop)
+    return service, ports
 
 
 def start_nginx(name: str, config: str, folder: Path, ports: Sequence[int]) -> Service:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from gateways import REPO, start_gateway
 from machine import ensure_tools, git_state, raise_fd_limit
-from nginx_services import GET_PATH, POST_PATH, STAND_INS, stand_ins_config, start_nginx
+from nginx_services import GET_PATH, POST_PATH, start_stand_ins
 from processes import HOST, descendants, free_port, interrupt_on_sigterm
 from wrk_load import LoadResult, run_wrk
 
@@ -136,13 +136,10 @@ def py_spy_binary() -> str:
 def profile_under_load(args: argparse.Namespace, folder: Path) -> tuple[Profile, LoadResult, str, str]:
     """Start the stand-ins and ours, load them with wrk while py-spy samples the worker."""
     with contextlib.ExitStack() as stack:
-        ports = [free_port() for _ in range(STAND_INS)]
-        stand_ins = start_nginx("stand-ins", stand_ins_config(folder, ports), folder, ports)
-        stack.callback(stand_ins.stop)
+        _, ports = start_stand_ins(folder, stack)
         gateway = start_gateway(folder / "ours", free_port())
         stack.callback(gateway.stop)
-        for number, port in enumerate(ports, start=1):
-            gateway.register(f"S{number}", port)
+        gateway.register_stand_ins(ports)
         url = gateway.url + (POST_PATH if args.method == "POST" else GET_PATH)
         run_wrk("ours", url, method=args.method, connections=args.connections, duration_s=2)  # warm-up
         worker = worker_pid(gateway.service.pid)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from gateways import start_gateway, start_naive_gateway
 from machine import ensure_tools, raise_fd_limit
-from nginx_services import GET_PATH, POST_PATH, STAND_INS, stand_ins_config, start_nginx
+from nginx_services import GET_PATH, POST_PATH, start_stand_ins
 from processes import HOST, free_port, interrupt_on_sigterm
 from wrk_load import run_wrk
 
@@ -38,13 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     ensure_tools()
     with tempfile.TemporaryDirectory(prefix="gateway-quick-") as temp, contextlib.ExitStack() as stack:
         folder = Path(temp)
-        ports = [free_port() for _ in range(STAND_INS)]
-        stand_ins = start_nginx("stand-ins", stand_ins_config(folder, ports), folder, ports)
-        stack.callback(stand_ins.stop)
+        _, ports = start_stand_ins(folder, stack)
         ours = start_gateway(folder / "ours", free_port())
         stack.callback(ours.stop)
-        for number, port in enumerate(ports, start=1):
-            ours.register(f"S{number}", port)
+        ours.register_stand_ins(ports)
         targets: list[tuple[str, str, Callable[[], float]]] = [("ours", ours.url, ours.service.cpu_seconds)]
         if args.naive:
             naive_port = free_port()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gateways import Gateway, start_gateway
-from nginx_services import GET_PATH, STAND_INS, stand_ins_config, start_nginx
+from nginx_services import GET_PATH, STAND_INS, start_stand_ins
 from plan import Plan, say
 from processes import HOST, free_port
 from wrk_load import run_wrk
@@ -130,9 +130,7 @@ def bench_registrations(folder: Path, plan: Plan) -> dict[str, Any]:
     """Register, move and heartbeat a fleet over HTTP (each change fsync'd first), then proxy beside moves."""
     fleet = plan.registration_fleet
     with contextlib.ExitStack() as stack:
-        ports = [free_port() for _ in range(STAND_INS)]
-        stand_ins = start_nginx("stand-ins", stand_ins_config(folder, ports), folder, ports)
-        stack.callback(stand_ins.stop)
+        _, ports = start_stand_ins(folder, stack)
         gateway = start_gateway(folder / "ours", free_port(), {"HEALTH_CHECK_INTERVAL": "3600"}, "ours-reg")
         stack.callback(gateway.stop)
 

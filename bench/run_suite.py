@@ -36,7 +36,7 @@ import sweep_bench
 from gateway_log import LogWatch
 from gateways import BENCH, REPO, start_gateway, start_naive_gateway
 from machine import ensure_tools, git_state, load_average, machine_info, raise_fd_limit
-from nginx_services import GET_PATH, POST_PATH, STAND_INS, proxy_config, stand_ins_config, start_nginx
+from nginx_services import GET_PATH, POST_PATH, STAND_INS, proxy_config, start_nginx, start_stand_ins
 from plan import QUICK, Plan, say
 from processes import HOST, free_port, interrupt_on_sigterm
 from registrations import bench_registrations
@@ -61,9 +61,7 @@ class Target:
 def bench_proxy(folder: Path, plan: Plan) -> dict[str, Any]:
     """Throughput, latency, CPU per request and errors for direct, nginx, naive and ours."""
     with contextlib.ExitStack() as stack:
-        ports = [free_port() for _ in range(STAND_INS)]
-        stand_ins = start_nginx("stand-ins", stand_ins_config(folder, ports), folder, ports)
-        stack.callback(stand_ins.stop)
+        stand_ins, ports = start_stand_ins(folder, stack)
         proxy_port = free_port()
         nginx_proxy = start_nginx("proxy", proxy_config(folder, proxy_port, ports), folder, [proxy_port])
         stack.callback(nginx_proxy.stop)
@@ -72,8 +70,7 @@ def bench_proxy(folder: Path, plan: Plan) -> dict[str, Any]:
         stack.callback(naive.stop)
         ours = start_gateway(folder / "ours", free_port())
         stack.callback(ours.stop)
-        for number, port in enumerate(ports, start=1):
-            ours.register(f"S{number}", port)
+        ours.register_stand_ins(ports)
         targets = [
             Target("direct", f"http://{HOST}:{ports[0]}", stand_ins.cpu_seconds),
             Target("nginx", f"http://{HOST}:{proxy_port}", nginx_proxy.cpu_seconds),

@@ -35,11 +35,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from backend_manager import BackendManager
-from backend_server import BackendServer
-from health import HealthResult
-from routing import SequentialRotation
-from store import JsonFileStore
+from gateway.fleet.health import HealthResult
+from gateway.fleet.server import BackendServer
+from gateway.fleet.store import JsonFileStore
+from gateway.manager import BackendManager
+from gateway.routing.policies import SequentialRotation
 
 HOST = "127.0.0.1"
 BATCH = 1000  # calls between two looks at the clock

@@ -35,8 +35,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from backend_manager import BackendManager
-from health import HealthChecker, HealthResult, Target
+from gateway.fleet.health import HealthChecker, HealthResult, Target
+from gateway.manager import BackendManager
 
 HOST = "127.0.0.1"
 HEALTHY_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"

@@ -25,10 +25,10 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from app import create_app  # noqa: E402
-from config import Config  # noqa: E402
 from demo.fake_gpu_server import FakeGPUServer  # noqa: E402
-from resources import parse_reading  # noqa: E402
+from gateway.app import create_app  # noqa: E402
+from gateway.config import Config  # noqa: E402
+from gateway.fleet.resources import parse_reading  # noqa: E402
 
 GIB = 2**30
 OUTPUT = ROOT / "docs" / "dashboard.png"

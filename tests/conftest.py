@@ -16,9 +16,9 @@ import pytest
 import requests
 from werkzeug.serving import make_server
 
-from app import create_app
-from config import Config
 from demo.fake_gpu_server import FakeGPUServer
+from gateway.app import create_app
+from gateway.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-5f2b9c0e7d41a8"

@@ -9,7 +9,7 @@ import pytest
 import requests
 from conftest import SECRET
 
-from webhook_routes import MAX_BODY_BYTES
+from gateway.api.webhook import MAX_BODY_BYTES
 
 ADMIN = "admin-token-0d6f3b8e91c24a"
 ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN}"}

@@ -5,8 +5,8 @@ import threading
 
 import pytest
 
-from admission import NoServer, RouteRequest
-from backend_manager import BackendManager
+from gateway.manager import BackendManager
+from gateway.routing.admission import NoServer, RouteRequest
 from tests.conftest import wait_until
 
 

@@ -2,7 +2,7 @@
 
 import time
 
-from affinity import TaskAffinity
+from gateway.routing.affinity import TaskAffinity
 
 
 def test_record_and_look_up(tmp_path):

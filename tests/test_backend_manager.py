@@ -6,9 +6,9 @@ import threading
 
 import pytest
 
-from backend_manager import BackendManager, PersistError
-from health import HealthChecker, HealthResult
-from store import JsonFileStore
+from gateway.fleet.health import HealthChecker, HealthResult
+from gateway.fleet.store import JsonFileStore
+from gateway.manager import BackendManager, PersistError
 
 
 def make_manager(tmp_path, **kwargs) -> BackendManager:

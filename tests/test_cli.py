@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from conftest import SECRET, free_port
 
-import test_b_client as b_client
+from gateway import cli as b_client
 
 ROOT = Path(__file__).resolve().parent.parent
 WRONG_SECRET = "not-the-secret-93b1d7"

@@ -4,7 +4,7 @@ import ipaddress
 
 import pytest
 
-from config import Config, ConfigError, parse_bind
+from gateway.config import Config, ConfigError, parse_bind
 
 BASE = {"WEBHOOK_SECRET": "s3cret-value"}
 

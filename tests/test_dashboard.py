@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, SECRET
 
-from resources import parse_reading
+from gateway.fleet.resources import parse_reading
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
 MONITOR_URL = "http://127.0.0.1:9/resources"  # never fetched: the tests hand readings in directly

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from forwarding import find_task_id
+from gateway.proxy.forwarding import find_task_id
 
 
 @pytest.mark.parametrize(

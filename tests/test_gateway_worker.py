@@ -12,7 +12,7 @@ import pytest
 from conftest import SECRET
 from gunicorn.config import Config
 
-from gateway_worker import CoalescingResponse, date_line, send_all
+from gateway.proxy.worker import CoalescingResponse, date_line, send_all
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from conftest import ROOT, free_port, wait_until
 
-from health import MAX_BODY_BYTES, HealthChecker, HealthResult, NotChecked, Target
+from gateway.fleet.health import MAX_BODY_BYTES, HealthChecker, HealthResult, NotChecked, Target
 
 Handler = Callable[[socket.socket, threading.Event], None]
 
@@ -329,10 +329,10 @@ def test_the_gateways_own_errors_do_not_count_against_a_server(serve, make_check
 
     monkeypatch.setattr(socket, "create_connection", create_connection)
     targets = [Target("A", first.url), Target("V", victim.url), Target("Z", last.url)]
-    with caplog.at_level(logging.WARNING, logger="health"):
+    with caplog.at_level(logging.WARNING, logger="gateway.fleet.health"):
         results = make_checker(timeout=2.0).check_all(targets)
     assert [(r.server_id, r.ok) for r in results] == [("A", True), ("Z", True)]
-    warnings = [record for record in caplog.records if record.name == "health"]
+    warnings = [record for record in caplog.records if record.name == "gateway.fleet.health"]
     assert len(warnings) == 1
     assert "1 of 3 servers could not be checked" in warnings[0].getMessage()
     with pytest.raises(NotChecked):
@@ -348,9 +348,9 @@ def test_check_all_after_close_returns_nothing(serve, make_checker, caplog):
     server = serve(answer("200 OK"))
     checker = make_checker(timeout=2.0)
     checker.close()
-    with caplog.at_level(logging.DEBUG, logger="health"):
+    with caplog.at_level(logging.DEBUG, logger="gateway.fleet.health"):
         assert checker.check_all([Target("S1", server.url)]) == []
-    assert all(record.levelno <= logging.DEBUG for record in caplog.records if record.name == "health")
+    assert all(record.levelno <= logging.DEBUG for record in caplog.records if record.name == "gateway.fleet.health")
     assert server.accepted == 0
     with pytest.raises(NotChecked):
         checker.check(Target("S1", server.url))
@@ -375,7 +375,7 @@ def test_deadlines_hold_under_gevent(serve):
 import json, sys, time
 from gevent import monkey
 monkey.patch_all()
-from health import HealthChecker, Target
+from gateway.fleet.health import HealthChecker, Target
 checker = HealthChecker(timeout=1.0)
 started = time.monotonic()
 results = checker.check_all([Target(str(i), url) for i, url in enumerate(sys.argv[1:])])

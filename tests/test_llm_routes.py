@@ -10,8 +10,8 @@ import pytest
 import requests
 from conftest import SECRET, wait_until
 
-import llm_routes
-from errors import error_response
+from gateway.api import llm
+from gateway.errors import error_response
 
 OPENAI_ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
 OLLAMA_ROUTES = ["/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/show"]
@@ -455,7 +455,7 @@ def test_a_gateway_error_is_reshaped_and_its_close_callbacks_still_run(app):
     with app.test_request_context("/v1/chat/completions", method="POST"):
         original = error_response(502, "backend B1: broke off the answer", headers={"X-Backend-Server": "B1"})
         original.call_on_close(lambda: released.append(True))
-        reshaped = llm_routes.in_dialect(original, llm_routes.OPENAI)
+        reshaped = llm.in_dialect(original, llm.OPENAI)
     assert released == [True]
     assert reshaped.status_code == 502
     assert reshaped.headers["X-Backend-Server"] == "B1"

@@ -9,8 +9,8 @@ import pytest
 import requests
 from conftest import SECRET
 
-import log_redaction
-from log_redaction import REDACTED, RedactingFilter, install, redact
+from gateway.observability import redaction
+from gateway.observability.redaction import REDACTED, RedactingFilter, install, redact
 
 
 def make_record(msg, *args, name="test"):
@@ -216,7 +216,7 @@ def test_the_app_installs_a_filter_on_the_root_handlers(make_app, root_output):
 
     (only,) = redacting_filters(handler)
     assert SECRET in only.secrets
-    assert log_redaction.RedactingFilter is type(only)
+    assert redaction.RedactingFilter is type(only)
 
 
 def test_requests_that_carry_the_secret_leave_it_in_no_log_line(make_app, root_output, caplog):

@@ -11,7 +11,7 @@ import pytest
 import requests
 from conftest import SECRET, wait_until
 
-from log_setup import StructuredFormatter
+from gateway.observability.logs import StructuredFormatter
 
 
 def record(msg: str, *args, fields=None) -> logging.LogRecord:

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from demo.fake_llm_server import FakeLLMServer
-from model_discovery import MAX_LISTING_BYTES, MAX_MODELS, DiscoveryTarget, ModelDiscoverer, valid_names
+from gateway.fleet.model_discovery import MAX_LISTING_BYTES, MAX_MODELS, DiscoveryTarget, ModelDiscoverer, valid_names
 
 
 class Scripted(ThreadingHTTPServer):

@@ -5,7 +5,7 @@ from threading import Barrier
 
 import pytest
 
-from outliers import OutlierDetector
+from gateway.routing.outliers import OutlierDetector
 
 
 class FakeClock:

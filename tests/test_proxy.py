@@ -16,7 +16,7 @@ import requests
 from conftest import SECRET, wait_until
 from werkzeug.test import create_environ
 
-import upstream
+from gateway.proxy import upstream
 
 
 @pytest.fixture

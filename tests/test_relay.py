@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from werkzeug.test import create_environ, run_wsgi_app
 
-from relay import Relay, status_line
+from gateway.proxy.relay import Relay, status_line
 
 
 class Body:

@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from backend_manager import BackendManager
-from resources import GIB, parse_reading
+from gateway.fleet.resources import GIB, parse_reading
+from gateway.manager import BackendManager
 from tests.test_resources import report
 
 

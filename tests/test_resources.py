@@ -2,7 +2,7 @@
 
 import pytest
 
-from resources import DEFAULT_WEIGHTS, GIB, parse_reading, parse_weights
+from gateway.fleet.resources import DEFAULT_WEIGHTS, GIB, parse_reading, parse_weights
 
 
 def report(gpus=((24, 4), (80, 70)), device="gpu", cpu=10.0, memory=(64, 48, 25.0), disk=50.0, thresholds=None):

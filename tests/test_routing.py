@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from routing import (
+from gateway.routing.policies import (
     Candidate,
     SequentialRotation,
     SmoothWeightedRoundRobin,

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from admission import NoServer, RouteRequest
-from backend_manager import BackendManager
-from health import HealthResult
-from store import JsonFileStore
+from gateway.fleet.health import HealthResult
+from gateway.fleet.store import JsonFileStore
+from gateway.manager import BackendManager
+from gateway.routing.admission import NoServer, RouteRequest
 
 
 def make_manager(tmp_path, **options) -> BackendManager:

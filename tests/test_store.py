@@ -8,7 +8,7 @@ import threading
 import pytest
 from conftest import ROOT
 
-from store import JsonFileStore, StoreError, off_the_event_loop
+from gateway.fleet.store import JsonFileStore, StoreError, off_the_event_loop
 
 ENTRY = {"server_id": "B1", "ip": "127.0.0.1", "port": 8000}
 
@@ -80,7 +80,7 @@ from gevent import monkey
 monkey.patch_all()
 import sys, gevent
 from gevent.monkey import get_original
-from store import off_the_event_loop
+from gateway.fleet.store import off_the_event_loop
 
 native_sleep = get_original("time", "sleep")  # blocks its OS thread, as an fsync does
 ticks = []

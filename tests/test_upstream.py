@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from upstream import ConnectFailed, IncompleteBody, SendFailed, UpstreamPool
+from gateway.proxy.upstream import ConnectFailed, IncompleteBody, SendFailed, UpstreamPool
 
 
 class ScriptedServer:

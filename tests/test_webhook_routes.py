@@ -10,8 +10,8 @@ import pytest
 import requests
 from conftest import SECRET
 
-from health import HealthResult
-from webhook_routes import MAX_BODY_BYTES
+from gateway.api.webhook import MAX_BODY_BYTES
+from gateway.fleet.health import HealthResult
 
 SEED_SERVER_FIELDS = {
     "server_id",

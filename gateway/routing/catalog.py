@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from backend_server import BackendServer
+from gateway.fleet.server import BackendServer
 
 
 def model_key(name: str) -> str:

@@ -11,11 +11,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from errors import error_response
+from gateway.errors import error_response
 
 if TYPE_CHECKING:
-    from backend_manager import BackendManager
-    from health import HealthResult
+    from gateway.fleet.health import HealthResult
+    from gateway.manager import BackendManager
 
 bp = Blueprint("metrics", __name__)
 NO_SERVER = "none"  # the server label of a request no server answered

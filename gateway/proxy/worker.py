@@ -20,7 +20,7 @@ from typing import Any
 from gunicorn.http import wsgi
 from gunicorn.workers import ggevent
 
-from upstream import send_all
+from gateway.proxy.upstream import send_all
 
 _date: tuple[int, str] = (-1, "")  # the second last formatted, and its Date header line
 

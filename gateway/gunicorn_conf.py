@@ -1,9 +1,9 @@
-"""gunicorn settings for the gateway: `gunicorn -c deploy/gunicorn.conf.py app:app`.
+"""gunicorn settings for the gateway: `gpu-gateway`, or `gunicorn -c deploy/gunicorn.conf.py app:app`.
 
 One worker process, because the JSON store and the health scheduler have one owner. It runs
 gevent, so one process holds thousands of open connections (long image jobs, LLM streams)
 while it waits on GPU servers, instead of one OS thread each: gunicorn's gevent worker, in
-gateway_worker.py, sending each response's head with its first body bytes. gunicorn parses
+gateway/proxy/worker.py, sending each response's head with its first body bytes. gunicorn parses
 requests with gunicorn_h1c (requirements-fast.txt) when it is installed.
 """
 
@@ -22,7 +22,7 @@ def _connections() -> int:
 
 bind = os.environ.get("GATEWAY_BIND", "127.0.0.1:5000")
 workers = 1
-worker_class = "gateway_worker.GeventWorker"  # gunicorn's gevent worker; see gateway_worker.py
+worker_class = "gateway.proxy.worker.GeventWorker"  # gunicorn's gevent worker; see that module
 worker_connections = _connections()
 timeout = 60  # the gevent worker's heartbeat, not a request limit: streams may last longer
 graceful_timeout = 30
@@ -42,7 +42,7 @@ control_socket_disable = True
 
 def on_starting(server):
     """Refuse to start with a clear message when a setting is missing or bad; raise the fd limit."""
-    from config import Config, ConfigError, parse_bind
+    from gateway.config import Config, ConfigError, parse_bind
 
     try:
         Config.from_env()
@@ -64,7 +64,7 @@ def on_starting(server):
 
 def worker_exit(server, worker):
     """Stop the health job before the interpreter tears down its thread pool."""
-    gateway = sys.modules.get("app")
+    gateway = sys.modules.get("gateway.app")
     built = getattr(gateway, "__dict__", {}).get("app")
     if built is not None:
         built.extensions["gateway_shutdown"]()

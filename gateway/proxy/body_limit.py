@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from current_request import request
+from gateway.proxy.current_request import request
 
 
 def read_body(limit: int) -> bytes:

@@ -12,24 +12,19 @@ from typing import Any
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-import admin_routes
-import dashboard
-import errors
-import llm_routes
-import log_setup
-import metrics
-import proxy
-import status_routes
-from backend_manager import BackendManager, backend_manager
-from config import Config, ConfigError, parse_bind
-from health import HealthChecker
-from model_discovery import ModelDiscoverer
-from monitor_reader import MonitorReader
-from outliers import OutlierDetector
-from store import JsonFileStore
-from webhook_routes import register_webhook_routes
+from gateway import __version__, errors
+from gateway.api import admin, dashboard, llm, status
+from gateway.api.webhook import register_webhook_routes
+from gateway.config import Config, ConfigError, parse_bind
+from gateway.fleet.health import HealthChecker
+from gateway.fleet.model_discovery import ModelDiscoverer
+from gateway.fleet.monitor_reader import MonitorReader
+from gateway.fleet.store import JsonFileStore
+from gateway.manager import BackendManager, backend_manager
+from gateway.observability import logs, metrics
+from gateway.proxy import views
+from gateway.routing.outliers import OutlierDetector
 
-__version__ = "0.1.0"
 DEFAULT_BIND = "127.0.0.1:5000"
 log = logging.getLogger("gateway")
 
@@ -63,14 +58,14 @@ def create_app(config: Config | None = None) -> Flask:
     manager.load()
     app.extensions["backend_manager"] = manager
     errors.init_app(app)
-    status_routes.init_app(app, __version__)
+    status.init_app(app, __version__)
     metrics.init_app(app, manager)
     register_webhook_routes(app)
-    admin_routes.init_app(app)
+    admin.init_app(app)
     dashboard.init_app(app)
-    proxy.init_app(app)
-    llm_routes.init_app(app)
-    app.wsgi_app = proxy.FastPath(app, app.wsgi_app)  # type: ignore[method-assign]  # after every route
+    views.init_app(app)
+    llm.init_app(app)
+    app.wsgi_app = views.FastPath(app, app.wsgi_app)  # type: ignore[method-assign]  # after every route
     if config.trusted_proxy_count:  # outermost: every path sees the client's real address
         n = config.trusted_proxy_count
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
@@ -87,7 +82,7 @@ def create_app(config: Config | None = None) -> Flask:
 def configure_logging(config: Config) -> None:
     """Structured lines to stdout (journald under systemd), and to LOG_DIR's files when set."""
     secrets = [s for s in (config.webhook_secret, config.metrics_token, config.admin_token) if s]
-    log_setup.configure(
+    logs.configure(
         config.log_level, config.log_format, config.log_dir, config.log_max_bytes, config.log_backups, secrets
     )
 

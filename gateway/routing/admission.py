@@ -6,7 +6,7 @@ import threading
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from backend_server import BackendServer
+from gateway.fleet.server import BackendServer
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ from urllib.parse import unquote
 
 from werkzeug.sansio.utils import get_host
 
-from current_request import request
-from upstream import UpstreamResponse
+from gateway.proxy.current_request import request
+from gateway.proxy.upstream import UpstreamResponse
 
 HOP_BY_HOP = frozenset(
     {

@@ -12,7 +12,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-import log_redaction
+from gateway.observability import redaction
 
 # Loggers with a file of their own under LOG_DIR (they also reach app.log through the root).
 TOPIC_FILES = {
@@ -94,7 +94,7 @@ def configure(level: str, style: str, log_dir: str, max_bytes: int, backups: int
             topic.removeHandler(handler)
             handler.close()
     formatter = StructuredFormatter(style)
-    redacting = log_redaction.RedactingFilter(secrets)
+    redacting = redaction.RedactingFilter(secrets)
     if not root.handlers:  # under gunicorn or pytest, leave their handlers be, and add ours beside
         _add(root, logging.StreamHandler(sys.stdout), formatter, redacting)
     if log_dir:
@@ -111,7 +111,7 @@ def configure(level: str, style: str, log_dir: str, max_bytes: int, backups: int
     root.setLevel(level)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)  # it logs every run at INFO
     names = ("", "werkzeug", "gunicorn.error", "gunicorn.access")
-    log_redaction.install(secrets, [logging.getLogger(name) for name in names])
+    redaction.install(secrets, [logging.getLogger(name) for name in names])
 
 
 def _add(

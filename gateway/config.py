@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from resources import DEFAULT_WEIGHTS, parse_weights
+from gateway.fleet.resources import DEFAULT_WEIGHTS, parse_weights
 
 T = TypeVar("T")
 ROUTING_POLICIES = ("round_robin", "least_connections", "least_load")

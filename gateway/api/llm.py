@@ -15,12 +15,13 @@ from typing import Any
 from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from backend_manager import BackendManager, Lease, NoServer, RouteRequest
-from body_limit import read_body
-from config import Config
-from forwarding import required_gpu_memory, upstream_headers
-from proxy import SESSION_HEADER, Proxy, as_response, observe
-from resources import GIB
+from gateway.config import Config
+from gateway.fleet.resources import GIB
+from gateway.manager import BackendManager, Lease, NoServer, RouteRequest
+from gateway.proxy.body_limit import read_body
+from gateway.proxy.forwarding import required_gpu_memory, upstream_headers
+from gateway.proxy.handler import SESSION_HEADER, Proxy
+from gateway.proxy.views import as_response, observe
 
 OPENAI_POSTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 OLLAMA_POSTS = ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/show")

@@ -11,12 +11,12 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify
 from marshmallow import ValidationError
 
-from auth import admin_authorized, admin_refusal
-from backend_manager import BackendManager, PersistError
-from backend_server import OPTION_NAMES
-from errors import error_response
-from schemas import RegisterSchema, ServerOptionsSchema
-from webhook_routes import json_body, not_saved
+from gateway.api.auth import admin_authorized, admin_refusal
+from gateway.api.schemas import RegisterSchema, ServerOptionsSchema
+from gateway.api.webhook import json_body, not_saved
+from gateway.errors import error_response
+from gateway.fleet.server import OPTION_NAMES
+from gateway.manager import BackendManager, PersistError
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 

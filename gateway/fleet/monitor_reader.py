@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import urllib3
 
-from resources import Reading, parse_reading
+from gateway.fleet.resources import Reading, parse_reading
 
 log = logging.getLogger(__name__)
 

@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
-from flask import Flask, Response, current_app
+from flask import Response
 from prometheus_client import Gauge
-from werkzeug.exceptions import HTTPException
-from werkzeug.routing import PathConverter
 
-from admission import Lease, NoServer, RouteRequest
-from affinity import FALLBACK_OWNER, TaskAffinity
-from backend_manager import BackendManager
-from body_limit import read_body
-from config import Config
-from current_request import request, serving
-from errors import error_response, handle_http_exception
-from forwarding import (
+from gateway.config import Config
+from gateway.errors import error_response
+from gateway.fleet.health import LOCAL_ERRNOS
+from gateway.fleet.resources import GIB
+from gateway.manager import BackendManager
+from gateway.observability.metrics import GatewayMetrics
+from gateway.proxy.body_limit import read_body
+from gateway.proxy.current_request import request
+from gateway.proxy.forwarding import (
     JSON_CAPTURE_LIMIT,
     BadTarget,
     decoded,
@@ -32,20 +29,16 @@ from forwarding import (
     task_candidates,
     upstream_headers,
 )
-from health import LOCAL_ERRNOS
-from metrics import NO_SERVER, GatewayMetrics
-from relay import Relay
-from resources import GIB
-from upstream import ConnectFailed, IncompleteBody, UpstreamPool, UpstreamResponse
+from gateway.proxy.relay import Relay
+from gateway.proxy.upstream import ConnectFailed, IncompleteBody, UpstreamPool, UpstreamResponse
+from gateway.routing.admission import Lease, NoServer, RouteRequest
+from gateway.routing.affinity import FALLBACK_OWNER, TaskAffinity
 
 Body = bytes | Callable[[Lease], bytes]  # the request body, or one made for the chosen server
 ErrorRenderer = Callable[[NoServer], Response]
 Answer = Response | Relay  # a server's answer passed on is a Relay; the gateway's own are Responses
 
 log = logging.getLogger(__name__)
-request_log = logging.getLogger("gateway.request")
-performance_log = logging.getLogger("gateway.performance")
-SLOW_REQUEST_SECONDS = 1.0  # requests at least this long are also logged as performance events
 
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
@@ -381,100 +374,3 @@ def _reason(exc: BaseException) -> str:
 
 def _payload(body: Body, lease: Lease) -> bytes:
     return body(lease) if callable(body) else body
-
-
-def proxy_view(path: str = "") -> Response:
-    """The view behind every proxied prefix (when the fast path does not serve them)."""
-    return as_response(observe(current_app.extensions["proxy"].handle))
-
-
-def as_response(answer: Answer) -> Response:
-    """A werkzeug Response for Flask, whichever kind of answer the proxy made."""
-    return answer.to_response() if isinstance(answer, Relay) else answer
-
-
-def observe(handler: Callable[[], Answer]) -> Answer:
-    """Run one proxied request's handler; count it and log it once, when its response ends."""
-    proxy: Proxy = current_app.extensions["proxy"]
-    started, method = time.perf_counter(), request.method
-    try:
-        response = handler()
-    except HTTPException as exc:  # 413 from the body limit, say: still one request to count and log
-        response = handle_http_exception(exc)
-    # A server's answer names its server; one of the gateway's own (an error) names the server
-    # that failed, if one did: the header is only ever set by this proxy.
-    server = response.backend if isinstance(response, Relay) else response.headers.get("X-Backend-Server", NO_SERVER)
-    status, path = response.status_code, request.path  # the path only: a query may carry a secret
-
-    def done() -> None:
-        seconds = time.perf_counter() - started
-        proxy.metrics.request_done(server, method, status, seconds)
-        fields = {"method": method, "path": path, "server": server, "status": status, "ms": round(seconds * 1000, 1)}
-        request_log.info("request", extra={"fields": fields})
-        if seconds >= SLOW_REQUEST_SECONDS:
-            performance_log.info("slow request", extra={"fields": fields})
-
-    response.call_on_close(done)
-    return response
-
-
-def init_app(app: Flask) -> None:
-    """Create the app's Proxy and route each configured prefix to it."""
-    config: Config = app.config["GATEWAY"]
-    affinity = TaskAffinity(config.task_affinity_file, ttl=config.task_affinity_ttl)
-    app.extensions["task_affinity"] = affinity
-    app.extensions["proxy"] = Proxy(config, app.extensions["backend_manager"], affinity, app.extensions["metrics"])
-    # The raw target is checked and forwarded as sent, so Flask must not redirect or merge slashes.
-    app.url_map.converters["anypath"] = AnyPathConverter
-    options: dict[str, Any] = {"methods": METHODS, "strict_slashes": False, "merge_slashes": False}
-    for index, prefix in enumerate(config.proxy_prefixes):
-        endpoint = f"proxy_{index}"
-        app.add_url_rule(prefix.rstrip("/"), endpoint, proxy_view, **options)
-        app.add_url_rule(prefix + "<anypath:path>", endpoint, proxy_view, **options)
-
-
-class FastPath:
-    """Serves the proxied prefixes without Flask's request dispatch; everything else goes to Flask.
-
-    Flask's request context (URL adapter, matching, session, signals, teardown) cost about
-    40-70 us of a proxied request's 600 (BENCHMARKS.md). Static routes under a proxied prefix
-    (the LLM routes, with their methods) stay Flask's; so does everything when another
-    converter route shares a prefix, since only Flask's matching could tell them apart.
-    """
-
-    def __init__(self, app: Flask, wsgi_app: Any) -> None:
-        self.app = app
-        self.wsgi_app = wsgi_app
-        self.proxy: Proxy = app.extensions["proxy"]
-        self.prefixes: tuple[str, ...] = app.config["GATEWAY"].proxy_prefixes
-        under = [rule for rule in app.url_map.iter_rules() if rule.rule.startswith(self.prefixes)]
-        self.enabled = all(not rule.arguments or rule.endpoint.startswith("proxy_") for rule in under)
-        self.reserved = {(rule.rule, method) for rule in under if not rule.arguments for method in rule.methods or ()}
-
-    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
-        path, method = environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "")
-        if (
-            not self.enabled
-            or not path.startswith(self.prefixes)
-            or method not in METHODS
-            or (path, method) in self.reserved
-        ):
-            return self.wsgi_app(environ, start_response)
-        # Not in environ["werkzeug.request"]: that cycle (request <-> environ, and everything the
-        # environ holds) would be left for the cycle collector, which then stopped the worker for
-        # 60-120 ms at a time under load.
-        req = self.app.request_class(environ, populate_request=False)
-        with self.app.app_context(), serving(req):
-            try:
-                response = observe(self.proxy.handle)
-            except Exception:  # as Flask would: a 500 in our shape, logged with its traceback
-                log.exception("proxying %s %s failed", method, path)
-                response = error_response(500, "internal error in the gateway")
-        return response(environ, start_response)
-
-
-class AnyPathConverter(PathConverter):
-    """Like `path`, but may also start with a slash (`/api//x`): the backend decides what it means."""
-
-    regex = ".*"
-    part_isolating = False  # werkzeug would infer True from a regex without a slash

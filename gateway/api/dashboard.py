@@ -25,11 +25,11 @@ from flask import (
 from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
 from prometheus_client import Counter, Gauge
 
-from auth import admin_matches
-from backend_server import now_iso
-from errors import error_response
+from gateway.api.auth import admin_matches
+from gateway.errors import error_response
+from gateway.fleet.server import now_iso
 
-bp = Blueprint("dashboard", __name__, url_prefix="/dashboard")
+bp = Blueprint("dashboard", __name__, url_prefix="/dashboard", template_folder="templates")
 SESSION_FLAG = "dashboard"
 SESSION_KEY_INFO = b"gpu-gateway dashboard session"
 

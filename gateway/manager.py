@@ -15,16 +15,16 @@ from typing import Any, NamedTuple
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from admission import Lease, LeaseOwner, NoServer, RouteRequest, Waiter
-from backend_server import OPTION_NAMES, BackendServer, now_iso
-from fleet_models import catalog, listed_names, model_key
-from health import HealthChecker, HealthResult, Target
-from model_discovery import DiscoveryTarget, ModelDiscoverer
-from monitor_reader import MonitorReader, MonitorTarget
-from outliers import OutlierDetector
-from resources import Reading
-from selection import Selector
-from store import JsonFileStore, off_the_event_loop
+from gateway.fleet.health import HealthChecker, HealthResult, Target
+from gateway.fleet.model_discovery import DiscoveryTarget, ModelDiscoverer
+from gateway.fleet.monitor_reader import MonitorReader, MonitorTarget
+from gateway.fleet.resources import Reading
+from gateway.fleet.server import OPTION_NAMES, BackendServer, now_iso
+from gateway.fleet.store import JsonFileStore, off_the_event_loop
+from gateway.routing.admission import Lease, LeaseOwner, NoServer, RouteRequest, Waiter
+from gateway.routing.catalog import catalog, listed_names, model_key
+from gateway.routing.outliers import OutlierDetector
+from gateway.routing.selection import Selector
 
 __all__ = ["BackendManager", "Lease", "NoServer", "PersistError", "Pick", "RouteRequest", "backend_manager"]
 

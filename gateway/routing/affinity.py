@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from store import aside_path
+from gateway.fleet.store import aside_path
 
 log = logging.getLogger(__name__)
 

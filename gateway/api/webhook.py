@@ -7,12 +7,12 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from marshmallow import Schema
 
-from auth import presented_secret, secret_matches
-from backend_manager import BackendManager, PersistError
-from backend_server import OPTION_NAMES
-from body_limit import read_body
-from errors import error_response
-from schemas import RegisterSchema, ServerIdSchema
+from gateway.api.auth import presented_secret, secret_matches
+from gateway.api.schemas import RegisterSchema, ServerIdSchema
+from gateway.errors import error_response
+from gateway.fleet.server import OPTION_NAMES
+from gateway.manager import BackendManager, PersistError
+from gateway.proxy.body_limit import read_body
 
 MAX_BODY_BYTES = 64 * 1024
 

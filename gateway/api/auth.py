@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Response, current_app, request
 
-from errors import error_response
+from gateway.errors import error_response
 
 
 def presented_secret(body: Any = None, allow_query: bool = False) -> str | None:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import time
 from collections.abc import Collection, Mapping
 
-from admission import NoServer, RouteRequest
-from backend_server import BackendServer
-from fleet_models import model_key, served_models
-from resources import DEFAULT_WEIGHTS, GIB, Reading
-from routing import (
+from gateway.fleet.resources import DEFAULT_WEIGHTS, GIB, Reading
+from gateway.fleet.server import BackendServer
+from gateway.routing.admission import NoServer, RouteRequest
+from gateway.routing.catalog import model_key, served_models
+from gateway.routing.policies import (
     Candidate,
     SequentialRotation,
     SmoothWeightedRoundRobin,

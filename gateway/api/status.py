@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify
 
-from auth import admin_authorized, admin_refusal
+from gateway.api.auth import admin_authorized, admin_refusal
 
 bp = Blueprint("status", __name__)
 

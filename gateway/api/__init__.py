@@ -1,0 +1,1 @@
+"""What clients and operators call: webhook, admin, LLM, status and dashboard routes, schemas, auth."""

@@ -1,0 +1,1 @@
+"""Who is registered and healthy: the server record, its store, health checks, monitor readings, models."""

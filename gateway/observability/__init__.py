@@ -1,0 +1,1 @@
+"""Metrics, log setup and redaction."""

@@ -1,0 +1,1 @@
+"""How a request crosses: the proxy, forwarding rules, the upstream client, the relay, the worker class."""

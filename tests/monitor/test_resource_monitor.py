@@ -25,7 +25,7 @@ from resource_monitor.gpu import GPUReader
 from resource_monitor.monitor import Monitor
 from resource_monitor.settings import Settings, SettingsError
 
-FAKE_NVML = Path(__file__).resolve().parent / "fakes" / "pynvml.py"
+FAKE_NVML = Path(__file__).resolve().parent.parent / "fakes" / "pynvml.py"
 GIB = 1024**3
 _loaded = itertools.count()
 

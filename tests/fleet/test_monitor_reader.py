@@ -16,7 +16,7 @@ from werkzeug.serving import make_server
 from resource_monitor.app import close_app, create_app
 from resource_monitor.settings import Settings
 
-FAKE_NVML = Path(__file__).resolve().parent / "fakes" / "pynvml.py"
+FAKE_NVML = Path(__file__).resolve().parent.parent / "fakes" / "pynvml.py"
 GIB = 1024**3
 _loaded = itertools.count()
 

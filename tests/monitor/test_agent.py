@@ -26,7 +26,7 @@ from resource_monitor import agent as agent_module
 from resource_monitor.__main__ import main
 from resource_monitor.agent import Refused, RegistrationAgent, detect_advertise_ip, retry_delay
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FAKES = ROOT / "tests" / "fakes"
 
 

@@ -3,7 +3,7 @@
 import time
 
 import pytest
-from tests.test_resources import report
+from tests.fleet.test_resources import report
 
 from gateway.fleet.resources import GIB, parse_reading
 from gateway.manager import BackendManager

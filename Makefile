@@ -45,7 +45,7 @@ bench-core: $(BIN)/.dev  ## the issue-2 figures: health sweep and rotation cost
 	$(BIN)/python bench/rotation_bench.py
 
 # Issue 6's suite, never part of `make test`: installs nginx and wrk when missing (apt-get), starts
-# and stops everything itself on 127.0.0.1, and writes bench/results.json, BENCHMARKS.md and
+# and stops everything itself on 127.0.0.1, and writes bench/results.json, docs/benchmarks.md and
 # bench/results.png. `make bench BENCH_QUICK=1` is a short smoke run.
 .PHONY: bench
 $(BIN)/.bench: bench/requirements.txt $(BIN)/.runtime

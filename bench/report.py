@@ -1,6 +1,6 @@
-"""Render BENCHMARKS.md and bench/results.png from bench/results.json.
+"""Render docs/benchmarks.md and bench/results.png from bench/results.json.
 
-Run:  .venv/bin/python bench/report.py [--results bench/results.json] [--markdown BENCHMARKS.md]
+Run:  .venv/bin/python bench/report.py [--results bench/results.json] [--markdown docs/benchmarks.md]
           [--plot bench/results.png]
 """
 
@@ -39,7 +39,7 @@ def write(results: dict[str, Any], markdown_path: Path, plot_path: Path) -> None
 
 
 def render(results: dict[str, Any], plot_link: str | None = None) -> str:
-    """The whole BENCHMARKS.md."""
+    """The whole docs/benchmarks.md."""
     parts = [
         _header(results),
         _targets(results),
@@ -209,7 +209,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results.json")
-    parser.add_argument("--markdown", type=Path, default=REPO / "BENCHMARKS.md")
+    parser.add_argument("--markdown", type=Path, default=REPO / "docs" / "benchmarks.md")
     parser.add_argument("--plot", type=Path, default=REPO / "bench" / "results.png")
     args = parser.parse_args(argv)
     write(json.loads(args.results.read_text()), args.markdown, args.plot)

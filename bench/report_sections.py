@@ -1,4 +1,4 @@
-"""The markdown of each part of BENCHMARKS.md, rendered from the suite's results."""
+"""The markdown of each part of docs/benchmarks.md, rendered from the suite's results."""
 
 from __future__ import annotations
 

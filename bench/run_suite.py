@@ -7,7 +7,7 @@ Everything runs on 127.0.0.1 and is started, measured and stopped (by PID) here:
   sweep          health sweep at 100, 1,000, 5,000 servers, 10% black-holed (bench/sweep_bench.py)
   routing        get_next_server and friends at 10, 1,000, 10,000 servers (bench/rotation_bench.py)
   registrations  durable registrations per second over HTTP at 1,000 servers
-It writes bench/results.json, then bench/report.py renders BENCHMARKS.md and bench/results.png.
+It writes bench/results.json, then bench/report.py renders docs/benchmarks.md and bench/results.png.
 
 Run:  make bench   (or make bench BENCH_QUICK=1)
       .venv/bin/python bench/run_suite.py [--quick] [--only proxy,streams,...] [--out bench/results.json]
@@ -184,10 +184,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a short smoke run (about a minute)")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"sections to run, of {','.join(SECTIONS)}")
     parser.add_argument("--out", type=Path, default=BENCH / "results.json", help="where results go")
-    parser.add_argument("--markdown", type=Path, default=REPO / "BENCHMARKS.md", help="the rendered report")
+    parser.add_argument("--markdown", type=Path, default=REPO / "docs" / "benchmarks.md", help="the rendered report")
     parser.add_argument("--plot", type=Path, default=BENCH / "results.png", help="the rendered plot")
     parser.add_argument(
-        "--note", default=os.environ.get("BENCH_NOTE", ""), help="a remark on this run for BENCHMARKS.md ($BENCH_NOTE)"
+        "--note",
+        default=os.environ.get("BENCH_NOTE", ""),
+        help="a remark on this run for docs/benchmarks.md ($BENCH_NOTE)",
     )
     args = parser.parse_args(argv)
     args.sections = [name.strip() for name in args.only.split(",") if name.strip()]

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint demo smoke bench-core clean
+.PHONY: run test lint demo smoke bench-core requirements clean
 
 $(BIN)/.runtime: requirements.txt requirements-fast.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,5 +55,18 @@ $(BIN)/.bench: bench/requirements.txt $(BIN)/.runtime
 bench: $(BIN)/.bench  ## the benchmark suite: ours beside nginx and a naive gateway (about 6 minutes)
 	$(BIN)/python bench/run_suite.py $(if $(filter 1 yes true,$(BENCH_QUICK)),--quick)
 
+# The pinned files are generated, never edited by hand: requirements.txt from pyproject.toml's
+# dependencies, the others from their .in files. pip-compile keeps a pin that still fits;
+# `make requirements UPGRADE=1` moves every pin to the newest release.
+PIP_COMPILE = .venv-tools/bin/pip-compile -q --strip-extras --no-emit-index-url --no-emit-find-links \
+	--no-emit-trusted-host $(if $(filter 1 yes true,$(UPGRADE)),--upgrade)
+requirements:  ## regenerate the pinned requirement files with pip-tools
+	test -x .venv-tools/bin/pip-compile || { $(PYTHON) -m venv .venv-tools && .venv-tools/bin/pip install -q pip-tools==7.6.2; }
+	$(PIP_COMPILE) -o requirements.txt pyproject.toml
+	$(PIP_COMPILE) -o requirements-fast.txt requirements-fast.in
+	$(PIP_COMPILE) --allow-unsafe -o requirements-dev.txt requirements-dev.in
+	cd resource_monitor && ../$(PIP_COMPILE) -o requirements.txt requirements.in
+	cd bench && ../$(PIP_COMPILE) -o requirements.txt requirements.in
+
 clean:
-	rm -rf $(VENV) .venv-runtime .pytest_cache .ruff_cache .mypy_cache .demo
+	rm -rf $(VENV) .venv-runtime .venv-tools .pytest_cache .ruff_cache .mypy_cache .demo

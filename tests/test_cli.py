@@ -17,6 +17,7 @@ import pytest
 from conftest import SECRET, free_port
 
 from gateway import cli as b_client
+from gateway.client import field_messages
 
 ROOT = Path(__file__).resolve().parent.parent
 WRONG_SECRET = "not-the-secret-93b1d7"
@@ -332,7 +333,7 @@ def test_a_busy_gateway_says_when_to_retry(stub_gateway):
     ],
 )
 def test_field_messages(errors, lines):
-    assert b_client.field_messages(errors) == lines
+    assert field_messages(errors) == lines
 
 
 def test_table_brackets_ipv6_and_shows_never():

@@ -29,7 +29,7 @@ graceful_timeout = 30
 keepalive = 5
 # Off by default: the gateway's own request log (gateway.request) already records method, path,
 # server, status and time for each proxied request, and a second line per request costs CPU on
-# the hot path (measured in BENCHMARKS.md). GATEWAY_ACCESS_LOG=- turns it on, to stdout. It
+# the hot path (measured in docs/benchmarks.md). GATEWAY_ACCESS_LOG=- turns it on, to stdout. It
 # records the path without its query string, so `?secret=` never lands there.
 accesslog = os.environ.get("GATEWAY_ACCESS_LOG") or None
 access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms backend=%({x-backend-server}o)s'

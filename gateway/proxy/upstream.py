@@ -1,7 +1,7 @@
 """A lean HTTP/1.1 client for the proxy's hot path: kept-alive sockets per server, bodies streamed.
 
 urllib3 and http.client spent about a third of the gateway's CPU per proxied request (parsing
-headers with the email package, per-call URL parsing, pool bookkeeping; see BENCHMARKS.md). The
+headers with the email package, per-call URL parsing, pool bookkeeping; see docs/benchmarks.md). The
 proxy needs far less: send one request on a pooled socket, parse a status line and headers,
 and hand the body on chunk by chunk with its framing (Content-Length, chunked, or to the close).
 """

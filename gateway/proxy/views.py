@@ -79,7 +79,7 @@ class FastPath:
     """Serves the proxied prefixes without Flask's request dispatch; everything else goes to Flask.
 
     Flask's request context (URL adapter, matching, session, signals, teardown) cost about
-    40-70 us of a proxied request's 600 (BENCHMARKS.md). Static routes under a proxied prefix
+    40-70 us of a proxied request's 600 (docs/benchmarks.md). Static routes under a proxied prefix
     (the LLM routes, with their methods) stay Flask's; so does everything when another
     converter route shares a prefix, since only Flask's matching could tell them apart.
     """

@@ -3,10 +3,10 @@
 import time
 
 import pytest
-from tests.fleet.test_resources import report
 
 from gateway.fleet.resources import GIB, parse_reading
 from gateway.manager import BackendManager
+from tests.fleet.test_resources import report
 
 
 def fleet(policy: str = "round_robin", **servers) -> BackendManager:

@@ -568,7 +568,7 @@ def test_a_request_over_the_cap_waits_for_the_slot_then_is_served(live_gateway, 
     second: list[requests.Response] = []
     waiter = threading.Thread(target=lambda: second.append(requests.get(gateway.url + "/api/echo", timeout=30)))
     waiter.start()
-    assert wait_until(lambda: len(gateway.manager._waiters) == 1)
+    assert wait_until(lambda: len(gateway.manager.admission.waiters) == 1)
     assert second == []  # held in the queue while B1 is at its cap
 
     server.stream_gate.set()

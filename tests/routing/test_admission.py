@@ -28,7 +28,7 @@ def test_a_request_waits_for_a_slot_and_gets_it_when_one_frees():
     got = []
     waiter = threading.Thread(target=lambda: got.append(manager.acquire(RouteRequest(), timeout=30)))
     waiter.start()
-    assert wait_until(lambda: len(manager._waiters) == 1)
+    assert wait_until(lambda: len(manager.admission.waiters) == 1)
     assert got == []
     held.release()
     waiter.join(timeout=10)
@@ -52,7 +52,7 @@ def test_waiters_are_served_first_come_first_served():
         thread = threading.Thread(target=wait, args=(number,))
         thread.start()
         threads.append(thread)
-        assert wait_until(lambda n=number: len(manager._waiters) == n + 1)
+        assert wait_until(lambda n=number: len(manager.admission.waiters) == n + 1)
     held.release()
     for _ in range(5):
         assert wait_until(lambda: leases)
@@ -68,7 +68,7 @@ def test_the_wait_ends_with_a_503_after_the_queue_timeout():
     with pytest.raises(NoServer) as caught:
         manager.acquire(RouteRequest(), timeout=0.2)
     assert (caught.value.status, caught.value.code, caught.value.retry_after) == (503, "queue_timeout", "1")
-    assert len(manager._waiters) == 0
+    assert len(manager.admission.waiters) == 0
 
 
 @pytest.mark.parametrize(("timeout", "queue_max_size"), [(0, 100), (30, 0)])
@@ -93,7 +93,7 @@ def test_a_waiter_is_told_when_its_server_leaves():
 
     thread = threading.Thread(target=wait)
     thread.start()
-    assert wait_until(lambda: len(manager._waiters) == 1)
+    assert wait_until(lambda: len(manager.admission.waiters) == 1)
     manager.unregister_server("B1")
     thread.join(timeout=10)
     assert [exc.code for exc in errors] == ["no_server"]
@@ -124,4 +124,4 @@ def test_counts_stay_exact_under_many_threads_and_never_go_below_zero():
         thread.join(timeout=60)
     assert in_flight(manager) == {"B1": 0, "B2": 0, "B3": 0}
     assert max(peak.values()) <= 3  # the cap held
-    assert manager._in_flight == {}
+    assert manager.admission.in_flight == {}

@@ -1,0 +1,92 @@
+"""How a server's record changes: a registration, a check result. Pure rules; the caller holds the lock."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any, NamedTuple
+
+from gateway.fleet.health import HealthResult
+from gateway.fleet.server import OPTION_NAMES, BackendServer, now_iso
+
+health_log = logging.getLogger("gateway.health")
+
+
+class Transition(NamedTuple):
+    """A check result worth logging: `healthy` is True or False when health changed, None otherwise."""
+
+    server_id: str
+    healthy: bool | None
+    detail: str
+
+
+def checked_options(options: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `options`; ValueError when one is not a server option."""
+    unknown = set(options) - set(OPTION_NAMES)
+    if unknown:
+        raise ValueError(f"unknown server options: {', '.join(sorted(unknown))}")
+    return dict(options)
+
+
+def holds(server: BackendServer, values: dict[str, Any]) -> bool:
+    """True when the server already holds every given value."""
+    return all(getattr(server, name) == value for name, value in values.items())
+
+
+def address(server: BackendServer) -> tuple[str, int, str | None]:
+    """Where the server is reached: ip, port and monitor URL."""
+    return server.ip, server.port, server.monitor_url
+
+
+def declares(server: BackendServer) -> bool:
+    """True when the server registered its models, so discovery leaves it alone."""
+    return bool(server.models or server.model_map)
+
+
+def registered(
+    existing: BackendServer | None, server_id: str, ip: str, port: int, monitor_url: str | None, options: dict[str, Any]
+) -> BackendServer:
+    """The record a registration leaves: at the same address health is kept, at a new one it starts afresh."""
+    if existing is not None and address(existing) == (ip, port, monitor_url):
+        return replace(existing, **options)  # new options at the same address: health is kept
+    server = BackendServer(
+        server_id=server_id, ip=ip, port=port, monitor_url=monitor_url, health_changed_time=now_iso()
+    )
+    if existing is not None:  # a move keeps what the operator and the sweeps set
+        server = replace(server, **existing.options(), draining=existing.draining)
+        server.last_used_time = existing.last_used_time
+        server.discovered_models = existing.discovered_models
+    return replace(server, **options)
+
+
+def count_check(
+    server: BackendServer, result: HealthResult, threshold: int, now: str, checked: bool
+) -> Transition | None:
+    """Count a check result on the record; `threshold` failures in a row mark it unhealthy, a success heals it."""
+    if checked:
+        server.last_check_time = now
+    was_healthy, old_fails = server.is_healthy, server.fail_count
+    if result.ok:
+        server.fail_count = 0
+        server.is_healthy = True
+    else:
+        server.fail_count += 1
+        if server.fail_count >= threshold:
+            server.is_healthy = False
+    if server.is_healthy != was_healthy:
+        server.health_changed_time = now
+        return Transition(server.server_id, server.is_healthy, result.detail)
+    if server.is_healthy and server.fail_count != old_fails:
+        return Transition(server.server_id, None, result.detail)
+    return None
+
+
+def log_transitions(transitions: list[Transition], threshold: int) -> None:
+    """Write each transition to the health log."""
+    for server_id, healthy, detail in transitions:
+        if healthy is True:
+            health_log.info("server %s recovered: %s", server_id, detail)
+        elif healthy is False:
+            health_log.warning("server %s marked unhealthy after %d failures: %s", server_id, threshold, detail)
+        else:
+            health_log.info("server %s health check: %s", server_id, detail)

@@ -1,15 +1,15 @@
 """A lean HTTP/1.1 client for the proxy's hot path: kept-alive sockets per server, bodies streamed.
 
 urllib3 and http.client spent about a third of the gateway's CPU per proxied request (parsing
-headers with the email package, per-call URL parsing, pool bookkeeping; see docs/benchmarks.md). The
-proxy needs far less: send one request on a pooled socket, parse a status line and headers,
-and hand the body on chunk by chunk with its framing (Content-Length, chunked, or to the close).
+headers with the email package, per-call URL parsing, pool bookkeeping; see docs/benchmarks.md).
+The proxy needs far less: send one request on a pooled socket, read the answer's head, and hand
+the body on chunk by chunk. Where an answer ends is decided by llhttp, Node.js's fuzzed parser
+(through httptools), never by our own code: an answer it refuses is a 502, and a connection
+that carries a byte past the end of its answer is closed, never pooled (RFC 9112 6.3).
 """
 
 from __future__ import annotations
 
-import io
-import re
 import select
 import socket
 import ssl
@@ -17,12 +17,14 @@ from collections import deque
 from typing import Any
 from urllib.parse import urlsplit
 
-MAX_HEADER_LINE = 65536
+import httptools
+
+MAX_HEAD = 256 * 1024  # bytes before the end of an answer's head
 MAX_HEADERS = 200
 MAX_INTERIM = 20  # 1xx answers (100 Continue, 103 Early Hints) skipped before the real one
-TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 5.1: a field name
-FIELD_VALUE = re.compile(r"[ \t\x21-\x7e\x80-\xff]*")  # RFC 9110 5.5, no control characters
 NO_BODY_STATUSES = frozenset({204, 304})
+SWITCHING = "a 101 (Switching Protocols) answer is never relayed"
+RECV_SIZE = 64 * 1024
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
@@ -36,7 +38,7 @@ class SendFailed(OSError):
 
 
 class IncompleteBody(OSError):
-    """The answer's body ended before its framing said it would."""
+    """The answer is malformed, or its body ended before its framing said it would."""
 
 
 class ResponseHeaders:
@@ -139,13 +141,20 @@ class UpstreamPool:
 
 
 class Connection:
-    """One socket and its read buffer."""
+    """One socket, and the llhttp parser that reads its answers: every byte read goes to the parser.
 
-    __slots__ = ("reader", "sock")
+    The connection is the parser's protocol: llhttp calls its `on_*` methods, which fill in the
+    current answer. Nothing is ever buffered outside the parser, so a byte past the end of an
+    answer is either seen by the parser (a second answer begins, or a body where none may be)
+    or still in the kernel, where `alive` finds it before the connection is used again.
+    """
+
+    __slots__ = ("answer", "parser", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.reader: io.BufferedReader = sock.makefile("rb")
+        self.parser: httptools.HttpResponseParser | None = None
+        self.answer = Answer(False)
 
     def alive(self) -> bool:
         """False when the server closed the idle connection or sent something unasked."""
@@ -163,81 +172,208 @@ class Connection:
             return False
 
     def exchange(self, head: bytes, body: bytes, method: str, pool: UpstreamPool) -> UpstreamResponse:
+        """Send a request and read its answer's head; the body is left to read."""
+        answer = self.answer = Answer(method == "HEAD")
+        # A parser per answer (a fraction of a µs): whatever state a bad answer left is gone.
+        self.parser = httptools.HttpResponseParser(self)
+        # Chunked with a Content-Length too: the chunking frames the body and the length is
+        # dropped, as RFC 9112 6.3 lets an intermediary do. Any other coding with a length is refused.
+        self.parser.set_dangerous_leniencies(lenient_chunked_length=True)
         try:
             send_all(self.sock, head + body if len(body) < 65536 else head)
             if len(body) >= 65536:
                 self.sock.sendall(body)
-            status_line = self.reader.readline(MAX_HEADER_LINE)
+            data = self.sock.recv(RECV_SIZE)
         except TimeoutError:
             self.close()
             raise
         except OSError as exc:
             self.close()
             raise SendFailed(exc.errno, f"connection broken: {exc.strerror or exc}") from exc
-        if not status_line:
+        if not data:
             self.close()
             raise SendFailed(None, "connection broken: the server closed it without an answer")
         try:
-            for _ in range(MAX_INTERIM):
-                if not _interim(status_line):
-                    break
-                _read_headers(self.reader)  # a 100 Continue or 103 Early Hints: the answer follows
-                status_line = self.reader.readline(MAX_HEADER_LINE)
-            else:
-                raise IncompleteBody(None, f"more than {MAX_INTERIM} interim (1xx) answers")
-            return UpstreamResponse(self, pool, status_line, method)
+            received = 0
+            while True:
+                received += len(data)
+                self.feed(data)
+                if answer.head_done:
+                    return UpstreamResponse(self, pool)
+                if received > MAX_HEAD:
+                    raise IncompleteBody(None, "the answer's head is too long")
+                data = self.sock.recv(RECV_SIZE)
+                if not data:
+                    raise IncompleteBody(None, "the connection closed inside the answer's head")
         except (ValueError, OSError):
             self.close()
             raise
 
+    def read_more(self) -> bool:
+        """Read and parse what the socket has next; False at the server's close."""
+        data = self.sock.recv(RECV_SIZE)
+        if data:
+            self.feed(data)
+        return bool(data)
+
+    def feed(self, data: bytes) -> None:
+        """Give bytes read from the socket to the parser; one it refuses makes a malformed answer."""
+        answer = self.answer
+        try:
+            self.parser.feed_data(data)  # type: ignore[union-attr]  # set by exchange
+        except httptools.HttpParserUpgrade:
+            raise IncompleteBody(None, SWITCHING) from None
+        except httptools.HttpParserError as exc:
+            if answer.complete:
+                answer.extra = True  # the answer was whole; what follows it is not ours to parse
+            elif answer.head_done:
+                answer.bad_body = f"malformed body: {exc}"  # raised once the good part is read
+            else:
+                raise IncompleteBody(None, f"malformed answer: {exc}") from None
+        if answer.bad_head:
+            raise IncompleteBody(None, answer.bad_head)
+
+    # -- llhttp's callbacks, for the current answer ------------------------------------------
+
+    def on_message_begin(self) -> None:
+        answer = self.answer
+        if not answer.waiting:
+            answer.extra = True  # a second answer in one: bytes nobody asked for
+        answer.waiting = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        headers = self.answer.headers
+        if len(headers) >= MAX_HEADERS:
+            self.answer.bad_head = "the answer has too many headers"
+        headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        answer, parser = self.answer, self.parser
+        status = parser.get_status_code()  # type: ignore[union-attr]  # the parser calls us
+        if answer.head_done:
+            return  # a second answer's head: already marked extra
+        if not 100 <= status <= 599:
+            answer.bad_head = f"the answer's status {status:03d} is not an HTTP status"
+        elif status == 101:
+            answer.bad_head = SWITCHING
+        elif status < 200:
+            answer.interim += 1  # 100 Continue, 103 Early Hints: the real answer follows
+            if answer.interim > MAX_INTERIM:
+                answer.bad_head = f"more than {MAX_INTERIM} interim (1xx) answers"
+            answer.headers = []
+            answer.waiting = True
+            return
+        answer.status, answer.head_done = status, True
+        answer.keep_alive = parser.should_keep_alive()  # type: ignore[union-attr]
+        if answer.to_head or status in NO_BODY_STATUSES:
+            answer.no_body = answer.complete = True
+        else:
+            answer.frame()
+
+    def on_body(self, data: bytes) -> None:
+        answer = self.answer
+        if answer.complete or answer.no_body or not answer.head_done:
+            answer.extra = True  # a body where none may be: never pool this connection
+            return
+        answer.body.append(data)
+
+    def on_message_complete(self) -> None:
+        answer = self.answer
+        if answer.head_done and not answer.no_body:
+            answer.complete = True
+
     def close(self) -> None:
-        self.reader.close()
+        self.parser = None  # the parser holds our callbacks: let both go now, not at the next GC
         self.sock.close()
+
+
+class Answer:
+    """What the parser has read of one answer so far."""
+
+    __slots__ = (
+        "bad_body",
+        "bad_head",
+        "body",
+        "chunked",
+        "complete",
+        "delivered",
+        "extra",
+        "head_done",
+        "headers",
+        "interim",
+        "keep_alive",
+        "length",
+        "no_body",
+        "status",
+        "to_head",
+        "waiting",
+    )
+
+    def __init__(self, to_head: bool) -> None:
+        self.to_head = to_head  # an answer to HEAD has no body, whatever its headers say
+        self.headers: list[tuple[str, str]] = []
+        self.body: deque[bytes] = deque()
+        self.status = 0
+        self.head_done = self.complete = self.extra = self.keep_alive = self.no_body = self.chunked = False
+        self.waiting = True  # for an answer to begin: at the start, and after each 1xx
+        self.interim = 0
+        self.bad_head = self.bad_body = ""  # why llhttp or our rules refused the head or the body
+        self.length: int | None = None  # the Content-Length, when that frames the body
+        self.delivered = 0  # body bytes handed on by read1
+
+    def frame(self) -> None:
+        """Note how the body ends, by RFC 9112 6.3; llhttp has already refused every ambiguous head."""
+        coding = length = ""
+        for name, value in self.headers:
+            lowered = name.lower()
+            if lowered == "transfer-encoding":
+                coding = value
+            elif lowered == "content-length":
+                length = value
+        if coding:
+            self.chunked = coding.rsplit(",", 1)[-1].strip().lower() == "chunked"
+            if length and not self.chunked:
+                self.bad_head = "a Content-Length beside a Transfer-Encoding that is not chunked"
+        elif length:
+            self.length = int(length)
+        self.keep_alive = self.keep_alive and (self.chunked or self.length is not None)  # else it runs to the close
 
 
 class UpstreamResponse:
     """An answer whose head has been read; its body is read with `read`/`read1`."""
 
-    def __init__(self, connection: Connection, pool: UpstreamPool, status_line: bytes, method: str) -> None:
+    __slots__ = ("_answer", "_connection", "_pool", "headers", "status")
+
+    def __init__(self, connection: Connection, pool: UpstreamPool) -> None:
         self._connection: Connection | None = connection
         self._pool = pool
-        version, _, rest = status_line.partition(b" ")
-        code = rest[:3]
-        if not version.startswith(b"HTTP/1.") or not code.isdigit():
-            raise IncompleteBody(None, f"malformed status line {status_line[:80]!r}")
-        self.status = int(code)
-        self.headers = ResponseHeaders(_read_headers(connection.reader))
-        self._keep_alive = version == b"HTTP/1.1" and "close" not in self.headers.get("Connection").lower()
-        self._chunked = "chunked" in self.headers.get("Transfer-Encoding").lower()
-        self._chunk_left = 0
-        self._done = False
-        length = self.headers.get("Content-Length")
-        self.length_remaining: int | None = None
-        if method == "HEAD" or self.status in NO_BODY_STATUSES or 100 <= self.status < 200:
-            self.length_remaining, self._done = 0, True
-        elif not self._chunked and length.isdigit():
-            self.length_remaining = int(length)
-            self._done = self.length_remaining == 0
-        elif not self._chunked:
-            self._keep_alive = False  # the body runs to the close
+        self._answer = answer = connection.answer
+        self.status = answer.status
+        self.headers = ResponseHeaders(answer.headers)
+
+    @property
+    def length_remaining(self) -> int | None:
+        """Body bytes still to come by the Content-Length; None when that does not frame the body."""
+        answer = self._answer
+        if answer.no_body:
+            return 0
+        return None if answer.length is None else answer.length - answer.delivered
 
     def read1(self, amount: int, decode_content: bool = False) -> bytes:
         """Up to `amount` bytes of the body as soon as any are there; b"" at its end."""
-        if self._done or self._connection is None:
-            return b""
-        reader = self._connection.reader
-        if self._chunked:
-            return self._read_chunk(reader, amount)
-        if self.length_remaining is None:
-            data = reader.read1(amount)
-            self._done = not data
-            return data
-        data = reader.read1(min(amount, self.length_remaining))
-        if not data:
-            self._keep_alive, self._done = False, True
-            return b""  # length_remaining > 0 tells the caller the body was cut short
-        self.length_remaining -= len(data)
-        self._done = self.length_remaining == 0
+        answer, connection = self._answer, self._connection
+        while not answer.body:
+            if answer.bad_body:
+                raise IncompleteBody(None, answer.bad_body)
+            if answer.complete or connection is None:
+                return b""
+            if not connection.read_more():
+                return self._closed()
+        data = answer.body.popleft()
+        if len(data) > amount:
+            answer.body.appendleft(data[amount:])
+            data = data[:amount]
+        answer.delivered += len(data)
         return data
 
     def read(self, amount: int) -> bytes:
@@ -248,32 +384,23 @@ class UpstreamResponse:
             size += len(data)
         return b"".join(parts)
 
-    def _read_chunk(self, reader: io.BufferedReader, amount: int) -> bytes:
-        if self._chunk_left == 0:
-            line = reader.readline(MAX_HEADER_LINE)
-            size = line.split(b";", 1)[0].strip()
-            try:
-                self._chunk_left = int(size, 16)
-            except ValueError:
-                raise IncompleteBody(None, f"bad chunk size line {line[:40]!r}") from None
-            if self._chunk_left == 0:
-                _read_headers(reader)  # trailers, dropped
-                self._done = True
-                return b""
-        data = reader.read1(min(amount, self._chunk_left))
-        if not data:
+    def _closed(self) -> bytes:
+        """The server closed the connection: the end of a body that runs to the close, else a cut."""
+        answer = self._answer
+        answer.keep_alive = False
+        if answer.chunked:
             raise IncompleteBody(None, "the chunked body ended early")
-        self._chunk_left -= len(data)
-        if self._chunk_left == 0 and reader.readline(MAX_HEADER_LINE) not in (b"\r\n", b"\n"):
-            raise IncompleteBody(None, "a chunk did not end with CRLF")
-        return data
+        if answer.length is None:
+            answer.complete = True  # the body ran to the close, as its head said
+        return b""  # else length_remaining > 0 tells the caller the body was cut short
 
     def release_conn(self) -> None:
-        """Give the connection back if the body was read to the end, else close it."""
+        """Give the connection back if its answer was read exactly to the end, else close it."""
         connection, self._connection = self._connection, None
         if connection is None:
             return
-        if self._done and self._keep_alive and not self.length_remaining:
+        answer = self._answer
+        if answer.complete and answer.keep_alive and not answer.extra and not answer.body:
             self._pool.put_back(connection)
         else:
             connection.close()
@@ -294,27 +421,3 @@ def send_all(sock: socket.socket | Any, data: bytes) -> None:
     sent = sock.send(data)
     if sent < len(data):
         sock.sendall(memoryview(data)[sent:])
-
-
-def _interim(status_line: bytes) -> bool:
-    """True for an informational answer (1xx) other than 101 Switching Protocols."""
-    code = status_line.partition(b" ")[2][:3]
-    return code[:1] == b"1" and code.isdigit() and code != b"101"
-
-
-def _read_headers(reader: io.BufferedReader) -> list[tuple[str, str]]:
-    headers: list[tuple[str, str]] = []
-    while True:
-        line = reader.readline(MAX_HEADER_LINE)
-        if line in (b"\r\n", b"\n"):
-            return headers
-        if not line:
-            raise IncompleteBody(None, "the connection closed inside the answer's headers")
-        if len(headers) >= MAX_HEADERS or not line.endswith(b"\n"):
-            raise IncompleteBody(None, "the answer's headers are too long")
-        name, sep, value = line.decode("latin-1").partition(":")
-        value = value.strip(" \t\r\n")
-        if not sep or not TOKEN.fullmatch(name) or not FIELD_VALUE.fullmatch(value):
-            # As nginx does: a header the client could not be sent makes the answer a bad one (502).
-            raise IncompleteBody(None, f"malformed header line {line[:80]!r}")
-        headers.append((name, value))

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import socket
 import threading
+import urllib.parse
 
 import pytest
+import requests
+from conftest import SECRET
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway.proxy.upstream import ConnectFailed, IncompleteBody, SendFailed, UpstreamPool
 
@@ -187,3 +194,270 @@ def test_a_silent_server_times_out(scripted):
     finally:
         sock.close()
     assert server.connections == 0
+
+
+# -- response queue poisoning (issue 12, item 1): no byte past an answer's end reaches the next one --
+
+SMUGGLED = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
+NEXT = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nmine"
+
+
+@pytest.mark.parametrize(
+    ("method", "poisoned"),
+    [
+        ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 43\r\n\r\n" + SMUGGLED),  # a body sent on HEAD
+        ("GET", b"HTTP/1.1 204 No Content\r\n\r\n" + SMUGGLED),  # a body after a 204
+        ("GET", b"HTTP/1.1 304 Not Modified\r\n\r\n" + SMUGGLED),
+        ("GET", OK + SMUGGLED),  # two answers back to back
+        ("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello\r\n" + SMUGGLED),
+    ],
+    ids=["head-with-body", "204-with-body", "304-with-body", "two-answers", "crlf-then-answer"],
+)
+def test_bytes_after_an_answer_close_its_connection(scripted, method, poisoned):
+    server = scripted([poisoned, NEXT])
+    pool = server.pool()
+    first = pool.request(method, "/", {}, b"")
+    first.read(100)
+    first.release_conn()
+    assert len(pool._idle) == 0
+    second = pool.request("GET", "/", {}, b"")
+    assert second.read(100) == b"mine"  # not "forged"
+    second.release_conn()
+    assert server.connections == 2
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 5\r\n\r\nhello" + SMUGGLED,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 40\r\n\r\nhello" + SMUGGLED,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+        "HTTP/1.1 200 OK\r\nContent-Length: \u00b2\r\n\r\nhello".encode(),  # isdigit() is True, int() raises
+        b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\nhello",
+        b"HTTP/1.1 000 Zero\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 600 Beyond\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+    ],
+    ids=[
+        "te-gzip-and-length",
+        "two-lengths",
+        "repeated-length",
+        "superscript-length",
+        "signed-length",
+        "status-000",
+        "status-600",
+        "101-upgrade",
+        "101-bare",
+    ],
+)
+def test_an_ambiguous_or_impossible_head_is_refused_and_its_connection_closed(scripted, reply):
+    server = scripted([reply], close_after_each=True)
+    pool = server.pool()
+    with pytest.raises(IncompleteBody):
+        pool.request("GET", "/", {}, b"")
+    assert len(pool._idle) == 0
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        b"-5\r\nhello\r\n0\r\n\r\n",
+        b"0x5\r\nhello\r\n0\r\n\r\n",
+        b"0_5\r\nhello\r\n0\r\n\r\n",
+        b"5;\x01\r\nhello\r\n0\r\n\r\n",
+    ],
+    ids=["negative", "0x-prefix", "underscore", "control-in-extension"],
+)
+def test_a_bad_chunk_size_line_is_refused(scripted, chunk):
+    server = scripted([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk], close_after_each=True)
+    pool = server.pool()
+    response = pool.request("GET", "/", {}, b"")
+    with pytest.raises(IncompleteBody):
+        response.read(100)
+    response.release_conn()
+    assert len(pool._idle) == 0
+
+
+def test_a_coding_that_is_not_chunked_runs_to_the_close(scripted):
+    server = scripted(
+        [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: xchunkedx\r\n\r\n5\r\nhello\r\n0\r\n\r\n"], close_after_each=True
+    )
+    pool = server.pool()
+    response = pool.request("GET", "/", {}, b"")
+    assert response.read(100) == b"5\r\nhello\r\n0\r\n\r\n"  # not taken as chunked: passed on as it came
+    response.release_conn()
+    assert len(pool._idle) == 0
+
+
+FRAGMENTS = [
+    b"HTTP/1.1 200 OK\r\n",
+    b"HTTP/1.0 200 OK\r\n",
+    b"HTTP/1.1 204 No Content\r\n",
+    b"HTTP/1.1 100 Continue\r\n",
+    b"HTTP/1.1 304 Not Modified\r\n",
+    b"HTTP/1.1 101 Switching\r\n",
+    b"Content-Length: 0\r\n",
+    b"Content-Length: 5\r\n",
+    b"Content-Length: 40\r\n",
+    b"Transfer-Encoding: chunked\r\n",
+    b"Transfer-Encoding: gzip\r\n",
+    b"Connection: close\r\n",
+    b"Connection: keep-alive\r\n",
+    b"\r\n",
+    b"hello",
+    b"5\r\nhello\r\n",
+    b"0\r\n\r\n",
+    b"\n",
+    b"\r",
+    b" ",
+    b":",
+    NEXT,
+    SMUGGLED,
+]
+SENTINEL = b"HTTP/1.1 299 Sentinel\r\nContent-Length: 8\r\n\r\nsentinel"
+
+
+class FuzzServer:
+    """Answers the first request after `arm` with the bytes under test, every later one with SENTINEL."""
+
+    def __init__(self) -> None:
+        self.reply: bytes | None = None
+        self.lock = threading.Lock()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.answer, args=(conn,), daemon=True).start()
+
+    def arm(self, reply: bytes) -> None:
+        with self.lock:
+            self.reply = reply
+
+    def next_reply(self) -> bytes:
+        with self.lock:
+            reply, self.reply = self.reply, None
+        return SENTINEL if reply is None else reply
+
+    def answer(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            try:
+                while conn.recv(65536):
+                    conn.sendall(self.next_reply())
+            except OSError:
+                return
+
+
+@pytest.fixture(scope="module")
+def fuzz_server():
+    server = FuzzServer()
+    yield server
+    server.sock.close()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    parts=st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.binary(max_size=12)), min_size=1, max_size=12),
+    method=st.sampled_from(["GET", "HEAD"]),
+)
+def test_no_pooled_connection_carries_a_byte_of_an_earlier_answer(fuzz_server, parts, method):
+    fuzz_server.arm(b"".join(parts))
+    pool = UpstreamPool(f"http://127.0.0.1:{fuzz_server.port}", 4, 1.0, 0.1)
+    try:
+        with contextlib.suppress(OSError):  # refused, cut short or timed out: all fine, if it is not pooled
+            response = pool.request(method, "/", {}, b"")
+            with contextlib.suppress(OSError):
+                response.read(1 << 16)
+            response.release_conn()
+        reused = list(pool._idle)
+        after = pool.request("GET", "/", {}, b"")
+        assert (after.status, after.read(100)) == (299, b"sentinel")
+        after.release_conn()
+        assert not reused or pool._idle[-1] is reused[-1]  # a kept connection served the next answer cleanly
+    finally:
+        pool.close()
+
+
+class CarelessHandler(http.server.BaseHTTPRequestHandler):
+    """A common hand-written GPU server: HTTP/1.1, and HEAD answered as GET, body and all."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+        body = query.get("msg", ["hello " + self.headers.get("X-User", "nobody")])[0].encode("latin-1")
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def careless_backend():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CarelessHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.slow
+def test_a_body_sent_on_head_never_reaches_the_next_client(gateway_process, careless_backend):
+    gateway = gateway_process()
+    body = {"server_id": "B1", "ip": "127.0.0.1", "port": careless_backend.server_port, "secret": SECRET}
+    requests.post(gateway.url + "/webhook/register", json=body, timeout=5).raise_for_status()
+    forged = b"HTTP/1.1 200 OK\r\nContent-Length: 22\r\nX-Forged: yes\r\n\r\nalice's private answer"
+    attacker = requests.head(gateway.url + "/api/echo", params={"msg": forged.decode()}, timeout=5)
+    assert attacker.status_code == 200
+    for _ in range(3):  # each on a new client connection, as another user's would be
+        victim = requests.get(gateway.url + "/api/echo", headers={"X-User": "bob"}, timeout=5)
+        assert (victim.status_code, victim.text) == (200, "hello bob")
+        assert "X-Forged" not in victim.headers
+
+
+def raw_backend(reply: bytes) -> socket.socket:
+    """A backend that answers every request with `reply` and closes."""
+    sock = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(reply)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return sock
+
+
+@pytest.mark.slow
+def test_a_refused_answer_frees_its_slot_for_good(gateway_process):
+    gateway = gateway_process()
+    backend = raw_backend("HTTP/1.1 200 OK\r\nContent-Length: \u00b2\r\n\r\nhi".encode())
+    try:
+        body = {"server_id": "B1", "ip": "127.0.0.1", "port": backend.getsockname()[1], "secret": SECRET}
+        body |= {"max_concurrent": 2}
+        requests.post(gateway.url + "/webhook/register", json=body, timeout=5).raise_for_status()
+        for _ in range(3):  # one more than the cap: a leaked slot would make the last a 503
+            answer = requests.post(gateway.url + "/api/x", data=b"x", timeout=5)
+            assert answer.status_code == 502, answer.text
+            assert "Content-Length" in answer.json()["message"]
+        status = requests.get(gateway.url + "/webhook/servers", headers={"X-Webhook-Secret": SECRET}, timeout=5)
+        assert status.json()["data"]["servers"][0]["in_flight"] == 0
+    finally:
+        backend.close()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import secrets
 import zlib
 from functools import lru_cache
 from urllib.parse import unquote
 
+from werkzeug.exceptions import HTTPException
 from werkzeug.sansio.utils import get_host
 
 from gateway.proxy.current_request import request
@@ -27,23 +29,45 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Expect: gunicorn has already answered the client's 100-continue, and the body goes up whole.
-NOT_FORWARDED = HOP_BY_HOP | {
-    "host",
-    "content-length",
-    "expect",
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-}
+# The forwarding headers are the gateway's to set, from what it saw (and the proxies it trusts);
+# those it does not set are dropped, so that a client cannot pass itself off as another.
+FORWARDING = frozenset(
+    {
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-forwarded-server",
+        "x-real-ip",
+        "forwarded",
+    }
+)
+NOT_FORWARDED = HOP_BY_HOP | FORWARDING | {"host", "content-length", "expect", "via"}
 # The backend's own X-Backend-Server is dropped: ours names the server, for clients and metrics.
 # Content-Length is set by the proxy from the body it actually passes on.
 NOT_RETURNED = HOP_BY_HOP | {"x-backend-server", "content-length"}
 REQUIRED_MEMORY_HEADER = "X-Required-GPU-Memory-GB"
+# This gateway's name in Via (RFC 9110 7.6.3): a request that already carries it has looped.
+VIA_NAME = f"gpu-gateway-{secrets.token_hex(4)}"
+VIA = f"1.1 {VIA_NAME}"
+SESSION_COOKIE = "gateway_session"  # the dashboard's session: the gateway's own, never sent upstream
+MAX_DECODINGS = 3  # percent-decodings tried on a segment before it counts as unreadable
 JSON_CAPTURE_LIMIT = 1024 * 1024  # a JSON reply up to this size is read whole to find its task_id
 
 
 class BadTarget(Exception):
     """The request target cannot be forwarded safely."""
+
+
+class LoopDetected(HTTPException):
+    """508: the request came back to this gateway (RFC 5842 7.2), most likely from itself."""
+
+    code = 508
+    description = (
+        "this request has already passed through this gateway (its Via header names it): "
+        "a server registered at the gateway's own address would loop forever"
+    )
 
 
 def request_target(prefixes: tuple[str, ...]) -> tuple[str, list[str]]:
@@ -63,10 +87,27 @@ def request_target(prefixes: tuple[str, ...]) -> tuple[str, list[str]]:
     segments = [unquote(segment) for segment in rest.split("/")] if "%" in rest else rest.split("/")
     if "." in rest or "%" in rest:  # without either, no segment can be '.' or '..'
         for segment in segments:
-            if {".", ".."} & set(segment.replace("\\", "/").split("/")):
+            if climbs(segment):
                 raise BadTarget("the path may not contain '.' or '..' segments, encoded or not")
     query = request.environ.get("QUERY_STRING", "")
     return (f"{raw_path}?{query}" if query else raw_path), [s for s in segments if s]
+
+
+def climbs(segment: str) -> bool:
+    """True when a decoded segment is, or holds, '.' or '..' to some backend.
+
+    Backends differ: Java servers drop `;parameters` (`..;/admin`), some decode again
+    (`%252e%252e`), Windows ones split at backslashes. A segment still encoded after
+    MAX_DECODINGS decodings counts as climbing too.
+    """
+    for _ in range(MAX_DECODINGS):
+        for part in segment.replace("\\", "/").split("/"):
+            if part.split(";", 1)[0] in (".", ".."):
+                return True
+        if "%" not in segment:
+            return False
+        segment = unquote(segment)
+    return "%2" in segment.lower() or "%5c" in segment.lower()
 
 
 def required_gpu_memory() -> float | None:
@@ -114,7 +155,12 @@ def task_candidates(segments: list[str]) -> list[str]:
 
 
 def upstream_headers() -> dict[str, str]:
-    """End-to-end request headers, plus X-Forwarded-For/-Proto/-Host."""
+    """End-to-end request headers, plus Via, X-Forwarded-For/-Proto/-Host and X-Real-IP.
+
+    X-Forwarded-For extends the chain only behind trusted proxies (TRUSTED_PROXY_COUNT, when
+    ProxyFix has run); otherwise it names the peer alone. The gateway's own cookie stays here.
+    Raises LoopDetected for a request that this gateway has forwarded before.
+    """
     environ = request.environ
     connection = environ.get("HTTP_CONNECTION")
     dropped = _dropping(NOT_FORWARDED, connection) if connection else NOT_FORWARDED
@@ -128,9 +174,20 @@ def upstream_headers() -> dict[str, str]:
         name, lowered = known
         if name and lowered not in dropped and (value or key.startswith("HTTP_")):
             headers[name] = value
-    peer = environ.get("werkzeug.proxy_fix.orig", environ).get("REMOTE_ADDR") or ""
-    prior = environ.get("HTTP_X_FORWARDED_FOR")
+    if "Cookie" in headers and SESSION_COOKIE in headers["Cookie"]:
+        _drop_session_cookie(headers)
+    via = environ.get("HTTP_VIA")
+    if via is None:
+        headers["Via"] = VIA
+    elif VIA_NAME in via:
+        raise LoopDetected()
+    else:
+        headers["Via"] = f"{via}, {VIA}"
+    trusted = environ.get("werkzeug.proxy_fix.orig")
+    peer = (trusted or environ).get("REMOTE_ADDR") or ""
+    prior = environ.get("HTTP_X_FORWARDED_FOR") if trusted is not None else None
     headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    headers["X-Real-IP"] = environ.get("REMOTE_ADDR") or ""
     scheme = environ["wsgi.url_scheme"]
     headers["X-Forwarded-Proto"] = scheme
     host = environ.get("HTTP_HOST")  # as request.host has it, without its work when the client sent Host
@@ -153,6 +210,15 @@ def decoded(payload: bytes, encoding: str) -> bytes:
         return zlib.decompressobj(wbits=47).decompress(payload, JSON_CAPTURE_LIMIT)  # 47: gzip or zlib header
     except zlib.error:
         return b""
+
+
+def _drop_session_cookie(headers: dict[str, str]) -> None:
+    """Take the dashboard's session out of a Cookie header; drop the header if nothing is left."""
+    kept = [c for c in headers["Cookie"].split(";") if c.split("=", 1)[0].strip() != SESSION_COOKIE]
+    if kept:
+        headers["Cookie"] = ";".join(kept).strip()
+    else:
+        del headers["Cookie"]
 
 
 _HEADER_NAMES: dict[str, tuple[str, str]] = {}  # environ key -> (header name, lower case), or ("", "")

@@ -123,7 +123,7 @@ def forward_llm(dialect: Dialect) -> Response:
     """Route the current request by its model and stream the answer back."""
     config: Config = current_app.config["GATEWAY"]
     try:
-        raw = read_body(config.proxy_max_body_bytes)
+        raw = read_body(config.proxy_max_body_bytes, config.client_body_timeout)
         payload, llm = parse_request(raw, request.path, dialect.openai)
         required = required_gpu_memory()
     except BadRequest as exc:

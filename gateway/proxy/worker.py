@@ -8,7 +8,7 @@ together; a write that sends no body bytes, a file sent with sendfile, and the e
 response all send a held head first, so nothing waits on bytes that never come.
 It also formats the Date header once a second instead of for each response.
 
-deploy/gunicorn.conf.py names `gateway_worker.GeventWorker` as its worker class.
+gateway/gunicorn_conf.py names `gateway.proxy.worker.GeventWorker` as its worker class.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 from gunicorn.http import wsgi
 from gunicorn.workers import ggevent
 
+from gateway.proxy.body_limit import RESPONSE_KEY
 from gateway.proxy.upstream import send_all
 
 _date: tuple[int, str] = (-1, "")  # the second last formatted, and its Date header line
@@ -108,11 +109,22 @@ class CoalescingResponse(wsgi.Response):
         super().close()
 
 
+def create(*args: Any, **kwargs: Any) -> tuple[wsgi.Response, dict[str, Any]]:
+    """gunicorn's `wsgi.create`, with the response in the environ: the app may close the connection."""
+    response, environ = _create(*args, **kwargs)
+    environ[RESPONSE_KEY] = response
+    return response, environ
+
+
+_create = wsgi.create
+
+
 class GeventWorker(ggevent.GeventWorker):
     """gunicorn's gevent worker, answering with CoalescingResponse."""
 
     def init_process(self) -> None:
         # gunicorn's request handler builds each response through `wsgi.create`, which takes the
-        # module's Response class; this worker process uses ours.
+        # module's Response class; this worker process uses ours, and puts it in the environ.
         wsgi.Response = CoalescingResponse
+        wsgi.create = create
         super().init_process()

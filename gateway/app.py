@@ -23,6 +23,7 @@ from gateway.fleet.store import JsonFileStore
 from gateway.manager import BackendManager, backend_manager
 from gateway.observability import logs, metrics
 from gateway.proxy import views
+from gateway.proxy.client_limit import ClientLimit
 from gateway.routing.outliers import OutlierDetector
 
 DEFAULT_BIND = "127.0.0.1:5000"
@@ -66,6 +67,8 @@ def create_app(config: Config | None = None) -> Flask:
     views.init_app(app)
     llm.init_app(app)
     app.wsgi_app = views.FastPath(app, app.wsgi_app)  # type: ignore[method-assign]  # after every route
+    if config.client_max_connections:  # inside ProxyFix: it counts the client's address, not a proxy's
+        app.wsgi_app = ClientLimit(app.wsgi_app, config.client_max_connections)  # type: ignore[method-assign]
     if config.trusted_proxy_count:  # outermost: every path sees the client's real address
         n = config.trusted_proxy_count
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]

@@ -44,6 +44,9 @@ class Config:
     proxy_prefixes: tuple[str, ...] = ("/api/",)
     proxy_connect_timeout: float = 5.0
     proxy_read_timeout: float = 300.0
+    proxy_head_timeout: float = 120.0
+    client_body_timeout: float = 60.0
+    client_max_connections: int = 256
     proxy_max_retries: int = 2
     proxy_max_body_bytes: int = 100 * 1024 * 1024
     proxy_pool_maxsize: int = 128
@@ -94,6 +97,9 @@ class Config:
                 "PROXY_CONNECT_TIMEOUT", cls.proxy_connect_timeout, _number(min_value=0.1)
             ),
             "proxy_read_timeout": reader.get("PROXY_READ_TIMEOUT", cls.proxy_read_timeout, _number(min_value=0.1)),
+            "proxy_head_timeout": reader.get("PROXY_HEAD_TIMEOUT", cls.proxy_head_timeout, _number(min_value=0.1)),
+            "client_body_timeout": reader.get("CLIENT_BODY_TIMEOUT", cls.client_body_timeout, _number(min_value=0.1)),
+            "client_max_connections": reader.get("CLIENT_MAX_CONNECTIONS", cls.client_max_connections, _integer(0)),
             "proxy_max_retries": reader.get("PROXY_MAX_RETRIES", cls.proxy_max_retries, _integer(0)),
             "proxy_max_body_bytes": reader.get("PROXY_MAX_BODY_BYTES", cls.proxy_max_body_bytes, _integer(1)),
             "proxy_pool_maxsize": reader.get("PROXY_POOL_MAXSIZE", cls.proxy_pool_maxsize, _integer(1)),
@@ -124,6 +130,9 @@ class Config:
             "llm_routes": reader.get("LLM_ROUTES", cls.llm_routes, _boolean),
         }
         values.update(overrides)
+        if "PROXY_HEAD_TIMEOUT" not in env and "proxy_head_timeout" not in overrides:
+            # Unset, it is the shorter of its default and the read timeout, which used to cover the head.
+            values["proxy_head_timeout"] = min(cls.proxy_head_timeout, values["proxy_read_timeout"])
         if values["health_check_timeout"] >= values["health_check_interval"]:
             raise ConfigError(
                 f"HEALTH_CHECK_TIMEOUT ({values['health_check_timeout']:g}) must be below "

@@ -14,7 +14,7 @@ import sys
 
 
 def _connections() -> int:
-    raw = os.environ.get("GATEWAY_WORKER_CONNECTIONS", "2000")
+    raw = os.environ.get("GATEWAY_WORKER_CONNECTIONS", "10000")
     if not raw.isdigit() or int(raw) < 1:
         sys.exit(f"gateway: GATEWAY_WORKER_CONNECTIONS={raw!r} is not valid: expected a positive integer")
     return int(raw)
@@ -56,10 +56,16 @@ def on_starting(server):
         new_soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
         server.log.info("raised the open-file limit from %d to %d", soft, new_soft)
-    if importlib.util.find_spec("gunicorn_h1c") is None:
-        server.log.info("parsing requests with gunicorn's Python parser: gunicorn_h1c is not installed")
-    else:
-        server.log.info("parsing requests with gunicorn_h1c, gunicorn's C parser")
+    server.log.info("parsing requests with %s", request_parser(server.cfg.http_parser))
+
+
+def request_parser(setting: str) -> str:
+    """Which parser gunicorn uses for requests under its http_parser setting (auto, fast or python)."""
+    if setting == "python":
+        return "gunicorn's Python parser (--http-parser python)"
+    if setting == "auto" and importlib.util.find_spec("gunicorn_h1c") is None:
+        return "gunicorn's Python parser: gunicorn_h1c is not installed"
+    return "gunicorn_h1c, gunicorn's C parser"
 
 
 def worker_exit(server, worker):

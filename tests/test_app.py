@@ -9,6 +9,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import requests
 from conftest import ROOT, SECRET, free_port
 
@@ -205,3 +206,18 @@ def test_bad_worker_connections_stop_gunicorn_with_a_clear_message():
     assert result.returncode != 0
     assert "GATEWAY_WORKER_CONNECTIONS='lots' is not valid" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "logged"),
+    [
+        ("--http-parser python", "parsing requests with gunicorn's Python parser (--http-parser python)"),
+        ("", "parsing requests with "),
+    ],
+)
+def test_the_start_log_names_the_parser_that_runs(gateway_process, args, logged):
+    gateway = gateway_process(GUNICORN_CMD_ARGS=args)
+    assert logged in gateway.log()
+    if args:
+        assert "gunicorn_h1c, gunicorn's C parser" not in gateway.log()

@@ -30,7 +30,14 @@ from gateway.proxy.forwarding import (
     upstream_headers,
 )
 from gateway.proxy.relay import Relay
-from gateway.proxy.upstream import ConnectFailed, IncompleteBody, UpstreamPool, UpstreamResponse
+from gateway.proxy.upstream import (
+    ClientLeft,
+    ConnectFailed,
+    IncompleteBody,
+    SendFailed,
+    UpstreamPool,
+    UpstreamResponse,
+)
 from gateway.routing.admission import Lease, NoServer, RouteRequest
 from gateway.routing.affinity import FALLBACK_OWNER, TaskAffinity
 
@@ -50,11 +57,14 @@ SESSION_HEADER = "X-Session-Key"  # requests with one key go to one server while
 class UpstreamFailed(Exception):
     """Forwarding to one target failed; `sent` says whether the target may have the request."""
 
-    def __init__(self, reason: str, sent: bool, timed_out: bool = False, local: bool = False) -> None:
+    def __init__(
+        self, reason: str, sent: bool, timed_out: bool = False, local: bool = False, stale: bool = False
+    ) -> None:
         super().__init__(reason)
         self.sent = sent
         self.timed_out = timed_out
         self.local = local  # the gateway's own fault: not counted against the server
+        self.stale = stale  # a kept-alive connection the server had closed while idle: no fault of its own
 
 
 class Proxy:
@@ -80,8 +90,8 @@ class Proxy:
             required = required_gpu_memory()
         except ValueError as exc:
             return error_response(400, str(exc))
-        body = read_body(self.config.proxy_max_body_bytes)
         headers = upstream_headers()
+        body = read_body(self.config.proxy_max_body_bytes, self.config.client_body_timeout)
         owned = self.affinity.first_owned(task_candidates(segments))
         if owned is not None:
             return self.forward_owned(*owned, target, body, headers)
@@ -126,8 +136,9 @@ class Proxy:
                 lease.release()
                 if exc.local:
                     return self.overloaded(exc)
-                self.manager.report_result(server.server_id, False, str(exc))
-                if not exc.timed_out:
+                if not exc.stale:
+                    self.manager.report_result(server.server_id, False, str(exc))
+                if not (exc.timed_out or exc.stale):
                     self.manager.report_failure(server.server_id, server.url, str(exc))
                 if exc.sent and (exc.timed_out or request.method not in IDEMPOTENT_METHODS):
                     return upstream_error(server.server_id, exc)
@@ -135,6 +146,9 @@ class Proxy:
                 self.metrics.retries.labels(server.server_id).inc()
                 log.warning("server %s failed (%s); trying another", server.server_id, exc)
                 continue
+            except BaseException:  # the client left, or something unforeseen: the slot is freed all the same
+                lease.release()
+                raise
             self.manager.report_result(server.server_id, upstream.status < 500, f"HTTP {upstream.status}")
             if tried:
                 self.metrics.failovers.inc()
@@ -168,6 +182,9 @@ class Proxy:
                 return upstream_error(owner, exc)
             self.manager.report_failure(owner, server.url, str(exc))
             return self.unavailable(f"server {owner}, which owns task {task_id}, is unreachable: {exc}")
+        except BaseException:
+            lease.release()
+            raise
         return self.respond(upstream, in_flight, owner, known_task=task_id, release=lease.release)
 
     def forward_fallback(
@@ -224,20 +241,28 @@ class Proxy:
         gauge.inc()
         try:
             return self._send(base_url, target, body, headers), gauge
-        except UpstreamFailed:
+        except ClientLeft:
+            gauge.dec()
+            log.info("the client left before %s answered: request abandoned", display(label))
+            raise
+        except BaseException:
             gauge.dec()
             raise
 
     def _send(self, base_url: str, target: str, body: bytes, headers: dict[str, str]) -> UpstreamResponse:
         """Send the request upstream; the response body is left unread for streaming."""
         pool = self.pools.get(base_url) or self._new_pool(base_url)
+        environ = request.environ
+        client = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
         try:
-            return pool.request(request.method, target, headers, body)
+            return pool.request(request.method, target, headers, body, client)
         except ConnectFailed as exc:  # nothing was sent
             local = exc.errno in LOCAL_ERRNOS
             raise UpstreamFailed(exc.strerror or "cannot connect", sent=False, local=local) from exc
         except TimeoutError as exc:
             raise UpstreamFailed("timed out waiting for the answer", sent=True, timed_out=True) from exc
+        except SendFailed as exc:
+            raise UpstreamFailed(exc.strerror or f"connection broken: {exc}", sent=True, stale=exc.stale) from exc
         except OSError as exc:
             raise UpstreamFailed(exc.strerror or f"connection broken: {exc}", sent=True) from exc
 
@@ -248,7 +273,11 @@ class Proxy:
             self.pools.pop(oldest).close()
         config = self.config
         pool = UpstreamPool(
-            base_url, config.proxy_pool_maxsize, config.proxy_connect_timeout, config.proxy_read_timeout
+            base_url,
+            config.proxy_pool_maxsize,
+            config.proxy_connect_timeout,
+            config.proxy_read_timeout,
+            config.proxy_head_timeout,
         )
         self.pools[base_url] = pool
         return pool
@@ -303,7 +332,7 @@ class Proxy:
         has_body = request.method != "HEAD" and upstream.status not in (204, 304)
         if not has_body:  # HEAD and 304 may announce the length a GET would have
             declared = upstream.headers.get("Content-Length")
-            if declared.isdigit():
+            if declared.isascii() and declared.isdigit():
                 headers.append(("Content-Length", declared))
         elif upstream.length_remaining is not None:  # framed by a valid Content-Length, not chunked
             headers.append(("Content-Length", str(len(first) + upstream.length_remaining)))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import select
 import socket
 import ssl
+import time
 from collections import deque
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,6 +26,7 @@ MAX_INTERIM = 20  # 1xx answers (100 Continue, 103 Early Hints) skipped before t
 NO_BODY_STATUSES = frozenset({204, 304})
 SWITCHING = "a 101 (Switching Protocols) answer is never relayed"
 RECV_SIZE = 64 * 1024
+WATCH_AFTER = 1.0  # seconds of waiting for a head after which the client is watched too
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
@@ -36,9 +38,15 @@ class ConnectFailed(OSError):
 class SendFailed(OSError):
     """The connection broke while sending or before the answer's head came: the server may have it."""
 
+    stale = False  # True when it broke on a kept-alive connection the server had closed while idle
+
 
 class IncompleteBody(OSError):
     """The answer is malformed, or its body ended before its framing said it would."""
+
+
+class ClientLeft(Exception):
+    """The client hung up while the answer's head was awaited: the request was abandoned."""
 
 
 class ResponseHeaders:
@@ -67,7 +75,9 @@ class ResponseHeaders:
 class UpstreamPool:
     """Kept-alive connections to one server (base URL), at most `maxsize` of them idle."""
 
-    def __init__(self, base_url: str, maxsize: int, connect_timeout: float, read_timeout: float) -> None:
+    def __init__(
+        self, base_url: str, maxsize: int, connect_timeout: float, read_timeout: float, head_timeout: float = 0.0
+    ) -> None:
         parts = urlsplit(base_url)
         self.https = parts.scheme == "https"
         self.host = parts.hostname or ""
@@ -76,22 +86,30 @@ class UpstreamPool:
         self.maxsize = maxsize
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.head_timeout = head_timeout or read_timeout  # for the answer's head; then read_timeout per read
         self._idle: deque[Connection] = deque()
         self._ssl = ssl.create_default_context() if self.https else None
 
-    def request(self, method: str, target: str, headers: dict[str, str], body: bytes) -> UpstreamResponse:
-        """Send one request and read the answer's head; the body is left to read."""
+    def request(
+        self, method: str, target: str, headers: dict[str, str], body: bytes, client: socket.socket | None = None
+    ) -> UpstreamResponse:
+        """Send one request and read the answer's head; the body is left to read.
+
+        While the head is awaited, a `client` socket that the client closes abandons the
+        request (ClientLeft): nobody would read the answer.
+        """
         head = self._head(method, target, headers, body)
         connection = self._reusable()
         if connection is not None:
             try:
-                return connection.exchange(head, body, method, self)
-            except SendFailed:
+                return connection.exchange(head, body, method, self, client)
+            except SendFailed as exc:
                 # The server closed it while idle, most likely: only a request that may be
                 # repeated is tried again on a fresh connection.
                 if method not in IDEMPOTENT:
+                    exc.stale = True  # says nothing of the server's health
                     raise
-        return self._connect().exchange(head, body, method, self)
+        return self._connect().exchange(head, body, method, self, client)
 
     def _head(self, method: str, target: str, headers: dict[str, str], body: bytes) -> bytes:
         lines = [f"{method} {target} HTTP/1.1".encode("latin-1"), b"Host: " + self.host_header]
@@ -171,7 +189,9 @@ class Connection:
         except OSError:
             return False
 
-    def exchange(self, head: bytes, body: bytes, method: str, pool: UpstreamPool) -> UpstreamResponse:
+    def exchange(
+        self, head: bytes, body: bytes, method: str, pool: UpstreamPool, client: socket.socket | None = None
+    ) -> UpstreamResponse:
         """Send a request and read its answer's head; the body is left to read."""
         answer = self.answer = Answer(method == "HEAD")
         # A parser per answer (a fraction of a µs): whatever state a bad answer left is gone.
@@ -183,8 +203,8 @@ class Connection:
             send_all(self.sock, head + body if len(body) < 65536 else head)
             if len(body) >= 65536:
                 self.sock.sendall(body)
-            data = self.sock.recv(RECV_SIZE)
-        except TimeoutError:
+            data = self.first_bytes(pool, client)
+        except (TimeoutError, ClientLeft):
             self.close()
             raise
         except OSError as exc:
@@ -208,6 +228,33 @@ class Connection:
         except (ValueError, OSError):
             self.close()
             raise
+
+    def first_bytes(self, pool: UpstreamPool, client: socket.socket | None) -> bytes:
+        """The answer's first bytes, within the pool's head timeout; ClientLeft if the client goes."""
+        sock, head_timeout = self.sock, pool.head_timeout
+        started = time.monotonic()
+        sock.settimeout(head_timeout if client is None else min(WATCH_AFTER, head_timeout))
+        try:
+            return sock.recv(RECV_SIZE)
+        except TimeoutError:
+            if client is None or head_timeout <= WATCH_AFTER:
+                raise
+        finally:
+            sock.settimeout(pool.read_timeout)
+        return self.watched_bytes(client, started + head_timeout)
+
+    def watched_bytes(self, client: socket.socket, deadline: float) -> bytes:
+        """Wait for the answer and for the client at once, until `deadline`."""
+        watched = [self.sock, client]
+        while (left := deadline - time.monotonic()) > 0:
+            readable = select.select(watched, [], [], left)[0]
+            if self.sock in readable:
+                return self.sock.recv(RECV_SIZE)
+            if client in readable:
+                if client_gone(client):
+                    raise ClientLeft("the client closed its connection before the answer came")
+                watched = [self.sock]  # it sent more (a pipelined request): stop watching it
+        raise TimeoutError("timed out waiting for the answer's head")
 
     def read_more(self) -> bool:
         """Read and parse what the socket has next; False at the server's close."""
@@ -410,6 +457,17 @@ class UpstreamResponse:
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.close()
+
+
+def client_gone(client: socket.socket) -> bool:
+    """True when the client closed its side of the connection (or it broke)."""
+    raw = getattr(client, "_sock", client)
+    try:
+        return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 def send_all(sock: socket.socket | Any, data: bytes) -> None:

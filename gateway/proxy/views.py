@@ -17,11 +17,13 @@ from gateway.observability.metrics import NO_SERVER
 from gateway.proxy.current_request import request, serving
 from gateway.proxy.handler import METHODS, Answer, Proxy
 from gateway.proxy.relay import Relay
+from gateway.proxy.upstream import ClientLeft
 from gateway.routing.affinity import TaskAffinity
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("gateway.request")
 performance_log = logging.getLogger("gateway.performance")
+CLIENT_CLOSED = 499  # nginx's status for a request whose client hung up before the answer
 SLOW_REQUEST_SECONDS = 1.0  # requests at least this long are also logged as performance events
 
 
@@ -43,6 +45,8 @@ def observe(handler: Callable[[], Answer]) -> Answer:
         response = handler()
     except HTTPException as exc:  # 413 from the body limit, say: still one request to count and log
         response = handle_http_exception(exc)
+    except ClientLeft as exc:  # 499, as nginx logs it: nobody reads this answer
+        response = error_response(CLIENT_CLOSED, str(exc))
     # A server's answer names its server; one of the gateway's own (an error) names the server
     # that failed, if one did: the header is only ever set by this proxy.
     server = response.backend if isinstance(response, Relay) else response.headers.get("X-Backend-Server", NO_SERVER)

@@ -42,6 +42,7 @@ class Config:
     health_check_path: str = "/health"
     health_check_concurrency: int = 256
     proxy_prefixes: tuple[str, ...] = ("/api/",)
+    task_routes: tuple[str, ...] = ("/api/status/{task_id}", "/api/download/{task_id}")
     proxy_connect_timeout: float = 5.0
     proxy_read_timeout: float = 300.0
     proxy_head_timeout: float = 120.0
@@ -93,6 +94,7 @@ class Config:
                 "HEALTH_CHECK_CONCURRENCY", cls.health_check_concurrency, _integer(1)
             ),
             "proxy_prefixes": reader.get("PROXY_PREFIXES", cls.proxy_prefixes, _prefixes),
+            "task_routes": reader.get("TASK_ROUTES", cls.task_routes, _task_routes),
             "proxy_connect_timeout": reader.get(
                 "PROXY_CONNECT_TIMEOUT", cls.proxy_connect_timeout, _number(min_value=0.1)
             ),
@@ -218,6 +220,18 @@ def _prefixes(raw: str) -> tuple[str, ...]:
     if not prefixes:
         raise ValueError("expected a comma-separated list of path prefixes")
     return prefixes
+
+
+def _task_routes(raw: str) -> tuple[str, ...]:
+    """Comma-separated path templates, each with `{task_id}` as one whole segment; `off` for none."""
+    if raw.strip().lower() == "off":
+        return ()
+    routes = tuple(route.strip() for route in raw.split(",") if route.strip())
+    for route in routes:
+        segments = route.split("/")
+        if not route.startswith("/") or segments.count("{task_id}") != 1 or route.count("{") != 1:
+            raise ValueError(f"{route!r} must be a path starting with '/' with {{task_id}} as one whole segment")
+    return routes
 
 
 def _parse_base_url(raw: str) -> str:

@@ -73,6 +73,13 @@ def test_parsed_values():
         ("ALLOWED_BACKEND_NETWORKS", "10.0.0.0/33"),
         ("LOG_LEVEL", "LOUD"),
         ("TASK_AFFINITY_TTL", "0"),
+        ("TASK_ROUTES", "/api/status/<task_id>"),
+        ("TASK_ROUTES", "/api/status/t{task_id}"),
+        ("TASK_ROUTES", "api/status/{task_id}"),
+        ("TASK_ROUTES", "/api/{task_id}/{task_id}"),
+        ("PROXY_HEAD_TIMEOUT", "0"),
+        ("CLIENT_BODY_TIMEOUT", "-1"),
+        ("CLIENT_MAX_CONNECTIONS", "-1"),
     ],
 )
 def test_bad_value_names_the_variable(name, value):
@@ -99,3 +106,13 @@ def test_bind_is_parsed(raw, parsed):
 def test_bad_bind_names_the_variable(raw):
     with pytest.raises(ConfigError, match="GATEWAY_BIND"):
         parse_bind(raw)
+
+
+def test_task_routes_and_the_head_timeout():
+    config = Config.from_env({**BASE, "TASK_ROUTES": "/api/jobs/{task_id}/result, /v2/t/{task_id}"})
+    assert config.task_routes == ("/api/jobs/{task_id}/result", "/v2/t/{task_id}")
+    assert Config.from_env({**BASE, "TASK_ROUTES": "off"}).task_routes == ()
+    assert config.proxy_head_timeout == 120
+    assert Config.from_env({**BASE, "PROXY_READ_TIMEOUT": "30"}).proxy_head_timeout == 30  # unset: never longer
+    set_both = Config.from_env({**BASE, "PROXY_READ_TIMEOUT": "30", "PROXY_HEAD_TIMEOUT": "600"})
+    assert set_both.proxy_head_timeout == 600

@@ -70,8 +70,8 @@ class LoopDetected(HTTPException):
     )
 
 
-def request_target(prefixes: tuple[str, ...]) -> tuple[str, list[str]]:
-    """The raw path and query to forward, and the decoded segments after the prefix.
+def request_target(prefixes: tuple[str, ...]) -> str:
+    """The raw path and query to forward.
 
     The raw target is forwarded as the client sent it, so `%2F` or `%3F` inside a segment
     keep their meaning; a target that could climb out of the prefix is refused.
@@ -90,7 +90,7 @@ def request_target(prefixes: tuple[str, ...]) -> tuple[str, list[str]]:
             if climbs(segment):
                 raise BadTarget("the path may not contain '.' or '..' segments, encoded or not")
     query = request.environ.get("QUERY_STRING", "")
-    return (f"{raw_path}?{query}" if query else raw_path), [s for s in segments if s]
+    return f"{raw_path}?{query}" if query else raw_path
 
 
 def climbs(segment: str) -> bool:
@@ -147,11 +147,29 @@ def find_task_id(payload: bytes) -> str | None:
     return None
 
 
-def task_candidates(segments: list[str]) -> list[str]:
-    """Strings that may name a task: `?task_id=`, then the segments after the prefix, last first."""
-    query = request.environ.get("QUERY_STRING", "")
-    named = request.args.get("task_id", "") if "task_id" in query or "%" in query else ""  # else no such key
-    return [c for c in [named, *reversed(segments)] if c]
+class TaskRoutes:
+    """The paths that name a task (TASK_ROUTES): only these, and `?task_id=`, reach a task's owner.
+
+    A reply's task_id can then claim only the requests that name it as a task, never another
+    resource that happens to share the id (`{"task_id": "images"}` and `/api/images/1`).
+    """
+
+    def __init__(self, templates: tuple[str, ...]) -> None:
+        self.templates = [(parts.index("{task_id}"), parts) for parts in (t.split("/") for t in templates)]
+
+    def candidates(self) -> list[str]:
+        """The task ids the current request names: `?task_id=`, then the route's id segment."""
+        query = request.environ.get("QUERY_STRING", "")
+        named = request.args.get("task_id", "") if "task_id" in query or "%" in query else ""  # else no such key
+        found = [named] if named else []
+        if self.templates:
+            path = request.path.split("/")
+            for index, parts in self.templates:
+                if len(parts) == len(path) and all(
+                    a == b for a, b in zip(parts, path, strict=True) if a != "{task_id}"
+                ):
+                    found.append(path[index])
+        return [task for task in found if task]
 
 
 def upstream_headers() -> dict[str, str]:

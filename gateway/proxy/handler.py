@@ -20,13 +20,13 @@ from gateway.proxy.current_request import request
 from gateway.proxy.forwarding import (
     JSON_CAPTURE_LIMIT,
     BadTarget,
+    TaskRoutes,
     decoded,
     downstream_headers,
     find_task_id,
     may_name_task,
     request_target,
     required_gpu_memory,
-    task_candidates,
     upstream_headers,
 )
 from gateway.proxy.relay import Relay
@@ -78,12 +78,13 @@ class Proxy:
         self.affinity = affinity
         self.metrics = metrics
         self.pools: dict[str, UpstreamPool] = {}  # one per base URL, looked up once a request
+        self.task_routes = TaskRoutes(config.task_routes)
         self.retry_after = str(int(config.health_check_interval))
 
     def handle(self) -> Answer:
         """Proxy the current request."""
         try:
-            target, segments = request_target(self.config.proxy_prefixes)
+            target = request_target(self.config.proxy_prefixes)
         except BadTarget as exc:
             return error_response(400, str(exc))
         try:
@@ -92,7 +93,7 @@ class Proxy:
             return error_response(400, str(exc))
         headers = upstream_headers()
         body = read_body(self.config.proxy_max_body_bytes, self.config.client_body_timeout)
-        owned = self.affinity.first_owned(task_candidates(segments))
+        owned = self.affinity.first_owned(self.task_routes.candidates())
         if owned is not None:
             return self.forward_owned(*owned, target, body, headers)
         route = RouteRequest(

@@ -849,3 +849,32 @@ def test_two_gateways_registered_as_each_others_server_answer_508(gateway_proces
     answer = requests.get(first.url + "/api/anything", timeout=10)
     assert answer.status_code == 508
     assert "already passed through this gateway" in answer.json()["message"]
+
+
+def test_a_task_id_that_names_a_resource_captures_nothing_else(fleet):
+    gateway, _ = fleet
+    claimed = requests.post(gateway.url + "/api/enhance?force_task_id=images", timeout=5)
+    owner = claimed.headers["X-Backend-Server"]
+    assert gateway.app.extensions["task_affinity"].owner("images") == owner
+    spread = {requests.get(f"{gateway.url}/api/images/{n}", timeout=5).headers["X-Backend-Server"] for n in range(6)}
+    assert spread == {"B1", "B2", "B3"}  # rotated as ever, not pinned to the claimer
+    requests.post(gateway.url + "/webhook/unregister", json={"server_id": owner, "secret": SECRET}, timeout=5)
+    after = requests.get(gateway.url + "/api/images/7", timeout=5)
+    assert after.status_code == 200 and after.headers["X-Backend-Server"] != owner  # served, not a 503
+    assert requests.get(gateway.url + "/api/status/images", timeout=5).status_code == 503  # the task's own route
+
+
+def test_an_honest_small_integer_task_id_only_claims_its_task_routes(fleet):
+    gateway, _ = fleet
+    owner = requests.post(gateway.url + "/api/enhance?force_task_id=5", timeout=5).headers["X-Backend-Server"]
+    assert served_by(gateway, 3, "/api/status/5") == [owner] * 3
+    assert len(set(served_by(gateway, 3, "/api/users/5"))) == 3
+
+
+def test_task_routes_are_configurable(live_gateway, fake_servers):
+    gateway = live_gateway(task_routes=("/api/jobs/{task_id}/result",))
+    for name in ("B1", "B2"):
+        gateway.register(fake_servers(name))
+    owner = requests.post(gateway.url + "/api/enhance?force_task_id=j1", timeout=5).headers["X-Backend-Server"]
+    assert served_by(gateway, 3, "/api/jobs/j1/result") == [owner] * 3
+    assert len(set(served_by(gateway, 4, "/api/status/j1"))) == 2  # not a task route here

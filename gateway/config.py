@@ -66,6 +66,7 @@ class Config:
     slow_start_seconds: float = 0.0
     model_discovery: str = "auto"
     llm_routes: bool = True
+    dashboard_secure_cookie: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
@@ -122,6 +123,7 @@ class Config:
             "slow_start_seconds": reader.get("SLOW_START_SECONDS", cls.slow_start_seconds, _number(min_value=0)),
             "model_discovery": reader.get("MODEL_DISCOVERY", cls.model_discovery, _choice(MODEL_DISCOVERY_MODES)),
             "llm_routes": reader.get("LLM_ROUTES", cls.llm_routes, _boolean),
+            "dashboard_secure_cookie": reader.get("DASHBOARD_SECURE_COOKIE", cls.dashboard_secure_cookie, _boolean),
         }
         values.update(overrides)
         if values["health_check_timeout"] >= values["health_check_interval"]:

@@ -73,11 +73,18 @@ def test_parsed_values():
         ("ALLOWED_BACKEND_NETWORKS", "10.0.0.0/33"),
         ("LOG_LEVEL", "LOUD"),
         ("TASK_AFFINITY_TTL", "0"),
+        ("DASHBOARD_SECURE_COOKIE", "maybe"),
     ],
 )
 def test_bad_value_names_the_variable(name, value):
     with pytest.raises(ConfigError, match=name):
         Config.from_env({**BASE, name: value})
+
+
+@pytest.mark.parametrize(("raw", "secure"), [(None, False), ("1", True), ("true", True), ("0", False), ("off", False)])
+def test_the_dashboard_cookie_is_secure_on_request(raw, secure):
+    env = BASE if raw is None else {**BASE, "DASHBOARD_SECURE_COOKIE": raw}
+    assert Config.from_env(env).dashboard_secure_cookie is secure
 
 
 def test_timeout_must_be_below_the_interval():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import os
 import secrets
 from collections.abc import Callable
 from functools import wraps
@@ -165,13 +164,12 @@ class DashboardSessions(SecureCookieSessionInterface):
 
 def init_app(app: Flask) -> None:
     """Add /dashboard; its session key derives from the login credential, so a new one logs everyone out."""
+    config = app.config["GATEWAY"]
     if not app.secret_key:
-        config = app.config["GATEWAY"]
         secret = config.admin_token or config.webhook_secret
         app.secret_key = hmac.new(secret.encode(), SESSION_KEY_INFO, "sha256").hexdigest()
     app.config["SESSION_COOKIE_HTTPONLY"] = True
     app.config["SESSION_COOKIE_SAMESITE"] = "Strict"
-    if os.environ.get("DASHBOARD_SECURE_COOKIE") == "1":
-        app.config["SESSION_COOKIE_SECURE"] = True
+    app.config["SESSION_COOKIE_SECURE"] = config.dashboard_secure_cookie
     app.session_interface = DashboardSessions()
     app.register_blueprint(bp)

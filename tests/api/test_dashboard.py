@@ -109,6 +109,12 @@ def test_data_counts_served_requests_without_making_series(app, client, manager)
         assert all(sample.labels["server"] != "B2" for family in metric.collect() for sample in family.samples)
 
 
+@pytest.mark.parametrize("secure", [False, True])
+def test_the_cookie_is_secure_when_configured(make_app, secure):
+    cookie = log_in(make_app(dashboard_secure_cookie=secure).test_client()).headers["Set-Cookie"]
+    assert ("; Secure" in cookie) is secure
+
+
 def test_logout_ends_the_session(client, manager):
     manager.register_server("B1", "127.0.0.1", 9001)
     log_in(client)

@@ -29,6 +29,7 @@ from gateway.errors import error_response
 from gateway.fleet.server import now_iso
 
 bp = Blueprint("dashboard", __name__, url_prefix="/dashboard", template_folder="templates")
+SESSION_COOKIE = "gateway_session"  # not a GPU server's name, so the proxy can drop just this cookie
 SESSION_FLAG = "dashboard"
 SESSION_KEY_INFO = b"gpu-gateway dashboard session"
 
@@ -168,6 +169,8 @@ def init_app(app: Flask) -> None:
     if not app.secret_key:
         secret = config.admin_token or config.webhook_secret
         app.secret_key = hmac.new(secret.encode(), SESSION_KEY_INFO, "sha256").hexdigest()
+    app.config["SESSION_COOKIE_NAME"] = SESSION_COOKIE
+    app.config["SESSION_COOKIE_PATH"] = bp.url_prefix  # so a browser never sends it along to /api/
     app.config["SESSION_COOKIE_HTTPONLY"] = True
     app.config["SESSION_COOKIE_SAMESITE"] = "Strict"
     app.config["SESSION_COOKIE_SECURE"] = config.dashboard_secure_cookie

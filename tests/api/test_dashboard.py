@@ -10,8 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 from conftest import ROOT, SECRET
 
+from gateway.api.dashboard import SESSION_COOKIE
 from gateway.fleet.resources import parse_reading
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -109,6 +111,23 @@ def test_data_counts_served_requests_without_making_series(app, client, manager)
         assert all(sample.labels["server"] != "B2" for family in metric.collect() for sample in family.samples)
 
 
+def test_the_cookie_is_named_for_the_gateway_and_scoped_to_the_dashboard(client):
+    cookie = log_in(client).headers["Set-Cookie"]
+    assert cookie.startswith(f"{SESSION_COOKIE}=")
+    assert "; Path=/dashboard" in cookie
+    assert client.get_cookie(SESSION_COOKIE, path="/dashboard") is not None
+
+
+def test_a_logged_in_client_sends_no_cookie_to_the_gpu_servers(live_gateway, fake_servers):
+    gateway = live_gateway()
+    gateway.register(fake_servers("B1"))
+    with requests.Session() as browser:  # a cookie jar that keeps Path as a browser does
+        assert browser.post(gateway.url + "/dashboard/login", data={"secret": SECRET}, timeout=5).ok
+        assert browser.get(gateway.url + "/dashboard/data", timeout=5).status_code == 200
+        echoed = browser.get(gateway.url + "/api/echo", timeout=5).json()["headers"]
+    assert "cookie" not in {name.lower() for name in echoed}
+
+
 @pytest.mark.parametrize("secure", [False, True])
 def test_the_cookie_is_secure_when_configured(make_app, secure):
     cookie = log_in(make_app(dashboard_secure_cookie=secure).test_client()).headers["Set-Cookie"]
@@ -145,10 +164,10 @@ def test_the_secret_never_appears_in_a_response(client, manager):
 def test_a_new_secret_ends_old_sessions(make_app, make_config):
     first = make_app().test_client()
     log_in(first)
-    cookie = first.get_cookie("session")
+    cookie = first.get_cookie(SESSION_COOKIE, path="/dashboard")
     assert cookie is not None
     other = make_app(make_config(webhook_secret="another-secret-0123456789")).test_client()
-    other.set_cookie("session", cookie.value)
+    other.set_cookie(SESSION_COOKIE, cookie.value)
     assert other.get("/dashboard/data").status_code == 401
 
 
@@ -170,10 +189,10 @@ def test_with_an_admin_token_only_it_logs_in(make_app):
 def test_a_new_admin_token_ends_old_sessions(make_app):
     first = make_app(admin_token=ADMIN).test_client()
     log_in(first, ADMIN)
-    cookie = first.get_cookie("session")
+    cookie = first.get_cookie(SESSION_COOKIE, path="/dashboard")
     assert cookie is not None
     other = make_app(admin_token=ADMIN + "-rotated").test_client()
-    other.set_cookie("session", cookie.value)
+    other.set_cookie(SESSION_COOKIE, cookie.value)
     assert other.get("/dashboard/data").status_code == 401
 
 
@@ -249,6 +268,10 @@ def test_the_browser_sees_a_killed_server_turn_unhealthy(browser, live_gateway, 
     assert browser.find_element(By.ID, "unhealthy_servers").text == "1"
     assert browser.execute_script("return window.sameDocument === true")
     assert browser.execute_script("return document.cookie") == ""  # HttpOnly: no script can read it
+    echoed = browser.execute_async_script(
+        "fetch('/api/echo', {credentials: 'same-origin'}).then(r => r.json()).then(arguments[0])"
+    )
+    assert "cookie" not in {name.lower() for name in echoed["headers"]}  # Path=/dashboard: never sent upstream
 
     ARTIFACTS.mkdir(exist_ok=True)
     screenshot = ARTIFACTS / "dashboard.png"

@@ -73,12 +73,23 @@ def test_parsed_values():
         ("ALLOWED_BACKEND_NETWORKS", "10.0.0.0/33"),
         ("LOG_LEVEL", "LOUD"),
         ("TASK_AFFINITY_TTL", "0"),
+        ("DASHBOARD_SESSION_HOURS", "0"),
+        ("DASHBOARD_SESSION_HOURS", "-8"),
+        ("DASHBOARD_SESSION_HOURS", "eight"),
+        ("DASHBOARD_SESSION_HOURS", "nan"),
+        ("DASHBOARD_SESSION_HOURS", "744"),  # the 31 days a dashboard login used to last
         ("DASHBOARD_SECURE_COOKIE", "maybe"),
     ],
 )
 def test_bad_value_names_the_variable(name, value):
     with pytest.raises(ConfigError, match=name):
         Config.from_env({**BASE, name: value})
+
+
+@pytest.mark.parametrize(("raw", "hours"), [(None, 8.0), ("0.5", 0.5), ("168", 168.0)])
+def test_dashboard_sessions_last_hours(raw, hours):
+    env = BASE if raw is None else {**BASE, "DASHBOARD_SESSION_HOURS": raw}
+    assert Config.from_env(env).dashboard_session_hours == hours
 
 
 @pytest.mark.parametrize(("raw", "secure"), [(None, False), ("1", True), ("true", True), ("0", False), ("off", False)])

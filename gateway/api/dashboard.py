@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hmac
 import secrets
+import threading
+import time
 from collections.abc import Callable
+from datetime import timedelta
 from functools import wraps
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,12 +33,16 @@ from gateway.fleet.server import now_iso
 
 bp = Blueprint("dashboard", __name__, url_prefix="/dashboard", template_folder="templates")
 SESSION_COOKIE = "gateway_session"  # not a GPU server's name, so the proxy can drop just this cookie
-SESSION_FLAG = "dashboard"
+SESSION_ID = "sid"  # the cookie's one key: a login's id in LiveSessions
 SESSION_KEY_INFO = b"gpu-gateway dashboard session"
 
 
 def logged_in() -> bool:
-    return session.get(SESSION_FLAG) is True
+    return live_sessions().alive(session.get(SESSION_ID))
+
+
+def live_sessions() -> LiveSessions:
+    return current_app.extensions["dashboard_sessions"]
 
 
 def same_origin() -> bool:
@@ -80,16 +87,19 @@ def login() -> Response:
         return render_page(403, "login refused: the form came from another site")
     if not admin_matches(request.form.get("secret")):
         return render_page(401, "wrong secret")
+    live_sessions().end(session.get(SESSION_ID))  # a second login from this browser replaces its first
     session.clear()
-    session[SESSION_FLAG] = True
+    session.permanent = True  # the cookie expires when the login does
+    session[SESSION_ID] = live_sessions().start()
     return redirect("/dashboard", code=303)  # type: ignore[return-value]
 
 
 @bp.post("/logout")
 def logout() -> Response:
-    """Forget the login."""
+    """End the login here, so that a copy of its cookie opens nothing either."""
     if not same_origin():
         return render_page(403, "logout refused: the form came from another site")
+    live_sessions().end(session.get(SESSION_ID))
     session.clear()
     return redirect("/dashboard", code=303)  # type: ignore[return-value]
 
@@ -153,6 +163,38 @@ def server_row(server: dict[str, Any], in_flight: dict[str, float], served: dict
     }
 
 
+class LiveSessions:
+    """The logins not yet ended, each with the time it expires; a cookie only names one of them."""
+
+    def __init__(self, lifetime: timedelta, clock: Callable[[], float] = time.monotonic) -> None:
+        self.lifetime = lifetime.total_seconds()
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._expiry: dict[str, float] = {}
+
+    def start(self) -> str:
+        """Begin a login and return its id, forgetting those that have expired."""
+        session_id, now = secrets.token_urlsafe(32), self.clock()
+        with self._lock:
+            self._expiry = {key: expiry for key, expiry in self._expiry.items() if expiry > now}
+            self._expiry[session_id] = now + self.lifetime
+        return session_id
+
+    def alive(self, session_id: object) -> bool:
+        """Whether `session_id` names a login that was neither ended nor has expired."""
+        if not isinstance(session_id, str):
+            return False
+        with self._lock:
+            expiry = self._expiry.get(session_id)
+        return expiry is not None and self.clock() < expiry
+
+    def end(self, session_id: object) -> None:
+        """End a login (logout); an unknown or missing id is no error."""
+        if isinstance(session_id, str):
+            with self._lock:
+                self._expiry.pop(session_id, None)
+
+
 class DashboardSessions(SecureCookieSessionInterface):
     """The signed-cookie session, opened only under /dashboard: no other route reads it, and
     opening it (cookie parsing, a signer) cost about 5% of a proxied request's CPU."""
@@ -174,5 +216,9 @@ def init_app(app: Flask) -> None:
     app.config["SESSION_COOKIE_HTTPONLY"] = True
     app.config["SESSION_COOKIE_SAMESITE"] = "Strict"
     app.config["SESSION_COOKIE_SECURE"] = config.dashboard_secure_cookie
+    lifetime = timedelta(hours=config.dashboard_session_hours)
+    app.config["PERMANENT_SESSION_LIFETIME"] = lifetime  # also the signature's age limit
+    app.config["SESSION_REFRESH_EACH_REQUEST"] = False  # the lifetime runs from the login, not the last poll
+    app.extensions["dashboard_sessions"] = LiveSessions(lifetime)
     app.session_interface = DashboardSessions()
     app.register_blueprint(bp)

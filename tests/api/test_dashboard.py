@@ -7,6 +7,8 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import pytest
@@ -142,6 +144,57 @@ def test_logout_ends_the_session(client, manager):
     assert response.status_code == 303
     assert client.get("/dashboard/data").status_code == 401
     assert "B1" not in page_text(client.get("/dashboard"))
+
+
+def session_cookie(response) -> str:
+    """The session cookie's value, as the Set-Cookie header gave it to the browser."""
+    name, _, rest = response.headers["Set-Cookie"].partition("=")
+    assert name == SESSION_COOKIE
+    return rest.split(";")[0]
+
+
+def replay(app, value: str):
+    """/dashboard/data from another client that sends only the given cookie, byte for byte."""
+    return app.test_client(use_cookies=False).get("/dashboard/data", headers={"Cookie": f"{SESSION_COOKIE}={value}"})
+
+
+def test_a_cookie_replayed_after_logout_is_refused(app, client):
+    stolen = session_cookie(log_in(client))
+    assert replay(app, stolen).status_code == 200
+    client.post("/dashboard/logout")
+    refused = replay(app, stolen)
+    assert refused.status_code == 401
+    assert refused.get_json()["message"] == "log in at /dashboard first"
+
+
+def test_logging_in_again_ends_the_browsers_first_session(app, client):
+    first = session_cookie(log_in(client))
+    second = session_cookie(log_in(client))
+    assert (replay(app, first).status_code, replay(app, second).status_code) == (401, 200)
+
+
+def test_a_logout_ends_only_its_own_session(app, client):
+    other = app.test_client()
+    log_in(client), log_in(other)
+    client.post("/dashboard/logout")
+    assert (client.get("/dashboard/data").status_code, other.get("/dashboard/data").status_code) == (401, 200)
+
+
+def test_a_session_lasts_the_configured_hours(make_app):
+    app = make_app(dashboard_session_hours=2.0)
+    client = app.test_client()
+    sessions = app.extensions["dashboard_sessions"]
+    started = time.monotonic()
+    sessions.clock = lambda: started
+    response = log_in(client)
+    expires = parsedate_to_datetime(response.headers["Set-Cookie"].split("Expires=")[1].split(";")[0])
+    assert abs(expires - (datetime.now(UTC) + timedelta(hours=2))) < timedelta(minutes=1)
+    sessions.clock = lambda: started + 2 * 3600 - 1
+    reply = client.get("/dashboard/data")
+    assert reply.status_code == 200
+    assert "Set-Cookie" not in reply.headers  # not renewed by the page's polling: the 2 hours run from the login
+    sessions.clock = lambda: started + 2 * 3600
+    assert client.get("/dashboard/data").status_code == 401
 
 
 def test_a_login_from_another_origin_is_refused(client):

@@ -35,6 +35,11 @@ bp = Blueprint("dashboard", __name__, url_prefix="/dashboard", template_folder="
 SESSION_COOKIE = "gateway_session"  # not a GPU server's name, so the proxy can drop just this cookie
 SESSION_ID = "sid"  # the cookie's one key: a login's id in LiveSessions
 SESSION_KEY_INFO = b"gpu-gateway dashboard session"
+PAGE_POLICY = (  # the page's own inline script and style, its fetches of /dashboard/data, nothing else
+    "default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; connect-src 'self'; "
+    "img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+DATA_POLICY = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 
 
 def logged_in() -> bool:
@@ -59,18 +64,16 @@ def render_page(status: int = 200, error: str | None = None) -> Response:
     nonce = secrets.token_urlsafe(16)
     html = render_template("dashboard.html", logged_in=logged_in(), error=error, nonce=nonce)
     response = Response(html, status=status, mimetype="text/html")
-    response.headers["Content-Security-Policy"] = (
-        f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
-        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
-    )
+    response.headers["Content-Security-Policy"] = PAGE_POLICY.format(nonce=nonce)
     return response
 
 
 @bp.after_request
 def no_store(response: Response) -> Response:
-    """Server data must not linger in a shared cache or the back button."""
+    """Server data must not linger in a shared cache or the back button, nor run as a page."""
     response.headers["Cache-Control"] = "no-store"
     response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers.setdefault("Content-Security-Policy", DATA_POLICY)  # the page has its own
     return response
 
 

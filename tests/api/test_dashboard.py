@@ -57,6 +57,38 @@ def test_without_a_login_only_the_form_is_shown(client, manager):
     assert "http" not in html.split("<body>")[1].replace('action="/dashboard/login"', "")  # nothing external
 
 
+def policy(response) -> dict[str, str]:
+    """The Content-Security-Policy header as {directive: sources}."""
+    directives = (part.strip().partition(" ") for part in response.headers["Content-Security-Policy"].split(";"))
+    return {name: sources for name, _, sources in directives}
+
+
+def test_the_page_allows_only_its_own_script_style_and_fetches(client):
+    page = client.get("/dashboard")
+    nonce = policy(page)["script-src"].removeprefix("'nonce-").removesuffix("'")
+    assert f'<style nonce="{nonce}">' in page.get_data(as_text=True)
+    assert policy(page) == {
+        "default-src": "'none'",
+        "script-src": f"'nonce-{nonce}'",
+        "style-src": f"'nonce-{nonce}'",
+        "connect-src": "'self'",
+        "img-src": "'self' data:",
+        "form-action": "'self'",
+        "frame-ancestors": "'none'",
+        "base-uri": "'none'",
+    }
+    assert client.get("/dashboard").headers["Content-Security-Policy"] != page.headers["Content-Security-Policy"]
+
+
+def test_every_dashboard_response_has_a_policy(client):
+    replies = [client.get("/dashboard/data"), log_in(client), client.get("/dashboard/data")]
+    replies += [client.post("/dashboard/logout"), log_in(client, "wrong")]
+    assert [reply.status_code for reply in replies] == [401, 303, 200, 303, 401]
+    for reply in replies:
+        assert policy(reply)["default-src"] == "'none'"
+        assert policy(reply)["frame-ancestors"] == "'none'"
+
+
 def test_data_needs_a_login(client, manager):
     manager.register_server("B1", "127.0.0.1", 9001)
     response = client.get("/dashboard/data")
@@ -294,6 +326,9 @@ def test_the_browser_sees_a_killed_server_turn_unhealthy(browser, live_gateway, 
     for server in servers:
         gateway.register(server)
 
+    violations = "window.violations = []; document.addEventListener('securitypolicyviolation', e => "
+    violations += "window.violations.push(e.violatedDirective + ' ' + e.blockedURI));"
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": violations})
     browser.get(gateway.url + "/dashboard")
     assert not browser.find_elements(By.ID, "servers")
     browser.find_element(By.NAME, "secret").send_keys(SECRET)
@@ -320,6 +355,7 @@ def test_the_browser_sees_a_killed_server_turn_unhealthy(browser, live_gateway, 
     assert [health("B1"), health("B3")] == ["healthy", "healthy"]
     assert browser.find_element(By.ID, "unhealthy_servers").text == "1"
     assert browser.execute_script("return window.sameDocument === true")
+    assert browser.execute_script("return window.violations") == []  # the page works under its CSP
     assert browser.execute_script("return document.cookie") == ""  # HttpOnly: no script can read it
     echoed = browser.execute_async_script(
         "fetch('/api/echo', {credentials: 'same-origin'}).then(r => r.json()).then(arguments[0])"

@@ -17,6 +17,7 @@ from flask import (
     Flask,
     Request,
     Response,
+    abort,
     current_app,
     jsonify,
     redirect,
@@ -51,12 +52,16 @@ def live_sessions() -> LiveSessions:
 
 
 def same_origin() -> bool:
-    """False when the browser names an Origin other than this host (a cross-site form post)."""
+    """False when the browser names an Origin other than this host (a cross-site form post); 400 when unreadable."""
     origin = request.headers.get("Origin")
     if origin is None:
         return True
+    try:
+        netloc = urlsplit(origin).netloc
+    except ValueError:  # "http://[::1": an unclosed IPv6 host, say
+        abort(400, "the Origin header is not a URL")
     # The host only: behind a TLS-terminating proxy the browser says https and we see http.
-    return urlsplit(origin).netloc == request.host
+    return netloc == request.host
 
 
 def render_page(status: int = 200, error: str | None = None) -> Response:

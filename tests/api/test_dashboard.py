@@ -237,6 +237,16 @@ def test_a_login_from_another_origin_is_refused(client):
     assert log_in(client, Origin="http://localhost").status_code == 303
 
 
+@pytest.mark.parametrize("origin", ["http://[::1", "http://[abc]", "http://a]b"])
+@pytest.mark.parametrize("path", ["/dashboard/login", "/dashboard/logout"])
+def test_an_unparseable_origin_is_a_bad_request(client, origin, path):
+    response = client.post(path, data={"secret": SECRET}, headers={"Origin": origin})
+    assert response.status_code == 400
+    assert response.get_json() == {"success": False, "message": "the Origin header is not a URL", "errors": None}
+    assert "Set-Cookie" not in response.headers
+    assert client.get("/dashboard/data").status_code == 401
+
+
 def test_the_secret_never_appears_in_a_response(client, manager):
     manager.register_server("B1", "127.0.0.1", 9001)
     bodies = [log_in(client, "wrong"), log_in(client, Origin="http://evil.example"), log_in(client)]

@@ -14,6 +14,7 @@ from gateway.fleet.resources import DEFAULT_WEIGHTS, parse_weights
 T = TypeVar("T")
 ROUTING_POLICIES = ("round_robin", "least_connections", "least_load")
 MODEL_DISCOVERY_MODES = ("auto", "ollama", "openai", "off")
+MAX_DASHBOARD_SESSION_HOURS = 168.0  # a week; a login used to last 31 days
 
 SETUP_HELP = (
     "WEBHOOK_SECRET is not set. The gateway needs the preset secret that GPU servers send "
@@ -70,6 +71,8 @@ class Config:
     slow_start_seconds: float = 0.0
     model_discovery: str = "auto"
     llm_routes: bool = True
+    dashboard_session_hours: float = 8.0
+    dashboard_secure_cookie: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
@@ -130,6 +133,10 @@ class Config:
             "slow_start_seconds": reader.get("SLOW_START_SECONDS", cls.slow_start_seconds, _number(min_value=0)),
             "model_discovery": reader.get("MODEL_DISCOVERY", cls.model_discovery, _choice(MODEL_DISCOVERY_MODES)),
             "llm_routes": reader.get("LLM_ROUTES", cls.llm_routes, _boolean),
+            "dashboard_session_hours": reader.get(
+                "DASHBOARD_SESSION_HOURS", cls.dashboard_session_hours, _session_hours
+            ),
+            "dashboard_secure_cookie": reader.get("DASHBOARD_SECURE_COOKIE", cls.dashboard_secure_cookie, _boolean),
         }
         values.update(overrides)
         if "PROXY_HEAD_TIMEOUT" not in env and "proxy_head_timeout" not in overrides:
@@ -274,6 +281,13 @@ def _boolean(raw: str) -> bool:
     if value not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
         raise ValueError("expected true or false (also 1/0, yes/no, on/off)")
     return value in ("1", "true", "yes", "on")
+
+
+def _session_hours(raw: str) -> float:
+    hours = _number(min_value=0.01)(raw)
+    if hours > MAX_DASHBOARD_SESSION_HOURS:
+        raise ValueError(f"expected at most {MAX_DASHBOARD_SESSION_HOURS:g} hours")
+    return hours
 
 
 def _log_format(raw: str) -> str:

@@ -80,11 +80,29 @@ def test_parsed_values():
         ("PROXY_HEAD_TIMEOUT", "0"),
         ("CLIENT_BODY_TIMEOUT", "-1"),
         ("CLIENT_MAX_CONNECTIONS", "-1"),
+        ("DASHBOARD_SESSION_HOURS", "0"),
+        ("DASHBOARD_SESSION_HOURS", "-8"),
+        ("DASHBOARD_SESSION_HOURS", "eight"),
+        ("DASHBOARD_SESSION_HOURS", "nan"),
+        ("DASHBOARD_SESSION_HOURS", "744"),  # the 31 days a dashboard login used to last
+        ("DASHBOARD_SECURE_COOKIE", "maybe"),
     ],
 )
 def test_bad_value_names_the_variable(name, value):
     with pytest.raises(ConfigError, match=name):
         Config.from_env({**BASE, name: value})
+
+
+@pytest.mark.parametrize(("raw", "hours"), [(None, 8.0), ("0.5", 0.5), ("168", 168.0)])
+def test_dashboard_sessions_last_hours(raw, hours):
+    env = BASE if raw is None else {**BASE, "DASHBOARD_SESSION_HOURS": raw}
+    assert Config.from_env(env).dashboard_session_hours == hours
+
+
+@pytest.mark.parametrize(("raw", "secure"), [(None, False), ("1", True), ("true", True), ("0", False), ("off", False)])
+def test_the_dashboard_cookie_is_secure_on_request(raw, secure):
+    env = BASE if raw is None else {**BASE, "DASHBOARD_SECURE_COOKIE": raw}
+    assert Config.from_env(env).dashboard_secure_cookie is secure
 
 
 def test_timeout_must_be_below_the_interval():

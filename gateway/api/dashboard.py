@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hmac
-import os
 import secrets
+import threading
+import time
 from collections.abc import Callable
+from datetime import timedelta
 from functools import wraps
 from typing import Any
 from urllib.parse import urlsplit
@@ -15,6 +17,7 @@ from flask import (
     Flask,
     Request,
     Response,
+    abort,
     current_app,
     jsonify,
     redirect,
@@ -28,23 +31,37 @@ from prometheus_client import Counter, Gauge
 from gateway.api.auth import admin_matches
 from gateway.errors import error_response
 from gateway.fleet.server import now_iso
+from gateway.proxy.forwarding import SESSION_COOKIE  # the proxy drops it from what it forwards
 
 bp = Blueprint("dashboard", __name__, url_prefix="/dashboard", template_folder="templates")
-SESSION_FLAG = "dashboard"
+SESSION_ID = "sid"  # the cookie's one key: a login's id in LiveSessions
 SESSION_KEY_INFO = b"gpu-gateway dashboard session"
+PAGE_POLICY = (  # the page's own inline script and style, its fetches of /dashboard/data, nothing else
+    "default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; connect-src 'self'; "
+    "img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+DATA_POLICY = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 
 
 def logged_in() -> bool:
-    return session.get(SESSION_FLAG) is True
+    return live_sessions().alive(session.get(SESSION_ID))
+
+
+def live_sessions() -> LiveSessions:
+    return current_app.extensions["dashboard_sessions"]
 
 
 def same_origin() -> bool:
-    """False when the browser names an Origin other than this host (a cross-site form post)."""
+    """False when the browser names an Origin other than this host (a cross-site form post); 400 when unreadable."""
     origin = request.headers.get("Origin")
     if origin is None:
         return True
+    try:
+        netloc = urlsplit(origin).netloc
+    except ValueError:  # "http://[::1": an unclosed IPv6 host, say
+        abort(400, "the Origin header is not a URL")
     # The host only: behind a TLS-terminating proxy the browser says https and we see http.
-    return urlsplit(origin).netloc == request.host
+    return netloc == request.host
 
 
 def render_page(status: int = 200, error: str | None = None) -> Response:
@@ -52,18 +69,16 @@ def render_page(status: int = 200, error: str | None = None) -> Response:
     nonce = secrets.token_urlsafe(16)
     html = render_template("dashboard.html", logged_in=logged_in(), error=error, nonce=nonce)
     response = Response(html, status=status, mimetype="text/html")
-    response.headers["Content-Security-Policy"] = (
-        f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
-        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
-    )
+    response.headers["Content-Security-Policy"] = PAGE_POLICY.format(nonce=nonce)
     return response
 
 
 @bp.after_request
 def no_store(response: Response) -> Response:
-    """Server data must not linger in a shared cache or the back button."""
+    """Server data must not linger in a shared cache or the back button, nor run as a page."""
     response.headers["Cache-Control"] = "no-store"
     response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers.setdefault("Content-Security-Policy", DATA_POLICY)  # the page has its own
     return response
 
 
@@ -80,16 +95,19 @@ def login() -> Response:
         return render_page(403, "login refused: the form came from another site")
     if not admin_matches(request.form.get("secret")):
         return render_page(401, "wrong secret")
+    live_sessions().end(session.get(SESSION_ID))  # a second login from this browser replaces its first
     session.clear()
-    session[SESSION_FLAG] = True
+    session.permanent = True  # the cookie expires when the login does
+    session[SESSION_ID] = live_sessions().start()
     return redirect("/dashboard", code=303)  # type: ignore[return-value]
 
 
 @bp.post("/logout")
 def logout() -> Response:
-    """Forget the login."""
+    """End the login here, so that a copy of its cookie opens nothing either."""
     if not same_origin():
         return render_page(403, "logout refused: the form came from another site")
+    live_sessions().end(session.get(SESSION_ID))
     session.clear()
     return redirect("/dashboard", code=303)  # type: ignore[return-value]
 
@@ -153,6 +171,38 @@ def server_row(server: dict[str, Any], in_flight: dict[str, float], served: dict
     }
 
 
+class LiveSessions:
+    """The logins not yet ended, each with the time it expires; a cookie only names one of them."""
+
+    def __init__(self, lifetime: timedelta, clock: Callable[[], float] = time.monotonic) -> None:
+        self.lifetime = lifetime.total_seconds()
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._expiry: dict[str, float] = {}
+
+    def start(self) -> str:
+        """Begin a login and return its id, forgetting those that have expired."""
+        session_id, now = secrets.token_urlsafe(32), self.clock()
+        with self._lock:
+            self._expiry = {key: expiry for key, expiry in self._expiry.items() if expiry > now}
+            self._expiry[session_id] = now + self.lifetime
+        return session_id
+
+    def alive(self, session_id: object) -> bool:
+        """Whether `session_id` names a login that was neither ended nor has expired."""
+        if not isinstance(session_id, str):
+            return False
+        with self._lock:
+            expiry = self._expiry.get(session_id)
+        return expiry is not None and self.clock() < expiry
+
+    def end(self, session_id: object) -> None:
+        """End a login (logout); an unknown or missing id is no error."""
+        if isinstance(session_id, str):
+            with self._lock:
+                self._expiry.pop(session_id, None)
+
+
 class DashboardSessions(SecureCookieSessionInterface):
     """The signed-cookie session, opened only under /dashboard: no other route reads it, and
     opening it (cookie parsing, a signer) cost about 5% of a proxied request's CPU."""
@@ -165,13 +215,18 @@ class DashboardSessions(SecureCookieSessionInterface):
 
 def init_app(app: Flask) -> None:
     """Add /dashboard; its session key derives from the login credential, so a new one logs everyone out."""
+    config = app.config["GATEWAY"]
     if not app.secret_key:
-        config = app.config["GATEWAY"]
         secret = config.admin_token or config.webhook_secret
         app.secret_key = hmac.new(secret.encode(), SESSION_KEY_INFO, "sha256").hexdigest()
+    app.config["SESSION_COOKIE_NAME"] = SESSION_COOKIE
+    app.config["SESSION_COOKIE_PATH"] = bp.url_prefix  # so a browser never sends it along to /api/
     app.config["SESSION_COOKIE_HTTPONLY"] = True
     app.config["SESSION_COOKIE_SAMESITE"] = "Strict"
-    if os.environ.get("DASHBOARD_SECURE_COOKIE") == "1":
-        app.config["SESSION_COOKIE_SECURE"] = True
+    app.config["SESSION_COOKIE_SECURE"] = config.dashboard_secure_cookie
+    lifetime = timedelta(hours=config.dashboard_session_hours)
+    app.config["PERMANENT_SESSION_LIFETIME"] = lifetime  # also the signature's age limit
+    app.config["SESSION_REFRESH_EACH_REQUEST"] = False  # the lifetime runs from the login, not the last poll
+    app.extensions["dashboard_sessions"] = LiveSessions(lifetime)
     app.session_interface = DashboardSessions()
     app.register_blueprint(bp)

@@ -1,26 +1,46 @@
-"""Keeps secrets out of every log line: `secret=` query values and the secret itself."""
+"""Keeps secrets out of every log line: `secret=`-style parameter values and the secrets themselves."""
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-SECRET_PARAM = re.compile(r"(?i)((?:^|[?&\s\"'])secret=)[^&\s\"']*")
+# `secret=`, `token=`, `client_secret=`, `api_key=`, ... after `?`, `&`, `;` (a matrix parameter),
+# `/`, a space or a quote. The value runs to the next `&`, `;`, space or quote: in a path the rest
+# may still be the value, a `/` unescaped.
+SECRET_PARAM = re.compile(r"(?i)((?:^|[?&;/\s\"'])[\w.-]*(?:secret|token|password|passwd|api[_-]?key)=)[^&;\s\"']*")
 REDACTED = "[REDACTED]"
+_PLAIN_TYPES = (int, float, bool, type(None))  # hold no text, so never a secret
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """Replace `secret=` query values, and any known secret, with a marker."""
-    text = SECRET_PARAM.sub(r"\1" + REDACTED, text)
+    """Replace `secret=`-style parameter values, and any known secret, with a marker."""
+    if "=" in text:  # most lines have none: skip the regex
+        text = SECRET_PARAM.sub(r"\1" + REDACTED, text)
     for secret in secrets:
         if secret:
             text = text.replace(secret, REDACTED)
     return text
 
 
+def redact_fields(fields: Mapping[str, Any], secrets: Iterable[str] = ()) -> Mapping[str, Any]:
+    """`fields` with each value redacted as text; `fields` itself when none needed it."""
+    cleaned: dict[str, Any] | None = None
+    for key, value in fields.items():
+        if type(value) in _PLAIN_TYPES:
+            continue
+        text = value if type(value) is str else str(value)
+        redacted = redact(text, secrets)
+        if redacted != text:
+            cleaned = dict(fields) if cleaned is None else cleaned  # the caller's dict may be logged again
+            cleaned[key] = redacted
+    return fields if cleaned is None else cleaned
+
+
 class RedactingFilter(logging.Filter):
-    """A handler filter that redacts each record's final message."""
+    """A handler filter that redacts each record's final message, its structured fields and its traceback."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         super().__init__()
@@ -31,6 +51,9 @@ class RedactingFilter(logging.Filter):
         cleaned = redact(message, self.secrets)
         if cleaned != message:
             record.msg, record.args = cleaned, None
+        fields = getattr(record, "fields", None)
+        if fields:
+            record.fields = redact_fields(fields, self.secrets)
         if record.exc_info and not record.exc_text:
             record.exc_text = _FORMATTER.formatException(record.exc_info)
         if record.exc_text:

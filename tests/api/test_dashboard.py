@@ -7,11 +7,15 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import pytest
+import requests
 from conftest import ROOT, SECRET
 
+from gateway.api.dashboard import SESSION_COOKIE
 from gateway.fleet.resources import parse_reading
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -51,6 +55,38 @@ def test_without_a_login_only_the_form_is_shown(client, manager):
     assert "no-store" in page.headers["Cache-Control"]
     assert "script-src 'nonce-" in page.headers["Content-Security-Policy"]
     assert "http" not in html.split("<body>")[1].replace('action="/dashboard/login"', "")  # nothing external
+
+
+def policy(response) -> dict[str, str]:
+    """The Content-Security-Policy header as {directive: sources}."""
+    directives = (part.strip().partition(" ") for part in response.headers["Content-Security-Policy"].split(";"))
+    return {name: sources for name, _, sources in directives}
+
+
+def test_the_page_allows_only_its_own_script_style_and_fetches(client):
+    page = client.get("/dashboard")
+    nonce = policy(page)["script-src"].removeprefix("'nonce-").removesuffix("'")
+    assert f'<style nonce="{nonce}">' in page.get_data(as_text=True)
+    assert policy(page) == {
+        "default-src": "'none'",
+        "script-src": f"'nonce-{nonce}'",
+        "style-src": f"'nonce-{nonce}'",
+        "connect-src": "'self'",
+        "img-src": "'self' data:",
+        "form-action": "'self'",
+        "frame-ancestors": "'none'",
+        "base-uri": "'none'",
+    }
+    assert client.get("/dashboard").headers["Content-Security-Policy"] != page.headers["Content-Security-Policy"]
+
+
+def test_every_dashboard_response_has_a_policy(client):
+    replies = [client.get("/dashboard/data"), log_in(client), client.get("/dashboard/data")]
+    replies += [client.post("/dashboard/logout"), log_in(client, "wrong")]
+    assert [reply.status_code for reply in replies] == [401, 303, 200, 303, 401]
+    for reply in replies:
+        assert policy(reply)["default-src"] == "'none'"
+        assert policy(reply)["frame-ancestors"] == "'none'"
 
 
 def test_data_needs_a_login(client, manager):
@@ -109,6 +145,29 @@ def test_data_counts_served_requests_without_making_series(app, client, manager)
         assert all(sample.labels["server"] != "B2" for family in metric.collect() for sample in family.samples)
 
 
+def test_the_cookie_is_named_for_the_gateway_and_scoped_to_the_dashboard(client):
+    cookie = log_in(client).headers["Set-Cookie"]
+    assert cookie.startswith(f"{SESSION_COOKIE}=")
+    assert "; Path=/dashboard" in cookie
+    assert client.get_cookie(SESSION_COOKIE, path="/dashboard") is not None
+
+
+def test_a_logged_in_client_sends_no_cookie_to_the_gpu_servers(live_gateway, fake_servers):
+    gateway = live_gateway()
+    gateway.register(fake_servers("B1"))
+    with requests.Session() as browser:  # a cookie jar that keeps Path as a browser does
+        assert browser.post(gateway.url + "/dashboard/login", data={"secret": SECRET}, timeout=5).ok
+        assert browser.get(gateway.url + "/dashboard/data", timeout=5).status_code == 200
+        echoed = browser.get(gateway.url + "/api/echo", timeout=5).json()["headers"]
+    assert "cookie" not in {name.lower() for name in echoed}
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_the_cookie_is_secure_when_configured(make_app, secure):
+    cookie = log_in(make_app(dashboard_secure_cookie=secure).test_client()).headers["Set-Cookie"]
+    assert ("; Secure" in cookie) is secure
+
+
 def test_logout_ends_the_session(client, manager):
     manager.register_server("B1", "127.0.0.1", 9001)
     log_in(client)
@@ -119,12 +178,73 @@ def test_logout_ends_the_session(client, manager):
     assert "B1" not in page_text(client.get("/dashboard"))
 
 
+def session_cookie(response) -> str:
+    """The session cookie's value, as the Set-Cookie header gave it to the browser."""
+    name, _, rest = response.headers["Set-Cookie"].partition("=")
+    assert name == SESSION_COOKIE
+    return rest.split(";")[0]
+
+
+def replay(app, value: str):
+    """/dashboard/data from another client that sends only the given cookie, byte for byte."""
+    return app.test_client(use_cookies=False).get("/dashboard/data", headers={"Cookie": f"{SESSION_COOKIE}={value}"})
+
+
+def test_a_cookie_replayed_after_logout_is_refused(app, client):
+    stolen = session_cookie(log_in(client))
+    assert replay(app, stolen).status_code == 200
+    client.post("/dashboard/logout")
+    refused = replay(app, stolen)
+    assert refused.status_code == 401
+    assert refused.get_json()["message"] == "log in at /dashboard first"
+
+
+def test_logging_in_again_ends_the_browsers_first_session(app, client):
+    first = session_cookie(log_in(client))
+    second = session_cookie(log_in(client))
+    assert (replay(app, first).status_code, replay(app, second).status_code) == (401, 200)
+
+
+def test_a_logout_ends_only_its_own_session(app, client):
+    other = app.test_client()
+    log_in(client), log_in(other)
+    client.post("/dashboard/logout")
+    assert (client.get("/dashboard/data").status_code, other.get("/dashboard/data").status_code) == (401, 200)
+
+
+def test_a_session_lasts_the_configured_hours(make_app):
+    app = make_app(dashboard_session_hours=2.0)
+    client = app.test_client()
+    sessions = app.extensions["dashboard_sessions"]
+    started = time.monotonic()
+    sessions.clock = lambda: started
+    response = log_in(client)
+    expires = parsedate_to_datetime(response.headers["Set-Cookie"].split("Expires=")[1].split(";")[0])
+    assert abs(expires - (datetime.now(UTC) + timedelta(hours=2))) < timedelta(minutes=1)
+    sessions.clock = lambda: started + 2 * 3600 - 1
+    reply = client.get("/dashboard/data")
+    assert reply.status_code == 200
+    assert "Set-Cookie" not in reply.headers  # not renewed by the page's polling: the 2 hours run from the login
+    sessions.clock = lambda: started + 2 * 3600
+    assert client.get("/dashboard/data").status_code == 401
+
+
 def test_a_login_from_another_origin_is_refused(client):
     response = log_in(client, Origin="http://evil.example")
     assert response.status_code == 403
     assert "Set-Cookie" not in response.headers
     assert client.get("/dashboard/data").status_code == 401
     assert log_in(client, Origin="http://localhost").status_code == 303
+
+
+@pytest.mark.parametrize("origin", ["http://[::1", "http://[abc]", "http://a]b"])
+@pytest.mark.parametrize("path", ["/dashboard/login", "/dashboard/logout"])
+def test_an_unparseable_origin_is_a_bad_request(client, origin, path):
+    response = client.post(path, data={"secret": SECRET}, headers={"Origin": origin})
+    assert response.status_code == 400
+    assert response.get_json() == {"success": False, "message": "the Origin header is not a URL", "errors": None}
+    assert "Set-Cookie" not in response.headers
+    assert client.get("/dashboard/data").status_code == 401
 
 
 def test_the_secret_never_appears_in_a_response(client, manager):
@@ -139,10 +259,10 @@ def test_the_secret_never_appears_in_a_response(client, manager):
 def test_a_new_secret_ends_old_sessions(make_app, make_config):
     first = make_app().test_client()
     log_in(first)
-    cookie = first.get_cookie("session")
+    cookie = first.get_cookie(SESSION_COOKIE, path="/dashboard")
     assert cookie is not None
     other = make_app(make_config(webhook_secret="another-secret-0123456789")).test_client()
-    other.set_cookie("session", cookie.value)
+    other.set_cookie(SESSION_COOKIE, cookie.value)
     assert other.get("/dashboard/data").status_code == 401
 
 
@@ -164,10 +284,10 @@ def test_with_an_admin_token_only_it_logs_in(make_app):
 def test_a_new_admin_token_ends_old_sessions(make_app):
     first = make_app(admin_token=ADMIN).test_client()
     log_in(first, ADMIN)
-    cookie = first.get_cookie("session")
+    cookie = first.get_cookie(SESSION_COOKIE, path="/dashboard")
     assert cookie is not None
     other = make_app(admin_token=ADMIN + "-rotated").test_client()
-    other.set_cookie("session", cookie.value)
+    other.set_cookie(SESSION_COOKIE, cookie.value)
     assert other.get("/dashboard/data").status_code == 401
 
 
@@ -216,6 +336,9 @@ def test_the_browser_sees_a_killed_server_turn_unhealthy(browser, live_gateway, 
     for server in servers:
         gateway.register(server)
 
+    violations = "window.violations = []; document.addEventListener('securitypolicyviolation', e => "
+    violations += "window.violations.push(e.violatedDirective + ' ' + e.blockedURI));"
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": violations})
     browser.get(gateway.url + "/dashboard")
     assert not browser.find_elements(By.ID, "servers")
     browser.find_element(By.NAME, "secret").send_keys(SECRET)
@@ -242,7 +365,12 @@ def test_the_browser_sees_a_killed_server_turn_unhealthy(browser, live_gateway, 
     assert [health("B1"), health("B3")] == ["healthy", "healthy"]
     assert browser.find_element(By.ID, "unhealthy_servers").text == "1"
     assert browser.execute_script("return window.sameDocument === true")
+    assert browser.execute_script("return window.violations") == []  # the page works under its CSP
     assert browser.execute_script("return document.cookie") == ""  # HttpOnly: no script can read it
+    echoed = browser.execute_async_script(
+        "fetch('/api/echo', {credentials: 'same-origin'}).then(r => r.json()).then(arguments[0])"
+    )
+    assert "cookie" not in {name.lower() for name in echoed["headers"]}  # Path=/dashboard: never sent upstream
 
     ARTIFACTS.mkdir(exist_ok=True)
     screenshot = ARTIFACTS / "dashboard.png"

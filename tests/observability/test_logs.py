@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import sys
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 import pytest
 import requests
 from conftest import SECRET, wait_until
 
 from gateway.observability.logs import StructuredFormatter
+from gateway.observability.redaction import REDACTED
 
 
 def record(msg: str, *args, fields=None) -> logging.LogRecord:
@@ -95,6 +98,46 @@ def test_five_files_and_no_secret_in_any_of_them(gateway_process, fake_servers, 
     assert "registered server B1" in files["app.log"]
     assert "unregistered server B1" in files["app.log"]
     assert all(" level=ERROR " in line or line.startswith("exc") for line in files["error.log"].splitlines() if line)
+
+
+GUESSES = ("matrix-7c41e0", "matrix-9b2d53", "matrix-e5a86f", "matrix-0f3c9a")  # secrets the gateway never knew
+SECRET_PATHS = (
+    f"/api/{SECRET}",
+    f"/api/x;secret={SECRET}",
+    f"/api/x;secret={GUESSES[0]}",
+    f"/api/echo;token={GUESSES[1]}/more",
+    f"/api/%3Bsecret={GUESSES[2]}",
+    f"/api/slow/x;secret={GUESSES[3]}?delay=1.05",  # over a second: also a line in performance.log
+)
+
+
+def get_raw(url: str, target: str) -> int:
+    """Send `GET <target>` byte for byte, as a client that put a secret in the path would."""
+    connection = http.client.HTTPConnection(urlsplit(url).netloc, timeout=10)
+    try:
+        connection.request("GET", target)
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("style", ["kv", "json"])
+def test_secrets_in_the_path_are_in_no_log(gateway_process, fake_servers, tmp_path, style):
+    log_dir = tmp_path / "logs"
+    gateway = gateway_process(LOG_DIR=str(log_dir), LOG_FORMAT=style)
+    server = fake_servers("B1")
+    body = {"server_id": "B1", "ip": "127.0.0.1", "port": server.port, "secret": SECRET}
+    requests.post(gateway.url + "/webhook/register", json=body, timeout=5).raise_for_status()
+    assert [get_raw(gateway.url, target) for target in SECRET_PATHS] == [200] * len(SECRET_PATHS)
+    gateway.kill(sig=15)
+
+    files = {path.name: path.read_text() for path in log_dir.iterdir()}
+    for name, text in {**files, "stdout": gateway.log()}.items():
+        for leaked in (SECRET, *GUESSES):
+            assert leaked not in text, f"{leaked} is in {name}"
+    for name in ("request.log", "app.log", "performance.log"):
+        assert f"/api/slow/x;secret={REDACTED}" in files[name]
+    assert files["request.log"].count(REDACTED) == len(SECRET_PATHS)
 
 
 def test_json_format_and_rotation(gateway_process, fake_servers, tmp_path):

@@ -37,6 +37,15 @@ def make_record(msg, *args, name="test"):
         ("/x?secret=&a=1", f"/x?secret={REDACTED}&a=1"),
         ("/x?secret=abc /y?secret=def", f"/x?secret={REDACTED} /y?secret={REDACTED}"),
         ("a\tsecret=abc\nsecret=def", f"a\tsecret={REDACTED}\nsecret={REDACTED}"),
+        ("/api/x;secret=abc", f"/api/x;secret={REDACTED}"),  # a matrix parameter
+        ("/api/x;secret=abc;v=1/y", f"/api/x;secret={REDACTED};v=1/y"),
+        ("/api/x;secret=abc/y", f"/api/x;secret={REDACTED}"),  # the rest may be the value, unescaped
+        ("/api/secret=abc", f"/api/secret={REDACTED}"),
+        ("/x?token=abc&a=1", f"/x?token={REDACTED}&a=1"),
+        ("/x;access_token=abc", f"/x;access_token={REDACTED}"),
+        ("/x?client_secret=abc", f"/x?client_secret={REDACTED}"),
+        ("/x?api_key=abc&apikey=def&X-Api-Key=ghi", f"/x?api_key={REDACTED}&apikey={REDACTED}&X-Api-Key={REDACTED}"),
+        ("/x?password=abc", f"/x?password={REDACTED}"),
     ],
 )
 def test_redact_replaces_secret_query_values(text, expected):
@@ -48,6 +57,9 @@ def test_redact_replaces_secret_query_values(text, expected):
     [
         "no secrets here",
         "/x?secretary=bob",
+        "/x?tokens=3&keys=4",
+        "/api/x;v=1",
+        "/api/token/refresh",
         "/x?a=secret",
         "the secret is safe",
         "",
@@ -141,6 +153,41 @@ def test_filter_handles_a_message_that_is_not_a_string():
     assert RedactingFilter([SECRET]).filter(record) is True
 
     assert record.getMessage() == f"bad {REDACTED}"
+
+
+@pytest.mark.parametrize(
+    "path", [f"/api/{SECRET}", f"/api/x;secret={SECRET}", "/api/x;secret=a-guess", "/api/x;token=a-guess/y"]
+)
+def test_filter_redacts_the_structured_fields(path):
+    fields = {"method": "GET", "path": path, "server": "B1", "status": 200, "ms": 1.5}
+    record = make_record("request", name="gateway.request")
+    record.fields = fields
+
+    assert RedactingFilter([SECRET]).filter(record) is True
+
+    assert REDACTED in record.fields["path"]
+    assert "a-guess" not in record.fields["path"] and SECRET not in record.fields["path"]
+    assert {**record.fields, "path": None} == {**fields, "path": None}
+    assert fields["path"] == path  # the caller's dict is left as it was: a second logger may log it too
+
+
+def test_filter_redacts_a_field_that_is_not_a_string():
+    record = make_record("request")
+    record.fields = {"servers": ["B1", f"http://127.0.0.1/?secret={SECRET}"], "count": 2}
+
+    RedactingFilter([SECRET]).filter(record)
+
+    assert record.fields == {"servers": f"['B1', 'http://127.0.0.1/?secret={REDACTED}']", "count": 2}
+
+
+def test_filter_leaves_clean_fields_as_they_are():
+    fields = {"method": "GET", "path": "/api/echo", "servers": ["B1"], "status": 200}
+    record = make_record("request")
+    record.fields = fields
+
+    RedactingFilter([SECRET]).filter(record)
+
+    assert record.fields is fields
 
 
 def test_a_filtered_handler_writes_no_secret():

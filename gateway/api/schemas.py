@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from marshmallow import Schema, ValidationError, fields, post_load, validate, validates
+from marshmallow import INCLUDE, Schema, ValidationError, fields, post_load, validate, validates
 
 from gateway.fleet.server import server_url
 
@@ -151,6 +151,16 @@ class RegisterSchema(ServerIdSchema, ServerOptionsSchema):
             raise ValidationError("give monitor_port or monitor_url, not both.", "monitor_port")
         data["monitor_url"] = url.rstrip("/") if url else (server_url(data["ip"], port) if port else None)
         return data
+
+
+class ModelRequestSchema(Schema):
+    """An OpenAI or Ollama body as llm.py reads it: `model` (or, for /api/show, `name`); the rest passes on."""
+
+    model = fields.String(required=True, validate=validate.Length(min=1))
+    stream = fields.Boolean()
+
+    class Meta:
+        unknown = INCLUDE
 
 
 def check_backend_address(host: str, allowed_networks: Sequence[Network] = ()) -> None:

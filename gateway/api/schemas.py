@@ -136,9 +136,14 @@ class RegisterSchema(ServerIdSchema, ServerOptionsSchema):
         """An http(s) URL of the host's resource monitor, held to the same address rules."""
         if value is None:
             return
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-            raise ValidationError("must be an http:// or https:// URL with a host, e.g. http://10.0.0.5:8006.")
+        malformed = "must be an http:// or https:// URL with a host, e.g. http://10.0.0.5:8006."
+        try:
+            parts = urlsplit(value)
+            port = parts.port  # ValueError for a port that is not a number up to 65535
+        except ValueError:  # "http://[" (an unclosed IPv6 bracket), "http://h:99999"
+            raise ValidationError(malformed) from None
+        if parts.scheme not in ("http", "https") or not parts.hostname or port == 0 or parts.query or parts.fragment:
+            raise ValidationError(malformed)
         if parts.username or parts.password:
             raise ValidationError("may not carry credentials.")
         check_backend_address(parts.hostname, self.allowed_networks)

@@ -870,6 +870,11 @@ def test_register_with_a_resource_monitor(client, manager, extra, monitor_url):
         ({"monitor_url": "ftp://h:1"}, "monitor_url"),
         ({"monitor_url": "http://169.254.169.254/latest"}, "monitor_url"),
         ({"monitor_url": "http://u:p@h:1"}, "monitor_url"),
+        ({"monitor_url": "http://["}, "monitor_url"),  # urlsplit raises ValueError: was a 500
+        ({"monitor_url": "http://[::1"}, "monitor_url"),
+        ({"monitor_url": "http://127.0.0.1:99999"}, "monitor_url"),
+        ({"monitor_url": "http://127.0.0.1:x"}, "monitor_url"),
+        ({"monitor_url": "http://127.0.0.1:0"}, "monitor_url"),
         ({"monitor_port": 8006, "monitor_url": "http://127.0.0.1:8006"}, "monitor_port"),
     ],
 )

@@ -34,6 +34,8 @@ from gateway.proxy import views
 
 JSON = "application/json"
 RULE_ARGUMENT = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")  # werkzeug's <converter:name>
+# JSON Schema's integer takes 8000.0 too, which the gateway refuses, as it refuses true for 1.
+WHOLE_NUMBER = "a JSON integer written without a fraction or exponent (8000, not 8000.0)"
 PASSED_THROUGH = {"default": {"description": "the GPU server's answer, passed through as it sent it"}}
 
 bp = Blueprint("openapi", __name__)
@@ -135,7 +137,14 @@ def proxied_operations() -> dict[str, dict[str, Any]]:
     }
 
 
-OPTIONS_CHANGE = admin_operation("ServerReply", 400, 404, 503, requestBody=json_body(ServerOptionsSchema))
+# At least one option: an empty change is a 400 that says so.
+OPTIONS_CHANGE = admin_operation(
+    replies.ServerReplySchema,
+    400,
+    404,
+    503,
+    requestBody=json_body({"allOf": [ServerOptionsSchema], "minProperties": 1}),
+)
 OPERATIONS: dict[Callable[..., Any], dict[str, dict[str, Any]]] = {
     webhook.register: {
         "post": operation(
@@ -259,10 +268,10 @@ def field_properties(self: Any, field: fields.Field, ret: dict[str, Any], **kwar
     """The bounds of the gateway's own field types, and patterns in JSON Schema's regex dialect."""
     found: dict[str, Any] = {}
     if isinstance(field, Port):
-        found = {"minimum": 1, "maximum": 65535, "description": "an integer, or a string of its digits"}
+        found = {"minimum": 1, "maximum": 65535, "description": f"{WHOLE_NUMBER}, or a string of its digits"}
     elif isinstance(field, Count):
-        found = {"minimum": field.low, "maximum": field.high}
-    elif isinstance(field, Name):
+        found = {"minimum": field.low, "maximum": field.high, "description": WHOLE_NUMBER}
+    elif isinstance(field, Name):  # its check is in code, not a Regexp validator apispec could read
         found = {"pattern": ecma_pattern(NAME_PATTERN.pattern)}
     elif isinstance(field, fields.Dict):
         if isinstance(field.key_field, Name):

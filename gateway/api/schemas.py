@@ -17,7 +17,9 @@ SERVER_ID_PATTERN = re.compile(r"\A[A-Za-z0-9_.-]{1,64}\Z")
 # RFC 1123 host names: labels of 1-63 letters, digits and inner hyphens, 253 characters in all.
 HOSTNAME_PATTERN = re.compile(r"(?=.{1,253}\.?$)(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 
-NAME_PATTERN = re.compile(r"\A[^\s\x00-\x1f\x7f]{1,200}\Z")
+# \x85 and \ufeff spelled out: Python's \s has the first and lacks the second, JSON Schema's (ECMA 262)
+# the other way round, and /openapi.json gives this pattern to clients.
+NAME_PATTERN = re.compile(r"\A[^\s\x00-\x1f\x7f\x85\ufeff]{1,200}\Z")
 MAX_ITEMS = 256
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -117,7 +119,10 @@ class ServerOptionsSchema(Schema):
 class RegisterSchema(ServerIdSchema, ServerOptionsSchema):
     """The body of `POST /webhook/register`."""
 
-    ip = fields.String(required=True)
+    ip = fields.String(
+        required=True,
+        metadata={"anyOf": [{"format": "ipv4"}, {"format": "ipv6"}, {"format": "hostname"}]},  # for /openapi.json
+    )
     port = Port(required=True)
     monitor_port = Port(load_default=None)
     monitor_url = fields.String(load_default=None)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import jsonschema_rs
 import pytest
 import schemathesis
 
 from gateway import __version__
 from gateway.api import openapi
+from gateway.api.schemas import NAME_PATTERN
 
 # Pages, form posts and files for a browser, not an API; the dashboard's JSON (/dashboard/data) is described.
 UNDESCRIBED = {"static", "dashboard.page", "dashboard.login", "dashboard.logout"}
@@ -120,11 +122,30 @@ def test_the_registration_body_comes_from_its_marshmallow_schema(client):
     assert set(register["required"]) == {"server_id", "ip", "port"}
     assert register["additionalProperties"] is False
     assert register["properties"]["port"]["maximum"] == 65535
-    assert register["properties"]["weight"] == {"type": "integer", "minimum": 1, "maximum": 1000}
+    weight = register["properties"]["weight"]
+    assert (weight["type"], weight["minimum"], weight["maximum"]) == ("integer", 1, 1000)
+    assert "not 8000.0" in weight["description"]  # JSON Schema's integer cannot say it
+    assert {"format": "hostname"} in register["properties"]["ip"]["anyOf"]
     assert register["properties"]["server_id"]["pattern"] == "^[A-Za-z0-9_.-]{1,64}$"  # ECMA 262, not \A...\Z
     assert register["properties"]["labels"]["maxProperties"] == 64
     assert register["properties"]["secret"]["writeOnly"] is True
     assert "secret" not in admin_register["properties"]  # the admin credential goes in a header
+
+
+def test_a_name_pattern_means_the_same_in_json_schema_as_in_python(client):
+    pattern = document(client)["components"]["schemas"]["ServerOptions"]["properties"]["models"]["items"]["pattern"]
+    validator = jsonschema_rs.validator_for({"type": "string", "pattern": pattern})  # ECMA 262 regexes
+
+    characters = (chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)
+    differ = [hex(ord(ch)) for ch in characters if bool(NAME_PATTERN.fullmatch(ch)) != validator.is_valid(ch)]
+    assert differ == []
+
+
+def test_a_change_of_options_must_name_one(client):
+    patch = document(client)["paths"]["/admin/servers/{server_id}"]["patch"]
+
+    body = patch["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"allOf": [{"$ref": "#/components/schemas/ServerOptions"}], "minProperties": 1}
 
 
 def test_the_document_is_built_once_per_app(app, client, monkeypatch):

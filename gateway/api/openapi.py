@@ -107,10 +107,10 @@ def admin_operation(ok: Any, *errors: int, **extra: Any) -> dict[str, Any]:
     return operation("admin", ADMIN, reply(ok), 401, *errors, **extra)
 
 
-def llm_operation(tag: str, summary: str) -> dict[str, Any]:
+def llm_operation(summary: str) -> dict[str, Any]:
     """An LLM request routed by its model; what comes back is the GPU server's."""
     return {
-        "tags": [tag],
+        "tags": ["llm"],
         "summary": summary,
         "security": OPEN,
         "requestBody": json_body(ModelRequestSchema),
@@ -208,8 +208,8 @@ OPERATIONS: dict[Callable[..., Any], dict[str, dict[str, Any]]] = {
     },
     llm.openai_models_view: {"get": operation("llm", OPEN, reply(replies.OpenAIModelListSchema))},
     llm.ollama_tags_view: {"get": operation("llm", OPEN, reply(replies.OllamaTagsSchema))},
-    llm.openai_view: {"post": llm_operation("llm", "OpenAI API, routed by the body's model")},
-    llm.ollama_view: {"post": llm_operation("llm", "Ollama API, routed by the body's model")},
+    llm.openai_view: {"post": llm_operation("OpenAI API, routed by the body's model")},
+    llm.ollama_view: {"post": llm_operation("Ollama API, routed by the body's model")},
     views.proxy_view: proxied_operations(),
 }
 

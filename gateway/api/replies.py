@@ -32,13 +32,18 @@ class SuccessSchema(Schema):
     message = fields.String()
 
 
-class RegisterReplySchema(SuccessSchema, ServerOptionsSchema):
-    """The reply to a registration: the server's address and its routing options."""
+class AddressSchema(Schema):
+    """A server's id and where it is."""
 
     server_id = fields.String(required=True)
     ip = fields.String(required=True)
     port = fields.Integer(required=True)
     url = fields.String(required=True)
+
+
+class RegisterReplySchema(SuccessSchema, AddressSchema, ServerOptionsSchema):
+    """The reply to a registration: the server's address and its routing options."""
+
     monitor_url = fields.String(metadata={"description": "present when the server has a resource monitor"})
 
 
@@ -48,13 +53,9 @@ class UnregisterReplySchema(SuccessSchema):
     server_id = fields.String(required=True)
 
 
-class ServerRowSchema(ServerOptionsSchema):
+class ServerRowSchema(AddressSchema, ServerOptionsSchema):
     """One server as the gateway shows it: the seed's fields, its options and its routing state."""
 
-    server_id = fields.String(required=True)
-    ip = fields.String(required=True)
-    port = fields.Integer(required=True)
-    url = fields.String(required=True)
     is_healthy = fields.Boolean(required=True)
     fail_count = fields.Integer(required=True)
     last_check_time = fields.String(**NULLABLE)

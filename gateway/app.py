@@ -13,7 +13,7 @@ from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from gateway import __version__, errors
-from gateway.api import admin, dashboard, llm, status
+from gateway.api import admin, dashboard, llm, openapi, status
 from gateway.api.webhook import register_webhook_routes
 from gateway.config import Config, ConfigError, parse_bind
 from gateway.fleet.health import HealthChecker
@@ -66,6 +66,7 @@ def create_app(config: Config | None = None) -> Flask:
     dashboard.init_app(app)
     views.init_app(app)
     llm.init_app(app)
+    openapi.init_app(app)  # after every route: it describes them
     app.wsgi_app = views.FastPath(app, app.wsgi_app)  # type: ignore[method-assign]  # after every route
     if config.client_max_connections:  # inside ProxyFix: it counts the client's address, not a proxy's
         app.wsgi_app = ClientLimit(app.wsgi_app, config.client_max_connections)  # type: ignore[method-assign]

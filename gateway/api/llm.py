@@ -114,7 +114,10 @@ def body_for(raw: bytes, payload: dict[str, Any], llm: LLMRequest) -> Callable[[
         if lease.actual_model is None or lease.actual_model == llm.model:
             return raw  # byte for byte
         renamed = {**payload, llm.field: lease.actual_model}
-        return json.dumps(renamed, ensure_ascii=False, separators=(",", ":")).encode()
+        try:
+            return json.dumps(renamed, ensure_ascii=False, separators=(",", ":")).encode()
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800" in the client's JSON) has no UTF-8
+            return json.dumps(renamed, separators=(",", ":")).encode()  # so it stays escaped, as sent
 
     return build
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from marshmallow import Schema, ValidationError, fields, post_load, validate, validates
+from marshmallow import INCLUDE, Schema, ValidationError, fields, post_load, validate, validates
 
 from gateway.fleet.server import server_url
 
@@ -17,7 +17,9 @@ SERVER_ID_PATTERN = re.compile(r"\A[A-Za-z0-9_.-]{1,64}\Z")
 # RFC 1123 host names: labels of 1-63 letters, digits and inner hyphens, 253 characters in all.
 HOSTNAME_PATTERN = re.compile(r"(?=.{1,253}\.?$)(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 
-NAME_PATTERN = re.compile(r"\A[^\s\x00-\x1f\x7f]{1,200}\Z")
+# \x85 and \ufeff spelled out: Python's \s has the first and lacks the second, JSON Schema's (ECMA 262)
+# the other way round, and /openapi.json gives this pattern to clients.
+NAME_PATTERN = re.compile(r"\A[^\s\x00-\x1f\x7f\x85\ufeff]{1,200}\Z")
 MAX_ITEMS = 256
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -117,7 +119,10 @@ class ServerOptionsSchema(Schema):
 class RegisterSchema(ServerIdSchema, ServerOptionsSchema):
     """The body of `POST /webhook/register`."""
 
-    ip = fields.String(required=True)
+    ip = fields.String(
+        required=True,
+        metadata={"anyOf": [{"format": "ipv4"}, {"format": "ipv6"}, {"format": "hostname"}]},  # for /openapi.json
+    )
     port = Port(required=True)
     monitor_port = Port(load_default=None)
     monitor_url = fields.String(load_default=None)
@@ -136,9 +141,14 @@ class RegisterSchema(ServerIdSchema, ServerOptionsSchema):
         """An http(s) URL of the host's resource monitor, held to the same address rules."""
         if value is None:
             return
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-            raise ValidationError("must be an http:// or https:// URL with a host, e.g. http://10.0.0.5:8006.")
+        malformed = "must be an http:// or https:// URL with a host, e.g. http://10.0.0.5:8006."
+        try:
+            parts = urlsplit(value)
+            port = parts.port  # ValueError for a port that is not a number up to 65535
+        except ValueError:  # "http://[" (an unclosed IPv6 bracket), "http://h:99999"
+            raise ValidationError(malformed) from None
+        if parts.scheme not in ("http", "https") or not parts.hostname or port == 0 or parts.query or parts.fragment:
+            raise ValidationError(malformed)
         if parts.username or parts.password:
             raise ValidationError("may not carry credentials.")
         check_backend_address(parts.hostname, self.allowed_networks)
@@ -151,6 +161,16 @@ class RegisterSchema(ServerIdSchema, ServerOptionsSchema):
             raise ValidationError("give monitor_port or monitor_url, not both.", "monitor_port")
         data["monitor_url"] = url.rstrip("/") if url else (server_url(data["ip"], port) if port else None)
         return data
+
+
+class ModelRequestSchema(Schema):
+    """An OpenAI or Ollama body as llm.py reads it: `model` (or, for /api/show, `name`); the rest passes on."""
+
+    model = fields.String(required=True, validate=validate.Length(min=1))
+    stream = fields.Boolean()
+
+    class Meta:
+        unknown = INCLUDE
 
 
 def check_backend_address(host: str, allowed_networks: Sequence[Network] = ()) -> None:

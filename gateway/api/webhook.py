@@ -41,7 +41,10 @@ def count_result(response: Response) -> Response:
 def json_body() -> dict[str, Any] | Response:
     """The request's JSON object, or a 400 reply saying what is wrong with it."""
     read_body(MAX_BODY_BYTES)  # webhook bodies are small: 413 for a larger one, chunked too
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # silent covers ValueError only; json recurses once per level of nesting
+        return error_response(400, "the body is nested too deeply to parse as JSON")
     if body is None:
         return error_response(400, "the body must be JSON (Content-Type: application/json)")
     if not isinstance(body, dict):

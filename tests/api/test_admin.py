@@ -307,7 +307,7 @@ BAD_OPTIONS = [
     ],
     *[
         pytest.param({"models": v}, "models", id=f"models-{v!r}")
-        for v in ("m1", [""], ["a b"], [1], ["x" * 201], {"a": "b"}, None, ["m"] * 257)
+        for v in ("m1", [""], ["a b"], ["a\x85b"], ["\ufeffm"], [1], ["x" * 201], {"a": "b"}, None, ["m"] * 257)
     ],
     *[
         pytest.param({"model_map": v}, "model_map", id=f"model-map-{str(v)[:20]}")

@@ -129,6 +129,23 @@ def test_model_map_rewrites_the_model_and_keeps_the_rest(live_gateway, fake_llm_
     assert sent["raw"] == json.dumps(sent["body"], ensure_ascii=False, separators=(",", ":")).encode()
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/generate"])
+def test_a_mapped_model_with_a_lone_surrogate_in_the_body_keeps_it_escaped(live_gateway, fake_llm_servers, path):
+    gateway = live_gateway()
+    box = fake_llm_servers("B1", models=["llama3:8b"])
+    register(gateway, box, model_map={"chat-default": "llama3:8b"})
+    raw = (
+        b'{"model": "chat-default", "prompt": "a\\ud800b \xe2\x9c\x93", "stream": false}'  # valid JSON, no UTF-8 for it
+    )
+
+    response = requests.post(gateway.url + path, data=raw, headers={"Content-Type": "application/json"}, timeout=5)
+
+    assert response.status_code == 200, response.text  # was a 500: UnicodeEncodeError
+    sent = box.requests_to(path)[-1]
+    assert sent["body"] == {"model": "llama3:8b", "prompt": "a\ud800b \u2713", "stream": False}
+    assert b"\\ud800" in sent["raw"]
+
+
 def test_an_unmapped_model_is_forwarded_byte_for_byte(live_gateway, fake_llm_servers):
     gateway = live_gateway()
     box = fake_llm_servers("B1", models=["qwen2:7b", "llama3:8b"])

@@ -479,6 +479,23 @@ def test_a_body_that_is_not_a_json_object_is_400(client, app, registered, path, 
     assert stored(app) == registered[1]
 
 
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        ("/webhook/register", {}),  # the body is read before the secret, which it may carry
+        ("/webhook/unregister", {}),
+        ("/admin/servers", AUTH),
+    ],
+)
+def test_a_body_nested_too_deeply_is_400_naming_the_problem(client, app, registered, path, headers):
+    response = client.post(path, data=b"[" * 30_000, content_type="application/json", headers=headers)
+
+    body = assert_error(response, 400)
+    assert "nested too deeply" in body["message"]
+    assert servers(client) == registered[0]
+    assert stored(app) == registered[1]
+
+
 def padded_body(size: int) -> bytes:
     """A valid registration body of exactly `size` bytes, padded with trailing spaces."""
     body = json.dumps({"server_id": "B2", "ip": "127.0.0.1", "port": 9000, "secret": SECRET}).encode()
@@ -853,6 +870,11 @@ def test_register_with_a_resource_monitor(client, manager, extra, monitor_url):
         ({"monitor_url": "ftp://h:1"}, "monitor_url"),
         ({"monitor_url": "http://169.254.169.254/latest"}, "monitor_url"),
         ({"monitor_url": "http://u:p@h:1"}, "monitor_url"),
+        ({"monitor_url": "http://["}, "monitor_url"),  # urlsplit raises ValueError: was a 500
+        ({"monitor_url": "http://[::1"}, "monitor_url"),
+        ({"monitor_url": "http://127.0.0.1:99999"}, "monitor_url"),
+        ({"monitor_url": "http://127.0.0.1:x"}, "monitor_url"),
+        ({"monitor_url": "http://127.0.0.1:0"}, "monitor_url"),
         ({"monitor_port": 8006, "monitor_url": "http://127.0.0.1:8006"}, "monitor_port"),
     ],
 )

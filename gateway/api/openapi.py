@@ -1,0 +1,296 @@
+"""GET /openapi.json: the gateway's own API as OpenAPI 3.1, built once per app from its routes and schemas.
+
+Paths come from the app's URL map, so only routes the app has are described (the LLM routes
+when LLM_ROUTES is on, each configured proxy prefix). Bodies and replies come from the
+marshmallow schemas in schemas.py and replies.py, through apispec's MarshmallowPlugin.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+from apispec import APISpec
+from apispec.ext.marshmallow import MarshmallowPlugin
+from flask import Blueprint, Flask, Response, current_app
+from marshmallow import fields
+
+from gateway.api import admin, dashboard, llm, replies, status, webhook
+from gateway.api.schemas import (
+    NAME_PATTERN,
+    Count,
+    ModelRequestSchema,
+    Name,
+    Port,
+    RegisterSchema,
+    ServerIdSchema,
+    ServerOptionsSchema,
+)
+from gateway.observability import metrics
+from gateway.proxy import views
+
+JSON = "application/json"
+RULE_ARGUMENT = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")  # werkzeug's <converter:name>
+# JSON Schema's integer takes 8000.0 too, which the gateway refuses, as it refuses true for 1.
+WHOLE_NUMBER = "a JSON integer written without a fraction or exponent (8000, not 8000.0)"
+PASSED_THROUGH = {"default": {"description": "the GPU server's answer, passed through as it sent it"}}
+
+bp = Blueprint("openapi", __name__)
+
+SECURITY_SCHEMES = {
+    "webhookSecret": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-Webhook-Secret",
+        "description": "WEBHOOK_SECRET, which every GPU server holds. /webhook/register and /webhook/unregister"
+        " also take it in the body's `secret` field, as the seed's clients send it.",
+    },
+    "webhookBearer": {"type": "http", "scheme": "bearer", "description": "WEBHOOK_SECRET as a Bearer token."},
+    "webhookQuery": {
+        "type": "apiKey",
+        "in": "query",
+        "name": "secret",
+        "description": "WEBHOOK_SECRET in the URL: GET /webhook/servers only, for the seed's clients.",
+    },
+    "adminToken": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "ADMIN_TOKEN as a Bearer token. While ADMIN_TOKEN is unset, the webhook secret"
+        " (X-Webhook-Secret or Bearer) opens the admin endpoints instead.",
+    },
+    "metricsToken": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "METRICS_TOKEN as a Bearer token; /metrics is open while it is unset.",
+    },
+    "dashboardSession": {
+        "type": "apiKey",
+        "in": "cookie",
+        "name": "session",
+        "description": "The signed cookie that POST /dashboard/login sets.",
+    },
+}
+OPEN: list[dict[str, list[str]]] = []
+WEBHOOK: list[dict[str, list[str]]] = [{"webhookSecret": []}, {"webhookBearer": []}]
+ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}, {"webhookSecret": []}]
+
+ERROR_RESPONSES = {
+    400: ("BadRequest", "The body is not a JSON object, or a field is invalid (`errors` names each)."),
+    401: ("Unauthorized", "The credential is missing or wrong; `message` says where to send it."),
+    404: ("NotFound", "No server is registered under that id."),
+    413: ("PayloadTooLarge", "The body is over the limit of 64 KiB."),
+    503: ("NotSaved", "The change could not be saved to disk; try again after Retry-After seconds."),
+}
+
+
+def reply(schema: Any, description: str = "OK") -> dict[str, Any]:
+    """A JSON response with `schema`."""
+    return {"description": description, "content": {JSON: {"schema": schema}}}
+
+
+def json_body(schema: Any) -> dict[str, Any]:
+    """A required JSON request body with `schema`."""
+    return {"required": True, "content": {JSON: {"schema": schema}}}
+
+
+def operation(tag: str, security: list[Any], ok: dict[str, Any], *errors: int, **extra: Any) -> dict[str, Any]:
+    """One operation: its 200 reply, the shared error replies it can give, and anything else it names."""
+    responses = {"200": ok, **{str(code): ERROR_RESPONSES[code][0] for code in errors}}
+    return {"tags": [tag], "security": security, "responses": responses, **extra}
+
+
+def admin_operation(ok: Any, *errors: int, **extra: Any) -> dict[str, Any]:
+    """An /admin operation: the admin credential, and a 401 without it."""
+    return operation("admin", ADMIN, reply(ok), 401, *errors, **extra)
+
+
+def llm_operation(summary: str) -> dict[str, Any]:
+    """An LLM request routed by its model; what comes back is the GPU server's."""
+    return {
+        "tags": ["llm"],
+        "summary": summary,
+        "security": OPEN,
+        "requestBody": json_body(ModelRequestSchema),
+        "responses": PASSED_THROUGH,
+        "description": "Routed to a server that has the model; its answer streams back as sent. The gateway's"
+        " own errors (400 for a body without a model, 404 for an unknown model, 413, 502, 503, 504) come"
+        " in this API's error shape.",
+    }
+
+
+def proxied_operations() -> dict[str, dict[str, Any]]:
+    """A proxied prefix: any method, passed to a healthy server with the request as sent."""
+    body = {"required": False, "content": {JSON: {"schema": {}}}}
+    described = {
+        "tags": ["proxy"],
+        "security": OPEN,
+        "responses": PASSED_THROUGH,
+        "description": "Forwarded to the next healthy server, path, query, body and headers as sent. When no"
+        " server can take it the gateway answers 502, 503 or 504 in its error shape.",
+    }
+    return {
+        method: {**described, **({"requestBody": body} if method in ("post", "put", "patch") else {})}
+        for method in ("get", "post", "put", "patch", "delete")
+    }
+
+
+# At least one option: an empty change is a 400 that says so.
+OPTIONS_CHANGE = admin_operation(
+    replies.ServerReplySchema,
+    400,
+    404,
+    503,
+    requestBody=json_body({"allOf": [ServerOptionsSchema], "minProperties": 1}),
+)
+OPERATIONS: dict[Callable[..., Any], dict[str, dict[str, Any]]] = {
+    webhook.register: {
+        "post": operation(
+            "webhook",
+            WEBHOOK,
+            reply(replies.RegisterReplySchema),
+            400,
+            401,
+            413,
+            503,
+            requestBody=json_body(RegisterSchema),
+        )
+    },
+    webhook.unregister: {
+        "post": operation(
+            "webhook",
+            WEBHOOK,
+            reply(replies.UnregisterReplySchema),
+            400,
+            401,
+            404,
+            413,
+            503,
+            requestBody=json_body(ServerIdSchema),
+        )
+    },
+    webhook.list_servers: {
+        "get": operation("webhook", [*WEBHOOK, {"webhookQuery": []}], reply(replies.FleetReplySchema), 401)
+    },
+    admin.list_servers: {"get": admin_operation(replies.ServerListReplySchema)},
+    admin.add_server: {
+        "post": {
+            **admin_operation(replies.ServerReplySchema, 400, 413, 503, requestBody=json_body("AdminRegister")),
+            "responses": {
+                "200": reply(replies.ServerReplySchema, "The server was registered already and is updated."),
+                "201": reply(replies.ServerReplySchema, "The server is registered."),
+                **{str(code): ERROR_RESPONSES[code][0] for code in (400, 401, 413, 503)},
+            },
+        }
+    },
+    admin.get_server: {"get": admin_operation(replies.ServerReplySchema, 404)},
+    admin.update_server: {"patch": OPTIONS_CHANGE, "put": OPTIONS_CHANGE},
+    admin.delete_server: {"delete": admin_operation(replies.UnregisterReplySchema, 404, 503)},
+    admin.drain_server: {"post": admin_operation(replies.ServerReplySchema, 404, 503)},
+    admin.enable_server: {"post": admin_operation(replies.ServerReplySchema, 404, 503)},
+    admin.priority_check: {"get": admin_operation(replies.PriorityCheckReplySchema)},
+    admin.priority_overview: {"get": admin_operation(replies.PriorityOverviewReplySchema)},
+    admin.rankings: {"get": admin_operation(replies.RankingsReplySchema)},
+    status.health: {"get": operation("status", OPEN, reply(replies.HealthSchema))},
+    status.status: {"get": operation("status", ADMIN, reply(replies.StatusReplySchema), 401)},
+    metrics.scrape: {
+        "get": operation(
+            "status",
+            [{}, {"metricsToken": []}],
+            {"description": "The Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}},
+            401,
+        )
+    },
+    dashboard.data: {
+        "get": operation("dashboard", [{"dashboardSession": []}], reply(replies.DashboardReplySchema), 401)
+    },
+    llm.openai_models_view: {"get": operation("llm", OPEN, reply(replies.OpenAIModelListSchema))},
+    llm.ollama_tags_view: {"get": operation("llm", OPEN, reply(replies.OllamaTagsSchema))},
+    llm.openai_view: {"post": llm_operation("OpenAI API, routed by the body's model")},
+    llm.ollama_view: {"post": llm_operation("Ollama API, routed by the body's model")},
+    views.proxy_view: proxied_operations(),
+}
+
+
+@bp.get("/openapi.json")
+def openapi_json() -> Response:
+    """This API as OpenAPI 3.1."""
+    return current_app.response_class(current_app.extensions["openapi"], mimetype=JSON)
+
+
+OPERATIONS[openapi_json] = {"get": operation("status", OPEN, reply({"type": "object"}, "This document."))}
+
+
+def build_spec(app: Flask) -> dict[str, Any]:
+    """The OpenAPI document of every route of `app` that OPERATIONS describes."""
+    plugin = MarshmallowPlugin()
+    spec = APISpec(
+        title="GPU Gateway",
+        version=app.config["GATEWAY_VERSION"],
+        openapi_version="3.1.0",
+        plugins=[plugin],
+        info={"description": "One stable address in front of a changing fleet of GPU servers."},
+    )
+    assert plugin.converter is not None  # set by APISpec's init_spec
+    plugin.converter.add_attribute_function(field_properties)
+    spec.components.schema("Error", schema=replies.ErrorSchema)
+    spec.components.schema("AdminRegister", schema=RegisterSchema(exclude=("secret",)))  # the secret goes in a header
+    for name, description in ERROR_RESPONSES.values():
+        spec.components.response(name, reply("Error", description))
+    for scheme, definition in SECURITY_SCHEMES.items():
+        spec.components.security_scheme(scheme, definition)
+    for rule in sorted(app.url_map.iter_rules(), key=lambda rule: rule.rule):
+        described = OPERATIONS.get(app.view_functions[rule.endpoint], {})
+        methods = {method.lower() for method in rule.methods or ()}
+        operations = {method: copy.deepcopy(op) for method, op in described.items() if method in methods}
+        if not operations:
+            continue
+        path = RULE_ARGUMENT.sub(r"{\1}", rule.rule)
+        summary = (app.view_functions[rule.endpoint].__doc__ or "").strip().splitlines()[0]
+        parameters = [
+            {"name": name, "in": "path", "required": True, "schema": path_schema(name)} for name in rule.arguments
+        ]
+        for method, op in operations.items():
+            op.setdefault("summary", summary)
+            op["operationId"] = re.sub(r"\W+", "_", f"{method}{path}").strip("_")
+        spec.path(path=path, operations=operations, parameters=parameters)
+    return spec.to_dict()
+
+
+def path_schema(name: str) -> dict[str, Any]:
+    """A path parameter's schema; the proxied `path` may be empty."""
+    return {"type": "string"} if name == "path" else {"type": "string", "minLength": 1}
+
+
+def field_properties(self: Any, field: fields.Field, ret: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    """The bounds of the gateway's own field types, and patterns in JSON Schema's regex dialect."""
+    found: dict[str, Any] = {}
+    if isinstance(field, Port):
+        found = {"minimum": 1, "maximum": 65535, "description": f"{WHOLE_NUMBER}, or a string of its digits"}
+    elif isinstance(field, Count):
+        found = {"minimum": field.low, "maximum": field.high, "description": WHOLE_NUMBER}
+    elif isinstance(field, Name):  # its check is in code, not a Regexp validator apispec could read
+        found = {"pattern": ecma_pattern(NAME_PATTERN.pattern)}
+    elif isinstance(field, fields.Dict):
+        if isinstance(field.key_field, Name):
+            found["propertyNames"] = {"pattern": ecma_pattern(NAME_PATTERN.pattern)}
+        # apispec gives a Length validator's bounds as maxLength, which says nothing of an object
+        for bound in ("minLength", "maxLength"):
+            if bound in ret:
+                found[bound.replace("Length", "Properties")] = ret.pop(bound)
+    if "pattern" in ret:
+        found["pattern"] = ecma_pattern(ret["pattern"])
+    return found
+
+
+def ecma_pattern(pattern: str) -> str:
+    """A whole-string Python pattern in ECMA 262's dialect, which JSON Schema uses: ^ and $ for \\A and \\Z."""
+    return pattern.replace(r"\A", "^").replace(r"\Z", "$")
+
+
+def init_app(app: Flask) -> None:
+    """Add /openapi.json and build its document; call after every other route is added."""
+    app.register_blueprint(bp)
+    app.extensions["openapi"] = json.dumps(build_spec(app), ensure_ascii=False)

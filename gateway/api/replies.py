@@ -1,0 +1,257 @@
+"""The shapes of the gateway's JSON replies, as marshmallow schemas that /openapi.json describes.
+
+The views build their replies as plain dicts; these schemas document them, and the fuzz test
+(tests/api/test_openapi_fuzz.py) checks every reply of a live gateway against them. Like every
+marshmallow schema they allow no undeclared field (additionalProperties: false), so a field
+added to a reply must be added here too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from marshmallow import Schema, fields
+
+from gateway.api.schemas import ServerOptionsSchema
+
+NULLABLE: dict[str, Any] = {"allow_none": True, "required": True}
+
+
+class ErrorSchema(Schema):
+    """Every error the gateway makes itself: `{"success": false, "message": ..., "errors": ...}`."""
+
+    success = fields.Boolean(required=True, metadata={"enum": [False]})
+    message = fields.String(required=True)
+    errors = fields.Raw(**NULLABLE, metadata={"description": "each field's messages for a 400; null otherwise"})
+
+
+class SuccessSchema(Schema):
+    """A reply that succeeded."""
+
+    success = fields.Boolean(required=True, metadata={"enum": [True]})
+    message = fields.String()
+
+
+class AddressSchema(Schema):
+    """A server's id and where it is."""
+
+    server_id = fields.String(required=True)
+    ip = fields.String(required=True)
+    port = fields.Integer(required=True)
+    url = fields.String(required=True)
+
+
+class RegisterReplySchema(SuccessSchema, AddressSchema, ServerOptionsSchema):
+    """The reply to a registration: the server's address and its routing options."""
+
+    monitor_url = fields.String(metadata={"description": "present when the server has a resource monitor"})
+
+
+class UnregisterReplySchema(SuccessSchema):
+    """The reply to an unregistration."""
+
+    server_id = fields.String(required=True)
+
+
+class ServerRowSchema(AddressSchema, ServerOptionsSchema):
+    """One server as the gateway shows it: the seed's fields, its options and its routing state."""
+
+    is_healthy = fields.Boolean(required=True)
+    fail_count = fields.Integer(required=True)
+    last_check_time = fields.String(**NULLABLE)
+    last_used_time = fields.String(**NULLABLE)
+    monitor_url = fields.String(**NULLABLE)
+    health_changed_time = fields.String(**NULLABLE)
+    draining = fields.Boolean(required=True)
+    discovered_models = fields.List(fields.String(), required=True)
+    in_flight = fields.Integer(required=True)
+    ejected = fields.Boolean(required=True)
+    ejection_seconds_left = fields.Float(**NULLABLE)
+    effective_weight = fields.Float(required=True)
+    served_models = fields.List(fields.String(), required=True)
+    resources = fields.Dict(**NULLABLE, metadata={"description": "the latest resource monitor reading, if any"})
+
+
+class FleetSchema(Schema):
+    """The seed's `/webhook/servers` data: counts, the health job's state and every server."""
+
+    total_servers = fields.Integer(required=True)
+    healthy_servers = fields.Integer(required=True)
+    unhealthy_servers = fields.Integer(required=True)
+    health_check_running = fields.Boolean(required=True)
+    servers = fields.List(fields.Nested(ServerRowSchema), required=True)
+
+
+class FleetReplySchema(SuccessSchema):
+    """`GET /webhook/servers`."""
+
+    data = fields.Nested(FleetSchema, required=True)
+
+
+class ServerListSchema(Schema):
+    """Every server with its options, load and state."""
+
+    servers = fields.List(fields.Nested(ServerRowSchema), required=True)
+
+
+class ServerListReplySchema(SuccessSchema):
+    """`GET /admin/servers`."""
+
+    data = fields.Nested(ServerListSchema, required=True)
+
+
+class ServerReplySchema(SuccessSchema):
+    """One server, after a change or on its own."""
+
+    data = fields.Nested(ServerRowSchema, required=True)
+
+
+class TierServerSchema(Schema):
+    """A server of a tier that serves the model asked about."""
+
+    server_id = fields.String(required=True)
+    actual_model = fields.String(required=True)
+    state = fields.String(
+        required=True, metadata={"enum": ["available", "unhealthy", "draining", "ejected", "at_capacity"]}
+    )
+    weight = fields.Integer(required=True)
+    in_flight = fields.Integer(required=True)
+    max_concurrent = fields.Integer(required=True)
+
+
+class TierCheckSchema(Schema):
+    """One priority tier's servers for a model."""
+
+    priority = fields.Integer(required=True)
+    servers = fields.List(fields.Nested(TierServerSchema), required=True)
+
+
+class PriorityCheckSchema(Schema):
+    """Which tier and which servers would serve a model now."""
+
+    model = fields.String(required=True)
+    known = fields.Boolean(required=True)
+    serving_tier = fields.Integer(**NULLABLE)
+    tiers = fields.List(fields.Nested(TierCheckSchema), required=True)
+
+
+class PriorityCheckReplySchema(SuccessSchema):
+    """`GET /admin/server-priority/check/{model}`."""
+
+    data = fields.Nested(PriorityCheckSchema, required=True)
+
+
+class TierSchema(Schema):
+    """One priority tier: its servers, how many can take work, the models it serves."""
+
+    priority = fields.Integer(required=True)
+    servers = fields.List(fields.String(), required=True)
+    available = fields.Integer(required=True)
+    models = fields.List(fields.String(), required=True)
+
+
+class PriorityOverviewSchema(Schema):
+    """Every priority tier, preferred first."""
+
+    tiers = fields.List(fields.Nested(TierSchema), required=True)
+
+
+class PriorityOverviewReplySchema(SuccessSchema):
+    """`GET /admin/server-priority/overview`."""
+
+    data = fields.Nested(PriorityOverviewSchema, required=True)
+
+
+class RankingSchema(Schema):
+    """A server's load score; null without a fresh resource reading."""
+
+    server_id = fields.String(required=True)
+    is_healthy = fields.Boolean(required=True)
+    score = fields.Float(**NULLABLE)
+    resources = fields.Dict(**NULLABLE)
+
+
+class RankingsSchema(Schema):
+    """Servers by load score, lowest first, with the weights and policy in force."""
+
+    weights = fields.Dict(keys=fields.String(), values=fields.Float(), required=True)
+    policy = fields.String(required=True)
+    servers = fields.List(fields.Nested(RankingSchema), required=True)
+
+
+class RankingsReplySchema(SuccessSchema):
+    """`GET /admin/rankings`."""
+
+    data = fields.Nested(RankingsSchema, required=True)
+
+
+class HealthSchema(Schema):
+    """`GET /health`: the gateway itself is serving."""
+
+    status = fields.String(required=True, metadata={"enum": ["ok"]})
+    version = fields.String(required=True)
+    uptime_s = fields.Float(required=True)
+
+
+class HealthJobSchema(Schema):
+    """The health sweep's schedule and its latest run."""
+
+    running = fields.Boolean(required=True)
+    interval_s = fields.Float(required=True)
+    last_sweep = fields.Dict(**NULLABLE, metadata={"description": "time and duration_s of the latest sweep"})
+
+
+class StatusSchema(Schema):
+    """Version, uptime, policy, the health job, server counts and request totals."""
+
+    version = fields.String(required=True)
+    uptime_s = fields.Float(required=True)
+    routing_policy = fields.String(required=True)
+    health_check = fields.Nested(HealthJobSchema, required=True)
+    servers = fields.Dict(keys=fields.String(), values=fields.Integer(), required=True)
+    requests = fields.Dict(required=True, metadata={"description": "total, and by_status_class ('2xx': n, ...)"})
+
+
+class StatusReplySchema(SuccessSchema):
+    """`GET /status`."""
+
+    data = fields.Nested(StatusSchema, required=True)
+
+
+class DashboardReplySchema(SuccessSchema):
+    """`GET /dashboard/data`: summary counters and one row per server, for the dashboard's page."""
+
+    data = fields.Dict(required=True)
+
+
+class OpenAIModelSchema(Schema):
+    """A model in OpenAI's list shape."""
+
+    id = fields.String(required=True)
+    object = fields.String(required=True, metadata={"enum": ["model"]})
+    created = fields.Integer(required=True)
+    owned_by = fields.String(required=True)
+
+
+class OpenAIModelListSchema(Schema):
+    """`GET /v1/models`: every model some server can take work for now."""
+
+    object = fields.String(required=True, metadata={"enum": ["list"]})
+    data = fields.List(fields.Nested(OpenAIModelSchema), required=True)
+
+
+class OllamaModelSchema(Schema):
+    """A model in Ollama's /api/tags shape."""
+
+    name = fields.String(required=True)
+    model = fields.String(required=True)
+    modified_at = fields.String(required=True)
+    size = fields.Integer(required=True)
+    digest = fields.String(required=True)
+    details = fields.Dict(required=True)
+
+
+class OllamaTagsSchema(Schema):
+    """`GET /api/tags`: every model some server can take work for now."""
+
+    models = fields.List(fields.Nested(OllamaModelSchema), required=True)

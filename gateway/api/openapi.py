@@ -31,6 +31,7 @@ from gateway.api.schemas import (
 )
 from gateway.observability import metrics
 from gateway.proxy import views
+from gateway.proxy.forwarding import SESSION_COOKIE
 
 JSON = "application/json"
 RULE_ARGUMENT = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")  # werkzeug's <converter:name>
@@ -69,7 +70,7 @@ SECURITY_SCHEMES = {
     "dashboardSession": {
         "type": "apiKey",
         "in": "cookie",
-        "name": "session",
+        "name": SESSION_COOKIE,
         "description": "The signed cookie that POST /dashboard/login sets.",
     },
 }

@@ -19,6 +19,8 @@ import pytest
 import requests
 from conftest import ROOT, SECRET
 
+from gateway.proxy.forwarding import SESSION_COOKIE
+
 pytestmark = pytest.mark.slow
 
 HOOKS = ROOT / "tests/api/fuzz_hooks.py"
@@ -32,7 +34,7 @@ def credentials(url: str) -> list[str]:
     """Headers for every request: the webhook secret, and a dashboard login's session cookie."""
     login = requests.post(f"{url}/dashboard/login", data={"secret": SECRET}, allow_redirects=False, timeout=5)
     assert login.status_code == 303, login.text
-    cookie = f"Cookie: session={login.cookies['session']}"
+    cookie = f"Cookie: {SESSION_COOKIE}={login.cookies[SESSION_COOKIE]}"
     return [
         "--header",
         f"X-Webhook-Secret: {SECRET}",

@@ -15,12 +15,17 @@ T = TypeVar("T")
 ROUTING_POLICIES = ("round_robin", "least_connections", "least_load")
 MODEL_DISCOVERY_MODES = ("auto", "ollama", "openai", "off")
 
+GENERATE_COMMAND = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 SETUP_HELP = (
     "WEBHOOK_SECRET is not set. The gateway needs the preset secret that GPU servers send "
     "when they register. Set it, for example:\n"
-    "    export WEBHOOK_SECRET=\"$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')\"\n"
+    f'    export WEBHOOK_SECRET="$({GENERATE_COMMAND})"\n'
     "or start the gateway with `make run`, which generates one for you."
 )
+# A secret any shorter can be guessed, and the log redaction blanks out every occurrence of it:
+# with WEBHOOK_SECRET=s, each letter "s" in the logs became [REDACTED].
+MIN_SECRET_LENGTH = 16
+SECRET_SETTINGS = {"webhook_secret": "WEBHOOK_SECRET", "admin_token": "ADMIN_TOKEN", "metrics_token": "METRICS_TOKEN"}
 
 
 class ConfigError(ValueError):
@@ -124,6 +129,7 @@ class Config:
             "llm_routes": reader.get("LLM_ROUTES", cls.llm_routes, _boolean),
         }
         values.update(overrides)
+        _check_secret_lengths(values)
         if values["health_check_timeout"] >= values["health_check_interval"]:
             raise ConfigError(
                 f"HEALTH_CHECK_TIMEOUT ({values['health_check_timeout']:g}) must be below "
@@ -135,6 +141,16 @@ class Config:
                 f"OUTLIER_BASE_EJECTION_SECONDS ({values['outlier_base_ejection_seconds']:g})."
             )
         return cls(**values)
+
+
+def _check_secret_lengths(values: Mapping[str, Any]) -> None:
+    for key, name in SECRET_SETTINGS.items():
+        value = values[key]
+        if value and len(value) < MIN_SECRET_LENGTH:
+            raise ConfigError(
+                f"{name} is {len(value)} characters long; it must have at least {MIN_SECRET_LENGTH}. "
+                f"Make one with: {GENERATE_COMMAND}"
+            )
 
 
 class _Reader:

@@ -2,45 +2,19 @@
 
 from __future__ import annotations
 
-import ipaddress
 import re
-import socket
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates
 
+from gateway.fleet import addresses
+from gateway.fleet.addresses import SERVER_ID_PATTERN, Network
 from gateway.fleet.server import server_url
-
-SERVER_ID_PATTERN = re.compile(r"\A[A-Za-z0-9_.-]{1,64}\Z")
-# RFC 1123 host names: labels of 1-63 letters, digits and inner hyphens, 253 characters in all.
-HOSTNAME_PATTERN = re.compile(r"(?=.{1,253}\.?$)(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 
 NAME_PATTERN = re.compile(r"\A[^\s\x00-\x1f\x7f]{1,200}\Z")
 MAX_ITEMS = 256
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-# A cloud metadata service (169.254.169.254; AWS's IPv6 one is fd00:ec2::254) must never
-# become a backend, nor may "this host", broadcast or a multicast group.
-BLOCKED_NETWORKS: tuple[Network, ...] = tuple(
-    ipaddress.ip_network(net)
-    for net in (
-        "0.0.0.0/8",
-        "169.254.0.0/16",
-        "100.100.100.200/32",  # Alibaba Cloud's metadata service
-        "224.0.0.0/4",
-        "255.255.255.255/32",
-        "fe80::/10",
-        "ff00::/8",
-        "::/128",
-        "fd00:ec2::254/128",
-    )
-)
-# IPv6 forms that carry an IPv4 address in their last 32 bits: NAT64 and the old "compatible".
-IPV4_CARRIERS = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("::/96"))
 
 
 class Port(fields.Integer):
@@ -156,43 +130,6 @@ class RegisterSchema(ServerIdSchema, ServerOptionsSchema):
 def check_backend_address(host: str, allowed_networks: Sequence[Network] = ()) -> None:
     """Raise ValidationError unless `host` may be a backend."""
     try:
-        addresses: list[IPAddress] = [ipaddress.ip_address(host)]
-    except ValueError:
-        if not HOSTNAME_PATTERN.fullmatch(host):
-            raise ValidationError("must be an IPv4 or IPv6 address or a DNS name.") from None
-        addresses = _resolve(host)
-    for address in addresses:
-        _check_address(host, address, allowed_networks)
-
-
-def _resolve(host: str) -> list[IPAddress]:
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except (socket.gaierror, UnicodeError):
-        raise ValidationError(f"the name {host!r} does not resolve.") from None
-    return [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
-
-
-def _check_address(host: str, address: IPAddress, allowed: Sequence[Network]) -> None:
-    if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
-        raise ValidationError(f"{host}: IPv6 zone ids are not supported; register a routable address.")
-    for plain in _with_embedded_ipv4(address):
-        shown = host if str(plain) == host else f"{host} ({plain})"
-        if plain.is_multicast or any(plain in net for net in BLOCKED_NETWORKS if net.version == plain.version):
-            raise ValidationError(
-                f"{shown} is a link-local, metadata, broadcast, multicast or unspecified address"
-                " and may not be a backend."
-            )
-    plain = _with_embedded_ipv4(address)[-1]
-    if allowed and not any(plain in net for net in allowed if net.version == plain.version):
-        raise ValidationError(f"{host} is outside ALLOWED_BACKEND_NETWORKS.")
-
-
-def _with_embedded_ipv4(address: IPAddress) -> list[IPAddress]:
-    """The address, then the IPv4 address it carries (mapped, NAT64, compatible, 6to4), if any."""
-    if not isinstance(address, ipaddress.IPv6Address):
-        return [address]
-    carried = address.ipv4_mapped or address.sixtofour
-    if carried is None and address != ipaddress.IPv6Address("::1") and any(address in n for n in IPV4_CARRIERS):
-        carried = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-    return [address, carried] if carried is not None else [address]
+        addresses.check_backend_address(host, allowed_networks)
+    except addresses.AddressError as exc:
+        raise ValidationError(str(exc)) from None

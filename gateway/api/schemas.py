@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates
 
@@ -103,19 +103,16 @@ class RegisterSchema(ServerIdSchema, ServerOptionsSchema):
     @validates("ip")
     def validate_ip(self, value: str, **kwargs: Any) -> None:
         """An IPv4/IPv6 address or DNS name that is not (and does not resolve to) a blocked address."""
-        check_backend_address(value, self.allowed_networks)
+        with address_rules():
+            addresses.check_backend_address(value, self.allowed_networks)
 
     @validates("monitor_url")
     def validate_monitor_url(self, value: str | None, **kwargs: Any) -> None:
         """An http(s) URL of the host's resource monitor, held to the same address rules."""
         if value is None:
             return
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-            raise ValidationError("must be an http:// or https:// URL with a host, e.g. http://10.0.0.5:8006.")
-        if parts.username or parts.password:
-            raise ValidationError("may not carry credentials.")
-        check_backend_address(parts.hostname, self.allowed_networks)
+        with address_rules():
+            addresses.check_monitor_url(value, self.allowed_networks)
 
     @post_load
     def resolve_monitor(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
@@ -127,9 +124,10 @@ class RegisterSchema(ServerIdSchema, ServerOptionsSchema):
         return data
 
 
-def check_backend_address(host: str, allowed_networks: Sequence[Network] = ()) -> None:
-    """Raise ValidationError unless `host` may be a backend."""
+@contextlib.contextmanager
+def address_rules() -> Iterator[None]:
+    """Turn the fleet's AddressError into the field's ValidationError."""
     try:
-        addresses.check_backend_address(host, allowed_networks)
+        yield
     except addresses.AddressError as exc:
         raise ValidationError(str(exc)) from None

@@ -6,6 +6,7 @@ import ipaddress
 import re
 import socket
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 SERVER_ID_PATTERN = re.compile(r"\A[A-Za-z0-9_.-]{1,64}\Z")
 # RFC 1123 host names: labels of 1-63 letters, digits and inner hyphens, 253 characters in all.
@@ -50,6 +51,16 @@ def check_backend_address(host: str, allowed_networks: Sequence[Network] = (), r
         addresses = resolve_host(host)
     for address in addresses:
         _check_address(host, address, allowed_networks)
+
+
+def check_monitor_url(url: str, allowed_networks: Sequence[Network] = (), resolve: bool = True) -> None:
+    """Raise AddressError unless `url` may be a resource monitor's: http(s), a host held to the backend rules."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise AddressError("must be an http:// or https:// URL with a host, e.g. http://10.0.0.5:8006.")
+    if parts.username or parts.password:
+        raise AddressError("may not carry credentials.")
+    check_backend_address(parts.hostname, allowed_networks, resolve)
 
 
 def resolve_host(host: str) -> list[IPAddress]:

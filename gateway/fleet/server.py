@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
+from gateway.fleet.addresses import SERVER_ID_PATTERN, AddressError, check_backend_address, check_monitor_url
+
 
 def now_iso() -> str:
     """The current UTC time as ISO 8601, as the state file stores it."""
@@ -61,13 +63,28 @@ class BackendServer:
         return entry
 
     @classmethod
-    def from_dict(cls, entry: dict[str, Any]) -> BackendServer:
-        """Rebuild a server from the state file; raise ValueError on a malformed entry."""
+    def from_dict(cls, entry: Any) -> BackendServer:
+        """Rebuild a server from the state file, held to the rules a registration is; ValueError if bad.
+
+        A DNS name is checked as a name, not resolved: a resolver that is down at start must not
+        empty the fleet.
+        """
+        if not isinstance(entry, dict):
+            raise ValueError(f"entry is not a JSON object: {entry!r:.200}")
         server_id, ip, port = entry.get("server_id"), entry.get("ip"), entry.get("port")
-        if not isinstance(server_id, str) or not server_id or not isinstance(ip, str) or not ip:
-            raise ValueError(f"entry lacks a server_id or ip: {entry!r:.200}")
+        if not isinstance(server_id, str) or not SERVER_ID_PATTERN.match(server_id):
+            raise ValueError(f"entry has a bad server_id: {entry!r:.200}")
+        if not isinstance(ip, str):
+            raise ValueError(f"entry {server_id!r} has a bad ip: {ip!r:.200}")
         if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-            raise ValueError(f"entry {server_id!r} has a bad port: {port!r}")
+            raise ValueError(f"entry {server_id!r} has a bad port: {port!r:.200}")
+        monitor_url = _optional_str(entry.get("monitor_url"))
+        for name, value, check in (("ip", ip, check_backend_address), ("monitor_url", monitor_url, check_monitor_url)):
+            try:
+                if value is not None:
+                    check(value, resolve=False)
+            except AddressError as exc:
+                raise ValueError(f"entry {server_id!r} has a bad {name} {value!r:.200}: {exc}") from None
         fail_count = entry.get("fail_count", 0)
         return cls(
             server_id=server_id,
@@ -77,7 +94,7 @@ class BackendServer:
             fail_count=fail_count if isinstance(fail_count, int) and fail_count >= 0 else 0,
             last_check_time=_optional_str(entry.get("last_check_time")),
             last_used_time=_optional_str(entry.get("last_used_time")),
-            monitor_url=_optional_str(entry.get("monitor_url")),
+            monitor_url=monitor_url,
             health_changed_time=_optional_str(entry.get("health_changed_time")),
             draining=entry.get("draining", False) is True,
             discovered_models=_strings(entry.get("discovered_models", [])),

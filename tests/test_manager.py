@@ -161,6 +161,8 @@ GOOD_ENTRY = {"server_id": "B1", "ip": "127.0.0.1", "port": 9000}
             {"server_id": "B2", "ip": "127.0.0.1", "port": 9001, "monitor_url": "file:///etc/passwd"},
             id="file-monitor",
         ),
+        pytest.param({"server_id": "B2", "ip": "127.0.0.1", "port": 9001, "labels": {"a": "\ud800"}}, id="surrogate"),
+        pytest.param({"server_id": "B2", "ip": "127.0.0.1", "port": 9001, "models": ["\udfff"]}, id="surrogate-model"),
     ],
 )
 def test_a_state_file_entry_is_held_to_the_rules_of_a_registration(tmp_path, caplog, bad):

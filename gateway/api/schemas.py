@@ -11,9 +11,10 @@ from marshmallow import Schema, ValidationError, fields, post_load, validate, va
 
 from gateway.fleet import addresses
 from gateway.fleet.addresses import SERVER_ID_PATTERN, Network
-from gateway.fleet.server import server_url
+from gateway.fleet.server import is_text, server_url
 
-NAME_PATTERN = re.compile(r"\A[^\s\x00-\x1f\x7f]{1,200}\Z")
+# No lone surrogates ("\ud800"): JSON may carry them, but UTF-8 cannot write them to the state file.
+NAME_PATTERN = re.compile(r"\A[^\s\x00-\x1f\x7f\ud800-\udfff]{1,200}\Z")
 MAX_ITEMS = 256
 
 
@@ -52,6 +53,16 @@ class Name(fields.String):
         return value
 
 
+class Text(fields.String):
+    """A string UTF-8 can write: no lone surrogates."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if not is_text(text):
+            raise ValidationError("must be Unicode text without lone surrogates.")
+        return text
+
+
 class Secret(fields.String):
     """The shared secret; accepted in the body and never echoed back."""
 
@@ -76,9 +87,7 @@ class ServerOptionsSchema(Schema):
     model_map = fields.Dict(
         keys=Name(), values=Name(), validate=validate.Length(max=MAX_ITEMS, error="may hold at most {max} names.")
     )
-    labels = fields.Dict(
-        keys=Name(), values=fields.String(validate=validate.Length(max=200)), validate=validate.Length(max=64)
-    )
+    labels = fields.Dict(keys=Name(), values=Text(validate=validate.Length(max=200)), validate=validate.Length(max=64))
 
     @post_load
     def unique_models(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:

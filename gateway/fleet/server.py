@@ -112,7 +112,7 @@ class BackendServer:
             raise ValueError(f"entry {self.server_id!r} has bad models: {self.models!r:.200}")
         for name in ("model_map", "labels"):
             value = getattr(self, name)
-            if not isinstance(value, dict) or not all(isinstance(x, str) for pair in value.items() for x in pair):
+            if not isinstance(value, dict) or not all(is_text(x) for pair in value.items() for x in pair):
                 raise ValueError(f"entry {self.server_id!r} has a bad {name}: {value!r:.200}")
         return self
 
@@ -125,9 +125,20 @@ FIELD_NAMES = tuple(f.name for f in fields(BackendServer))
 OPTION_NAMES = ("weight", "priority", "max_concurrent", "models", "model_map", "labels")
 
 
+def is_text(value: Any) -> bool:
+    """True for a string that UTF-8 can write: a lone surrogate ("\\ud800") would fail every later save."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _strings(value: Any) -> list[str]:
-    return [item for item in value if isinstance(item, str)] if isinstance(value, list) else []
+    return [item for item in value if is_text(item)] if isinstance(value, list) else []
 
 
 def _optional_str(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
+    return value if is_text(value) else None

@@ -938,3 +938,24 @@ def test_register_refuses_a_bad_option(client, app, registered, option, value):
     assert option in body["message"]
     assert servers(client) == registered[0]
     assert stored(app) == registered[1]
+
+
+@pytest.mark.parametrize(
+    ("option", "raw"),
+    [
+        ("models", b'["\\ud800"]'),
+        ("model_map", b'{"qwen3": "\\udfff"}'),
+        ("labels", b'{"\\ud800": "a100"}'),
+        ("labels", b'{"gpu": "a100 \\ud800"}'),
+    ],
+)
+def test_a_lone_surrogate_in_an_option_is_400_and_later_saves_still_work(client, app, registered, option, raw):
+    # JSON may carry "\ud800"; UTF-8 cannot write it: it was a 500 that left every later save failing.
+    body = b'{"server_id": "B2", "ip": "127.0.0.1", "port": 9002, "%s": %s}' % (option.encode(), raw)
+
+    response = client.post("/webhook/register", data=body, content_type="application/json", headers=AUTH)
+
+    assert option in assert_error(response, 400)["errors"]
+    assert (servers(client), stored(app)) == registered
+    assert register(client, "B3", port=9003).status_code == 200
+    assert [entry["server_id"] for entry in stored(app)] == ["B1", "B3"]

@@ -161,6 +161,11 @@ GOOD_ENTRY = {"server_id": "B1", "ip": "127.0.0.1", "port": 9000}
             {"server_id": "B2", "ip": "127.0.0.1", "port": 9001, "monitor_url": "file:///etc/passwd"},
             id="file-monitor",
         ),
+        pytest.param(
+            {"server_id": "B2", "ip": "127.0.0.1", "port": 9001, "monitor_url": "http://127.0.0.1:8006/api/pull"},
+            id="monitor-with-a-path",
+        ),
+        pytest.param({"server_id": "B2", "ip": "168.63.129.16", "port": 80}, id="azure-wireserver"),
         pytest.param({"server_id": "B2", "ip": "127.0.0.1", "port": 9001, "labels": {"a": "\ud800"}}, id="surrogate"),
         pytest.param({"server_id": "B2", "ip": "127.0.0.1", "port": 9001, "models": ["\udfff"]}, id="surrogate-model"),
     ],

@@ -121,7 +121,7 @@ class RegisterSchema(ServerIdSchema, ServerOptionsSchema):
         if value is None:
             return
         with address_rules():
-            addresses.check_monitor_url(value, self.allowed_networks)
+            addresses.checked_monitor_url(value, self.allowed_networks)
 
     @post_load
     def resolve_monitor(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
@@ -129,7 +129,10 @@ class RegisterSchema(ServerIdSchema, ServerOptionsSchema):
         port, url = data.pop("monitor_port"), data.pop("monitor_url")
         if port is not None and url is not None:
             raise ValidationError("give monitor_port or monitor_url, not both.", "monitor_port")
-        data["monitor_url"] = url.rstrip("/") if url else (server_url(data["ip"], port) if port else None)
+        if url is not None:
+            data["monitor_url"] = addresses.checked_monitor_url(url, resolve=False)  # checked above; its usual form
+        else:
+            data["monitor_url"] = server_url(data["ip"], port) if port else None
         return data
 
 

@@ -15,8 +15,9 @@ HOSTNAME_PATTERN = re.compile(r"(?=.{1,253}\.?$)(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-# A cloud metadata service (169.254.169.254; AWS's IPv6 one is fd00:ec2::254) must never
-# become a backend, nor may "this host", broadcast or a multicast group.
+# A cloud metadata service (169.254.169.254, and those outside the link-local range: AWS's IPv6
+# fd00:ec2::254, Alibaba's, Azure's WireServer, Oracle's) must never become a backend, nor may
+# "this host", broadcast or a multicast group.
 BLOCKED_NETWORKS: tuple[Network, ...] = tuple(
     ipaddress.ip_network(net)
     for net in (
@@ -29,10 +30,15 @@ BLOCKED_NETWORKS: tuple[Network, ...] = tuple(
         "ff00::/8",
         "::/128",
         "fd00:ec2::254/128",
+        "168.63.129.16/32",  # Azure's WireServer (the platform's agent channel, DNS, health probes)
+        "192.0.0.192/32",  # Oracle Cloud's metadata service
     )
 )
 # IPv6 forms that carry an IPv4 address in their last 32 bits: NAT64 and the old "compatible".
 IPV4_CARRIERS = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("::/96"))
+
+
+EXAMPLE = "e.g. http://10.0.0.5:8006"
 
 
 class AddressError(ValueError):
@@ -53,14 +59,33 @@ def check_backend_address(host: str, allowed_networks: Sequence[Network] = (), r
         _check_address(host, address, allowed_networks)
 
 
-def check_monitor_url(url: str, allowed_networks: Sequence[Network] = (), resolve: bool = True) -> None:
-    """Raise AddressError unless `url` may be a resource monitor's: http(s), a host held to the backend rules."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        raise AddressError("must be an http:// or https:// URL with a host, e.g. http://10.0.0.5:8006.")
-    if parts.username or parts.password:
+def checked_monitor_url(url: str, allowed_networks: Sequence[Network] = (), resolve: bool = True) -> str:
+    """A resource monitor's URL as `http(s)://host[:port]`; AddressError unless it may be one.
+
+    The host is held to the backend rules. No path: the monitor answers at its root (the gateway
+    reads `<url>/resources`), and a path of a registrant's choosing would aim the gateway's
+    requests anywhere on a host.
+    """
+    if not (url.isascii() and url.isprintable()) or " " in url:
+        raise AddressError("must be a plain http:// or https:// URL, without spaces or control characters.")
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError for a port that is not digits, or over 65535
+    except ValueError:  # also "http://[" (an unclosed IPv6 bracket)
+        raise AddressError(
+            f"must be an http:// or https:// URL with a host and a port from 1 to 65535, {EXAMPLE}."
+        ) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise AddressError(f"must be an http:// or https:// URL with a host, {EXAMPLE}.")
+    if port == 0 or (port is None and parts.netloc.endswith(":")):
+        raise AddressError(f"must have a port from 1 to 65535 (or none, for the scheme's own), {EXAMPLE}.")
+    if parts.username is not None or parts.password is not None:
         raise AddressError("may not carry credentials.")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise AddressError(f"may not have a path, query or fragment: the monitor answers at its root, {EXAMPLE}.")
     check_backend_address(parts.hostname, allowed_networks, resolve)
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
 
 
 def resolve_host(host: str) -> list[IPAddress]:

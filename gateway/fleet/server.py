@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway.fleet.addresses import SERVER_ID_PATTERN, AddressError, check_backend_address, check_monitor_url
+from gateway.fleet.addresses import SERVER_ID_PATTERN, AddressError, check_backend_address, checked_monitor_url
 
 
 def now_iso() -> str:
@@ -74,17 +74,9 @@ class BackendServer:
         server_id, ip, port = entry.get("server_id"), entry.get("ip"), entry.get("port")
         if not isinstance(server_id, str) or not SERVER_ID_PATTERN.match(server_id):
             raise ValueError(f"entry has a bad server_id: {entry!r:.200}")
-        if not isinstance(ip, str):
-            raise ValueError(f"entry {server_id!r} has a bad ip: {ip!r:.200}")
         if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
             raise ValueError(f"entry {server_id!r} has a bad port: {port!r:.200}")
-        monitor_url = _optional_str(entry.get("monitor_url"))
-        for name, value, check in (("ip", ip, check_backend_address), ("monitor_url", monitor_url, check_monitor_url)):
-            try:
-                if value is not None:
-                    check(value, resolve=False)
-            except AddressError as exc:
-                raise ValueError(f"entry {server_id!r} has a bad {name} {value!r:.200}: {exc}") from None
+        ip, monitor_url = _checked_addresses(server_id, ip, entry.get("monitor_url"))
         fail_count = entry.get("fail_count", 0)
         return cls(
             server_id=server_id,
@@ -123,6 +115,23 @@ class BackendServer:
 
 FIELD_NAMES = tuple(f.name for f in fields(BackendServer))
 OPTION_NAMES = ("weight", "priority", "max_concurrent", "models", "model_map", "labels")
+
+
+def _checked_addresses(server_id: str, ip: Any, monitor_url: Any) -> tuple[str, str | None]:
+    """An entry's ip, and its monitor URL in its usual form, once both pass the rules; ValueError if not."""
+    name, value = "ip", ip
+    try:
+        if not isinstance(ip, str):
+            raise AddressError("must be a string.")
+        check_backend_address(ip, resolve=False)
+        if monitor_url is None:
+            return ip, None
+        name, value = "monitor_url", monitor_url
+        if not isinstance(monitor_url, str):
+            raise AddressError("must be a string.")
+        return ip, checked_monitor_url(monitor_url, resolve=False)
+    except AddressError as exc:
+        raise ValueError(f"entry {server_id!r} has a bad {name} {value!r:.200}: {exc}") from None
 
 
 def is_text(value: Any) -> bool:

@@ -362,6 +362,9 @@ def test_register_accepts_a_good_server_id(client, server_id):
         pytest.param("ff02::1", id="multicast-v6"),
         pytest.param("::ffff:169.254.169.254", id="v4-mapped-metadata"),
         pytest.param("::ffff:224.0.0.1", id="v4-mapped-multicast"),
+        pytest.param("168.63.129.16", id="azure-wireserver"),
+        pytest.param("::ffff:168.63.129.16", id="v4-mapped-azure-wireserver"),
+        pytest.param("192.0.0.192", id="oracle-cloud-metadata"),
         pytest.param("::", id="unspecified-v6"),
         pytest.param("no-such-host.invalid", id="does-not-resolve"),
         pytest.param("-leading-hyphen.example", id="bad-hostname"),
@@ -834,6 +837,9 @@ def test_alibaba_metadata_address_is_refused(client):
         ({"monitor_port": 8006}, "http://127.0.0.1:8006"),
         ({"monitor_port": "8005"}, "http://127.0.0.1:8005"),
         ({"monitor_url": "http://localhost:8006/"}, "http://localhost:8006"),
+        ({"monitor_url": "https://localhost"}, "https://localhost"),
+        ({"monitor_url": "http://[::1]:8006"}, "http://[::1]:8006"),
+        ({"monitor_url": "HTTP://LocalHost:08006"}, "http://localhost:8006"),
         ({}, None),
     ],
 )
@@ -853,6 +859,25 @@ def test_register_with_a_resource_monitor(client, manager, extra, monitor_url):
         ({"monitor_url": "ftp://h:1"}, "monitor_url"),
         ({"monitor_url": "http://169.254.169.254/latest"}, "monitor_url"),
         ({"monitor_url": "http://u:p@h:1"}, "monitor_url"),
+        ({"monitor_url": "http://@127.0.0.1:8006"}, "monitor_url"),
+        ({"monitor_url": "http://127.0.0.1:99999"}, "monitor_url"),
+        ({"monitor_url": "http://127.0.0.1:65536"}, "monitor_url"),
+        ({"monitor_url": "http://127.0.0.1:0"}, "monitor_url"),
+        ({"monitor_url": "http://127.0.0.1:x"}, "monitor_url"),
+        ({"monitor_url": "http://127.0.0.1:+80"}, "monitor_url"),
+        ({"monitor_url": "http://127.0.0.1:"}, "monitor_url"),
+        ({"monitor_url": "http://["}, "monitor_url"),
+        ({"monitor_url": "http://[::1"}, "monitor_url"),
+        ({"monitor_url": "http://127.0.0.1:8006/api/generate"}, "monitor_url"),
+        ({"monitor_url": "http://127.0.0.1:8006/resources"}, "monitor_url"),
+        ({"monitor_url": "http://127.0.0.1:8006/?x=1"}, "monitor_url"),
+        ({"monitor_url": "http://127.0.0.1:8006#top"}, "monitor_url"),
+        ({"monitor_url": "http://127.0.0.1:80\n06"}, "monitor_url"),
+        ({"monitor_url": " http://127.0.0.1:8006"}, "monitor_url"),
+        ({"monitor_url": "http://168.63.129.16:8006"}, "monitor_url"),
+        ({"monitor_url": "http://192.0.0.192"}, "monitor_url"),
+        ({"monitor_url": "http:///127.0.0.1:8006"}, "monitor_url"),
+        ({"monitor_url": 8006}, "monitor_url"),
         ({"monitor_port": 8006, "monitor_url": "http://127.0.0.1:8006"}, "monitor_port"),
     ],
 )
@@ -862,6 +887,22 @@ def test_bad_monitor_fields_are_refused(client, manager, extra, field):
     assert response.status_code == 400
     assert field in response.get_json()["errors"]
     assert manager.get_server("B1") is None
+
+
+@pytest.mark.parametrize(
+    ("monitor_url", "says"),
+    [
+        ("http://127.0.0.1:8006/api/generate", "may not have a path"),
+        ("http://127.0.0.1:99999", "a port from 1 to 65535"),
+        ("http://127.0.0.1:0", "a port from 1 to 65535"),
+        ("http://168.63.129.16:8006", "metadata"),
+    ],
+)
+def test_a_refused_monitor_url_says_why(client, monitor_url, says):
+    response = register(client, monitor_url=monitor_url)
+
+    (message,) = assert_error(response, 400)["errors"]["monitor_url"]
+    assert says in message
 
 
 def test_re_registering_without_a_monitor_forgets_it(client, manager):

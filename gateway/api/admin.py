@@ -13,7 +13,7 @@ from marshmallow import ValidationError
 
 from gateway.api.auth import admin_authorized, admin_refusal
 from gateway.api.schemas import RegisterSchema, ServerOptionsSchema
-from gateway.api.webhook import json_body, not_saved
+from gateway.api.webhook import json_body, listener, not_saved
 from gateway.errors import error_response
 from gateway.fleet.server import OPTION_NAMES
 from gateway.manager import BackendManager, PersistError
@@ -64,7 +64,7 @@ def add_server() -> Response | tuple[Response, int]:
     if "secret" in body:  # the credential travels in the Authorization header only
         raise ValidationError({"secret": ["not accepted here; send the admin credential as a Bearer token."]})
     config = current_app.config["GATEWAY"]
-    data = RegisterSchema(allowed_networks=config.allowed_backend_networks).load(body)
+    data = RegisterSchema(allowed_networks=config.allowed_backend_networks, listener=listener()).load(body)
     options = {name: data[name] for name in OPTION_NAMES if name in data}
     try:
         server, created = manager().register_server(

@@ -7,7 +7,7 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from marshmallow import Schema, ValidationError, fields, post_load, validate, validates
+from marshmallow import Schema, ValidationError, fields, post_load, validate, validates, validates_schema
 
 from gateway.fleet import addresses
 from gateway.fleet.addresses import SERVER_ID_PATTERN, Network
@@ -105,9 +105,12 @@ class RegisterSchema(ServerIdSchema, ServerOptionsSchema):
     monitor_port = Port(load_default=None)
     monitor_url = fields.String(load_default=None)
 
-    def __init__(self, allowed_networks: Sequence[Network] = (), **kwargs: Any) -> None:
+    def __init__(
+        self, allowed_networks: Sequence[Network] = (), listener: addresses.Listener | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.allowed_networks = tuple(allowed_networks)
+        self.listener = listener  # where the request came in: that address is the gateway, never a backend
 
     @validates("ip")
     def validate_ip(self, value: str, **kwargs: Any) -> None:
@@ -122,6 +125,18 @@ class RegisterSchema(ServerIdSchema, ServerOptionsSchema):
             return
         with address_rules():
             addresses.checked_monitor_url(value, self.allowed_networks)
+
+    @validates_schema(skip_on_field_errors=True)
+    def validate_not_the_gateway(self, data: dict[str, Any], **kwargs: Any) -> None:
+        """Not the gateway's own address: each request routed there would come back to it, in a loop."""
+        ip, port = data["ip"], data["port"]
+        with address_rules():
+            if self.listener is not None and addresses.is_the_gateway(ip, port, self.listener):
+                raise ValidationError(
+                    f"{ip} port {port} is this gateway's own address (it took this request on port {port}):"
+                    " every request routed there would come back to the gateway, in a loop.",
+                    "ip",
+                )
 
     @post_load
     def resolve_monitor(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
@@ -10,6 +11,7 @@ from marshmallow import Schema
 from gateway.api.auth import presented_secret, secret_matches
 from gateway.api.schemas import RegisterSchema, ServerIdSchema
 from gateway.errors import error_response
+from gateway.fleet.addresses import Listener
 from gateway.fleet.server import OPTION_NAMES
 from gateway.manager import BackendManager, PersistError
 from gateway.proxy.body_limit import read_body
@@ -49,6 +51,21 @@ def json_body() -> dict[str, Any] | Response:
     return body
 
 
+def listener() -> Listener | None:
+    """Where this request reached the gateway: the local end of its connection, else SERVER_PORT."""
+    environ = request.environ
+    for key in ("gunicorn.socket", "werkzeug.socket"):
+        try:
+            local = environ[key].getsockname()
+        except (KeyError, AttributeError, OSError):
+            continue
+        if isinstance(local, tuple):  # an AF_UNIX socket names a path: no port to compare
+            return Listener(local[1], ipaddress.ip_address(local[0]))
+    # With TRUSTED_PROXY_COUNT, X-Forwarded-Host may have rewritten SERVER_PORT; ProxyFix keeps the first.
+    port = environ.get("werkzeug.proxy_fix.orig", {}).get("SERVER_PORT") or environ.get("SERVER_PORT", "")
+    return Listener(int(port)) if port.isdigit() else None
+
+
 def unauthorized() -> Response:
     """The reply to a missing or wrong secret."""
     return error_response(401, "missing or invalid secret")
@@ -73,7 +90,7 @@ def not_saved(exc: PersistError) -> Response:
 def register() -> Response | tuple[Response, int]:
     """Register a GPU server, or update its address and the routing options it names."""
     config = current_app.config["GATEWAY"]
-    data = load_authorized(RegisterSchema(allowed_networks=config.allowed_backend_networks))
+    data = load_authorized(RegisterSchema(allowed_networks=config.allowed_backend_networks, listener=listener()))
     if isinstance(data, Response):
         return data
     try:

@@ -6,6 +6,7 @@ import ipaddress
 import re
 import socket
 from collections.abc import Sequence
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 SERVER_ID_PATTERN = re.compile(r"\A[A-Za-z0-9_.-]{1,64}\Z")
@@ -86,6 +87,29 @@ def checked_monitor_url(url: str, allowed_networks: Sequence[Network] = (), reso
     check_backend_address(parts.hostname, allowed_networks, resolve)
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
+
+
+class Listener(NamedTuple):
+    """Where a request reached the gateway: the port, and the local address when it is known."""
+
+    port: int
+    ip: IPAddress | None = None
+
+
+def is_the_gateway(host: str, port: int, listener: Listener) -> bool:
+    """True when `host:port` is the listener itself: its port at a loopback, unspecified or its own address."""
+    if port != listener.port:
+        return False
+    try:
+        found: list[IPAddress] = [ipaddress.ip_address(host)]
+    except ValueError:
+        found = resolve_host(host)
+    local = with_embedded_ipv4(listener.ip)[-1] if listener.ip is not None else None
+    for address in found:
+        plain = with_embedded_ipv4(address)[-1]
+        if plain.is_loopback or plain.is_unspecified or plain == local:
+            return True
+    return False
 
 
 def resolve_host(host: str) -> list[IPAddress]:

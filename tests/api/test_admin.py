@@ -220,6 +220,15 @@ def test_add_takes_a_monitor_port(client, manager):
     assert manager.get_server("B1").monitor_url == "http://127.0.0.1:8006"
 
 
+def test_add_refuses_the_gateways_own_address(client, manager):
+    body = {"server_id": "GW", "ip": "127.0.0.1", "port": 8080}
+
+    response = client.post("/admin/servers", json=body, headers=ADMIN_AUTH, environ_overrides={"SERVER_PORT": "8080"})
+
+    assert "own address" in assert_error(response, 400)["errors"]["ip"][0]
+    assert manager.list_servers() == []
+
+
 def test_add_holds_to_allowed_backend_networks(make_app):
     import ipaddress
 

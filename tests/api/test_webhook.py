@@ -577,6 +577,142 @@ def test_a_dns_name_is_accepted_as_given(client):
     assert server["url"] == "http://localhost:8000"
 
 
+# -- the gateway's own address -------------------------------------------------------------
+
+
+def post_register(gateway, ip, port, headers=None):
+    body = {"server_id": "GW", "ip": ip, "port": port, "secret": SECRET}
+    return requests.post(gateway.url + "/webhook/register", json=body, headers=headers, timeout=5)
+
+
+def refused_over_http(response) -> dict:
+    """The field errors of a 400 in the one error shape, from a real HTTP reply."""
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert set(body) == {"success", "message", "errors"}
+    assert body["success"] is False
+    return body["errors"]
+
+
+@pytest.mark.parametrize("ip", ["127.0.0.1", "localhost", "127.0.0.2", "::1", "::ffff:127.0.0.1", "0.0.0.0"])
+def test_the_gateway_cannot_be_registered_as_its_own_backend(live_gateway, ip):
+    # Registered at its own address, one request looped through the gateway 744 times.
+    gateway = live_gateway()
+    port = gateway.server.server_port
+
+    response = post_register(gateway, ip, port)
+
+    assert "ip" in refused_over_http(response)
+    assert gateway.manager.list_servers() == []
+    assert not state_path(gateway.app).exists()
+
+
+def test_the_own_address_message_names_the_loop(live_gateway):
+    gateway = live_gateway()
+    port = gateway.server.server_port
+
+    (message,) = refused_over_http(post_register(gateway, "127.0.0.1", port))["ip"]
+
+    assert f"127.0.0.1 port {port} is this gateway's own address" in message
+    assert "loop" in message
+
+
+def test_a_forwarded_host_does_not_hide_the_gateways_port(live_gateway):
+    gateway = live_gateway(trusted_proxy_count=1)  # X-Forwarded-Host is believed, and rewrites SERVER_PORT
+    port = gateway.server.server_port
+
+    response = post_register(gateway, "127.0.0.1", port, headers={"X-Forwarded-Host": "gateway.example:8443"})
+
+    assert "ip" in refused_over_http(response)
+    assert gateway.manager.list_servers() == []
+
+
+def test_another_port_on_the_gateways_host_may_register(live_gateway):
+    gateway = live_gateway()
+
+    response = post_register(gateway, "127.0.0.1", gateway.server.server_port % 65535 + 1)
+
+    assert response.status_code == 200, response.text
+    assert [server.server_id for server in gateway.manager.list_servers()] == ["GW"]
+
+
+class LocalEnd:
+    """The connection socket a WSGI server hands on: only its local address is asked for."""
+
+    def __init__(self, address):
+        self.address = address
+
+    def getsockname(self):
+        return self.address
+
+
+@pytest.mark.parametrize("key", ["gunicorn.socket", "werkzeug.socket"])
+def test_the_local_address_the_request_came_in_on_is_the_gateway(client, app, key):
+    # Documentation addresses (192.0.2.0/24): nothing ever connects to them (the health job waits an hour).
+    environ = {key: LocalEnd(("192.0.2.10", 5000))}
+
+    refused = client.post(
+        "/webhook/register",
+        json={"server_id": "GW", "ip": "192.0.2.10", "port": 5000, "secret": SECRET},
+        environ_overrides=environ,
+    )
+    accepted = client.post(
+        "/webhook/register",
+        json={"server_id": "B2", "ip": "192.0.2.11", "port": 5000, "secret": SECRET},
+        environ_overrides=environ,
+    )
+
+    assert "ip" in assert_error(refused, 400)["errors"]
+    assert accepted.status_code == 200, accepted.get_data(as_text=True)
+    assert server_ids(client) == ["B2"]
+
+
+def test_an_ipv4_mapped_local_address_is_the_gateway_too(client):
+    environ = {"gunicorn.socket": LocalEnd(("::ffff:192.0.2.10", 5000, 0, 0))}
+
+    response = client.post(
+        "/webhook/register",
+        json={"server_id": "GW", "ip": "192.0.2.10", "port": 5000, "secret": SECRET},
+        environ_overrides=environ,
+    )
+
+    assert "ip" in assert_error(response, 400)["errors"]
+
+
+def test_without_a_socket_the_server_port_is_the_gateways(client):
+    response = client.post(
+        "/webhook/register",
+        json={"server_id": "GW", "ip": "127.0.0.1", "port": 8080, "secret": SECRET},
+        environ_overrides={"SERVER_PORT": "8080"},
+    )
+
+    assert "ip" in assert_error(response, 400)["errors"]
+    assert servers(client) == []
+
+
+def test_without_a_socket_a_forwarded_host_does_not_hide_the_port(make_app):
+    client = make_app(trusted_proxy_count=1).test_client()
+
+    response = client.post(
+        "/webhook/register",
+        json={"server_id": "GW", "ip": "127.0.0.1", "port": 8080, "secret": SECRET},
+        headers={"X-Forwarded-Host": "gateway.example:8443"},  # ProxyFix makes SERVER_PORT 8443
+        environ_overrides={"SERVER_PORT": "8080"},
+    )
+
+    assert "ip" in assert_error(response, 400)["errors"]
+
+
+@pytest.mark.slow
+def test_gunicorn_refuses_its_own_address(gateway_process):
+    gateway = gateway_process()
+    body = {"server_id": "GW", "ip": "127.0.0.1", "port": gateway.port, "secret": SECRET}
+
+    response = requests.post(gateway.url + "/webhook/register", json=body, timeout=5)
+
+    assert "ip" in refused_over_http(response)
+
+
 # -- registering again --------------------------------------------------------------------
 
 

@@ -71,6 +71,7 @@ class Config:
     slow_start_seconds: float = 0.0
     model_discovery: str = "auto"
     llm_routes: bool = True
+    max_servers: int = 10_000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
@@ -127,6 +128,7 @@ class Config:
             "slow_start_seconds": reader.get("SLOW_START_SECONDS", cls.slow_start_seconds, _number(min_value=0)),
             "model_discovery": reader.get("MODEL_DISCOVERY", cls.model_discovery, _choice(MODEL_DISCOVERY_MODES)),
             "llm_routes": reader.get("LLM_ROUTES", cls.llm_routes, _boolean),
+            "max_servers": reader.get("MAX_SERVERS", cls.max_servers, _integer(1)),
         }
         values.update(overrides)
         _check_secret_lengths(values)

@@ -19,7 +19,7 @@ from gateway.fleet import records
 from gateway.fleet.health import HealthChecker, HealthResult
 from gateway.fleet.model_discovery import ModelDiscoverer
 from gateway.fleet.monitor_reader import MonitorReader
-from gateway.fleet.records import Transition
+from gateway.fleet.records import FleetFull, Registrant, Transition
 from gateway.fleet.registry import Change, PersistError, Registry
 from gateway.fleet.resources import Reading
 from gateway.fleet.server import BackendServer, now_iso
@@ -30,10 +30,28 @@ from gateway.routing.outliers import OutlierDetector
 from gateway.routing.reports import FleetView, Reports
 from gateway.routing.selection import Selector
 
-__all__ = ["BackendManager", "Lease", "NoServer", "PersistError", "Pick", "RouteRequest", "backend_manager"]
+__all__ = [
+    "BackendManager",
+    "FleetFull",
+    "Lease",
+    "NoServer",
+    "PersistError",
+    "Pick",
+    "Registrant",
+    "Registration",
+    "RouteRequest",
+    "backend_manager",
+]
 
 log = logging.getLogger(__name__)
 health_log = logging.getLogger("gateway.health")
+
+
+class Registration(NamedTuple):
+    """What a registration did: the server as it is now, and whether it is new."""
+
+    server: BackendServer
+    created: bool
 
 
 class Pick(NamedTuple):
@@ -237,7 +255,20 @@ class BackendManager:
         monitor_url: str | None = None,
         options: dict[str, Any] | None = None,
     ) -> tuple[BackendServer, bool]:
-        """Add a server, or update one's address in place; return it and whether it is new.
+        """Add a server, or update one's address in place; return it and whether it is new (see `register`)."""
+        registration = self.register(server_id, ip, port, monitor_url, options)
+        return registration.server, registration.created
+
+    def register(
+        self,
+        server_id: str,
+        ip: str,
+        port: int,
+        monitor_url: str | None = None,
+        options: dict[str, Any] | None = None,
+        registrant: Registrant | None = None,
+    ) -> Registration:
+        """Add a server, or update one's address in place, if `registrant` may; FleetFull if not.
 
         A new address resets the server's health (the seed's IP change). The same address
         again is a heartbeat: health is kept, or an agent re-registering every 30 s would
@@ -245,29 +276,23 @@ class BackendManager:
         (weight, priority, ...) that are given replace the server's; absent ones are kept, so
         a heartbeat never undoes what an operator set.
         """
-        options = records.checked_options(options or {})
+        options, registrant = records.checked_options(options or {}), registrant or Registrant()
         place = (ip, port, monitor_url)
         with self._lock:
             existing = self.registry.servers.get(server_id)
+            records.admit(existing, registrant, len(self.registry.servers))
             if existing is not None and records.address(existing) == place and records.holds(existing, options):
-                heartbeat, version = replace(existing), self.registry.version
+                server, change = existing, None
+                version = self.registry.version
             else:
-                heartbeat = None
-        if heartbeat is not None:
-            self.registry.persist(version)  # a no-op unless an earlier save of this state failed
-            log.debug("server %s registered again at %s (unchanged)", server_id, heartbeat.url)
-            return heartbeat, False
-        with self._lock:
-            existing = self.registry.servers.get(server_id)
-            server = records.registered(existing, server_id, ip, port, monitor_url, options)
-            if existing is None or records.address(existing) != place:
-                self.selector.came_back(server_id)
-            self.registry.servers[server_id] = server  # a known key keeps its place in the order
-            if existing is None or existing.monitor_url != monitor_url:
-                self.registry.readings.forget(server_id)
-            version = self.registry.changed()
+                server = records.registered(existing, server_id, ip, port, monitor_url, options)
+                change = Change(self._place(server_id, server, existing), server_id, server, existing)
             copied = replace(server)
-        self._save(Change(version, server_id, server, existing))
+        if change is None:
+            self.registry.persist(version)  # a no-op unless an earlier save of this state failed
+            log.debug("server %s registered again at %s (unchanged)", server_id, copied.url)
+            return Registration(copied, False)
+        self._save(change)
         if existing is None:
             log.info("registered server %s at %s", server_id, copied.url)
         elif records.address(existing) == place:
@@ -276,7 +301,16 @@ class BackendManager:
             log.info("server %s moved from %s to %s; health reset", server_id, existing.url, copied.url)
         else:
             log.info("server %s now has monitor %s; health reset", server_id, copied.monitor_url)
-        return copied, existing is None
+        return Registration(copied, existing is None)
+
+    def _place(self, server_id: str, server: BackendServer, existing: BackendServer | None) -> int:
+        """Under the lock: put a registration's record in the fleet, in place of `existing`; the new version."""
+        if existing is None or records.address(existing) != records.address(server):
+            self.selector.came_back(server_id)
+        self.registry.servers[server_id] = server  # a known key keeps its place in the order
+        if existing is None or existing.monitor_url != server.monitor_url:
+            self.registry.readings.forget(server_id)
+        return self.registry.changed()
 
     def unregister_server(self, server_id: str) -> bool:
         """Remove a server; False when it was not registered."""

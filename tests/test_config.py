@@ -17,6 +17,7 @@ def test_defaults():
     assert (config.health_check_interval, config.health_check_failures) == (30.0, 3)
     assert (config.health_check_timeout, config.health_check_path) == (5.0, "/health")
     assert config.proxy_prefixes == ("/api/",)
+    assert config.max_servers == 10_000
 
 
 def test_secret_is_not_in_repr():
@@ -95,6 +96,9 @@ def test_parsed_values():
         ("ALLOWED_BACKEND_NETWORKS", "10.0.0.0/33"),
         ("LOG_LEVEL", "LOUD"),
         ("TASK_AFFINITY_TTL", "0"),
+        ("MAX_SERVERS", "0"),
+        ("MAX_SERVERS", "-1"),
+        ("MAX_SERVERS", "many"),
     ],
 )
 def test_bad_value_names_the_variable(name, value):

@@ -8,7 +8,7 @@ import pytest
 
 from gateway.fleet.health import HealthChecker, HealthResult
 from gateway.fleet.store import JsonFileStore
-from gateway.manager import BackendManager, PersistError
+from gateway.manager import BackendManager, FleetFull, PersistError, Registrant
 
 
 def make_manager(tmp_path, **kwargs) -> BackendManager:
@@ -436,3 +436,26 @@ def test_the_time_of_the_last_health_change_is_kept(tmp_path):
     changed = manager.get_server("B1").health_changed_time
     assert changed is not None and changed >= registered_at
     assert make_manager(tmp_path).get_server("B1").health_changed_time == changed
+
+
+def test_max_servers_holds_under_50_threads_registering_at_once(tmp_path):
+    manager = make_manager(tmp_path)
+    limit, full = Registrant(max_servers=10), []
+    start = threading.Barrier(50)
+
+    def join(n: int) -> None:
+        start.wait()
+        try:
+            manager.register(f"B{n}", "127.0.0.1", 9000 + n, registrant=limit)
+        except FleetFull as exc:
+            full.append(exc.limit)
+
+    threads = [threading.Thread(target=join, args=(n,)) for n in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert len(manager.list_servers()) == 10
+    assert full == [10] * 40
+    assert len(stored(tmp_path)) == 10

@@ -13,10 +13,10 @@ from marshmallow import ValidationError
 
 from gateway.api.auth import admin_authorized, admin_refusal
 from gateway.api.schemas import RegisterSchema, ServerOptionsSchema
-from gateway.api.webhook import json_body, listener, not_saved
+from gateway.api.webhook import fleet_full, json_body, listener, not_saved
 from gateway.errors import error_response
 from gateway.fleet.server import OPTION_NAMES
-from gateway.manager import BackendManager, PersistError
+from gateway.manager import BackendManager, FleetFull, PersistError, Registrant
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -67,11 +67,18 @@ def add_server() -> Response | tuple[Response, int]:
     data = RegisterSchema(allowed_networks=config.allowed_backend_networks, listener=listener()).load(body)
     options = {name: data[name] for name in OPTION_NAMES if name in data}
     try:
-        server, created = manager().register_server(
-            data["server_id"], data["ip"], data["port"], monitor_url=data["monitor_url"], options=options
+        server, created = manager().register(
+            data["server_id"],
+            data["ip"],
+            data["port"],
+            monitor_url=data["monitor_url"],
+            options=options,
+            registrant=Registrant(max_servers=config.max_servers),
         )
     except PersistError as exc:
         return not_saved(exc)
+    except FleetFull as exc:
+        return fleet_full(exc)
     verb = "registered" if created else "updated"
     response, status = server_reply(server.server_id, f"server {server.server_id} {verb}", 201 if created else 200)
     if status == 201:

@@ -13,7 +13,7 @@ from gateway.api.schemas import RegisterSchema, ServerIdSchema
 from gateway.errors import error_response
 from gateway.fleet.addresses import Listener
 from gateway.fleet.server import OPTION_NAMES
-from gateway.manager import BackendManager, PersistError
+from gateway.manager import BackendManager, FleetFull, PersistError, Registrant
 from gateway.proxy.body_limit import read_body
 
 MAX_BODY_BYTES = 64 * 1024
@@ -26,7 +26,15 @@ def manager() -> BackendManager:
     return current_app.extensions["backend_manager"]
 
 
-RESULTS = {200: "ok", 400: "invalid", 401: "bad_secret", 404: "unknown", 413: "invalid", 503: "not_saved"}
+RESULTS = {
+    200: "ok",
+    400: "invalid",
+    401: "bad_secret",
+    404: "unknown",
+    413: "invalid",
+    503: "not_saved",
+    507: "fleet_full",
+}
 
 
 @bp.after_request
@@ -86,6 +94,13 @@ def not_saved(exc: PersistError) -> Response:
     return error_response(503, f"{exc}; try again", headers={"Retry-After": "5"})
 
 
+def fleet_full(exc: FleetFull) -> Response:
+    """The reply to a new server past MAX_SERVERS."""
+    return error_response(
+        507, f"the fleet is full: MAX_SERVERS={exc.limit} servers are registered; unregister one or raise MAX_SERVERS"
+    )
+
+
 @bp.post("/register")
 def register() -> Response | tuple[Response, int]:
     """Register a GPU server, or update its address and the routing options it names."""
@@ -94,15 +109,18 @@ def register() -> Response | tuple[Response, int]:
     if isinstance(data, Response):
         return data
     try:
-        server, created = manager().register_server(
+        server, created = manager().register(
             data["server_id"],
             data["ip"],
             data["port"],
             monitor_url=data["monitor_url"],
             options={name: data[name] for name in OPTION_NAMES if name in data},
+            registrant=Registrant(max_servers=config.max_servers),
         )
     except PersistError as exc:
         return not_saved(exc)
+    except FleetFull as exc:
+        return fleet_full(exc)
     verb = "registered" if created else "updated"
     reply = {
         "success": True,

@@ -20,6 +20,26 @@ class Transition(NamedTuple):
     detail: str
 
 
+class FleetFull(RuntimeError):
+    """A new server would take the fleet past its limit."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the fleet is full: {limit} servers are registered")
+        self.limit = limit
+
+
+class Registrant(NamedTuple):
+    """Who registers, and the rules the registration is held to."""
+
+    max_servers: int = 0  # a new id past this many servers is refused; 0: no limit
+
+
+def admit(existing: BackendServer | None, registrant: Registrant, count: int) -> None:
+    """Raise FleetFull when a registration may not be made; `count` is the fleet's size."""
+    if existing is None and registrant.max_servers and count >= registrant.max_servers:
+        raise FleetFull(registrant.max_servers)
+
+
 def checked_options(options: dict[str, Any]) -> dict[str, Any]:
     """A copy of `options`; ValueError when one is not a server option."""
     unknown = set(options) - set(OPTION_NAMES)

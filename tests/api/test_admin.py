@@ -229,6 +229,15 @@ def test_add_refuses_the_gateways_own_address(client, manager):
     assert manager.list_servers() == []
 
 
+def test_add_past_max_servers_is_507(make_app):
+    client = make_app(admin_token=ADMIN, max_servers=1).test_client()
+    assert client.post("/admin/servers", json=B1, headers=ADMIN_AUTH).status_code == 201
+
+    response = client.post("/admin/servers", json={**B1, "server_id": "B2"}, headers=ADMIN_AUTH)
+
+    assert "MAX_SERVERS=1" in assert_error(response, 507)["message"]
+
+
 def test_add_holds_to_allowed_backend_networks(make_app):
     import ipaddress
 

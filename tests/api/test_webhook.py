@@ -713,6 +713,33 @@ def test_gunicorn_refuses_its_own_address(gateway_process):
     assert "ip" in refused_over_http(response)
 
 
+# -- how many servers --------------------------------------------------------------------
+
+
+def test_a_new_server_past_max_servers_is_507_naming_the_limit(make_app):
+    app = make_app(max_servers=2)
+    client = app.test_client()
+    assert register(client, "B1", port=9001).status_code == 200
+    assert register(client, "B2", port=9002).status_code == 200
+
+    response = register(client, "B3", port=9003)
+
+    assert "MAX_SERVERS=2" in assert_error(response, 507)["message"]
+    assert server_ids(client) == ["B1", "B2"]
+    assert [entry["server_id"] for entry in stored(app)] == ["B1", "B2"]
+
+
+def test_a_full_fleet_still_takes_heartbeats_moves_and_frees_a_place(make_app):
+    client = make_app(max_servers=1).test_client()
+    register(client, "B1", port=9001)
+
+    assert register(client, "B1", port=9001).status_code == 200  # a heartbeat
+    assert register(client, "B1", port=9009).status_code == 200  # a move
+    assert unregister(client, "B1").status_code == 200
+    assert register(client, "B2", port=9002).status_code == 200
+    assert server_ids(client) == ["B2"]
+
+
 # -- registering again --------------------------------------------------------------------
 
 

@@ -48,10 +48,11 @@ health_log = logging.getLogger("gateway.health")
 
 
 class Registration(NamedTuple):
-    """What a registration did: the server as it is now, and whether it is new."""
+    """What a registration did: the server as it is now, whether it is new, and the options it left."""
 
     server: BackendServer
     created: bool
+    kept_by_operator: list[str]  # options it named that stay as the operator set them
 
 
 class Pick(NamedTuple):
@@ -281,27 +282,31 @@ class BackendManager:
         with self._lock:
             existing = self.registry.servers.get(server_id)
             records.admit(existing, registrant, len(self.registry.servers))
-            if existing is not None and records.address(existing) == place and records.holds(existing, options):
+            changes, kept = records.claimed(existing, options, registrant)
+            if existing is not None and records.address(existing) == place and records.holds(existing, changes):
                 server, change = existing, None
                 version = self.registry.version
             else:
-                server = records.registered(existing, server_id, ip, port, monitor_url, options)
+                server = records.registered(existing, server_id, ip, port, monitor_url, changes)
                 change = Change(self._place(server_id, server, existing), server_id, server, existing)
             copied = replace(server)
+        if kept:
+            log.debug("server %s registered with %s; kept as the operator set them", server_id, ", ".join(kept))
         if change is None:
             self.registry.persist(version)  # a no-op unless an earlier save of this state failed
             log.debug("server %s registered again at %s (unchanged)", server_id, copied.url)
-            return Registration(copied, False)
+            return Registration(copied, False, kept)
         self._save(change)
+        applied = {name: value for name, value in options.items() if name not in kept}
         if existing is None:
             log.info("registered server %s at %s", server_id, copied.url)
         elif records.address(existing) == place:
-            log.info("server %s registered with new options: %s", server_id, options)
+            log.info("server %s registered with new options: %s", server_id, applied)
         elif existing.url != copied.url:
             log.info("server %s moved from %s to %s; health reset", server_id, existing.url, copied.url)
         else:
             log.info("server %s now has monitor %s; health reset", server_id, copied.monitor_url)
-        return Registration(copied, existing is None)
+        return Registration(copied, existing is None, kept)
 
     def _place(self, server_id: str, server: BackendServer, existing: BackendServer | None) -> int:
         """Under the lock: put a registration's record in the fleet, in place of `existing`; the new version."""
@@ -325,15 +330,15 @@ class BackendManager:
         return True
 
     def update_server(self, server_id: str, changes: dict[str, Any]) -> BackendServer | None:
-        """Change a server's routing options; None when it is not registered."""
-        return self._modify(server_id, records.checked_options(changes))
+        """The operator changes a server's routing options (registrations keep them); None when it is unknown."""
+        return self._modify(server_id, records.checked_options(changes), by_operator=True)
 
     def set_draining(self, server_id: str, draining: bool) -> BackendServer | None:
         """Drain a server (no new work; its tasks still reach it) or take it back; None when unknown."""
         return self._modify(server_id, {"draining": draining})
 
-    def _modify(self, server_id: str, changes: dict[str, Any]) -> BackendServer | None:
-        modified = self.registry.modify(server_id, changes)
+    def _modify(self, server_id: str, changes: dict[str, Any], by_operator: bool = False) -> BackendServer | None:
+        modified = self.registry.modify(server_id, changes, by_operator)
         if modified is None:
             return None
         server, change = modified

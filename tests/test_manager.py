@@ -58,6 +58,7 @@ def test_register_is_saved_before_it_returns(tmp_path):
             "labels": {},
             "draining": False,
             "discovered_models": [],
+            "operator_options": [],
         }
     ]
 

@@ -67,13 +67,13 @@ def add_server() -> Response | tuple[Response, int]:
     data = RegisterSchema(allowed_networks=config.allowed_backend_networks, listener=listener()).load(body)
     options = {name: data[name] for name in OPTION_NAMES if name in data}
     try:
-        server, created = manager().register(
+        server, created, _ = manager().register(
             data["server_id"],
             data["ip"],
             data["port"],
             monitor_url=data["monitor_url"],
             options=options,
-            registrant=Registrant(max_servers=config.max_servers),
+            registrant=Registrant(operator=True, max_servers=config.max_servers),
         )
     except PersistError as exc:
         return not_saved(exc)

@@ -109,7 +109,7 @@ def register() -> Response | tuple[Response, int]:
     if isinstance(data, Response):
         return data
     try:
-        server, created = manager().register(
+        server, created, kept = manager().register(
             data["server_id"],
             data["ip"],
             data["port"],
@@ -133,6 +133,7 @@ def register() -> Response | tuple[Response, int]:
     if server.monitor_url:
         reply["monitor_url"] = server.monitor_url
     reply.update(server.options())
+    reply["kept_by_operator"] = kept  # named in this registration, but left as the operator set them
     return jsonify(reply), 200
 
 

@@ -31,6 +31,7 @@ class FleetFull(RuntimeError):
 class Registrant(NamedTuple):
     """Who registers, and the rules the registration is held to."""
 
+    operator: bool = False  # through /admin: the options it sets are the operator's, and registrations keep them
     max_servers: int = 0  # a new id past this many servers is refused; 0: no limit
 
 
@@ -38,6 +39,22 @@ def admit(existing: BackendServer | None, registrant: Registrant, count: int) ->
     """Raise FleetFull when a registration may not be made; `count` is the fleet's size."""
     if existing is None and registrant.max_servers and count >= registrant.max_servers:
         raise FleetFull(registrant.max_servers)
+
+
+def claimed(
+    existing: BackendServer | None, options: dict[str, Any], registrant: Registrant
+) -> tuple[dict[str, Any], list[str]]:
+    """The changes a registration makes to the record, and the options it leaves as the operator set them."""
+    if registrant.operator:
+        return {**options, "operator_options": held_by_operator(existing, options)}, []
+    kept = [name for name in options if existing is not None and name in existing.operator_options]
+    return {name: value for name, value in options.items() if name not in kept}, kept
+
+
+def held_by_operator(existing: BackendServer | None, options: dict[str, Any]) -> list[str]:
+    """The options the operator holds once it has set `options` too."""
+    held = set(options) | set(existing.operator_options if existing is not None else ())
+    return [name for name in OPTION_NAMES if name in held]
 
 
 def checked_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -73,7 +90,9 @@ def registered(
         server_id=server_id, ip=ip, port=port, monitor_url=monitor_url, health_changed_time=now_iso()
     )
     if existing is not None:  # a move keeps what the operator and the sweeps set
-        server = replace(server, **existing.options(), draining=existing.draining)
+        server = replace(
+            server, **existing.options(), draining=existing.draining, operator_options=existing.operator_options
+        )
         server.last_used_time = existing.last_used_time
         server.discovered_models = existing.discovered_models
     return replace(server, **options)

@@ -50,6 +50,7 @@ class BackendServer:
     labels: dict[str, str] = field(default_factory=dict)
     draining: bool = False  # takes no new work; its tasks still reach it
     discovered_models: list[str] = field(default_factory=list)  # found by the health sweep
+    operator_options: list[str] = field(default_factory=list)  # set through /admin: registrations keep them
 
     def __post_init__(self) -> None:
         self.url = server_url(self.ip, self.port)
@@ -59,6 +60,7 @@ class BackendServer:
         # Not dataclasses.asdict: its deep copy made a save of 1,000 servers cost 20 ms of CPU.
         entry = {name: getattr(self, name) for name in FIELD_NAMES}
         entry["models"], entry["discovered_models"] = list(self.models), list(self.discovered_models)
+        entry["operator_options"] = list(self.operator_options)
         entry["model_map"], entry["labels"] = dict(self.model_map), dict(self.labels)
         return entry
 
@@ -90,6 +92,7 @@ class BackendServer:
             health_changed_time=_optional_str(entry.get("health_changed_time")),
             draining=entry.get("draining", False) is True,
             discovered_models=_strings(entry.get("discovered_models", [])),
+            operator_options=[name for name in OPTION_NAMES if name in _strings(entry.get("operator_options", []))],
             **{name: entry[name] for name in OPTION_NAMES if name in entry},
         ).checked()
 

@@ -279,6 +279,78 @@ def test_add_refuses_a_bad_body_naming_the_field(client, app, manager, registere
     assert state_bytes(app) == registered
 
 
+# -- what the operator set, registrations keep ------------------------------------------------
+
+
+def webhook_register(client, **fields):
+    body = {**B1, "secret": SECRET, **fields}
+    return client.post("/webhook/register", json=body)
+
+
+def test_a_registration_keeps_the_options_the_operator_set(client, app, manager, registered):
+    assert (
+        client.patch("/admin/servers/B1", json={"weight": 50, "max_concurrent": 4}, headers=ADMIN_AUTH).status_code
+        == 200
+    )
+    assert client.post("/admin/servers/B1/drain", headers=ADMIN_AUTH).status_code == 200
+
+    # Anyone holding the webhook secret re-registers B1 at a new address, with options of their own.
+    response = webhook_register(
+        client, ip="127.0.0.2", port=9666, weight=1000, max_concurrent=0, priority=1, models=["evil"], labels={"a": "b"}
+    )
+
+    assert response.status_code == 200, response.get_data(as_text=True)
+    body = response.get_json()
+    assert body["kept_by_operator"] == ["weight", "max_concurrent", "models"]
+    assert (body["weight"], body["max_concurrent"], body["models"]) == (50, 4, ["m1"])
+    server = manager.get_server("B1")
+    assert (server.weight, server.max_concurrent, server.models, server.draining) == (50, 4, ["m1"], True)
+    assert (server.ip, server.port, server.priority, server.labels) == ("127.0.0.2", 9666, 1, {"a": "b"})
+    (entry,) = stored(app)
+    assert (entry["weight"], entry["max_concurrent"], entry["models"]) == (50, 4, ["m1"])
+    assert entry["operator_options"] == ["weight", "max_concurrent", "models"]
+
+
+def test_a_registration_names_no_kept_option_when_the_operator_set_none(client):
+    response = webhook_register(client, weight=3)
+
+    assert response.get_json()["kept_by_operator"] == []
+    assert response.get_json()["weight"] == 3
+
+
+def test_the_operator_may_change_what_it_holds(client, manager, registered):
+    client.patch("/admin/servers/B1", json={"weight": 50}, headers=ADMIN_AUTH)
+    client.patch("/admin/servers/B1", json={"weight": 60, "labels": {"zone": "eu"}}, headers=ADMIN_AUTH)
+
+    webhook_register(client, weight=1, labels={})
+
+    server = manager.get_server("B1")
+    assert (server.weight, server.labels) == (60, {"zone": "eu"})
+    assert server.operator_options == ["weight", "models", "labels"]
+
+
+def test_what_the_operator_holds_survives_a_restart(make_config, make_app):
+    config = make_config(admin_token=ADMIN)
+    client = make_app(config).test_client()
+    client.post("/admin/servers", json={**B1, "priority": 2}, headers=ADMIN_AUTH)
+
+    restarted = make_app(config).test_client()
+    response = webhook_register(restarted, priority=1)
+
+    assert response.get_json()["kept_by_operator"] == ["priority"]
+    assert response.get_json()["priority"] == 2
+
+
+def test_a_heartbeat_that_names_a_kept_option_writes_nothing(client, app, registered):
+    client.patch("/admin/servers/B1", json={"weight": 50}, headers=ADMIN_AUTH)
+    before = state_bytes(app)
+
+    response = webhook_register(client, weight=1)
+
+    assert response.get_json()["kept_by_operator"] == ["weight"]
+    assert state_bytes(app) == before
+
+
 # -- changing a server's options -------------------------------------------------------------
 
 

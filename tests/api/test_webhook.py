@@ -130,6 +130,7 @@ def test_registered_server_is_listed_with_the_seed_fields(client):
         "labels": {},
         "draining": False,
         "discovered_models": [],
+        "operator_options": [],
         "in_flight": 0,
         "ejected": False,
         "ejection_seconds_left": None,

@@ -14,6 +14,7 @@ from gateway.fleet.resources import DEFAULT_WEIGHTS, parse_weights
 T = TypeVar("T")
 ROUTING_POLICIES = ("round_robin", "least_connections", "least_load")
 MODEL_DISCOVERY_MODES = ("auto", "ollama", "openai", "off")
+REGISTRATION_BINDINGS = ("off", "token")
 
 GENERATE_COMMAND = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 SETUP_HELP = (
@@ -72,6 +73,7 @@ class Config:
     model_discovery: str = "auto"
     llm_routes: bool = True
     max_servers: int = 10_000
+    registration_binding: str = "off"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
@@ -129,6 +131,9 @@ class Config:
             "model_discovery": reader.get("MODEL_DISCOVERY", cls.model_discovery, _choice(MODEL_DISCOVERY_MODES)),
             "llm_routes": reader.get("LLM_ROUTES", cls.llm_routes, _boolean),
             "max_servers": reader.get("MAX_SERVERS", cls.max_servers, _integer(1)),
+            "registration_binding": reader.get(
+                "REGISTRATION_BINDING", cls.registration_binding, _choice(REGISTRATION_BINDINGS)
+            ),
         }
         values.update(overrides)
         _check_secret_lengths(values)

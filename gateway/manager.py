@@ -9,6 +9,7 @@ makes the changes routing must know of, and fleet/records.py holds the rules for
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import threading
 from collections.abc import Collection
@@ -19,7 +20,7 @@ from gateway.fleet import records
 from gateway.fleet.health import HealthChecker, HealthResult
 from gateway.fleet.model_discovery import ModelDiscoverer
 from gateway.fleet.monitor_reader import MonitorReader
-from gateway.fleet.records import FleetFull, Registrant, Transition
+from gateway.fleet.records import Registrant, Registration, Transition
 from gateway.fleet.registry import Change, PersistError, Registry
 from gateway.fleet.resources import Reading
 from gateway.fleet.server import BackendServer, now_iso
@@ -30,29 +31,10 @@ from gateway.routing.outliers import OutlierDetector
 from gateway.routing.reports import FleetView, Reports
 from gateway.routing.selection import Selector
 
-__all__ = [
-    "BackendManager",
-    "FleetFull",
-    "Lease",
-    "NoServer",
-    "PersistError",
-    "Pick",
-    "Registrant",
-    "Registration",
-    "RouteRequest",
-    "backend_manager",
-]
+__all__ = ["BackendManager", "Lease", "NoServer", "PersistError", "Pick", "RouteRequest", "backend_manager"]
 
 log = logging.getLogger(__name__)
 health_log = logging.getLogger("gateway.health")
-
-
-class Registration(NamedTuple):
-    """What a registration did: the server as it is now, whether it is new, and the options it left."""
-
-    server: BackendServer
-    created: bool
-    kept_by_operator: list[str]  # options it named that stay as the operator set them
 
 
 class Pick(NamedTuple):
@@ -269,7 +251,7 @@ class BackendManager:
         options: dict[str, Any] | None = None,
         registrant: Registrant | None = None,
     ) -> Registration:
-        """Add a server, or update one's address in place, if `registrant` may; FleetFull if not.
+        """Add a server, or update one's address in place, if `registrant` may; FleetFull or TokenRefused if not.
 
         A new address resets the server's health (the seed's IP change). The same address
         again is a heartbeat: health is kept, or an agent re-registering every 30 s would
@@ -282,31 +264,23 @@ class BackendManager:
         with self._lock:
             existing = self.registry.servers.get(server_id)
             records.admit(existing, registrant, len(self.registry.servers))
-            changes, kept = records.claimed(existing, options, registrant)
-            if existing is not None and records.address(existing) == place and records.holds(existing, changes):
+            claim = records.claimed(existing, options, registrant)
+            if existing is not None and records.address(existing) == place and records.holds(existing, claim.changes):
                 server, change = existing, None
                 version = self.registry.version
             else:
-                server = records.registered(existing, server_id, ip, port, monitor_url, changes)
+                server = records.registered(existing, server_id, ip, port, monitor_url, claim.changes)
                 change = Change(self._place(server_id, server, existing), server_id, server, existing)
             copied = replace(server)
-        if kept:
-            log.debug("server %s registered with %s; kept as the operator set them", server_id, ", ".join(kept))
+        if claim.kept_by_operator:
+            log.debug("server %s registered; kept %s as the operator set them", server_id, claim.kept_by_operator)
         if change is None:
             self.registry.persist(version)  # a no-op unless an earlier save of this state failed
             log.debug("server %s registered again at %s (unchanged)", server_id, copied.url)
-            return Registration(copied, False, kept)
+            return Registration(copied, False, claim.kept_by_operator, None)
         self._save(change)
-        applied = {name: value for name, value in options.items() if name not in kept}
-        if existing is None:
-            log.info("registered server %s at %s", server_id, copied.url)
-        elif records.address(existing) == place:
-            log.info("server %s registered with new options: %s", server_id, applied)
-        elif existing.url != copied.url:
-            log.info("server %s moved from %s to %s; health reset", server_id, existing.url, copied.url)
-        else:
-            log.info("server %s now has monitor %s; health reset", server_id, copied.monitor_url)
-        return Registration(copied, existing is None, kept)
+        records.log_registration(existing, copied, claim)
+        return Registration(copied, existing is None, claim.kept_by_operator, claim.server_token)
 
     def _place(self, server_id: str, server: BackendServer, existing: BackendServer | None) -> int:
         """Under the lock: put a registration's record in the fleet, in place of `existing`; the new version."""
@@ -317,9 +291,10 @@ class BackendManager:
             self.registry.readings.forget(server_id)
         return self.registry.changed()
 
-    def unregister_server(self, server_id: str) -> bool:
-        """Remove a server; False when it was not registered."""
-        change = self.registry.remove(server_id)
+    def unregister_server(self, server_id: str, registrant: Registrant | None = None) -> bool:
+        """Remove a server; False when it was not registered, TokenRefused when `registrant` may not."""
+        check = None if registrant is None else functools.partial(records.check_token, registrant=registrant)
+        change = self.registry.remove(server_id, check)
         if change is None:
             return False
         self.outliers.forget(server_id)
@@ -333,18 +308,24 @@ class BackendManager:
         """The operator changes a server's routing options (registrations keep them); None when it is unknown."""
         return self._modify(server_id, records.checked_options(changes), by_operator=True)
 
+    def reset_server_token(self, server_id: str) -> BackendServer | None:
+        """Unbind a server from its token, so that its next registration binds a new one; None when unknown."""
+        return self._modify(server_id, {"token_hash": None}, what="server token reset")
+
     def set_draining(self, server_id: str, draining: bool) -> BackendServer | None:
         """Drain a server (no new work; its tasks still reach it) or take it back; None when unknown."""
         return self._modify(server_id, {"draining": draining})
 
-    def _modify(self, server_id: str, changes: dict[str, Any], by_operator: bool = False) -> BackendServer | None:
+    def _modify(
+        self, server_id: str, changes: dict[str, Any], by_operator: bool = False, what: str | None = None
+    ) -> BackendServer | None:
         modified = self.registry.modify(server_id, changes, by_operator)
         if modified is None:
             return None
         server, change = modified
         if change is not None:
             self._save(change)
-            log.info("server %s changed: %s", server_id, changes)
+            log.info("server %s changed: %s", server_id, what or changes)
         return server
 
     def report_failure(self, server_id: str, url: str, reason: str) -> None:

@@ -18,6 +18,8 @@ def test_defaults():
     assert (config.health_check_timeout, config.health_check_path) == (5.0, "/health")
     assert config.proxy_prefixes == ("/api/",)
     assert config.max_servers == 10_000
+    assert config.registration_binding == "off"
+    assert Config.from_env({**BASE, "REGISTRATION_BINDING": "token"}).registration_binding == "token"
 
 
 def test_secret_is_not_in_repr():
@@ -99,6 +101,8 @@ def test_parsed_values():
         ("MAX_SERVERS", "0"),
         ("MAX_SERVERS", "-1"),
         ("MAX_SERVERS", "many"),
+        ("REGISTRATION_BINDING", "on"),
+        ("REGISTRATION_BINDING", "tokens"),
     ],
 )
 def test_bad_value_names_the_variable(name, value):

@@ -7,8 +7,9 @@ import threading
 import pytest
 
 from gateway.fleet.health import HealthChecker, HealthResult
+from gateway.fleet.records import FleetFull, Registrant, TokenRefused
 from gateway.fleet.store import JsonFileStore
-from gateway.manager import BackendManager, FleetFull, PersistError, Registrant
+from gateway.manager import BackendManager, PersistError
 
 
 def make_manager(tmp_path, **kwargs) -> BackendManager:
@@ -460,3 +461,34 @@ def test_max_servers_holds_under_50_threads_registering_at_once(tmp_path):
     assert len(manager.list_servers()) == 10
     assert full == [10] * 40
     assert len(stored(tmp_path)) == 10
+
+
+def test_of_20_threads_claiming_one_id_at_once_exactly_one_gets_its_token(tmp_path):
+    manager = make_manager(tmp_path)
+    binding, tokens, refused = Registrant(binding=True), [], []
+    start = threading.Barrier(20)
+
+    def claim(n: int) -> None:
+        start.wait()
+        try:
+            tokens.append(manager.register("B1", "127.0.0.1", 9000 + n, registrant=binding).server_token)
+        except TokenRefused as exc:
+            refused.append(exc.missing)
+
+    threads = [threading.Thread(target=claim, args=(n,)) for n in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    (token,) = tokens
+    assert refused == [True] * 19
+    manager.register("B1", "127.0.0.1", 9100, registrant=binding._replace(server_token=token))
+    assert stored(tmp_path)[0]["port"] == 9100
+
+
+def test_a_bad_token_hash_in_the_state_file_is_a_bad_entry(tmp_path):
+    entry = {**GOOD_ENTRY, "server_id": "B2", "token_hash": "plain-text-token"}
+    (tmp_path / "servers.json").write_text(json.dumps([GOOD_ENTRY, entry]))
+
+    assert [s.server_id for s in make_manager(tmp_path).list_servers()] == ["B1"]

@@ -75,6 +75,10 @@ class ServerIdSchema(Schema):
         validate=validate.Regexp(SERVER_ID_PATTERN, error="must be 1-64 characters of A-Z a-z 0-9 _ . -"),
     )
     secret = Secret(load_only=True)
+    server_token = Secret(
+        load_only=True,
+        metadata={"description": "with REGISTRATION_BINDING=token, the token the id's first registration got"},
+    )
 
 
 class ServerOptionsSchema(Schema):

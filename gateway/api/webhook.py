@@ -8,12 +8,13 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from marshmallow import Schema
 
-from gateway.api.auth import presented_secret, secret_matches
+from gateway.api.auth import presented_secret, presented_server_token, secret_matches
 from gateway.api.schemas import RegisterSchema, ServerIdSchema
 from gateway.errors import error_response
 from gateway.fleet.addresses import Listener
+from gateway.fleet.records import FleetFull, Registrant, TokenRefused
 from gateway.fleet.server import OPTION_NAMES
-from gateway.manager import BackendManager, FleetFull, PersistError, Registrant
+from gateway.manager import BackendManager, PersistError
 from gateway.proxy.body_limit import read_body
 
 MAX_BODY_BYTES = 64 * 1024
@@ -30,6 +31,7 @@ RESULTS = {
     200: "ok",
     400: "invalid",
     401: "bad_secret",
+    403: "bad_token",
     404: "unknown",
     413: "invalid",
     503: "not_saved",
@@ -94,11 +96,26 @@ def not_saved(exc: PersistError) -> Response:
     return error_response(503, f"{exc}; try again", headers={"Retry-After": "5"})
 
 
-def fleet_full(exc: FleetFull) -> Response:
-    """The reply to a new server past MAX_SERVERS."""
-    return error_response(
-        507, f"the fleet is full: MAX_SERVERS={exc.limit} servers are registered; unregister one or raise MAX_SERVERS"
-    )
+def registration_refused(exc: FleetFull | TokenRefused) -> Response:
+    """The reply to a new server past MAX_SERVERS (507), or to a bound one without its token (403)."""
+    if isinstance(exc, FleetFull):
+        return error_response(
+            507,
+            f"the fleet is full: MAX_SERVERS={exc.limit} servers are registered; unregister one or raise MAX_SERVERS",
+        )
+    server_id = exc.server_id
+    if exc.missing:
+        problem = f"server {server_id} is bound to a server token: send it in the X-Server-Token header"
+    else:
+        problem = f"the server token sent for {server_id} is wrong"
+    return error_response(403, f"{problem}. An operator can reset it: POST /admin/servers/{server_id}/reset-token")
+
+
+def registrant(data: dict[str, Any]) -> Registrant:
+    """A server holding the webhook secret, and the server token it sends, under the gateway's rules."""
+    config = current_app.config["GATEWAY"]
+    binding = config.registration_binding == "token"
+    return Registrant(max_servers=config.max_servers, binding=binding, server_token=presented_server_token(data))
 
 
 @bp.post("/register")
@@ -109,18 +126,18 @@ def register() -> Response | tuple[Response, int]:
     if isinstance(data, Response):
         return data
     try:
-        server, created, kept = manager().register(
+        server, created, kept, token = manager().register(
             data["server_id"],
             data["ip"],
             data["port"],
             monitor_url=data["monitor_url"],
             options={name: data[name] for name in OPTION_NAMES if name in data},
-            registrant=Registrant(max_servers=config.max_servers),
+            registrant=registrant(data),
         )
     except PersistError as exc:
         return not_saved(exc)
-    except FleetFull as exc:
-        return fleet_full(exc)
+    except (FleetFull, TokenRefused) as exc:
+        return registration_refused(exc)
     verb = "registered" if created else "updated"
     reply = {
         "success": True,
@@ -134,6 +151,8 @@ def register() -> Response | tuple[Response, int]:
         reply["monitor_url"] = server.monitor_url
     reply.update(server.options())
     reply["kept_by_operator"] = kept  # named in this registration, but left as the operator set them
+    if token is not None:
+        reply["server_token"] = token  # shown this once: the gateway keeps only its hash
     return jsonify(reply), 200
 
 
@@ -145,9 +164,11 @@ def unregister() -> Response:
         return data
     server_id = data["server_id"]
     try:
-        removed = manager().unregister_server(server_id)
+        removed = manager().unregister_server(server_id, registrant(data))
     except PersistError as exc:
         return not_saved(exc)
+    except TokenRefused as exc:
+        return registration_refused(exc)
     if not removed:
         return error_response(404, f"server {server_id} is not registered")
     return jsonify(success=True, message=f"server {server_id} unregistered", server_id=server_id)

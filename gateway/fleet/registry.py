@@ -115,9 +115,14 @@ class Registry:
             self.servers[server_id] = server
             return replace(server), Change(self.changed(), server_id, server, existing)
 
-    def remove(self, server_id: str) -> Change | None:
-        """Take a server and its reading out; None when it was not registered."""
+    def remove(self, server_id: str, check: Callable[[BackendServer], None] | None = None) -> Change | None:
+        """Take a server and its reading out; None when it was not registered.
+
+        `check` sees the record under the lock first, and may raise to leave it in place.
+        """
         with self._lock:
+            if check is not None and server_id in self.servers:
+                check(self.servers[server_id])
             order = list(self.servers)
             removed = self.servers.pop(server_id, None)
             if removed is None:
@@ -152,7 +157,7 @@ class Registry:
             if self._saved_version >= version:
                 return  # a save that began after our change already wrote it
             with self._lock:
-                entries = [server.to_dict() for server in self.servers.values()]
+                entries = [server.to_entry() for server in self.servers.values()]
                 snapshot_version = self.version
             try:
                 off_the_event_loop(self.store.save, entries)

@@ -67,6 +67,7 @@ ENDPOINTS = [
     pytest.param("delete", "/admin/servers/B1", None, 200, id="delete"),
     pytest.param("post", "/admin/servers/B1/drain", None, 200, id="drain"),
     pytest.param("post", "/admin/servers/B1/enable", None, 200, id="enable"),
+    pytest.param("post", "/admin/servers/B1/reset-token", None, 200, id="reset-token"),
     pytest.param("get", "/admin/server-priority/check/m1", None, 200, id="priority-check"),
     pytest.param("get", "/admin/server-priority/overview", None, 200, id="priority-overview"),
     pytest.param("get", "/admin/rankings", None, 200, id="rankings"),
@@ -264,6 +265,7 @@ BAD_ADD = [
     pytest.param({"labels": {"k": 5}}, "labels", id="labels"),
     pytest.param({"gpu_count": 4}, "gpu_count", id="unknown-field"),
     pytest.param({"secret": SECRET}, "secret", id="secret-in-the-body"),
+    pytest.param({"server_token": "x" * 43}, "server_token", id="server-token-in-the-body"),
 ]
 
 
@@ -349,6 +351,47 @@ def test_a_heartbeat_that_names_a_kept_option_writes_nothing(client, app, regist
 
     assert response.get_json()["kept_by_operator"] == ["weight"]
     assert state_bytes(app) == before
+
+
+# -- server tokens (REGISTRATION_BINDING=token) -------------------------------------------------
+
+
+@pytest.fixture
+def bound_client(make_app):
+    """A gateway with ADMIN_TOKEN and REGISTRATION_BINDING=token, B1 registered; its client and B1's token."""
+    client = make_app(admin_token=ADMIN, registration_binding="token").test_client()
+    token = webhook_register(client).get_json()["server_token"]
+    return client, token
+
+
+def test_reset_token_lets_the_next_registration_bind_a_new_one(bound_client):
+    client, old = bound_client
+
+    response = client.post("/admin/servers/B1/reset-token", headers=ADMIN_AUTH)
+
+    assert response.status_code == 200
+    assert "next registration binds a new one" in response.get_json()["message"]
+    assert response.get_json()["data"]["token_bound"] is False
+    new = webhook_register(client, port=9002).get_json()["server_token"]
+    assert new != old
+    assert old not in response.get_data(as_text=True)
+    assert "wrong" in assert_error(webhook_register(client, server_token=old), 403)["message"]
+    assert webhook_register(client, server_token=new).status_code == 200
+
+
+def test_reset_token_of_an_unknown_server_is_404(bound_client):
+    client, _ = bound_client
+
+    assert "B9" in assert_error(client.post("/admin/servers/B9/reset-token", headers=ADMIN_AUTH), 404)["message"]
+
+
+def test_the_operator_needs_no_server_token(bound_client):
+    client, token = bound_client
+
+    assert client.patch("/admin/servers/B1", json={"weight": 5}, headers=ADMIN_AUTH).status_code == 200
+    assert client.post("/admin/servers", json={**B1, "port": 9005}, headers=ADMIN_AUTH).status_code == 200
+    assert webhook_register(client, port=9005, server_token=token).status_code == 200  # still bound to it
+    assert client.delete("/admin/servers/B1", headers=ADMIN_AUTH).status_code == 200
 
 
 # -- changing a server's options -------------------------------------------------------------

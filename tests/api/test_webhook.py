@@ -131,6 +131,7 @@ def test_registered_server_is_listed_with_the_seed_fields(client):
         "draining": False,
         "discovered_models": [],
         "operator_options": [],
+        "token_bound": False,
         "in_flight": 0,
         "ejected": False,
         "ejection_seconds_left": None,
@@ -1164,3 +1165,147 @@ def test_a_lone_surrogate_in_an_option_is_400_and_later_saves_still_work(client,
     assert (servers(client), stored(app)) == registered
     assert register(client, "B3", port=9003).status_code == 200
     assert [entry["server_id"] for entry in stored(app)] == ["B1", "B3"]
+
+
+# -- binding an id to its first registrant (REGISTRATION_BINDING=token) --------------------------
+
+
+@pytest.fixture
+def bound(make_app, caplog):
+    """A gateway with REGISTRATION_BINDING=token and B1 registered; the app, its client and B1's token."""
+    app = make_app(registration_binding="token")
+    client = app.test_client()
+    response = register(client, "B1", port=9001)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return app, client, response.get_json()["server_token"]
+
+
+def test_without_binding_a_registration_gets_no_token_and_anyone_may_move_it(client, registered):
+    response = register(client, "B1", "127.0.0.2", 9666)
+
+    assert response.status_code == 200
+    assert "server_token" not in response.get_json()
+    assert servers(client)[0]["port"] == 9666
+
+
+def test_the_first_registration_gets_a_token_shown_once_and_kept_as_a_hash(bound, caplog):
+    app, client, token = bound
+
+    assert isinstance(token, str)
+    assert len(token) >= 43
+    again = register(client, "B1", port=9001, server_token=token)
+    assert "server_token" not in again.get_json()
+    text = state_path(app).read_text(encoding="utf-8")
+    assert token not in text
+    assert stored(app)[0]["token_hash"].startswith("sha256:")
+    listing = client.get("/webhook/servers", headers=AUTH).get_data(as_text=True)
+    assert token not in listing
+    assert "sha256:" not in listing
+    assert servers(client)[0]["token_bound"] is True
+    assert token not in caplog.text
+    assert stored(app)[0]["token_hash"] not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("extra", "headers", "says"),
+    [
+        pytest.param({}, {}, "is bound to a server token", id="no-token"),
+        pytest.param({"server_token": "guess"}, {}, "is wrong", id="wrong-token-in-the-body"),
+        pytest.param({}, {"X-Server-Token": "guess"}, "is wrong", id="wrong-token-in-the-header"),
+        pytest.param({"server_token": ""}, {}, "is wrong", id="empty-token"),
+    ],
+)
+def test_a_bound_id_cannot_be_taken_over_without_its_token(bound, extra, headers, says):
+    app, client, token = bound
+    before = servers(client), stored(app)
+    # Anyone holding the webhook secret moves B1 to an address of their own, with options of their own.
+    body = {"server_id": "B1", "ip": "127.0.0.2", "port": 9666, "weight": 1000, "secret": SECRET, **extra}
+
+    response = client.post("/webhook/register", json=body, headers=headers)
+
+    message = assert_error(response, 403)["message"]
+    assert says in message
+    assert "reset-token" in message
+    assert token not in response.get_data(as_text=True)
+    assert (servers(client), stored(app)) == before
+
+
+@pytest.mark.parametrize("where", ["header", "body"])
+def test_the_token_lets_its_server_move_and_heartbeat(bound, where):
+    app, client, token = bound
+    extra, headers = ({}, {"X-Server-Token": token}) if where == "header" else ({"server_token": token}, {})
+    body = {"server_id": "B1", "ip": "127.0.0.2", "port": 9002, "secret": SECRET, **extra}
+
+    response = client.post("/webhook/register", json=body, headers=headers)
+
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert "server_token" not in response.get_json()
+    assert (stored(app)[0]["ip"], stored(app)[0]["port"]) == ("127.0.0.2", 9002)
+
+
+def test_a_bound_id_needs_its_token_to_unregister(bound):
+    app, client, token = bound
+
+    refused = unregister(client, "B1")
+    wrong = unregister(client, "B1", server_token=token[:-1])
+    accepted = unregister(client, "B1", server_token=token)
+
+    assert "bound to a server token" in assert_error(refused, 403)["message"]
+    assert "wrong" in assert_error(wrong, 403)["message"]
+    assert accepted.status_code == 200
+    assert stored(app) == []
+
+
+def test_after_unregistering_the_id_binds_a_new_token(bound):
+    _, client, token = bound
+    unregister(client, "B1", server_token=token)
+
+    response = register(client, "B1", port=9001)
+
+    new = response.get_json()["server_token"]
+    assert new != token
+    assert "wrong" in assert_error(register(client, "B1", port=9003, server_token=token), 403)["message"]
+
+
+def test_a_server_registered_before_binding_is_bound_by_its_next_registration(make_config, make_app):
+    client = make_app(make_config()).test_client()
+    register(client, "B1", port=9001)
+
+    bound_client = make_app(make_config(registration_binding="token")).test_client()
+    response = register(bound_client, "B1", port=9001)
+
+    token = response.get_json()["server_token"]
+    assert register(bound_client, "B1", port=9001, server_token=token).status_code == 200
+    assert_error(register(bound_client, "B1", port=9001), 403)
+
+
+def test_the_binding_survives_a_restart(make_config, make_app):
+    config = make_config(registration_binding="token")
+    token = register(make_app(config).test_client(), "B1", port=9001).get_json()["server_token"]
+
+    client = make_app(config).test_client()
+
+    assert_error(register(client, "B1", port=9666), 403)
+    assert register(client, "B1", port=9001, server_token=token).status_code == 200
+
+
+def test_with_binding_off_again_a_bound_server_registers_the_seeds_way(make_config, make_app):
+    token = register(make_app(make_config(registration_binding="token")).test_client(), "B1").get_json()["server_token"]
+    app = make_app(make_config())
+    client = app.test_client()
+
+    response = register(client, "B1", port=9666)
+
+    assert response.status_code == 200
+    assert "server_token" not in response.get_json()
+    assert stored(app)[0]["token_hash"].startswith("sha256:")  # kept, should binding come back
+    assert token not in state_path(app).read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("value", [5, None, ["x"]])
+def test_a_server_token_that_is_not_a_string_is_400(bound, value):
+    _, client, _ = bound
+
+    response = register(client, "B2", port=9002, server_token=value)
+
+    assert "server_token" in assert_error(response, 400)["errors"]

@@ -440,23 +440,32 @@ def test_the_time_of_the_last_health_change_is_kept(tmp_path):
     assert make_manager(tmp_path).get_server("B1").health_changed_time == changed
 
 
+def at_once(count: int, call) -> None:
+    """Run call(0) ... call(count - 1) on threads of their own, released together, and wait for them."""
+    start = threading.Barrier(count)
+
+    def run(n: int) -> None:
+        start.wait()
+        call(n)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def test_max_servers_holds_under_50_threads_registering_at_once(tmp_path):
     manager = make_manager(tmp_path)
     limit, full = Registrant(max_servers=10), []
-    start = threading.Barrier(50)
 
     def join(n: int) -> None:
-        start.wait()
         try:
             manager.register(f"B{n}", "127.0.0.1", 9000 + n, registrant=limit)
         except FleetFull as exc:
             full.append(exc.limit)
 
-    threads = [threading.Thread(target=join, args=(n,)) for n in range(50)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    at_once(50, join)
 
     assert len(manager.list_servers()) == 10
     assert full == [10] * 40
@@ -466,20 +475,14 @@ def test_max_servers_holds_under_50_threads_registering_at_once(tmp_path):
 def test_of_20_threads_claiming_one_id_at_once_exactly_one_gets_its_token(tmp_path):
     manager = make_manager(tmp_path)
     binding, tokens, refused = Registrant(binding=True), [], []
-    start = threading.Barrier(20)
 
     def claim(n: int) -> None:
-        start.wait()
         try:
             tokens.append(manager.register("B1", "127.0.0.1", 9000 + n, registrant=binding).server_token)
         except TokenRefused as exc:
             refused.append(exc.missing)
 
-    threads = [threading.Thread(target=claim, args=(n,)) for n in range(20)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    at_once(20, claim)
 
     (token,) = tokens
     assert refused == [True] * 19

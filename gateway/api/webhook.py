@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from typing import Any
 
@@ -70,7 +71,9 @@ def listener() -> Listener | None:
         except (KeyError, AttributeError, OSError):
             continue
         if isinstance(local, tuple):  # an AF_UNIX socket names a path: no port to compare
-            return Listener(local[1], ipaddress.ip_address(local[0]))
+            with contextlib.suppress(ValueError):
+                return Listener(local[1], ipaddress.ip_address(local[0]))
+            return Listener(local[1])
     # With TRUSTED_PROXY_COUNT, X-Forwarded-Host may have rewritten SERVER_PORT; ProxyFix keeps the first.
     port = environ.get("werkzeug.proxy_fix.orig", {}).get("SERVER_PORT") or environ.get("SERVER_PORT", "")
     return Listener(int(port)) if port.isdigit() else None

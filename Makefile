@@ -38,7 +38,7 @@ smoke:
 	$(PYTHON) -m venv .venv-runtime
 	.venv-runtime/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
 	VENV=.venv-runtime DEMO_ONESHOT=1 DEMO_DIR=.venv-runtime/demo GATEWAY_BIND=127.0.0.1:$${SMOKE_PORT:-5099} \
-		WEBHOOK_SECRET=smoke-$$$$-$$RANDOM scripts/demo.sh
+		WEBHOOK_SECRET="$$($(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(32))')" scripts/demo.sh
 
 bench-core: $(BIN)/.dev  ## the issue-2 figures: health sweep and rotation cost
 	$(BIN)/python bench/sweep_bench.py

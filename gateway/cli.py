@@ -182,6 +182,20 @@ def server_options(command: Callable[..., None]) -> Callable[..., None]:
     return run
 
 
+server_token_option = click.option(
+    "--server-token",
+    metavar="TOKEN",
+    envvar="SERVER_TOKEN",
+    show_envvar=True,
+    help="The token a gateway with REGISTRATION_BINDING=token gave this id's first registration.",
+)
+
+
+def token_header(server_token: str | None) -> dict[str, str]:
+    """The X-Server-Token header when a token is given."""
+    return {"X-Server-Token": server_token} if server_token else {}
+
+
 def server_path(server_id: str, action: str = "") -> str:
     """/admin/servers/<id>[/action], the id quoted so that it stays one path segment."""
     return f"/admin/servers/{quote(server_id, safe='')}{action}"
@@ -189,7 +203,7 @@ def server_path(server_id: str, action: str = "") -> str:
 
 @click.group(epilog=EPILOG)
 def cli() -> None:
-    """Register GPU servers with the gateway, remove them, list the fleet; drain, enable and tune them."""
+    """Register GPU servers with the gateway, remove them, list the fleet; drain, enable, tune and unbind them."""
 
 
 @cli.command(epilog=EPILOG)
@@ -199,19 +213,26 @@ def cli() -> None:
 )
 @click.option("--port", metavar="PORT", required=True, type=click.IntRange(1, 65535), help="The port it serves on.")
 @server_options
+@server_token_option
 @gateway_options
-def register(gateway: Gateway, server_id: str, ip: str, port: int, options: dict[str, Any]) -> None:
+def register(
+    gateway: Gateway, server_id: str, ip: str, port: int, options: dict[str, Any], server_token: str | None
+) -> None:
     """Register a GPU server with the gateway, or update its address and the options given."""
-    reply = gateway.call("POST", "/webhook/register", {"server_id": server_id, "ip": ip, "port": port, **options})
+    body = {"server_id": server_id, "ip": ip, "port": port, **options}
+    reply = gateway.call("POST", "/webhook/register", body, token_header(server_token))
     click.echo(reply.get("message") or f"server {server_id} registered")
+    if isinstance(reply.get("server_token"), str):  # a gateway that binds ids: shown this once
+        click.echo(f"server token (shown once; pass it as --server-token or SERVER_TOKEN): {reply['server_token']}")
 
 
 @cli.command(epilog=EPILOG)
 @click.option("--server-id", metavar="ID", required=True, help="The GPU server's id, e.g. B1.")
+@server_token_option
 @gateway_options
-def unregister(gateway: Gateway, server_id: str) -> None:
+def unregister(gateway: Gateway, server_id: str, server_token: str | None) -> None:
     """Remove a GPU server from the gateway's fleet."""
-    reply = gateway.call("POST", "/webhook/unregister", {"server_id": server_id})
+    reply = gateway.call("POST", "/webhook/unregister", {"server_id": server_id}, token_header(server_token))
     click.echo(reply.get("message") or f"server {server_id} unregistered")
 
 
@@ -269,6 +290,15 @@ def enable(gateway: Gateway, server_id: str) -> None:
     """Let a drained SERVER_ID take new work again."""
     reply = gateway.call("POST", server_path(server_id, "/enable"))
     click.echo(reply.get("message") or f"server {server_id} enabled")
+
+
+@cli.command("reset-token", epilog=ADMIN_EPILOG)
+@click.argument("server_id")
+@admin_options
+def reset_token(gateway: Gateway, server_id: str) -> None:
+    """Unbind SERVER_ID from its server token: its next registration binds a new one."""
+    reply = gateway.call("POST", server_path(server_id, "/reset-token"))
+    click.echo(reply.get("message") or f"server {server_id}'s token is reset")
 
 
 @cli.command("set", epilog=ADMIN_EPILOG)

@@ -37,15 +37,20 @@ class Gateway:
         self.timeout = timeout
         self.headers = {"Authorization": f"Bearer {secret}"} if bearer else {"X-Webhook-Secret": secret}
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Send one request and return the JSON reply; raise GatewayError unless it says success."""
+    def call(
+        self, method: str, path: str, body: dict[str, Any] | None = None, headers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        """Send one request (with `headers` beside the credential) and return the JSON reply.
+
+        Raise GatewayError unless the reply says success.
+        """
         try:
             # No redirects: a custom header would follow one to another host, and a POST would become a GET.
             response = requests.request(
                 method,
                 self.url + path,
                 json=body,
-                headers=self.headers,
+                headers={**self.headers, **(headers or {})},
                 timeout=self.timeout,
                 allow_redirects=False,
             )

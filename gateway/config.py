@@ -15,13 +15,19 @@ T = TypeVar("T")
 ROUTING_POLICIES = ("round_robin", "least_connections", "least_load")
 MODEL_DISCOVERY_MODES = ("auto", "ollama", "openai", "off")
 MAX_DASHBOARD_SESSION_HOURS = 168.0  # a week; a login used to last 31 days
+REGISTRATION_BINDINGS = ("off", "token")
 
+GENERATE_COMMAND = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 SETUP_HELP = (
     "WEBHOOK_SECRET is not set. The gateway needs the preset secret that GPU servers send "
     "when they register. Set it, for example:\n"
-    "    export WEBHOOK_SECRET=\"$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')\"\n"
+    f'    export WEBHOOK_SECRET="$({GENERATE_COMMAND})"\n'
     "or start the gateway with `make run`, which generates one for you."
 )
+# A secret any shorter can be guessed, and the log redaction blanks out every occurrence of it:
+# with WEBHOOK_SECRET=s, each letter "s" in the logs became [REDACTED].
+MIN_SECRET_LENGTH = 16
+SECRET_SETTINGS = {"webhook_secret": "WEBHOOK_SECRET", "admin_token": "ADMIN_TOKEN", "metrics_token": "METRICS_TOKEN"}
 
 
 class ConfigError(ValueError):
@@ -73,6 +79,8 @@ class Config:
     llm_routes: bool = True
     dashboard_session_hours: float = 8.0
     dashboard_secure_cookie: bool = False
+    max_servers: int = 10_000
+    registration_binding: str = "off"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
@@ -137,8 +145,13 @@ class Config:
                 "DASHBOARD_SESSION_HOURS", cls.dashboard_session_hours, _session_hours
             ),
             "dashboard_secure_cookie": reader.get("DASHBOARD_SECURE_COOKIE", cls.dashboard_secure_cookie, _boolean),
+            "max_servers": reader.get("MAX_SERVERS", cls.max_servers, _integer(1)),
+            "registration_binding": reader.get(
+                "REGISTRATION_BINDING", cls.registration_binding, _choice(REGISTRATION_BINDINGS)
+            ),
         }
         values.update(overrides)
+        _check_secret_lengths(values)
         if "PROXY_HEAD_TIMEOUT" not in env and "proxy_head_timeout" not in overrides:
             # Unset, it is the shorter of its default and the read timeout, which used to cover the head.
             values["proxy_head_timeout"] = min(cls.proxy_head_timeout, values["proxy_read_timeout"])
@@ -153,6 +166,16 @@ class Config:
                 f"OUTLIER_BASE_EJECTION_SECONDS ({values['outlier_base_ejection_seconds']:g})."
             )
         return cls(**values)
+
+
+def _check_secret_lengths(values: Mapping[str, Any]) -> None:
+    for key, name in SECRET_SETTINGS.items():
+        value = values[key]
+        if value and len(value) < MIN_SECRET_LENGTH:
+            raise ConfigError(
+                f"{name} is {len(value)} characters long; it must have at least {MIN_SECRET_LENGTH}. "
+                f"Make one with: {GENERATE_COMMAND}"
+            )
 
 
 class _Reader:

@@ -9,6 +9,7 @@ makes the changes routing must know of, and fleet/records.py holds the rules for
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import threading
 from collections.abc import Collection
@@ -19,7 +20,7 @@ from gateway.fleet import records
 from gateway.fleet.health import HealthChecker, HealthResult
 from gateway.fleet.model_discovery import ModelDiscoverer
 from gateway.fleet.monitor_reader import MonitorReader
-from gateway.fleet.records import Transition
+from gateway.fleet.records import Registrant, Registration, Transition
 from gateway.fleet.registry import Change, PersistError, Registry
 from gateway.fleet.resources import Reading
 from gateway.fleet.server import BackendServer, now_iso
@@ -237,7 +238,20 @@ class BackendManager:
         monitor_url: str | None = None,
         options: dict[str, Any] | None = None,
     ) -> tuple[BackendServer, bool]:
-        """Add a server, or update one's address in place; return it and whether it is new.
+        """Add a server, or update one's address in place; return it and whether it is new (see `register`)."""
+        registration = self.register(server_id, ip, port, monitor_url, options)
+        return registration.server, registration.created
+
+    def register(
+        self,
+        server_id: str,
+        ip: str,
+        port: int,
+        monitor_url: str | None = None,
+        options: dict[str, Any] | None = None,
+        registrant: Registrant | None = None,
+    ) -> Registration:
+        """Add a server, or update one's address in place, if `registrant` may; FleetFull or TokenRefused if not.
 
         A new address resets the server's health (the seed's IP change). The same address
         again is a heartbeat: health is kept, or an agent re-registering every 30 s would
@@ -245,42 +259,42 @@ class BackendManager:
         (weight, priority, ...) that are given replace the server's; absent ones are kept, so
         a heartbeat never undoes what an operator set.
         """
-        options = records.checked_options(options or {})
+        options, registrant = records.checked_options(options or {}), registrant or Registrant()
         place = (ip, port, monitor_url)
         with self._lock:
             existing = self.registry.servers.get(server_id)
-            if existing is not None and records.address(existing) == place and records.holds(existing, options):
-                heartbeat, version = replace(existing), self.registry.version
+            records.admit(existing, registrant, len(self.registry.servers))
+            claim = records.claimed(existing, options, registrant)
+            if existing is not None and records.address(existing) == place and records.holds(existing, claim.changes):
+                server, change = existing, None
+                version = self.registry.version
             else:
-                heartbeat = None
-        if heartbeat is not None:
-            self.registry.persist(version)  # a no-op unless an earlier save of this state failed
-            log.debug("server %s registered again at %s (unchanged)", server_id, heartbeat.url)
-            return heartbeat, False
-        with self._lock:
-            existing = self.registry.servers.get(server_id)
-            server = records.registered(existing, server_id, ip, port, monitor_url, options)
-            if existing is None or records.address(existing) != place:
-                self.selector.came_back(server_id)
-            self.registry.servers[server_id] = server  # a known key keeps its place in the order
-            if existing is None or existing.monitor_url != monitor_url:
-                self.registry.readings.forget(server_id)
-            version = self.registry.changed()
+                server = records.registered(existing, server_id, ip, port, monitor_url, claim.changes)
+                change = Change(self._place(server_id, server, existing), server_id, server, existing)
             copied = replace(server)
-        self._save(Change(version, server_id, server, existing))
-        if existing is None:
-            log.info("registered server %s at %s", server_id, copied.url)
-        elif records.address(existing) == place:
-            log.info("server %s registered with new options: %s", server_id, options)
-        elif existing.url != copied.url:
-            log.info("server %s moved from %s to %s; health reset", server_id, existing.url, copied.url)
-        else:
-            log.info("server %s now has monitor %s; health reset", server_id, copied.monitor_url)
-        return copied, existing is None
+        if claim.kept_by_operator:
+            log.debug("server %s registered; kept %s as the operator set them", server_id, claim.kept_by_operator)
+        if change is None:
+            self.registry.persist(version)  # a no-op unless an earlier save of this state failed
+            log.debug("server %s registered again at %s (unchanged)", server_id, copied.url)
+            return Registration(copied, False, claim.kept_by_operator, None)
+        self._save(change)
+        records.log_registration(existing, copied, claim)
+        return Registration(copied, existing is None, claim.kept_by_operator, claim.server_token)
 
-    def unregister_server(self, server_id: str) -> bool:
-        """Remove a server; False when it was not registered."""
-        change = self.registry.remove(server_id)
+    def _place(self, server_id: str, server: BackendServer, existing: BackendServer | None) -> int:
+        """Under the lock: put a registration's record in the fleet, in place of `existing`; the new version."""
+        if existing is None or records.address(existing) != records.address(server):
+            self.selector.came_back(server_id)
+        self.registry.servers[server_id] = server  # a known key keeps its place in the order
+        if existing is None or existing.monitor_url != server.monitor_url:
+            self.registry.readings.forget(server_id)
+        return self.registry.changed()
+
+    def unregister_server(self, server_id: str, registrant: Registrant | None = None) -> bool:
+        """Remove a server; False when it was not registered, TokenRefused when `registrant` may not."""
+        check = None if registrant is None else functools.partial(records.check_token, registrant=registrant)
+        change = self.registry.remove(server_id, check)
         if change is None:
             return False
         self.outliers.forget(server_id)
@@ -291,21 +305,27 @@ class BackendManager:
         return True
 
     def update_server(self, server_id: str, changes: dict[str, Any]) -> BackendServer | None:
-        """Change a server's routing options; None when it is not registered."""
-        return self._modify(server_id, records.checked_options(changes))
+        """The operator changes a server's routing options (registrations keep them); None when it is unknown."""
+        return self._modify(server_id, records.checked_options(changes), by_operator=True)
+
+    def reset_server_token(self, server_id: str) -> BackendServer | None:
+        """Unbind a server from its token, so that its next registration binds a new one; None when unknown."""
+        return self._modify(server_id, {"token_hash": None}, what="server token reset")
 
     def set_draining(self, server_id: str, draining: bool) -> BackendServer | None:
         """Drain a server (no new work; its tasks still reach it) or take it back; None when unknown."""
         return self._modify(server_id, {"draining": draining})
 
-    def _modify(self, server_id: str, changes: dict[str, Any]) -> BackendServer | None:
-        modified = self.registry.modify(server_id, changes)
+    def _modify(
+        self, server_id: str, changes: dict[str, Any], by_operator: bool = False, what: str | None = None
+    ) -> BackendServer | None:
+        modified = self.registry.modify(server_id, changes, by_operator)
         if modified is None:
             return None
         server, change = modified
         if change is not None:
             self._save(change)
-            log.info("server %s changed: %s", server_id, changes)
+            log.info("server %s changed: %s", server_id, what or changes)
         return server
 
     def report_failure(self, server_id: str, url: str, reason: str) -> None:

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,6 +29,7 @@ Settings from the environment (the seed's config.yaml keys):
   MONITOR_CACHE_EXPIRE_TIME     seconds a reading is reused; 0 reads every time (2)
   MONITOR_DISK_PATH             the disk /resources reports ("/")
   WEBHOOK_SECRET                the gateway's secret; required with --register-to
+  MONITOR_TOKEN_FILE            where the server token is kept (--token-file)
 
 \b
 A GPU host joins the fleet with one command, e.g.:
@@ -96,6 +98,14 @@ def check_server_id(ctx: click.Context, param: click.Parameter, value: str | Non
     help="Register again this often, so a changed address reaches the gateway.",
 )
 @click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    envvar="MONITOR_TOKEN_FILE",
+    show_envvar=True,
+    help="Where to keep the server token a gateway with REGISTRATION_BINDING=token gives this id (mode 0600) "
+    "[default: $XDG_STATE_HOME/gpu-monitor/<server-id>.token, or ~/.local/state/...].",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
     default="INFO",
@@ -112,6 +122,7 @@ def main(
     service_port: int | None,
     advertise_ip: str | None,
     heartbeat: float,
+    token_file: Path | None,
     log_level: str,
 ) -> None:
     """Serve this host's CPU, memory, disk and GPU readings: /health, /resources and /check."""
@@ -119,7 +130,7 @@ def main(
         settings = Settings.from_env(device_type=device)
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from None
-    agent_options = agent_settings(register_to, server_id, service_port)
+    agent_options = agent_settings(register_to, server_id, service_port, token_file)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if log_level.upper() != "DEBUG":
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per poll
@@ -153,7 +164,9 @@ def main(
     close_app(app)
 
 
-def agent_settings(register_to: str | None, server_id: str | None, service_port: int | None) -> dict[str, Any] | None:
+def agent_settings(
+    register_to: str | None, server_id: str | None, service_port: int | None, token_file: Path | None = None
+) -> dict[str, Any] | None:
     """The agent's arguments when --register-to is given; a usage error when something it needs is missing."""
     if register_to is None:
         if server_id is not None or service_port is not None:
@@ -165,7 +178,20 @@ def agent_settings(register_to: str | None, server_id: str | None, service_port:
     secret = os.environ.get("WEBHOOK_SECRET", "")
     if not secret:
         raise click.UsageError("WEBHOOK_SECRET must be set to the gateway's secret when --register-to is given")
-    return {"gateway_url": register_to, "secret": secret, "server_id": server_id, "service_port": service_port}
+    assert server_id is not None  # checked above
+    return {
+        "gateway_url": register_to,
+        "secret": secret,
+        "server_id": server_id,
+        "service_port": service_port,
+        "token_file": token_file or default_token_file(server_id),
+    }
+
+
+def default_token_file(server_id: str) -> Path:
+    """Where the server token is kept unless --token-file says: the user's state folder (XDG)."""
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(state, "gpu-monitor", f"{server_id}.token")
 
 
 if __name__ == "__main__":

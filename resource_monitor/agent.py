@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import random
 import socket
+import tempfile
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -38,12 +42,45 @@ def detect_advertise_ip(gateway_url: str) -> str:
         return str(sock.getsockname()[0])
 
 
+def read_token(path: Path) -> str | None:
+    """The server token kept in `path`, or None when there is none (or it cannot be read, which is logged)."""
+    try:
+        token = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        log.warning("cannot read the server token file %s: %s; registering without it", path, exc)
+        return None
+    return token or None
+
+
+def write_token(path: Path, token: str) -> None:
+    """Keep `token` in `path`, readable by this user only (0600): a temp file beside it, fsync, rename."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # mode 0600
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as handle:
+            handle.write(token + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp_name)
+        raise
+
+
 class Refused(Exception):
     """The gateway answered, but will not accept this registration as it stands (wrong secret, bad field)."""
 
 
 class RegistrationAgent:
-    """Registers the host at start, again every `heartbeat` seconds, and unregisters on stop()."""
+    """Registers the host at start, again every `heartbeat` seconds, and unregisters on stop().
+
+    With a gateway that binds ids to tokens (REGISTRATION_BINDING=token), the token the first
+    registration gets is kept in `token_file` (in memory only when it is None) and sent with
+    every later call.
+    """
 
     def __init__(
         self,
@@ -56,6 +93,7 @@ class RegistrationAgent:
         heartbeat: float = 30.0,
         retry_base: float = RETRY_BASE,
         retry_cap: float = RETRY_CAP,
+        token_file: str | os.PathLike[str] | None = None,
     ) -> None:
         self.gateway_url = gateway_url.rstrip("/")
         self.server_id = server_id
@@ -70,6 +108,8 @@ class RegistrationAgent:
         self._stop = threading.Event()
         self._session = requests.Session()
         self._session.headers["X-Webhook-Secret"] = secret
+        self.token_file = Path(token_file) if token_file is not None else None
+        self._token = read_token(self.token_file) if self.token_file is not None else None
         self._thread = threading.Thread(target=self._run, name=f"register-{server_id}", daemon=True)
 
     def start(self) -> None:
@@ -125,10 +165,28 @@ class RegistrationAgent:
         log.info("unregistered %s from %s", self.server_id, self.gateway_url)
         return True
 
+    def _keep_token(self, token: str) -> None:
+        """Hold on to the token the gateway bound this id to, in the token file when there is one."""
+        self._token = token
+        if self.token_file is None:
+            return
+        try:
+            write_token(self.token_file, token)
+        except OSError as exc:
+            log.error(
+                "cannot save the server token of %s to %s: %s; kept in memory only",
+                self.server_id,
+                self.token_file,
+                exc,
+            )
+            return
+        log.info("the gateway bound %s to a server token; saved it in %s", self.server_id, self.token_file)
+
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        headers = {"X-Server-Token": self._token} if self._token else None
         # No redirects: the secret header would follow one to another host.
         response = self._session.post(
-            self.gateway_url + path, json=body, timeout=REQUEST_TIMEOUT, allow_redirects=False
+            self.gateway_url + path, json=body, headers=headers, timeout=REQUEST_TIMEOUT, allow_redirects=False
         )
         try:
             reply = response.json()
@@ -137,6 +195,8 @@ class RegistrationAgent:
         if not isinstance(reply, dict):
             reply = {}
         if response.ok and reply.get("success") is True:
+            if isinstance(reply.get("server_token"), str):
+                self._keep_token(reply["server_token"])
             return reply
         status = response.status_code
         message = f"error {status}: {reply.get('message') or response.reason}"

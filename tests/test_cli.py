@@ -26,7 +26,9 @@ ADMIN = "admin-token-61c0f9e2d87a"
 
 def run_cli(*args: str, secret: str | None = SECRET, **env: str) -> subprocess.CompletedProcess[str]:
     """Run the CLI as a subprocess; `secret` goes on the command line. No secret may reach its output."""
-    clean_env = {k: v for k, v in os.environ.items() if k not in ("WEBHOOK_SECRET", "GATEWAY_URL", "ADMIN_TOKEN")}
+    clean_env = {
+        k: v for k, v in os.environ.items() if k not in ("WEBHOOK_SECRET", "GATEWAY_URL", "ADMIN_TOKEN", "SERVER_TOKEN")
+    }
     command = [sys.executable, "test_b_client.py", *args]
     if secret is not None:
         command += ["--secret", secret]
@@ -568,6 +570,7 @@ def test_status_takes_the_admin_token(admin_gateway):
     [
         (["drain", "B1"], "POST", "/admin/servers/B1/drain"),
         (["enable", "B1"], "POST", "/admin/servers/B1/enable"),
+        (["reset-token", "B1"], "POST", "/admin/servers/B1/reset-token"),
         (["set", "B1", "--priority", "2"], "PATCH", "/admin/servers/B1"),
         (["drain", "a/b?c"], "POST", "/admin/servers/a%2Fb%3Fc/drain"),
         (["priority", "org/model:7b"], "GET", "/admin/server-priority/check/org%2Fmodel%3A7b"),
@@ -584,3 +587,45 @@ def test_the_admin_token_travels_as_a_bearer_token(stub_gateway, args, method, p
     assert "X-Webhook-Secret" not in sent["headers"]
     if method == "PATCH":
         assert sent["body"] == {"priority": 2}
+
+
+# -- server tokens (REGISTRATION_BINDING=token) ---------------------------------------------------
+
+
+def test_a_bound_id_registers_with_its_token_and_an_operator_resets_it(live_gateway):
+    gateway = live_gateway(admin_token=ADMIN, registration_binding="token")
+    url = gateway.url
+
+    first = run_cli(*register_args(url, "B1", 9001))
+    assert first.returncode == 0, first.stderr
+    message, shown = first.stdout.splitlines()
+    assert message == "server B1 registered"
+    token = shown.rpartition(": ")[2]
+    assert "shown once" in shown
+
+    refused = run_cli(*register_args(url, "B1", 9002))
+    assert refused.returncode == 1
+    assert "error 403: server B1 is bound to a server token" in refused.stderr
+    moved = run_cli(*register_args(url, "B1", 9002), SERVER_TOKEN=token)
+    assert (moved.returncode, moved.stdout) == (0, "server B1 updated\n")
+
+    reset = admin_cli("reset-token", "B1", "--gateway", url)
+    assert (reset.returncode, reset.stderr) == (0, "")
+    assert "next registration binds a new one" in reset.stdout
+    again = run_cli(*register_args(url, "B1", 9002), "--server-token", token)
+    assert again.returncode == 0
+    new = again.stdout.splitlines()[-1].rpartition(": ")[2]
+    assert new != token
+
+    gone = run_cli("unregister", "--gateway", url, "--server-id", "B1", "--server-token", new)
+    assert (gone.returncode, gone.stdout) == (0, "server B1 unregistered\n")
+
+
+def test_the_server_token_travels_in_a_header(stub_gateway):
+    stub_gateway.answer(200, {"success": True, "message": "ok"})
+
+    assert run_cli(*register_args(stub_gateway.url, "B1", 9001), "--server-token", "tok-123").returncode == 0
+
+    (sent,) = stub_gateway.received
+    assert sent["headers"]["X-Server-Token"] == "tok-123"
+    assert "tok-123" not in json.dumps(sent["body"])

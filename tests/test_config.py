@@ -6,21 +6,24 @@ import pytest
 
 from gateway.config import Config, ConfigError, parse_bind
 
-BASE = {"WEBHOOK_SECRET": "s3cret-value"}
+BASE = {"WEBHOOK_SECRET": "s3cret-value-4e8a1f"}
 
 
 def test_defaults():
     config = Config.from_env(BASE)
-    assert config.webhook_secret == "s3cret-value"
+    assert config.webhook_secret == "s3cret-value-4e8a1f"
     assert config.backend_api_base == ""
     assert config.backend_servers_file == "backend_servers.json"
     assert (config.health_check_interval, config.health_check_failures) == (30.0, 3)
     assert (config.health_check_timeout, config.health_check_path) == (5.0, "/health")
     assert config.proxy_prefixes == ("/api/",)
+    assert config.max_servers == 10_000
+    assert config.registration_binding == "off"
+    assert Config.from_env({**BASE, "REGISTRATION_BINDING": "token"}).registration_binding == "token"
 
 
 def test_secret_is_not_in_repr():
-    assert "s3cret-value" not in repr(Config.from_env(BASE))
+    assert "s3cret-value-4e8a1f" not in repr(Config.from_env(BASE))
 
 
 @pytest.mark.parametrize("env", [{}, {"WEBHOOK_SECRET": ""}, {"WEBHOOK_SECRET": "   "}])
@@ -28,6 +31,28 @@ def test_missing_secret_refuses_to_start_and_says_how(env):
     with pytest.raises(ConfigError, match="WEBHOOK_SECRET") as info:
         Config.from_env(env)
     assert "export WEBHOOK_SECRET" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["WEBHOOK_SECRET", "ADMIN_TOKEN", "METRICS_TOKEN"])
+@pytest.mark.parametrize("value", ["s", "x" * 15])
+def test_a_short_secret_refuses_to_start_and_says_how_to_make_one(name, value):
+    # WEBHOOK_SECRET=s made the log redaction turn every letter "s" into [REDACTED].
+    with pytest.raises(ConfigError, match=name) as info:
+        Config.from_env({**BASE, name: value})
+    assert "at least 16" in str(info.value)
+    assert "secrets.token_urlsafe(32)" in str(info.value)
+    assert "x" * 15 not in str(info.value)  # the message never shows the secret
+
+
+@pytest.mark.parametrize("name", ["WEBHOOK_SECRET", "ADMIN_TOKEN", "METRICS_TOKEN"])
+def test_a_secret_of_16_characters_is_accepted(name):
+    config = Config.from_env({**BASE, name: "x" * 16})
+    assert getattr(config, name.lower()) == "x" * 16
+
+
+def test_a_short_secret_given_as_an_override_is_refused_too():
+    with pytest.raises(ConfigError, match="ADMIN_TOKEN"):
+        Config.from_env(BASE, admin_token="short")
 
 
 def test_parsed_values():
@@ -86,6 +111,11 @@ def test_parsed_values():
         ("DASHBOARD_SESSION_HOURS", "nan"),
         ("DASHBOARD_SESSION_HOURS", "744"),  # the 31 days a dashboard login used to last
         ("DASHBOARD_SECURE_COOKIE", "maybe"),
+        ("MAX_SERVERS", "0"),
+        ("MAX_SERVERS", "-1"),
+        ("MAX_SERVERS", "many"),
+        ("REGISTRATION_BINDING", "on"),
+        ("REGISTRATION_BINDING", "tokens"),
     ],
 )
 def test_bad_value_names_the_variable(name, value):

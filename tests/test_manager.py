@@ -7,6 +7,7 @@ import threading
 import pytest
 
 from gateway.fleet.health import HealthChecker, HealthResult
+from gateway.fleet.records import FleetFull, Registrant, TokenRefused
 from gateway.fleet.store import JsonFileStore
 from gateway.manager import BackendManager, PersistError
 
@@ -58,6 +59,7 @@ def test_register_is_saved_before_it_returns(tmp_path):
             "labels": {},
             "draining": False,
             "discovered_models": [],
+            "operator_options": [],
         }
     ]
 
@@ -127,6 +129,92 @@ def test_state_file_with_a_bad_entry_keeps_the_good_ones_and_a_copy(tmp_path, ca
     assert len(copies) == 1
     assert "B2" in copies[0].read_text()
     assert "bad entries" in caplog.text
+
+
+GOOD_ENTRY = {"server_id": "B1", "ip": "127.0.0.1", "port": 9000}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(5, id="a-number"),
+        pytest.param("B2", id="a-string"),
+        pytest.param(None, id="null"),
+        pytest.param([{"server_id": "B2", "ip": "127.0.0.1", "port": 9001}], id="a-list"),
+        pytest.param({"server_id": "B2", "ip": "169.254.169.254", "port": 80}, id="metadata-ip"),
+        pytest.param({"server_id": "B2", "ip": "::ffff:169.254.169.254", "port": 80}, id="v4-mapped-metadata-ip"),
+        pytest.param({"server_id": "B2", "ip": "fd00:ec2::254", "port": 80}, id="ipv6-metadata-ip"),
+        pytest.param({"server_id": "B2", "ip": "0.0.0.0", "port": 80}, id="unspecified-ip"),
+        pytest.param({"server_id": "B2", "ip": "224.0.0.1", "port": 80}, id="multicast-ip"),
+        pytest.param({"server_id": "B2", "ip": "http://127.0.0.1", "port": 80}, id="url-as-ip"),
+        pytest.param({"server_id": "B2", "ip": "", "port": 80}, id="empty-ip"),
+        pytest.param({"server_id": "B2", "ip": "127.0.0.1", "port": 0}, id="port-0"),
+        pytest.param({"server_id": "B2", "ip": "127.0.0.1", "port": 65536}, id="port-65536"),
+        pytest.param({"server_id": "B2", "ip": "127.0.0.1", "port": True}, id="port-true"),
+        pytest.param({"server_id": "B 2", "ip": "127.0.0.1", "port": 9001}, id="id-with-space"),
+        pytest.param({"server_id": "../B2", "ip": "127.0.0.1", "port": 9001}, id="id-with-slash"),
+        pytest.param({"server_id": "x" * 65, "ip": "127.0.0.1", "port": 9001}, id="id-too-long"),
+        pytest.param({"server_id": "", "ip": "127.0.0.1", "port": 9001}, id="empty-id"),
+        pytest.param(
+            {"server_id": "B2", "ip": "127.0.0.1", "port": 9001, "monitor_url": "http://169.254.169.254"},
+            id="metadata-monitor",
+        ),
+        pytest.param(
+            {"server_id": "B2", "ip": "127.0.0.1", "port": 9001, "monitor_url": "file:///etc/passwd"},
+            id="file-monitor",
+        ),
+        pytest.param(
+            {"server_id": "B2", "ip": "127.0.0.1", "port": 9001, "monitor_url": "http://127.0.0.1:8006/api/pull"},
+            id="monitor-with-a-path",
+        ),
+        pytest.param({"server_id": "B2", "ip": "168.63.129.16", "port": 80}, id="azure-wireserver"),
+        pytest.param({"server_id": "B2", "ip": "127.0.0.1", "port": 9001, "labels": {"a": "\ud800"}}, id="surrogate"),
+        pytest.param({"server_id": "B2", "ip": "127.0.0.1", "port": 9001, "models": ["\udfff"]}, id="surrogate-model"),
+    ],
+)
+def test_a_state_file_entry_is_held_to_the_rules_of_a_registration(tmp_path, caplog, bad):
+    # [{...good...}, 5] used to discard the whole fleet; an entry at 169.254.169.254 used to load.
+    (tmp_path / "servers.json").write_text(json.dumps([GOOD_ENTRY, bad]))
+
+    manager = make_manager(tmp_path)
+
+    assert [s.server_id for s in manager.list_servers()] == ["B1"]
+    (copy,) = tmp_path.glob("servers.json.corrupt-*")
+    assert json.loads(copy.read_text()) == [GOOD_ENTRY, bad]
+    assert "1 bad entries" in caplog.text
+    manager.register_server("B3", "127.0.0.1", 9003)
+    assert [entry["server_id"] for entry in stored(tmp_path)] == ["B1", "B3"]
+
+
+def test_a_name_in_the_state_file_loads_without_a_lookup(tmp_path, monkeypatch):
+    def no_resolver(*args):
+        raise OSError("the resolver is down")
+
+    monkeypatch.setattr("socket.getaddrinfo", no_resolver)
+    entry = {"server_id": "B1", "ip": "gpu-1.example.internal", "port": 9000}
+    (tmp_path / "servers.json").write_text(json.dumps([entry]))
+
+    assert make_manager(tmp_path).get_server("B1").ip == "gpu-1.example.internal"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(bytes(range(128, 256)) * 8, id="random-bytes"),
+        pytest.param(b"[" * 100_000 + b"]" * 100_000, id="nested-100000-deep"),
+        pytest.param(json.dumps([GOOD_ENTRY]).encode("utf-16"), id="utf-16"),
+    ],
+)
+def test_a_damaged_state_file_is_moved_aside_and_the_fleet_starts_empty(tmp_path, content):
+    (tmp_path / "servers.json").write_bytes(content)
+
+    manager = make_manager(tmp_path)
+
+    assert manager.list_servers() == []
+    (aside,) = tmp_path.glob("servers.json.corrupt-*")
+    assert aside.read_bytes() == content
+    manager.register_server("B1", "127.0.0.1", 9000)
+    assert [entry["server_id"] for entry in stored(tmp_path)] == ["B1"]
 
 
 def test_unregister(tmp_path):
@@ -350,3 +438,60 @@ def test_the_time_of_the_last_health_change_is_kept(tmp_path):
     changed = manager.get_server("B1").health_changed_time
     assert changed is not None and changed >= registered_at
     assert make_manager(tmp_path).get_server("B1").health_changed_time == changed
+
+
+def at_once(count: int, call) -> None:
+    """Run call(0) ... call(count - 1) on threads of their own, released together, and wait for them."""
+    start = threading.Barrier(count)
+
+    def run(n: int) -> None:
+        start.wait()
+        call(n)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def test_max_servers_holds_under_50_threads_registering_at_once(tmp_path):
+    manager = make_manager(tmp_path)
+    limit, full = Registrant(max_servers=10), []
+
+    def join(n: int) -> None:
+        try:
+            manager.register(f"B{n}", "127.0.0.1", 9000 + n, registrant=limit)
+        except FleetFull as exc:
+            full.append(exc.limit)
+
+    at_once(50, join)
+
+    assert len(manager.list_servers()) == 10
+    assert full == [10] * 40
+    assert len(stored(tmp_path)) == 10
+
+
+def test_of_20_threads_claiming_one_id_at_once_exactly_one_gets_its_token(tmp_path):
+    manager = make_manager(tmp_path)
+    binding, tokens, refused = Registrant(binding=True), [], []
+
+    def claim(n: int) -> None:
+        try:
+            tokens.append(manager.register("B1", "127.0.0.1", 9000 + n, registrant=binding).server_token)
+        except TokenRefused as exc:
+            refused.append(exc.missing)
+
+    at_once(20, claim)
+
+    (token,) = tokens
+    assert refused == [True] * 19
+    manager.register("B1", "127.0.0.1", 9100, registrant=binding._replace(server_token=token))
+    assert stored(tmp_path)[0]["port"] == 9100
+
+
+def test_a_bad_token_hash_in_the_state_file_is_a_bad_entry(tmp_path):
+    entry = {**GOOD_ENTRY, "server_id": "B2", "token_hash": "plain-text-token"}
+    (tmp_path / "servers.json").write_text(json.dumps([GOOD_ENTRY, entry]))
+
+    assert [s.server_id for s in make_manager(tmp_path).list_servers()] == ["B1"]

@@ -13,8 +13,9 @@ from marshmallow import ValidationError
 
 from gateway.api.auth import admin_authorized, admin_refusal
 from gateway.api.schemas import RegisterSchema, ServerOptionsSchema
-from gateway.api.webhook import json_body, not_saved
+from gateway.api.webhook import json_body, listener, not_saved, registration_refused
 from gateway.errors import error_response
+from gateway.fleet.records import FleetFull, Registrant
 from gateway.fleet.server import OPTION_NAMES
 from gateway.manager import BackendManager, PersistError
 
@@ -63,15 +64,24 @@ def add_server() -> Response | tuple[Response, int]:
         return body
     if "secret" in body:  # the credential travels in the Authorization header only
         raise ValidationError({"secret": ["not accepted here; send the admin credential as a Bearer token."]})
+    if "server_token" in body:
+        raise ValidationError({"server_token": ["not accepted here: the operator needs no server token."]})
     config = current_app.config["GATEWAY"]
-    data = RegisterSchema(allowed_networks=config.allowed_backend_networks).load(body)
+    data = RegisterSchema(allowed_networks=config.allowed_backend_networks, listener=listener()).load(body)
     options = {name: data[name] for name in OPTION_NAMES if name in data}
     try:
-        server, created = manager().register_server(
-            data["server_id"], data["ip"], data["port"], monitor_url=data["monitor_url"], options=options
+        server, created, *_ = manager().register(
+            data["server_id"],
+            data["ip"],
+            data["port"],
+            monitor_url=data["monitor_url"],
+            options=options,
+            registrant=Registrant(operator=True, max_servers=config.max_servers),
         )
     except PersistError as exc:
         return not_saved(exc)
+    except FleetFull as exc:
+        return registration_refused(exc)
     verb = "registered" if created else "updated"
     response, status = server_reply(server.server_id, f"server {server.server_id} {verb}", 201 if created else 200)
     if status == 201:
@@ -113,6 +123,18 @@ def delete_server(server_id: str) -> Response:
     if not removed:
         return unknown_server(server_id)
     return jsonify(success=True, message=f"server {server_id} unregistered", server_id=server_id)
+
+
+@bp.post("/servers/<server_id>/reset-token")
+def reset_token(server_id: str) -> Response | tuple[Response, int]:
+    """Unbind a server from its token (REGISTRATION_BINDING=token): its next registration binds a new one."""
+    try:
+        server = manager().reset_server_token(server_id)
+    except PersistError as exc:
+        return not_saved(exc)
+    if server is None:
+        return unknown_server(server_id)
+    return server_reply(server_id, f"server {server_id}'s token is reset: its next registration binds a new one")
 
 
 @bp.post("/servers/<server_id>/drain")

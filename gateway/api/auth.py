@@ -1,4 +1,4 @@
-"""The preset secret and the admin token: where a caller may present each, and a constant-time check."""
+"""The preset secret, the admin token and server tokens: where a caller may present each; constant-time checks."""
 
 from __future__ import annotations
 
@@ -22,6 +22,16 @@ def presented_secret(body: Any = None, allow_query: bool = False) -> str | None:
         return body["secret"]
     if allow_query and b"secret=" in request.query_string:  # literal, so log redaction always matches it
         return request.args.get("secret")
+    return None
+
+
+def presented_server_token(body: Any = None) -> str | None:
+    """A server's own token (REGISTRATION_BINDING=token), from the X-Server-Token header or the body."""
+    header = request.headers.get("X-Server-Token")
+    if header:
+        return header
+    if isinstance(body, dict) and isinstance(body.get("server_token"), str):
+        return body["server_token"]
     return None
 
 

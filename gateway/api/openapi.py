@@ -191,6 +191,7 @@ OPERATIONS: dict[Callable[..., Any], dict[str, dict[str, Any]]] = {
     admin.delete_server: {"delete": admin_operation(replies.UnregisterReplySchema, 404, 503)},
     admin.drain_server: {"post": admin_operation(replies.ServerReplySchema, 404, 503)},
     admin.enable_server: {"post": admin_operation(replies.ServerReplySchema, 404, 503)},
+    admin.reset_token: {"post": admin_operation(replies.ServerReplySchema, 404, 503)},
     admin.priority_check: {"get": admin_operation(replies.PriorityCheckReplySchema)},
     admin.priority_overview: {"get": admin_operation(replies.PriorityOverviewReplySchema)},
     admin.rankings: {"get": admin_operation(replies.RankingsReplySchema)},
@@ -287,8 +288,12 @@ def field_properties(self: Any, field: fields.Field, ret: dict[str, Any], **kwar
 
 
 def ecma_pattern(pattern: str) -> str:
-    """A whole-string Python pattern in ECMA 262's dialect, which JSON Schema uses: ^ and $ for \\A and \\Z."""
-    return pattern.replace(r"\A", "^").replace(r"\Z", "$")
+    """A whole-string Python pattern in ECMA 262's dialect, which JSON Schema uses: ^ and $ for \\A and \\Z.
+
+    A range of lone surrogates is dropped: a JSON Schema validator's strings cannot hold one, and
+    the gateway refuses them itself.
+    """
+    return pattern.replace(r"\A", "^").replace(r"\Z", "$").replace(r"\ud800-\udfff", "")
 
 
 def init_app(app: Flask) -> None:

@@ -45,6 +45,16 @@ class RegisterReplySchema(SuccessSchema, AddressSchema, ServerOptionsSchema):
     """The reply to a registration: the server's address and its routing options."""
 
     monitor_url = fields.String(metadata={"description": "present when the server has a resource monitor"})
+    kept_by_operator = fields.List(
+        fields.String(),
+        required=True,
+        metadata={"description": "options this registration sent that the operator set through /admin, so kept"},
+    )
+    server_token = fields.String(
+        metadata={
+            "description": "with REGISTRATION_BINDING=token, once, when an id is bound: send it on its next calls"
+        }
+    )
 
 
 class UnregisterReplySchema(SuccessSchema):
@@ -70,6 +80,12 @@ class ServerRowSchema(AddressSchema, ServerOptionsSchema):
     effective_weight = fields.Float(required=True)
     served_models = fields.List(fields.String(), required=True)
     resources = fields.Dict(**NULLABLE, metadata={"description": "the latest resource monitor reading, if any"})
+    operator_options = fields.List(
+        fields.String(),
+        required=True,
+        metadata={"description": "options set through /admin, never overwritten by a registration"},
+    )
+    token_bound = fields.Boolean(required=True, metadata={"description": "whether the id is bound to a server_token"})
 
 
 class FleetSchema(Schema):

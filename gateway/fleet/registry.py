@@ -13,7 +13,7 @@ from gateway.fleet.health import Target
 from gateway.fleet.model_discovery import DiscoveryTarget
 from gateway.fleet.monitor_reader import MonitorTarget
 from gateway.fleet.readings import Readings
-from gateway.fleet.records import declares, holds
+from gateway.fleet.records import declares, held_by_operator, holds
 from gateway.fleet.resources import Reading
 from gateway.fleet.server import BackendServer
 from gateway.fleet.store import JsonFileStore, off_the_event_loop
@@ -96,21 +96,33 @@ class Registry:
                     changed.append(server_id)
             return changed, self.changed() if changed else self.version
 
-    def modify(self, server_id: str, changes: dict[str, Any]) -> tuple[BackendServer, Change | None] | None:
-        """Change a server's record: a copy of it, and the change (None when nothing changed); None when unknown."""
+    def modify(
+        self, server_id: str, changes: dict[str, Any], by_operator: bool = False
+    ) -> tuple[BackendServer, Change | None] | None:
+        """Change a server's record: a copy of it, and the change (None when nothing changed); None when unknown.
+
+        Options changed `by_operator` are the operator's from then on: registrations keep them.
+        """
         with self._lock:
             existing = self.servers.get(server_id)
             if existing is None:
                 return None
+            if by_operator:
+                changes = {**changes, "operator_options": held_by_operator(existing, changes)}
             if holds(existing, changes):
                 return replace(existing), None  # nothing changes: nothing to write
             server = replace(existing, **changes)
             self.servers[server_id] = server
             return replace(server), Change(self.changed(), server_id, server, existing)
 
-    def remove(self, server_id: str) -> Change | None:
-        """Take a server and its reading out; None when it was not registered."""
+    def remove(self, server_id: str, check: Callable[[BackendServer], None] | None = None) -> Change | None:
+        """Take a server and its reading out; None when it was not registered.
+
+        `check` sees the record under the lock first, and may raise to leave it in place.
+        """
         with self._lock:
+            if check is not None and server_id in self.servers:
+                check(self.servers[server_id])
             order = list(self.servers)
             removed = self.servers.pop(server_id, None)
             if removed is None:
@@ -145,7 +157,7 @@ class Registry:
             if self._saved_version >= version:
                 return  # a save that began after our change already wrote it
             with self._lock:
-                entries = [server.to_dict() for server in self.servers.values()]
+                entries = [server.to_entry() for server in self.servers.values()]
                 snapshot_version = self.version
             try:
                 off_the_event_loop(self.store.save, entries)

@@ -48,22 +48,32 @@ class JsonFileStore:
     def _temp_prefix(self) -> str:
         return f".{self.path.name}."
 
-    def load(self) -> list[dict[str, Any]]:
-        """Return the stored entries; a corrupt file is moved aside and an empty list returned."""
+    def load(self) -> list[Any]:
+        """Return the stored list; a file that is not a JSON list is moved aside and an empty list returned.
+
+        The entries are as the file holds them: the caller checks each one.
+        """
         self._remove_stale_temp_files()
         try:
-            text = self.path.read_text(encoding="utf-8")
+            data = self.path.read_bytes()
         except FileNotFoundError:
             return []
         except OSError as exc:
             raise StoreError(f"cannot read {self.path}: {exc}") from exc
+        problem = None
         try:
-            entries = json.loads(text)
+            entries = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as exc:  # random bytes, latin-1 or UTF-16 text, a cut multi-byte character
+            problem = f"not UTF-8 text ({exc.reason} at byte {exc.start})"
+        except RecursionError:
+            problem = "JSON nested too deeply to read"
         except ValueError as exc:
-            self.quarantine(f"not valid JSON ({exc})")
-            return []
-        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-            self.quarantine("expected a JSON list of objects")
+            problem = f"not valid JSON ({exc})"
+        else:
+            if not isinstance(entries, list):
+                problem = "expected a JSON list of objects"
+        if problem is not None:
+            self.quarantine(problem)
             return []
         return entries
 

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import schemathesis
 
-from gateway.api.schemas import HOSTNAME_PATTERN
+from gateway.fleet.addresses import HOSTNAME_PATTERN
 
 LOOPBACK_NAME = "localhost"
 

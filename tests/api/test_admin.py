@@ -67,6 +67,7 @@ ENDPOINTS = [
     pytest.param("delete", "/admin/servers/B1", None, 200, id="delete"),
     pytest.param("post", "/admin/servers/B1/drain", None, 200, id="drain"),
     pytest.param("post", "/admin/servers/B1/enable", None, 200, id="enable"),
+    pytest.param("post", "/admin/servers/B1/reset-token", None, 200, id="reset-token"),
     pytest.param("get", "/admin/server-priority/check/m1", None, 200, id="priority-check"),
     pytest.param("get", "/admin/server-priority/overview", None, 200, id="priority-overview"),
     pytest.param("get", "/admin/rankings", None, 200, id="rankings"),
@@ -220,6 +221,24 @@ def test_add_takes_a_monitor_port(client, manager):
     assert manager.get_server("B1").monitor_url == "http://127.0.0.1:8006"
 
 
+def test_add_refuses_the_gateways_own_address(client, manager):
+    body = {"server_id": "GW", "ip": "127.0.0.1", "port": 8080}
+
+    response = client.post("/admin/servers", json=body, headers=ADMIN_AUTH, environ_overrides={"SERVER_PORT": "8080"})
+
+    assert "own address" in assert_error(response, 400)["errors"]["ip"][0]
+    assert manager.list_servers() == []
+
+
+def test_add_past_max_servers_is_507(make_app):
+    client = make_app(admin_token=ADMIN, max_servers=1).test_client()
+    assert client.post("/admin/servers", json=B1, headers=ADMIN_AUTH).status_code == 201
+
+    response = client.post("/admin/servers", json={**B1, "server_id": "B2"}, headers=ADMIN_AUTH)
+
+    assert "MAX_SERVERS=1" in assert_error(response, 507)["message"]
+
+
 def test_add_holds_to_allowed_backend_networks(make_app):
     import ipaddress
 
@@ -246,6 +265,7 @@ BAD_ADD = [
     pytest.param({"labels": {"k": 5}}, "labels", id="labels"),
     pytest.param({"gpu_count": 4}, "gpu_count", id="unknown-field"),
     pytest.param({"secret": SECRET}, "secret", id="secret-in-the-body"),
+    pytest.param({"server_token": "x" * 43}, "server_token", id="server-token-in-the-body"),
 ]
 
 
@@ -259,6 +279,119 @@ def test_add_refuses_a_bad_body_naming_the_field(client, app, manager, registere
     assert_no_credential(response)
     assert [server.server_id for server in manager.list_servers()] == ["B1"]
     assert state_bytes(app) == registered
+
+
+# -- what the operator set, registrations keep ------------------------------------------------
+
+
+def webhook_register(client, **fields):
+    body = {**B1, "secret": SECRET, **fields}
+    return client.post("/webhook/register", json=body)
+
+
+def test_a_registration_keeps_the_options_the_operator_set(client, app, manager, registered):
+    assert (
+        client.patch("/admin/servers/B1", json={"weight": 50, "max_concurrent": 4}, headers=ADMIN_AUTH).status_code
+        == 200
+    )
+    assert client.post("/admin/servers/B1/drain", headers=ADMIN_AUTH).status_code == 200
+
+    # Anyone holding the webhook secret re-registers B1 at a new address, with options of their own.
+    response = webhook_register(
+        client, ip="127.0.0.2", port=9666, weight=1000, max_concurrent=0, priority=1, models=["evil"], labels={"a": "b"}
+    )
+
+    assert response.status_code == 200, response.get_data(as_text=True)
+    body = response.get_json()
+    assert body["kept_by_operator"] == ["weight", "max_concurrent", "models"]
+    assert (body["weight"], body["max_concurrent"], body["models"]) == (50, 4, ["m1"])
+    server = manager.get_server("B1")
+    assert (server.weight, server.max_concurrent, server.models, server.draining) == (50, 4, ["m1"], True)
+    assert (server.ip, server.port, server.priority, server.labels) == ("127.0.0.2", 9666, 1, {"a": "b"})
+    (entry,) = stored(app)
+    assert (entry["weight"], entry["max_concurrent"], entry["models"]) == (50, 4, ["m1"])
+    assert entry["operator_options"] == ["weight", "max_concurrent", "models"]
+
+
+def test_a_registration_names_no_kept_option_when_the_operator_set_none(client):
+    response = webhook_register(client, weight=3)
+
+    assert response.get_json()["kept_by_operator"] == []
+    assert response.get_json()["weight"] == 3
+
+
+def test_the_operator_may_change_what_it_holds(client, manager, registered):
+    client.patch("/admin/servers/B1", json={"weight": 50}, headers=ADMIN_AUTH)
+    client.patch("/admin/servers/B1", json={"weight": 60, "labels": {"zone": "eu"}}, headers=ADMIN_AUTH)
+
+    webhook_register(client, weight=1, labels={})
+
+    server = manager.get_server("B1")
+    assert (server.weight, server.labels) == (60, {"zone": "eu"})
+    assert server.operator_options == ["weight", "models", "labels"]
+
+
+def test_what_the_operator_holds_survives_a_restart(make_config, make_app):
+    config = make_config(admin_token=ADMIN)
+    client = make_app(config).test_client()
+    client.post("/admin/servers", json={**B1, "priority": 2}, headers=ADMIN_AUTH)
+
+    restarted = make_app(config).test_client()
+    response = webhook_register(restarted, priority=1)
+
+    assert response.get_json()["kept_by_operator"] == ["priority"]
+    assert response.get_json()["priority"] == 2
+
+
+def test_a_heartbeat_that_names_a_kept_option_writes_nothing(client, app, registered):
+    client.patch("/admin/servers/B1", json={"weight": 50}, headers=ADMIN_AUTH)
+    before = state_bytes(app)
+
+    response = webhook_register(client, weight=1)
+
+    assert response.get_json()["kept_by_operator"] == ["weight"]
+    assert state_bytes(app) == before
+
+
+# -- server tokens (REGISTRATION_BINDING=token) -------------------------------------------------
+
+
+@pytest.fixture
+def bound_client(make_app):
+    """A gateway with ADMIN_TOKEN and REGISTRATION_BINDING=token, B1 registered; its client and B1's token."""
+    client = make_app(admin_token=ADMIN, registration_binding="token").test_client()
+    token = webhook_register(client).get_json()["server_token"]
+    return client, token
+
+
+def test_reset_token_lets_the_next_registration_bind_a_new_one(bound_client):
+    client, old = bound_client
+
+    response = client.post("/admin/servers/B1/reset-token", headers=ADMIN_AUTH)
+
+    assert response.status_code == 200
+    assert "next registration binds a new one" in response.get_json()["message"]
+    assert response.get_json()["data"]["token_bound"] is False
+    new = webhook_register(client, port=9002).get_json()["server_token"]
+    assert new != old
+    assert old not in response.get_data(as_text=True)
+    assert "wrong" in assert_error(webhook_register(client, server_token=old), 403)["message"]
+    assert webhook_register(client, server_token=new).status_code == 200
+
+
+def test_reset_token_of_an_unknown_server_is_404(bound_client):
+    client, _ = bound_client
+
+    assert "B9" in assert_error(client.post("/admin/servers/B9/reset-token", headers=ADMIN_AUTH), 404)["message"]
+
+
+def test_the_operator_needs_no_server_token(bound_client):
+    client, token = bound_client
+
+    assert client.patch("/admin/servers/B1", json={"weight": 5}, headers=ADMIN_AUTH).status_code == 200
+    assert client.post("/admin/servers", json={**B1, "port": 9005}, headers=ADMIN_AUTH).status_code == 200
+    assert webhook_register(client, port=9005, server_token=token).status_code == 200  # still bound to it
+    assert client.delete("/admin/servers/B1", headers=ADMIN_AUTH).status_code == 200
 
 
 # -- changing a server's options -------------------------------------------------------------

@@ -130,6 +130,8 @@ def test_registered_server_is_listed_with_the_seed_fields(client):
         "labels": {},
         "draining": False,
         "discovered_models": [],
+        "operator_options": [],
+        "token_bound": False,
         "in_flight": 0,
         "ejected": False,
         "ejection_seconds_left": None,
@@ -362,6 +364,9 @@ def test_register_accepts_a_good_server_id(client, server_id):
         pytest.param("ff02::1", id="multicast-v6"),
         pytest.param("::ffff:169.254.169.254", id="v4-mapped-metadata"),
         pytest.param("::ffff:224.0.0.1", id="v4-mapped-multicast"),
+        pytest.param("168.63.129.16", id="azure-wireserver"),
+        pytest.param("::ffff:168.63.129.16", id="v4-mapped-azure-wireserver"),
+        pytest.param("192.0.0.192", id="oracle-cloud-metadata"),
         pytest.param("::", id="unspecified-v6"),
         pytest.param("no-such-host.invalid", id="does-not-resolve"),
         pytest.param("-leading-hyphen.example", id="bad-hostname"),
@@ -589,6 +594,169 @@ def test_a_dns_name_is_accepted_as_given(client):
     (server,) = servers(client)
     assert server["ip"] == "localhost"
     assert server["url"] == "http://localhost:8000"
+
+
+# -- the gateway's own address -------------------------------------------------------------
+
+
+def post_register(gateway, ip, port, headers=None):
+    body = {"server_id": "GW", "ip": ip, "port": port, "secret": SECRET}
+    return requests.post(gateway.url + "/webhook/register", json=body, headers=headers, timeout=5)
+
+
+def refused_over_http(response) -> dict:
+    """The field errors of a 400 in the one error shape, from a real HTTP reply."""
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert set(body) == {"success", "message", "errors"}
+    assert body["success"] is False
+    return body["errors"]
+
+
+@pytest.mark.parametrize("ip", ["127.0.0.1", "localhost", "127.0.0.2", "::1", "::ffff:127.0.0.1", "0.0.0.0"])
+def test_the_gateway_cannot_be_registered_as_its_own_backend(live_gateway, ip):
+    # Registered at its own address, one request looped through the gateway 744 times.
+    gateway = live_gateway()
+    port = gateway.server.server_port
+
+    response = post_register(gateway, ip, port)
+
+    assert "ip" in refused_over_http(response)
+    assert gateway.manager.list_servers() == []
+    assert not state_path(gateway.app).exists()
+
+
+def test_the_own_address_message_names_the_loop(live_gateway):
+    gateway = live_gateway()
+    port = gateway.server.server_port
+
+    (message,) = refused_over_http(post_register(gateway, "127.0.0.1", port))["ip"]
+
+    assert f"127.0.0.1 port {port} is this gateway's own address" in message
+    assert "loop" in message
+
+
+def test_a_forwarded_host_does_not_hide_the_gateways_port(live_gateway):
+    gateway = live_gateway(trusted_proxy_count=1)  # X-Forwarded-Host is believed, and rewrites SERVER_PORT
+    port = gateway.server.server_port
+
+    response = post_register(gateway, "127.0.0.1", port, headers={"X-Forwarded-Host": "gateway.example:8443"})
+
+    assert "ip" in refused_over_http(response)
+    assert gateway.manager.list_servers() == []
+
+
+def test_another_port_on_the_gateways_host_may_register(live_gateway):
+    gateway = live_gateway()
+
+    response = post_register(gateway, "127.0.0.1", gateway.server.server_port % 65535 + 1)
+
+    assert response.status_code == 200, response.text
+    assert [server.server_id for server in gateway.manager.list_servers()] == ["GW"]
+
+
+class LocalEnd:
+    """The connection socket a WSGI server hands on: only its local address is asked for."""
+
+    def __init__(self, address):
+        self.address = address
+
+    def getsockname(self):
+        return self.address
+
+
+@pytest.mark.parametrize("key", ["gunicorn.socket", "werkzeug.socket"])
+def test_the_local_address_the_request_came_in_on_is_the_gateway(client, app, key):
+    # Documentation addresses (192.0.2.0/24): nothing ever connects to them (the health job waits an hour).
+    environ = {key: LocalEnd(("192.0.2.10", 5000))}
+
+    refused = client.post(
+        "/webhook/register",
+        json={"server_id": "GW", "ip": "192.0.2.10", "port": 5000, "secret": SECRET},
+        environ_overrides=environ,
+    )
+    accepted = client.post(
+        "/webhook/register",
+        json={"server_id": "B2", "ip": "192.0.2.11", "port": 5000, "secret": SECRET},
+        environ_overrides=environ,
+    )
+
+    assert "ip" in assert_error(refused, 400)["errors"]
+    assert accepted.status_code == 200, accepted.get_data(as_text=True)
+    assert server_ids(client) == ["B2"]
+
+
+def test_an_ipv4_mapped_local_address_is_the_gateway_too(client):
+    environ = {"gunicorn.socket": LocalEnd(("::ffff:192.0.2.10", 5000, 0, 0))}
+
+    response = client.post(
+        "/webhook/register",
+        json={"server_id": "GW", "ip": "192.0.2.10", "port": 5000, "secret": SECRET},
+        environ_overrides=environ,
+    )
+
+    assert "ip" in assert_error(response, 400)["errors"]
+
+
+def test_without_a_socket_the_server_port_is_the_gateways(client):
+    response = client.post(
+        "/webhook/register",
+        json={"server_id": "GW", "ip": "127.0.0.1", "port": 8080, "secret": SECRET},
+        environ_overrides={"SERVER_PORT": "8080"},
+    )
+
+    assert "ip" in assert_error(response, 400)["errors"]
+    assert servers(client) == []
+
+
+def test_without_a_socket_a_forwarded_host_does_not_hide_the_port(make_app):
+    client = make_app(trusted_proxy_count=1).test_client()
+
+    response = client.post(
+        "/webhook/register",
+        json={"server_id": "GW", "ip": "127.0.0.1", "port": 8080, "secret": SECRET},
+        headers={"X-Forwarded-Host": "gateway.example:8443"},  # ProxyFix makes SERVER_PORT 8443
+        environ_overrides={"SERVER_PORT": "8080"},
+    )
+
+    assert "ip" in assert_error(response, 400)["errors"]
+
+
+@pytest.mark.slow
+def test_gunicorn_refuses_its_own_address(gateway_process):
+    gateway = gateway_process()
+    body = {"server_id": "GW", "ip": "127.0.0.1", "port": gateway.port, "secret": SECRET}
+
+    response = requests.post(gateway.url + "/webhook/register", json=body, timeout=5)
+
+    assert "ip" in refused_over_http(response)
+
+
+# -- how many servers --------------------------------------------------------------------
+
+
+def test_a_new_server_past_max_servers_is_507_naming_the_limit(make_app):
+    app = make_app(max_servers=2)
+    client = app.test_client()
+    assert register(client, "B1", port=9001).status_code == 200
+    assert register(client, "B2", port=9002).status_code == 200
+
+    response = register(client, "B3", port=9003)
+
+    assert "MAX_SERVERS=2" in assert_error(response, 507)["message"]
+    assert server_ids(client) == ["B1", "B2"]
+    assert [entry["server_id"] for entry in stored(app)] == ["B1", "B2"]
+
+
+def test_a_full_fleet_still_takes_heartbeats_moves_and_frees_a_place(make_app):
+    client = make_app(max_servers=1).test_client()
+    register(client, "B1", port=9001)
+
+    assert register(client, "B1", port=9001).status_code == 200  # a heartbeat
+    assert register(client, "B1", port=9009).status_code == 200  # a move
+    assert unregister(client, "B1").status_code == 200
+    assert register(client, "B2", port=9002).status_code == 200
+    assert server_ids(client) == ["B2"]
 
 
 # -- registering again --------------------------------------------------------------------
@@ -851,6 +1019,9 @@ def test_alibaba_metadata_address_is_refused(client):
         ({"monitor_port": 8006}, "http://127.0.0.1:8006"),
         ({"monitor_port": "8005"}, "http://127.0.0.1:8005"),
         ({"monitor_url": "http://localhost:8006/"}, "http://localhost:8006"),
+        ({"monitor_url": "https://localhost"}, "https://localhost"),
+        ({"monitor_url": "http://[::1]:8006"}, "http://[::1]:8006"),
+        ({"monitor_url": "HTTP://LocalHost:08006"}, "http://localhost:8006"),
         ({}, None),
     ],
 )
@@ -870,11 +1041,25 @@ def test_register_with_a_resource_monitor(client, manager, extra, monitor_url):
         ({"monitor_url": "ftp://h:1"}, "monitor_url"),
         ({"monitor_url": "http://169.254.169.254/latest"}, "monitor_url"),
         ({"monitor_url": "http://u:p@h:1"}, "monitor_url"),
-        ({"monitor_url": "http://["}, "monitor_url"),  # urlsplit raises ValueError: was a 500
-        ({"monitor_url": "http://[::1"}, "monitor_url"),
+        ({"monitor_url": "http://@127.0.0.1:8006"}, "monitor_url"),
         ({"monitor_url": "http://127.0.0.1:99999"}, "monitor_url"),
-        ({"monitor_url": "http://127.0.0.1:x"}, "monitor_url"),
+        ({"monitor_url": "http://127.0.0.1:65536"}, "monitor_url"),
         ({"monitor_url": "http://127.0.0.1:0"}, "monitor_url"),
+        ({"monitor_url": "http://127.0.0.1:x"}, "monitor_url"),
+        ({"monitor_url": "http://127.0.0.1:+80"}, "monitor_url"),
+        ({"monitor_url": "http://127.0.0.1:"}, "monitor_url"),
+        ({"monitor_url": "http://["}, "monitor_url"),
+        ({"monitor_url": "http://[::1"}, "monitor_url"),
+        ({"monitor_url": "http://127.0.0.1:8006/api/generate"}, "monitor_url"),
+        ({"monitor_url": "http://127.0.0.1:8006/resources"}, "monitor_url"),
+        ({"monitor_url": "http://127.0.0.1:8006/?x=1"}, "monitor_url"),
+        ({"monitor_url": "http://127.0.0.1:8006#top"}, "monitor_url"),
+        ({"monitor_url": "http://127.0.0.1:80\n06"}, "monitor_url"),
+        ({"monitor_url": " http://127.0.0.1:8006"}, "monitor_url"),
+        ({"monitor_url": "http://168.63.129.16:8006"}, "monitor_url"),
+        ({"monitor_url": "http://192.0.0.192"}, "monitor_url"),
+        ({"monitor_url": "http:///127.0.0.1:8006"}, "monitor_url"),
+        ({"monitor_url": 8006}, "monitor_url"),
         ({"monitor_port": 8006, "monitor_url": "http://127.0.0.1:8006"}, "monitor_port"),
     ],
 )
@@ -884,6 +1069,22 @@ def test_bad_monitor_fields_are_refused(client, manager, extra, field):
     assert response.status_code == 400
     assert field in response.get_json()["errors"]
     assert manager.get_server("B1") is None
+
+
+@pytest.mark.parametrize(
+    ("monitor_url", "says"),
+    [
+        ("http://127.0.0.1:8006/api/generate", "may not have a path"),
+        ("http://127.0.0.1:99999", "a port from 1 to 65535"),
+        ("http://127.0.0.1:0", "a port from 1 to 65535"),
+        ("http://168.63.129.16:8006", "metadata"),
+    ],
+)
+def test_a_refused_monitor_url_says_why(client, monitor_url, says):
+    response = register(client, monitor_url=monitor_url)
+
+    (message,) = assert_error(response, 400)["errors"]["monitor_url"]
+    assert says in message
 
 
 def test_re_registering_without_a_monitor_forgets_it(client, manager):
@@ -960,3 +1161,168 @@ def test_register_refuses_a_bad_option(client, app, registered, option, value):
     assert option in body["message"]
     assert servers(client) == registered[0]
     assert stored(app) == registered[1]
+
+
+@pytest.mark.parametrize(
+    ("option", "raw"),
+    [
+        ("models", b'["\\ud800"]'),
+        ("model_map", b'{"qwen3": "\\udfff"}'),
+        ("labels", b'{"\\ud800": "a100"}'),
+        ("labels", b'{"gpu": "a100 \\ud800"}'),
+    ],
+)
+def test_a_lone_surrogate_in_an_option_is_400_and_later_saves_still_work(client, app, registered, option, raw):
+    # JSON may carry "\ud800"; UTF-8 cannot write it: it was a 500 that left every later save failing.
+    body = b'{"server_id": "B2", "ip": "127.0.0.1", "port": 9002, "%s": %s}' % (option.encode(), raw)
+
+    response = client.post("/webhook/register", data=body, content_type="application/json", headers=AUTH)
+
+    assert option in assert_error(response, 400)["errors"]
+    assert (servers(client), stored(app)) == registered
+    assert register(client, "B3", port=9003).status_code == 200
+    assert [entry["server_id"] for entry in stored(app)] == ["B1", "B3"]
+
+
+# -- binding an id to its first registrant (REGISTRATION_BINDING=token) --------------------------
+
+
+@pytest.fixture
+def bound(make_app, caplog):
+    """A gateway with REGISTRATION_BINDING=token and B1 registered; the app, its client and B1's token."""
+    app = make_app(registration_binding="token")
+    client = app.test_client()
+    response = register(client, "B1", port=9001)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return app, client, response.get_json()["server_token"]
+
+
+def test_without_binding_a_registration_gets_no_token_and_anyone_may_move_it(client, registered):
+    response = register(client, "B1", "127.0.0.2", 9666)
+
+    assert response.status_code == 200
+    assert "server_token" not in response.get_json()
+    assert servers(client)[0]["port"] == 9666
+
+
+def test_the_first_registration_gets_a_token_shown_once_and_kept_as_a_hash(bound, caplog):
+    app, client, token = bound
+
+    assert isinstance(token, str)
+    assert len(token) >= 43
+    again = register(client, "B1", port=9001, server_token=token)
+    assert "server_token" not in again.get_json()
+    text = state_path(app).read_text(encoding="utf-8")
+    assert token not in text
+    assert stored(app)[0]["token_hash"].startswith("sha256:")
+    listing = client.get("/webhook/servers", headers=AUTH).get_data(as_text=True)
+    assert token not in listing
+    assert "sha256:" not in listing
+    assert servers(client)[0]["token_bound"] is True
+    assert token not in caplog.text
+    assert stored(app)[0]["token_hash"] not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("extra", "headers", "says"),
+    [
+        pytest.param({}, {}, "is bound to a server token", id="no-token"),
+        pytest.param({"server_token": "guess"}, {}, "is wrong", id="wrong-token-in-the-body"),
+        pytest.param({}, {"X-Server-Token": "guess"}, "is wrong", id="wrong-token-in-the-header"),
+        pytest.param({"server_token": ""}, {}, "is wrong", id="empty-token"),
+    ],
+)
+def test_a_bound_id_cannot_be_taken_over_without_its_token(bound, extra, headers, says):
+    app, client, token = bound
+    before = servers(client), stored(app)
+    # Anyone holding the webhook secret moves B1 to an address of their own, with options of their own.
+    body = {"server_id": "B1", "ip": "127.0.0.2", "port": 9666, "weight": 1000, "secret": SECRET, **extra}
+
+    response = client.post("/webhook/register", json=body, headers=headers)
+
+    message = assert_error(response, 403)["message"]
+    assert says in message
+    assert "reset-token" in message
+    assert token not in response.get_data(as_text=True)
+    assert (servers(client), stored(app)) == before
+
+
+@pytest.mark.parametrize("where", ["header", "body"])
+def test_the_token_lets_its_server_move_and_heartbeat(bound, where):
+    app, client, token = bound
+    extra, headers = ({}, {"X-Server-Token": token}) if where == "header" else ({"server_token": token}, {})
+    body = {"server_id": "B1", "ip": "127.0.0.2", "port": 9002, "secret": SECRET, **extra}
+
+    response = client.post("/webhook/register", json=body, headers=headers)
+
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert "server_token" not in response.get_json()
+    assert (stored(app)[0]["ip"], stored(app)[0]["port"]) == ("127.0.0.2", 9002)
+
+
+def test_a_bound_id_needs_its_token_to_unregister(bound):
+    app, client, token = bound
+
+    refused = unregister(client, "B1")
+    wrong = unregister(client, "B1", server_token=token[:-1])
+    accepted = unregister(client, "B1", server_token=token)
+
+    assert "bound to a server token" in assert_error(refused, 403)["message"]
+    assert "wrong" in assert_error(wrong, 403)["message"]
+    assert accepted.status_code == 200
+    assert stored(app) == []
+
+
+def test_after_unregistering_the_id_binds_a_new_token(bound):
+    _, client, token = bound
+    unregister(client, "B1", server_token=token)
+
+    response = register(client, "B1", port=9001)
+
+    new = response.get_json()["server_token"]
+    assert new != token
+    assert "wrong" in assert_error(register(client, "B1", port=9003, server_token=token), 403)["message"]
+
+
+def test_a_server_registered_before_binding_is_bound_by_its_next_registration(make_config, make_app):
+    client = make_app(make_config()).test_client()
+    register(client, "B1", port=9001)
+
+    bound_client = make_app(make_config(registration_binding="token")).test_client()
+    response = register(bound_client, "B1", port=9001)
+
+    token = response.get_json()["server_token"]
+    assert register(bound_client, "B1", port=9001, server_token=token).status_code == 200
+    assert_error(register(bound_client, "B1", port=9001), 403)
+
+
+def test_the_binding_survives_a_restart(make_config, make_app):
+    config = make_config(registration_binding="token")
+    token = register(make_app(config).test_client(), "B1", port=9001).get_json()["server_token"]
+
+    client = make_app(config).test_client()
+
+    assert_error(register(client, "B1", port=9666), 403)
+    assert register(client, "B1", port=9001, server_token=token).status_code == 200
+
+
+def test_with_binding_off_again_a_bound_server_registers_the_seeds_way(make_config, make_app):
+    token = register(make_app(make_config(registration_binding="token")).test_client(), "B1").get_json()["server_token"]
+    app = make_app(make_config())
+    client = app.test_client()
+
+    response = register(client, "B1", port=9666)
+
+    assert response.status_code == 200
+    assert "server_token" not in response.get_json()
+    assert stored(app)[0]["token_hash"].startswith("sha256:")  # kept, should binding come back
+    assert token not in state_path(app).read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("value", [5, None, ["x"]])
+def test_a_server_token_that_is_not_a_string_is_400(bound, value):
+    _, client, _ = bound
+
+    response = register(client, "B2", port=9002, server_token=value)
+
+    assert "server_token" in assert_error(response, 400)["errors"]

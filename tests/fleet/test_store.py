@@ -1,6 +1,7 @@
 """JsonFileStore: atomic saves, stale temp files, and corrupt files moved aside."""
 
 import json
+import random
 import subprocess
 import sys
 import threading
@@ -52,7 +53,7 @@ def test_stale_temp_files_are_removed_at_load(tmp_path):
     assert unrelated.exists()
 
 
-@pytest.mark.parametrize("content", ["{not json", "", '{"server_id": "B1"}', "[1, 2]", '"text"'])
+@pytest.mark.parametrize("content", ["{not json", "", '{"server_id": "B1"}', '"text"', "5"])
 def test_corrupt_file_is_moved_aside_not_overwritten(tmp_path, content, caplog):
     path = tmp_path / "s.json"
     path.write_text(content)
@@ -65,6 +66,41 @@ def test_corrupt_file_is_moved_aside_not_overwritten(tmp_path, content, caplog):
     assert "corrupt" in caplog.text
     store.save([ENTRY])
     assert aside[0].read_text() == content
+
+
+UNREADABLE = [
+    pytest.param(random.Random(12).randbytes(4096), id="random-bytes"),
+    pytest.param('[{"server_id": "B1", "labels": {"city": "Zürich"}}]'.encode()[:-9], id="cut-in-a-character"),
+    pytest.param('[{"server_id": "B1", "labels": {"city": "Zürich"}}]'.encode("latin-1"), id="latin-1"),
+    pytest.param(json.dumps([ENTRY]).encode("utf-16"), id="utf-16"),
+    pytest.param(json.dumps([ENTRY]).encode("utf-16-le"), id="utf-16-without-bom"),
+    pytest.param(b"[" * 100_000 + b"]" * 100_000, id="lists-nested-100000-deep"),
+    pytest.param(b'{"a": ' * 100_000 + b"1" + b"}" * 100_000, id="objects-nested-100000-deep"),
+]
+
+
+@pytest.mark.parametrize("content", UNREADABLE)
+def test_unreadable_content_is_moved_aside_and_loads_empty(tmp_path, content, caplog):
+    path = tmp_path / "s.json"
+    path.write_bytes(content)
+    store = JsonFileStore(path)
+
+    assert store.load() == []  # no UnicodeDecodeError or RecursionError that stops the start
+
+    (aside,) = tmp_path.glob("s.json.corrupt-*")
+    assert aside.read_bytes() == content
+    assert not path.exists()
+    assert "corrupt" in caplog.text
+    store.save([ENTRY])
+    assert store.load() == [ENTRY]
+
+
+def test_a_list_is_returned_as_it_is_for_the_caller_to_check_each_entry(tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps([ENTRY, 5, "x"]))
+
+    assert JsonFileStore(path).load() == [ENTRY, 5, "x"]
+    assert path.exists()
 
 
 def test_unreadable_file_stops_the_start_even_as_root(tmp_path):

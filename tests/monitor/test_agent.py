@@ -185,6 +185,73 @@ def test_what_counts_as_accepted_refused_or_worth_a_quick_retry(make_agent, stat
     assert json.loads(sent.body) == {"server_id": "B1", "ip": "127.0.0.1", "port": 8000, "monitor_port": 8006}
 
 
+# -- the server token (REGISTRATION_BINDING=token) ----------------------------------------------
+
+
+def test_the_agent_keeps_its_token_and_sends_it_on_every_call(live_gateway, make_agent, tmp_path, caplog):
+    gateway = live_gateway(registration_binding="token")
+    token_file = tmp_path / "tokens" / "B1.token"
+    agent = make_agent(gateway.url, token_file=token_file)
+
+    with caplog.at_level(logging.DEBUG):
+        first = agent.register()
+        agent.register()  # a heartbeat: the gateway refuses it (403) without the token
+        moved = make_agent(gateway.url, token_file=token_file, service_port=8001)  # a restart, on a new port
+        moved.register()
+        assert moved.unregister()
+
+    token = first["server_token"]
+    assert token_file.read_text() == token + "\n"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    assert token_file.parent.stat().st_mode & 0o777 == 0o700
+    assert gateway.manager.get_server("B1") is None
+    assert token not in caplog.text
+
+
+def test_an_agent_whose_token_was_reset_keeps_the_new_one(live_gateway, make_agent, tmp_path):
+    gateway = live_gateway(registration_binding="token")
+    token_file = tmp_path / "B1.token"
+    agent = make_agent(gateway.url, token_file=token_file)
+    old = agent.register()["server_token"]
+
+    gateway.manager.reset_server_token("B1")
+    agent.register()  # sends the old token; the gateway binds a new one
+
+    new = token_file.read_text().strip()
+    assert new != old
+    assert make_agent(gateway.url, token_file=token_file).register()["success"] is True
+
+
+def test_a_token_that_cannot_be_saved_is_kept_in_memory(live_gateway, make_agent, tmp_path, caplog):
+    gateway = live_gateway(registration_binding="token")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    agent = make_agent(gateway.url, token_file=blocker / "B1.token")  # its folder is a file
+
+    with caplog.at_level(logging.ERROR, logger="resource_monitor.agent"):
+        token = agent.register()["server_token"]
+        agent.register()
+
+    assert "kept in memory only" in caplog.text
+    assert token not in caplog.text
+    assert agent.unregister()
+
+
+@responses.activate
+def test_the_token_travels_in_a_header(make_agent, tmp_path):
+    (tmp_path / "B1.token").write_text("tok-" + "x" * 40 + "\n")
+    responses.post(GATEWAY + "/webhook/register", json={"success": True})
+    responses.post(GATEWAY + "/webhook/unregister", json={"success": True})
+    agent = make_agent(GATEWAY, token_file=tmp_path / "B1.token")
+
+    agent.register()
+    agent.unregister()
+
+    for call in responses.calls:
+        assert call.request.headers["X-Server-Token"] == "tok-" + "x" * 40
+        assert "tok-" not in call.request.body.decode()
+
+
 # -- the command, as a GPU host runs it ------------------------------------------------------
 
 
@@ -210,6 +277,7 @@ class AgentProcess:
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(FAKES), str(ROOT), os.environ.get("PYTHONPATH", "")]),
             "WEBHOOK_SECRET": SECRET,
+            "XDG_STATE_HOME": str(workdir / "state"),  # the default token file's folder, never the real one
             **(env or {}),
         }
         command = [
@@ -314,6 +382,26 @@ def test_a_signal_unregisters_and_exits_0(live_gateway, agent_process, sig):
         requests.get(agent.monitor_url + "/health", timeout=2)
 
 
+def test_a_bound_host_keeps_its_token_in_the_state_folder_and_leaves_with_it(live_gateway, agent_process, tmp_path):
+    gateway = live_gateway(registration_binding="token")
+    agent = agent_process(gateway.url, "--heartbeat", "1")
+    registered(gateway, agent)
+    token_file = tmp_path / "state" / "gpu-monitor" / "B1.token"
+    wait_for(token_file.exists, what="the token file")
+    metrics = gateway.app.extensions["metrics"].registry
+
+    def registrations(result: str) -> float:
+        return metrics.get_sample_value("gateway_registrations_total", {"result": result}) or 0
+
+    wait_for(lambda: registrations("ok") >= 3, what="two heartbeats after the first registration")
+    assert registrations("bad_token") == 0
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    assert agent.stop() == 0
+    assert gateway.manager.get_server("B1") is None  # the unregistration carried the token
+    assert "refused" not in agent.log()
+    assert token_file.read_text().strip() not in agent.log()
+
+
 def test_sigterm_exits_0_while_the_gateway_is_down(agent_process):
     agent = agent_process(f"http://127.0.0.1:{free_port()}")
     wait_for(lambda: "cannot register B1" in agent.log(), what="a failed attempt")
@@ -347,6 +435,11 @@ def test_nvml_failing_does_not_stop_the_host_joining(live_gateway, agent_process
         (["--register-to", "ftp://gateway", "--server-id", "B1", "--service-port", "1"], {}, "--register-to"),
         (["--register-to", "http://g:1", "--server-id", "B 1", "--service-port", "1"], {}, "--server-id"),
         (["--server-id", "B1"], {}, "--register-to"),
+        (
+            ["--register-to", "http://g:1", "--server-id", "B1", "--service-port", "1", "--token-file", "/"],
+            {"WEBHOOK_SECRET": SECRET},
+            "--token-file",
+        ),
         (
             ["--register-to", "http://g:1", "--server-id", "B1", "--service-port", "1", "--heartbeat", "0"],
             {},

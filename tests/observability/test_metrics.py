@@ -126,12 +126,12 @@ def test_a_stream_is_in_flight_until_it_ends_or_the_client_leaves(live_gateway, 
 
 
 def test_metrics_token_when_configured(live_gateway):
-    gateway = live_gateway(metrics_token="scrape-token-1")
+    gateway = live_gateway(metrics_token="scrape-token-1c7e5a90")
     assert requests.get(gateway.url + "/metrics", timeout=5).status_code == 401
     assert (
         requests.get(gateway.url + "/metrics", headers={"Authorization": "Bearer nope"}, timeout=5).status_code == 401
     )
-    assert scrape(gateway.url, Authorization="Bearer scrape-token-1")
+    assert scrape(gateway.url, Authorization="Bearer scrape-token-1c7e5a90")
 
 
 def test_status_needs_the_secret_and_sums_it_up(live_gateway, fake_servers):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -129,6 +130,32 @@ def fake_servers() -> Iterator[Callable[..., FakeGPUServer]]:
     for server in servers:
         if server.socket.fileno() != -1:
             server.stop()
+
+
+class RawServer:
+    """A TCP server on 127.0.0.1 that hands each connection to `handle`, in a thread of its own."""
+
+    def __init__(self, handle: Callable[[socket.socket], object]) -> None:
+        self.handle = handle
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.run, args=(conn,), daemon=True).start()
+
+    def run(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.settimeout(10)
+            self.handle(conn)
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def wait_until(condition: Callable[[], object], timeout: float = 10.0) -> bool:

@@ -14,7 +14,7 @@ import threading
 import flask
 import pytest
 import requests
-from conftest import SECRET, wait_until
+from conftest import SECRET, RawServer, wait_until
 from werkzeug.test import create_environ
 
 from gateway.proxy import upstream
@@ -194,28 +194,18 @@ def test_upstream_timeout_gives_504(live_gateway, fake_servers):
     assert gateway.manager.get_server("B1").fail_count == 0
 
 
-class Dropper:
+class Dropper(RawServer):
     """Reads a request and closes the connection without answering: the request may have been seen."""
 
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
         self.seen = 0
-        self.thread = threading.Thread(target=self.serve, daemon=True)
-        self.thread.start()
+        super().__init__(self.drop)
 
-    def serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(65536)
-                self.seen += 1
+    def drop(self, conn: socket.socket) -> None:
+        conn.recv(65536)
+        self.seen += 1
 
-    def stop(self) -> None:
-        self.sock.close()
+    stop = RawServer.close
 
 
 @pytest.mark.parametrize(("method", "retried"), [("GET", True), ("POST", False)])
@@ -739,29 +729,16 @@ def test_a_server_whose_api_hangs_stops_getting_work(live_gateway, fake_servers,
     assert gateway.manager.describe_server("H1")["in_flight"] == 0
 
 
-class StaleKeepAlive:
-    """Answers the first request on a connection and keeps it; closes it, unanswered, on the next."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self.serve, daemon=True).start()
-
-    def serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                if conn.recv(65536):
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                conn.recv(65536)  # the next request on it: as if the server's idle timeout fired just then
+def answer_once_then_drop(conn: socket.socket) -> None:
+    """Answer a connection's first request and keep it; close it, unanswered, on the next."""
+    if conn.recv(65536):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    conn.recv(65536)  # the next request on it: as if the server's idle timeout fired just then
 
 
 def test_a_post_on_a_connection_the_server_dropped_while_idle_is_not_its_fault(live_gateway):
     gateway = live_gateway(outlier_consecutive_failures=1, health_check_failures=1)
-    backend = StaleKeepAlive()
+    backend = RawServer(answer_once_then_drop)
     try:
         body = {"server_id": "B1", "ip": "127.0.0.1", "port": backend.port, "secret": SECRET}
         requests.post(gateway.url + "/webhook/register", json=body, timeout=5).raise_for_status()
@@ -771,7 +748,7 @@ def test_a_post_on_a_connection_the_server_dropped_while_idle_is_not_its_fault(l
         server = gateway.manager.describe_server("B1")
         assert (server["fail_count"], server["is_healthy"], server["ejected"]) == (0, True, False)
     finally:
-        backend.sock.close()
+        backend.close()
 
 
 @pytest.mark.slow

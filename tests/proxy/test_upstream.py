@@ -7,10 +7,11 @@ import http.server
 import socket
 import threading
 import urllib.parse
+from collections.abc import Callable
 
 import pytest
 import requests
-from conftest import SECRET
+from conftest import SECRET, RawServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -318,23 +319,13 @@ FRAGMENTS = [
 SENTINEL = b"HTTP/1.1 299 Sentinel\r\nContent-Length: 8\r\n\r\nsentinel"
 
 
-class FuzzServer:
+class FuzzServer(RawServer):
     """Answers the first request after `arm` with the bytes under test, every later one with SENTINEL."""
 
     def __init__(self) -> None:
         self.reply: bytes | None = None
         self.lock = threading.Lock()
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self.serve, daemon=True).start()
-
-    def serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.answer, args=(conn,), daemon=True).start()
+        super().__init__(self.answer)
 
     def arm(self, reply: bytes) -> None:
         with self.lock:
@@ -346,20 +337,15 @@ class FuzzServer:
         return SENTINEL if reply is None else reply
 
     def answer(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(5)
-            try:
-                while conn.recv(65536):
-                    conn.sendall(self.next_reply())
-            except OSError:
-                return
+        while conn.recv(65536):
+            conn.sendall(self.next_reply())
 
 
 @pytest.fixture(scope="module")
 def fuzz_server():
     server = FuzzServer()
     yield server
-    server.sock.close()
+    server.close()
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -427,30 +413,22 @@ def test_a_body_sent_on_head_never_reaches_the_next_client(gateway_process, care
         assert "X-Forged" not in victim.headers
 
 
-def raw_backend(reply: bytes) -> socket.socket:
-    """A backend that answers every request with `reply` and closes."""
-    sock = socket.create_server(("127.0.0.1", 0))
+def answering(reply: bytes) -> Callable[[socket.socket], None]:
+    """A backend's handler that answers every request with `reply` and closes."""
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = sock.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(65536)
-                conn.sendall(reply)
+    def answer(conn: socket.socket) -> None:
+        conn.recv(65536)
+        conn.sendall(reply)
 
-    threading.Thread(target=serve, daemon=True).start()
-    return sock
+    return answer
 
 
 @pytest.mark.slow
 def test_a_refused_answer_frees_its_slot_for_good(gateway_process):
     gateway = gateway_process()
-    backend = raw_backend("HTTP/1.1 200 OK\r\nContent-Length: \u00b2\r\n\r\nhi".encode())
+    backend = RawServer(answering("HTTP/1.1 200 OK\r\nContent-Length: \u00b2\r\n\r\nhi".encode()))
     try:
-        body = {"server_id": "B1", "ip": "127.0.0.1", "port": backend.getsockname()[1], "secret": SECRET}
+        body = {"server_id": "B1", "ip": "127.0.0.1", "port": backend.port, "secret": SECRET}
         body |= {"max_concurrent": 2}
         requests.post(gateway.url + "/webhook/register", json=body, timeout=5).raise_for_status()
         for _ in range(3):  # one more than the cap: a leaked slot would make the last a 503

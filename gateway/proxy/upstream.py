@@ -4,8 +4,8 @@ urllib3 and http.client spent about a third of the gateway's CPU per proxied req
 headers with the email package, per-call URL parsing, pool bookkeeping; see docs/benchmarks.md).
 The proxy needs far less: send one request on a pooled socket, read the answer's head, and hand
 the body on chunk by chunk. Where an answer ends is decided by llhttp, Node.js's fuzzed parser
-(through httptools), never by our own code: an answer it refuses is a 502, and a connection
-that carries a byte past the end of its answer is closed, never pooled (RFC 9112 6.3).
+(through httptools, in framing.py), never by our own code: an answer it refuses is a 502, and
+a connection that carries a byte past the end of its answer is closed, never pooled.
 """
 
 from __future__ import annotations
@@ -20,11 +20,9 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from gateway.proxy.framing import Answer, AnswerReader, IncompleteBody, ResponseHeaders
+
 MAX_HEAD = 256 * 1024  # bytes before the end of an answer's head
-MAX_HEADERS = 200
-MAX_INTERIM = 20  # 1xx answers (100 Continue, 103 Early Hints) skipped before the real one
-NO_BODY_STATUSES = frozenset({204, 304})
-SWITCHING = "a 101 (Switching Protocols) answer is never relayed"
 RECV_SIZE = 64 * 1024
 WATCH_AFTER = 1.0  # seconds of waiting for a head after which the client is watched too
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -41,35 +39,8 @@ class SendFailed(OSError):
     stale = False  # True when it broke on a kept-alive connection the server had closed while idle
 
 
-class IncompleteBody(OSError):
-    """The answer is malformed, or its body ended before its framing said it would."""
-
-
 class ClientLeft(Exception):
     """The client hung up while the answer's head was awaited: the request was abandoned."""
-
-
-class ResponseHeaders:
-    """A response's headers in arrival order, repeats kept apart, looked up without regard to case."""
-
-    __slots__ = ("_first", "_items")
-
-    def __init__(self, items: list[tuple[str, str]]) -> None:
-        self._items = items
-        self._first: dict[str, str] = {}
-        for name, value in items:
-            self._first.setdefault(name.lower(), value)
-
-    def get(self, name: str, default: str = "") -> str:
-        """The first value of a header, or `default`."""
-        return self._first.get(name.lower(), default)
-
-    def iteritems(self) -> list[tuple[str, str]]:
-        """Every (name, value), in order."""
-        return self._items
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self._first
 
 
 class UpstreamPool:
@@ -158,11 +129,11 @@ class UpstreamPool:
             self._idle.pop().close()
 
 
-class Connection:
+class Connection(AnswerReader):
     """One socket, and the llhttp parser that reads its answers: every byte read goes to the parser.
 
-    The connection is the parser's protocol: llhttp calls its `on_*` methods, which fill in the
-    current answer. Nothing is ever buffered outside the parser, so a byte past the end of an
+    The connection is the parser's protocol: llhttp calls its `on_*` methods (AnswerReader's),
+    which fill in the current answer. Nothing is ever buffered outside the parser, so a byte past the end of an
     answer is either seen by the parser (a second answer begins, or a body where none may be)
     or still in the kernel, where `alive` finds it before the connection is used again.
     """
@@ -263,127 +234,9 @@ class Connection:
             self.feed(data)
         return bool(data)
 
-    def feed(self, data: bytes) -> None:
-        """Give bytes read from the socket to the parser; one it refuses makes a malformed answer."""
-        answer = self.answer
-        try:
-            self.parser.feed_data(data)  # type: ignore[union-attr]  # set by exchange
-        except httptools.HttpParserUpgrade:
-            raise IncompleteBody(None, SWITCHING) from None
-        except httptools.HttpParserError as exc:
-            if answer.complete:
-                answer.extra = True  # the answer was whole; what follows it is not ours to parse
-            elif answer.head_done:
-                answer.bad_body = f"malformed body: {exc}"  # raised once the good part is read
-            else:
-                raise IncompleteBody(None, f"malformed answer: {exc}") from None
-        if answer.bad_head:
-            raise IncompleteBody(None, answer.bad_head)
-
-    # -- llhttp's callbacks, for the current answer ------------------------------------------
-
-    def on_message_begin(self) -> None:
-        answer = self.answer
-        if not answer.waiting:
-            answer.extra = True  # a second answer in one: bytes nobody asked for
-        answer.waiting = False
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        headers = self.answer.headers
-        if len(headers) >= MAX_HEADERS:
-            self.answer.bad_head = "the answer has too many headers"
-        headers.append((name.decode("latin-1"), value.decode("latin-1")))
-
-    def on_headers_complete(self) -> None:
-        answer, parser = self.answer, self.parser
-        status = parser.get_status_code()  # type: ignore[union-attr]  # the parser calls us
-        if answer.head_done:
-            return  # a second answer's head: already marked extra
-        if not 100 <= status <= 599:
-            answer.bad_head = f"the answer's status {status:03d} is not an HTTP status"
-        elif status == 101:
-            answer.bad_head = SWITCHING
-        elif status < 200:
-            answer.interim += 1  # 100 Continue, 103 Early Hints: the real answer follows
-            if answer.interim > MAX_INTERIM:
-                answer.bad_head = f"more than {MAX_INTERIM} interim (1xx) answers"
-            answer.headers = []
-            answer.waiting = True
-            return
-        answer.status, answer.head_done = status, True
-        answer.keep_alive = parser.should_keep_alive()  # type: ignore[union-attr]
-        if answer.to_head or status in NO_BODY_STATUSES:
-            answer.no_body = answer.complete = True
-        else:
-            answer.frame()
-
-    def on_body(self, data: bytes) -> None:
-        answer = self.answer
-        if answer.complete or answer.no_body or not answer.head_done:
-            answer.extra = True  # a body where none may be: never pool this connection
-            return
-        answer.body.append(data)
-
-    def on_message_complete(self) -> None:
-        answer = self.answer
-        if answer.head_done and not answer.no_body:
-            answer.complete = True
-
     def close(self) -> None:
         self.parser = None  # the parser holds our callbacks: let both go now, not at the next GC
         self.sock.close()
-
-
-class Answer:
-    """What the parser has read of one answer so far."""
-
-    __slots__ = (
-        "bad_body",
-        "bad_head",
-        "body",
-        "chunked",
-        "complete",
-        "delivered",
-        "extra",
-        "head_done",
-        "headers",
-        "interim",
-        "keep_alive",
-        "length",
-        "no_body",
-        "status",
-        "to_head",
-        "waiting",
-    )
-
-    def __init__(self, to_head: bool) -> None:
-        self.to_head = to_head  # an answer to HEAD has no body, whatever its headers say
-        self.headers: list[tuple[str, str]] = []
-        self.body: deque[bytes] = deque()
-        self.status = 0
-        self.head_done = self.complete = self.extra = self.keep_alive = self.no_body = self.chunked = False
-        self.waiting = True  # for an answer to begin: at the start, and after each 1xx
-        self.interim = 0
-        self.bad_head = self.bad_body = ""  # why llhttp or our rules refused the head or the body
-        self.length: int | None = None  # the Content-Length, when that frames the body
-        self.delivered = 0  # body bytes handed on by read1
-
-    def frame(self) -> None:
-        """Note how the body ends, by RFC 9112 6.3; llhttp has already refused every ambiguous head."""
-        coding = length = ""
-        for name, value in self.headers:
-            lowered = name.lower()
-            if lowered == "transfer-encoding":
-                coding = value
-            elif lowered == "content-length":
-                length = value
-        if coding:
-            self.chunked = coding.rsplit(",", 1)[-1].strip().lower() == "chunked"
-            if length and not self.chunked:
-                self.bad_head = "a Content-Length beside a Transfer-Encoding that is not chunked"
-        elif length:
-            self.length = int(length)
-        self.keep_alive = self.keep_alive and (self.chunked or self.length is not None)  # else it runs to the close
 
 
 class UpstreamResponse:

@@ -363,6 +363,7 @@ def test_no_pooled_connection_carries_a_byte_of_an_earlier_answer(fuzz_server, p
                 response.read(1 << 16)
             response.release_conn()
         reused = list(pool._idle)
+        pool.read_timeout = pool.head_timeout = 10.0  # short only for the bytes under test, not on a busy machine
         after = pool.request("GET", "/", {}, b"")
         assert (after.status, after.read(100)) == (299, b"sentinel")
         after.release_conn()

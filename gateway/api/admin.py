@@ -6,6 +6,7 @@ token, or the webhook secret while ADMIN_TOKEN is unset (see auth.admin_authoriz
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify
@@ -16,7 +17,7 @@ from gateway.api.schemas import RegisterSchema, ServerOptionsSchema
 from gateway.api.webhook import json_body, listener, not_saved, registration_refused
 from gateway.errors import error_response
 from gateway.fleet.records import FleetFull, Registrant
-from gateway.fleet.server import OPTION_NAMES
+from gateway.fleet.server import OPTION_NAMES, BackendServer
 from gateway.manager import BackendManager, PersistError
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
@@ -104,13 +105,8 @@ def update_server(server_id: str) -> Response | tuple[Response, int]:
     changes = ServerOptionsSchema().load(body)
     if not changes:
         return error_response(400, f"nothing to change: give one or more of {', '.join(OPTION_NAMES)}")
-    try:
-        server = manager().update_server(server_id, changes)
-    except PersistError as exc:
-        return not_saved(exc)
-    if server is None:
-        return unknown_server(server_id)
-    return server_reply(server_id, f"server {server_id} updated: {', '.join(changes)}")
+    message = f"server {server_id} updated: {', '.join(changes)}"
+    return server_changed(server_id, lambda: manager().update_server(server_id, changes), message)
 
 
 @bp.delete("/servers/<server_id>")
@@ -128,13 +124,8 @@ def delete_server(server_id: str) -> Response:
 @bp.post("/servers/<server_id>/reset-token")
 def reset_token(server_id: str) -> Response | tuple[Response, int]:
     """Unbind a server from its token (REGISTRATION_BINDING=token): its next registration binds a new one."""
-    try:
-        server = manager().reset_server_token(server_id)
-    except PersistError as exc:
-        return not_saved(exc)
-    if server is None:
-        return unknown_server(server_id)
-    return server_reply(server_id, f"server {server_id}'s token is reset: its next registration binds a new one")
+    message = f"server {server_id}'s token is reset: its next registration binds a new one"
+    return server_changed(server_id, lambda: manager().reset_server_token(server_id), message)
 
 
 @bp.post("/servers/<server_id>/drain")
@@ -151,13 +142,21 @@ def enable_server(server_id: str) -> Response | tuple[Response, int]:
 
 def change_draining(server_id: str, draining: bool) -> Response | tuple[Response, int]:
     """Drain or enable a server; doing it twice is the same as doing it once."""
+    message = f"server {server_id} {'draining' if draining else 'enabled'}"
+    return server_changed(server_id, lambda: manager().set_draining(server_id, draining), message)
+
+
+def server_changed(
+    server_id: str, change: Callable[[], BackendServer | None], message: str
+) -> Response | tuple[Response, int]:
+    """Make a change to one server: 503 if it cannot be saved, 404 if the server is unknown, else its row."""
     try:
-        server = manager().set_draining(server_id, draining)
+        server = change()
     except PersistError as exc:
         return not_saved(exc)
     if server is None:
         return unknown_server(server_id)
-    return server_reply(server_id, f"server {server_id} {'draining' if draining else 'enabled'}")
+    return server_reply(server_id, message)
 
 
 @bp.get("/server-priority/check/<path:model>")

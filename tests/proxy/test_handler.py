@@ -776,9 +776,9 @@ def test_forwarding_headers_are_the_gateways_own(live_gateway, fake_servers):
     gateway = live_gateway()
     gateway.register(fake_servers("B1"))
     spoofed = {
-        "X-Forwarded-For": "10.0.0.1",
-        "X-Real-IP": "10.0.0.2",
-        "Forwarded": "for=10.0.0.3;proto=https",
+        "X-Forwarded-For": "203.0.113.1",
+        "X-Real-IP": "203.0.113.2",
+        "Forwarded": "for=203.0.113.3;proto=https",
         "X-Forwarded-Port": "443",
         "X-Forwarded-Prefix": "/admin",
         "X-Forwarded-Host": "evil.example",

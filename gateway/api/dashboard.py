@@ -165,9 +165,9 @@ def server_row(server: dict[str, Any], in_flight: dict[str, float], served: dict
         "served": int(served.get(server_id, 0)),
         "gpu_memory_free": resources["gpu_memory_free"] if fresh else None,
         "gpu_memory_total": resources["gpu_memory_total"] if fresh else None,
-        "weight": 1,  # issue 4 adds weights, priorities and draining
-        "priority": 1,
-        "draining": False,
+        "weight": server["weight"],
+        "priority": server["priority"],
+        "draining": server["draining"],
     }
 
 

@@ -130,6 +130,16 @@ def test_the_right_secret_logs_in_with_a_strict_http_only_cookie(client, manager
     assert 'id="servers"' in client.get("/dashboard").get_data(as_text=True)
 
 
+def test_data_shows_each_servers_own_weight_priority_and_draining(client, manager):
+    manager.register_server("B1", "127.0.0.1", 9001)
+    manager.register_server("B2", "127.0.0.1", 9002, options={"weight": 70, "priority": 2})
+    manager.set_draining("B2", True)
+    log_in(client)
+    rows = {row["server_id"]: row for row in client.get("/dashboard/data").get_json()["data"]["servers"]}
+    assert (rows["B1"]["weight"], rows["B1"]["priority"], rows["B1"]["draining"]) == (1, 1, False)
+    assert (rows["B2"]["weight"], rows["B2"]["priority"], rows["B2"]["draining"]) == (70, 2, True)
+
+
 def test_data_counts_served_requests_without_making_series(app, client, manager):
     manager.register_server("B1", "127.0.0.1", 9001)
     manager.register_server("B2", "127.0.0.1", 9002)

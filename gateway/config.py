@@ -155,6 +155,9 @@ class Config:
         if "PROXY_HEAD_TIMEOUT" not in env and "proxy_head_timeout" not in overrides:
             # Unset, it is the shorter of its default and the read timeout, which used to cover the head.
             values["proxy_head_timeout"] = min(cls.proxy_head_timeout, values["proxy_read_timeout"])
+        if not reader.is_set("HEALTH_CHECK_TIMEOUT") and "health_check_timeout" not in overrides:
+            # Unset, it follows the interval, so that HEALTH_CHECK_INTERVAL=1 alone is a valid setting.
+            values["health_check_timeout"] = min(cls.health_check_timeout, 0.8 * values["health_check_interval"])
         if values["health_check_timeout"] >= values["health_check_interval"]:
             raise ConfigError(
                 f"HEALTH_CHECK_TIMEOUT ({values['health_check_timeout']:g}) must be below "
@@ -190,6 +193,10 @@ class _Reader:
             return parse(raw.strip())
         except ValueError as exc:
             raise ConfigError(f"{name}={raw!r} is not valid: {exc}") from None
+
+    def is_set(self, name: str) -> bool:
+        """Whether `name` has a value, as `get` reads it: blank counts as unset."""
+        return self.env.get(name, "").strip() != ""
 
     def secret(self, name: str) -> str:
         value = self.env.get(name, "")

@@ -135,9 +135,39 @@ def test_the_dashboard_cookie_is_secure_on_request(raw, secure):
     assert Config.from_env(env).dashboard_secure_cookie is secure
 
 
-def test_timeout_must_be_below_the_interval():
+@pytest.mark.parametrize(
+    ("env", "timeout"),
+    [
+        ({}, 5.0),
+        ({"HEALTH_CHECK_INTERVAL": "1"}, 0.8),
+        ({"HEALTH_CHECK_INTERVAL": "5"}, 4.0),
+        ({"HEALTH_CHECK_INTERVAL": "60"}, 5.0),
+        ({"HEALTH_CHECK_INTERVAL": "1", "HEALTH_CHECK_TIMEOUT": " "}, 0.8),
+        ({"HEALTH_CHECK_INTERVAL": "1", "HEALTH_CHECK_TIMEOUT": "0.5"}, 0.5),
+        ({"HEALTH_CHECK_TIMEOUT": "20"}, 20.0),
+    ],
+)
+def test_an_unset_timeout_follows_the_interval(env, timeout):
+    assert Config.from_env({**BASE, **env}).health_check_timeout == timeout
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"HEALTH_CHECK_INTERVAL": "5", "HEALTH_CHECK_TIMEOUT": "5"},
+        {"HEALTH_CHECK_INTERVAL": "1", "HEALTH_CHECK_TIMEOUT": "5"},
+        {"HEALTH_CHECK_TIMEOUT": "30"},
+    ],
+)
+def test_a_timeout_set_at_or_above_the_interval_is_refused(env):
     with pytest.raises(ConfigError, match="HEALTH_CHECK_TIMEOUT"):
-        Config.from_env({**BASE, "HEALTH_CHECK_INTERVAL": "5", "HEALTH_CHECK_TIMEOUT": "5"})
+        Config.from_env({**BASE, **env})
+
+
+def test_an_override_of_the_timeout_is_checked_as_set():
+    with pytest.raises(ConfigError, match="HEALTH_CHECK_TIMEOUT"):
+        Config.from_env({**BASE, "HEALTH_CHECK_INTERVAL": "1"}, health_check_timeout=5.0)
+    assert Config.from_env(BASE, health_check_interval=2.0).health_check_timeout == 1.6
 
 
 def test_credentials_in_the_fallback_url_are_refused():

@@ -354,7 +354,7 @@ def priority_row(priority: Any, server: dict[str, Any]) -> tuple[str, ...]:
     )
 
 
-COLUMNS = ("ID", "ADDRESS", "HEALTH", "FAILS", "LAST CHECK", "LAST USED")
+COLUMNS = ("ID", "ADDRESS", "HEALTH", "DRAINING", "PRIORITY", "WEIGHT", "MODELS", "FAILS", "LAST CHECK", "LAST USED")
 
 
 def format_table(servers: list[dict[str, Any]]) -> str:
@@ -379,10 +379,29 @@ def server_row(server: dict[str, Any]) -> tuple[str, ...]:
         str(server.get("server_id", "?")),
         f"{host}:{port}",
         "healthy" if server.get("is_healthy") else "UNHEALTHY",
+        draining_cell(server.get("draining")),
+        str(server.get("priority", "?")),
+        str(server.get("weight", "?")),
+        model_cell(server),
         str(server.get("fail_count", 0)),
         server.get("last_check_time") or "never",
         server.get("last_used_time") or "never",
     )
+
+
+def draining_cell(draining: Any) -> str:
+    """`yes` or `no`; `?` when the gateway does not say."""
+    if not isinstance(draining, bool):
+        return "?"
+    return "yes" if draining else "no"
+
+
+def model_cell(server: dict[str, Any]) -> str:
+    """The models a server answers for, comma-separated; `unknown` when it named none and none were found."""
+    models = server.get("served_models", server.get("models"))
+    if not isinstance(models, list):
+        return "?"  # a gateway that does not say
+    return ",".join(str(model) for model in models) or "unknown"
 
 
 def summarize(data: dict[str, Any], listed: int) -> str:

@@ -76,12 +76,30 @@ def test_list_shows_a_table_and_a_summary(live_gateway, fake_servers):
 
     assert result.returncode == 0, result.stderr
     header, row1, row2, summary = result.stdout.splitlines()
-    assert header.split() == ["ID", "ADDRESS", "HEALTH", "FAILS", "LAST", "CHECK", "LAST", "USED"]
-    assert row1.split()[:4] == ["B1", f"127.0.0.1:{b1.port}", "healthy", "0"]
-    assert row2.split()[:4] == ["B2", f"127.0.0.1:{b2.port}", "UNHEALTHY", "3"]
+    assert header.split() == [
+        "ID", "ADDRESS", "HEALTH", "DRAINING", "PRIORITY", "WEIGHT", "MODELS", "FAILS", "LAST", "CHECK", "LAST", "USED"
+    ]  # fmt: skip
+    assert row1.split()[:8] == ["B1", f"127.0.0.1:{b1.port}", "healthy", "no", "1", "1", "unknown", "0"]
+    assert row2.split()[:8] == ["B2", f"127.0.0.1:{b2.port}", "UNHEALTHY", "no", "1", "1", "unknown", "3"]
     assert row2.split()[-1] == "never"  # never chosen for a request
     assert row1.index("HEALTHY".lower()) == header.index("HEALTH")  # columns line up
     assert summary == "2 servers: 1 healthy, 1 unhealthy; health checks running"
+
+
+def test_list_shows_each_servers_draining_priority_weight_and_models(live_gateway, fake_servers):
+    gateway = live_gateway()
+    gateway.register(fake_servers("B1"))
+    gateway.register(fake_servers("B2"))
+    gateway.manager.update_server("B2", {"weight": 70, "priority": 2, "models": ["qwen3:14b", "llama3:8b"]})
+    gateway.manager.set_draining("B2", True)
+
+    result = run_cli("list", "--gateway", gateway.url)
+
+    assert result.returncode == 0, result.stderr
+    header, row1, row2, _ = result.stdout.splitlines()
+    assert row1.split()[2:7] == ["healthy", "no", "1", "1", "unknown"]
+    assert row2.split()[2:7] == ["healthy", "yes", "2", "70", "qwen3:14b,llama3:8b"]
+    assert row2.index("yes") == header.index("DRAINING")  # columns line up
 
 
 def test_list_of_an_empty_fleet_is_one_line(live_gateway):
@@ -339,8 +357,15 @@ def test_field_messages(errors, lines):
 
 
 def test_table_brackets_ipv6_and_shows_never():
-    server = {"server_id": "B6", "ip": "::1", "port": 8000, "is_healthy": True, "fail_count": 0}
-    assert b_client.server_row(server) == ("B6", "[::1]:8000", "healthy", "0", "never", "never")
+    server = {"server_id": "B6", "ip": "::1", "port": 8000, "is_healthy": True, "fail_count": 0, "draining": False}
+    server |= {"priority": 1, "weight": 1, "served_models": []}
+    row = ("B6", "[::1]:8000", "healthy", "no", "1", "1", "unknown", "0", "never", "never")
+    assert b_client.server_row(server) == row
+
+
+def test_table_shows_a_question_mark_for_what_the_gateway_does_not_say():
+    server = {"server_id": "B6", "ip": "127.0.0.1", "port": 8000, "is_healthy": True, "fail_count": 0}
+    assert b_client.server_row(server)[3:7] == ("?", "?", "?", "?")
 
 
 def test_status_summarises_the_gateway(live_gateway, fake_servers):

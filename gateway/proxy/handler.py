@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sqlite3
 from collections.abc import Callable, Iterator
 
@@ -67,6 +68,16 @@ class UpstreamFailed(Exception):
         self.stale = stale  # a kept-alive connection the server had closed while idle: no fault of its own
 
 
+MAX_RETRY_AFTER = 5  # seconds: an SDK that honours it (OpenAI's retries twice) fails within ~10 s, not 2 sweeps
+
+
+def retry_after_seconds(health_check_interval: float) -> str:
+    """Retry-After for a 503 no server could take: the next sweep's time, from 1 s to MAX_RETRY_AFTER."""
+    # A server also comes back between sweeps (it registers, or is enabled), so a client need not wait a
+    # whole interval; with a short interval there is no sense in asking sooner than the next sweep.
+    return str(min(MAX_RETRY_AFTER, max(1, math.ceil(health_check_interval))))
+
+
 class Proxy:
     """Forwards requests to the fleet with failover, fallback and task affinity."""
 
@@ -79,7 +90,7 @@ class Proxy:
         self.metrics = metrics
         self.pools: dict[str, UpstreamPool] = {}  # one per base URL, looked up once a request
         self.task_routes = TaskRoutes(config.task_routes)
-        self.retry_after = str(int(config.health_check_interval))
+        self.retry_after = retry_after_seconds(config.health_check_interval)
 
     def handle(self) -> Answer:
         """Proxy the current request."""

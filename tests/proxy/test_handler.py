@@ -18,6 +18,7 @@ from conftest import SECRET, RawServer, wait_until
 from werkzeug.test import create_environ
 
 from gateway.proxy import upstream
+from gateway.proxy.handler import retry_after_seconds
 
 
 @pytest.fixture
@@ -145,7 +146,7 @@ def test_no_server_and_no_fallback_gets_503_with_retry_after(live_gateway):
     gateway = live_gateway()
     response = requests.get(gateway.url + "/api/echo", timeout=5)
     assert response.status_code == 503
-    assert response.headers["Retry-After"].isdigit()
+    assert response.headers["Retry-After"] == "5"  # HEALTH_CHECK_INTERVAL is 3600 here
     assert response.json() == {
         "success": False,
         "message": "no healthy GPU server is available and no fallback backend is configured",
@@ -257,6 +258,11 @@ def test_task_id_under_data_is_recognised(fleet):
     assert served_by(gateway, 3, f"/api/status/{task_id}") == [owner] * 3
 
 
+@pytest.mark.parametrize(("interval", "seconds"), [(1.0, "1"), (1.5, "2"), (3.0, "3"), (30.0, "5"), (3600.0, "5")])
+def test_retry_after_is_the_next_sweep_from_1_to_5_seconds(interval, seconds):
+    assert retry_after_seconds(interval) == seconds
+
+
 @pytest.mark.parametrize("fate", ["unregistered", "unhealthy", "killed"])
 def test_task_whose_owner_is_gone_gets_503_and_no_other_server_is_asked(fleet, fate):
     gateway, servers = fleet
@@ -277,7 +283,7 @@ def test_task_whose_owner_is_gone_gets_503_and_no_other_server_is_asked(fleet, f
     assert response.status_code == 503
     assert task_id in response.json()["message"]
     assert owner_id in response.json()["message"]
-    assert "Retry-After" in response.headers
+    assert response.headers["Retry-After"] == "5"
     for other in servers:
         if other is not owner:
             assert not any(task_id in r["path"] for r in other.requests)

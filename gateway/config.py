@@ -152,7 +152,7 @@ class Config:
         }
         values.update(overrides)
         _check_secret_lengths(values)
-        if "PROXY_HEAD_TIMEOUT" not in env and "proxy_head_timeout" not in overrides:
+        if not reader.is_set("PROXY_HEAD_TIMEOUT") and "proxy_head_timeout" not in overrides:
             # Unset, it is the shorter of its default and the read timeout, which used to cover the head.
             values["proxy_head_timeout"] = min(cls.proxy_head_timeout, values["proxy_read_timeout"])
         if not reader.is_set("HEALTH_CHECK_TIMEOUT") and "health_check_timeout" not in overrides:

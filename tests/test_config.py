@@ -192,5 +192,7 @@ def test_task_routes_and_the_head_timeout():
     assert Config.from_env({**BASE, "TASK_ROUTES": "off"}).task_routes == ()
     assert config.proxy_head_timeout == 120
     assert Config.from_env({**BASE, "PROXY_READ_TIMEOUT": "30"}).proxy_head_timeout == 30  # unset: never longer
+    blank = Config.from_env({**BASE, "PROXY_READ_TIMEOUT": "30", "PROXY_HEAD_TIMEOUT": " "})
+    assert blank.proxy_head_timeout == 30  # blank is unset, as for every setting
     set_both = Config.from_env({**BASE, "PROXY_READ_TIMEOUT": "30", "PROXY_HEAD_TIMEOUT": "600"})
     assert set_both.proxy_head_timeout == 600

@@ -7,7 +7,17 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from flask import Blueprint, Flask, Response, current_app, request
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -61,6 +71,10 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # What the default registry has and a registry of our own lacks: memory, fds, CPU, GC.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.requests = Counter(
             "gateway_requests", "Proxied requests by server, method and status class",
             ["server", "method", "status_class"], registry=r,
@@ -169,7 +183,8 @@ def scrape() -> Response:
         ):
             return error_response(401, "missing or invalid metrics token (Authorization: Bearer <METRICS_TOKEN>)")
     metrics: GatewayMetrics = current_app.extensions["metrics"]
-    return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+    # content_type, not mimetype: werkzeug would add a second charset to one that has it.
+    return Response(generate_latest(metrics.registry), content_type=CONTENT_TYPE_LATEST)
 
 
 def init_app(app: Flask, manager: BackendManager) -> GatewayMetrics:

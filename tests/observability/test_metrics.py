@@ -238,3 +238,14 @@ def test_draining_ejection_and_the_queue_are_visible(live_gateway, fake_servers)
     assert value(samples, "gateway_server_ejected", server="B2") == 1
     assert value(samples, "gateway_server_ejected", server="B1") == 0
     assert ("gateway_queue_waiting", ()) in samples
+
+
+def test_process_platform_and_gc_metrics_are_on_our_registry(live_gateway):
+    samples = scrape(live_gateway().url)
+    names = {name for name, _ in samples}
+    assert {"process_resident_memory_bytes", "process_open_fds", "python_info", "python_gc_collections_total"} <= names
+
+
+def test_the_content_type_names_its_charset_once(live_gateway):
+    response = requests.get(live_gateway().url + "/metrics", timeout=5)
+    assert response.headers["Content-Type"].count("charset") == 1

@@ -101,6 +101,9 @@ class GatewayMetrics:
         )
         self.fallback = Counter("gateway_fallback_requests", "Requests answered by BACKEND_API_BASE", registry=r)
         self.no_server = Counter("gateway_no_server_responses", "503s for want of a server", registry=r)
+        self.upstream_aborted = Counter(
+            "gateway_upstream_aborted", "Answers the server broke off after their head went out", ["server"], registry=r
+        )
         # Each proxied request touches these series; labels() validates and locks on every call,
         # so the children are looked up once per label set (and forgotten when a server leaves).
         self._in_flight_children: dict[str, Gauge] = {}
@@ -123,7 +126,15 @@ class GatewayMetrics:
 
     def server_removed(self, server_id: str) -> None:
         """Drop every series of a server that left."""
-        for metric in (self.requests, self.duration, self.in_flight, self.health_checks, self.retries):
+        metrics = (
+            self.requests,
+            self.duration,
+            self.in_flight,
+            self.health_checks,
+            self.retries,
+            self.upstream_aborted,
+        )
+        for metric in metrics:
             metric.remove_by_labels({"server": server_id})
         self._in_flight_children.pop(server_id, None)
         for key in [key for key in list(self._request_children) if key[0] == server_id]:  # list(): one step

@@ -338,9 +338,13 @@ class Proxy:
             declared = upstream.headers.get("Content-Length")
             if declared.isascii() and declared.isdigit():
                 headers.append(("Content-Length", declared))
-        elif upstream.length_remaining is not None:  # framed by a valid Content-Length, not chunked
-            headers.append(("Content-Length", str(len(first) + upstream.length_remaining)))
         body = UpstreamBody(upstream, first, has_body, self, label, base_url)
+        if has_body:
+            remaining = upstream.length_remaining
+            if remaining is not None:  # framed by a valid Content-Length, not chunked
+                headers.append(("Content-Length", str(len(first) + remaining)))
+            else:
+                body.open_ended = True  # chunked or to the close: an LLM's stream, say
         return Relay(upstream.status, headers, body, backend)
 
     def stream_broke_off(self, label: str, base_url: str, sent: int, exc: OSError) -> None:
@@ -374,6 +378,7 @@ class UpstreamBody:
     """The streamed body: yields chunks as they arrive and settles the connection on close."""
 
     aborted = False  # set when the server broke off the body: the request then counts as failed
+    open_ended = False  # no Content-Length: a stream, judged slow by its first byte, not its last
 
     def __init__(
         self, upstream: UpstreamResponse, first: bytes, has_body: bool, proxy: Proxy, label: str, base_url: str

@@ -48,13 +48,16 @@ def observe(handler: Callable[[], Answer]) -> Answer:
         response = handle_http_exception(exc)
     except ClientLeft as exc:  # 499, as nginx logs it: nobody reads this answer
         response = error_response(CLIENT_CLOSED, str(exc))
+    stream: Body | None = None
+    first_byte: float | None = None  # for a stream, the time its answer began: that, not its end, is slow
     # A server's answer names its server; one of the gateway's own (an error) names the server
     # that failed, if one did: the header is only ever set by this proxy.
-    stream: Body | None = None
     if isinstance(response, Relay):
         server = response.backend
         if not isinstance(response.body, bytes):
             stream = response.body
+            if stream.open_ended:
+                first_byte = time.perf_counter() - started
     else:
         server = response.headers.get("X-Backend-Server", NO_SERVER)
     # Not the response itself in done(): that cycle would be left for the cycle collector.
@@ -72,7 +75,11 @@ def observe(handler: Callable[[], Answer]) -> Answer:
             "ms": round(seconds * 1000, 1),
         }
         request_log.info("request", extra={"fields": fields})
-        if seconds >= SLOW_REQUEST_SECONDS:
+        if first_byte is None:
+            if seconds >= SLOW_REQUEST_SECONDS:
+                performance_log.info("slow request", extra={"fields": fields})
+        elif first_byte >= SLOW_REQUEST_SECONDS:
+            fields["first_byte_ms"] = round(first_byte * 1000, 1)
             performance_log.info("slow request", extra={"fields": fields})
 
     response.call_on_close(done)

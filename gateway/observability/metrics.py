@@ -172,15 +172,17 @@ class GatewayMetrics:
         manager = getattr(self, "manager", None)
         return manager is None or manager.is_registered(server_id)
 
-    def total_requests(self) -> dict[str, float]:
-        """Proxied requests so far by status class, for /status."""
-        totals: dict[str, float] = {}
+    def total_requests(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Requests so far by status class: those a server answered, and those none did (`server="none"`)."""
+        proxied: dict[str, float] = {}
+        not_proxied: dict[str, float] = {}
         for family in self.requests.collect():
             for sample in family.samples:
                 if sample.name.endswith("_total"):
+                    totals = not_proxied if sample.labels["server"] == NO_SERVER else proxied
                     status_class = sample.labels["status_class"]
                     totals[status_class] = totals.get(status_class, 0.0) + sample.value
-        return totals
+        return proxied, not_proxied
 
 
 @bp.get("/metrics")

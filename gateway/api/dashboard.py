@@ -133,7 +133,9 @@ def data() -> Response:
     served = samples_by_server(metrics.requests, suffix="_total")
     summary = {key: fleet[key] for key in ("total_servers", "healthy_servers", "unhealthy_servers")}
     summary["health_check_running"] = fleet["health_check_running"]
-    summary["requests_total"] = sum(metrics.total_requests().values())
+    proxied, not_proxied = metrics.total_requests()
+    summary["requests_total"] = sum(proxied.values())
+    summary["requests_not_proxied"] = sum(not_proxied.values())  # no server had them: 503s, 404s
     rows = [server_row(server, in_flight, served) for server in fleet["servers"]]
     return jsonify(success=True, data={"now": now_iso(), "summary": summary, "servers": rows})
 

@@ -25,7 +25,7 @@ def status() -> Response:
         return admin_refusal()
     manager = current_app.extensions["backend_manager"]
     fleet = manager.get_status()
-    by_class = current_app.extensions["metrics"].total_requests()
+    by_class, unanswered = current_app.extensions["metrics"].total_requests()
     data: dict[str, Any] = {
         "version": current_app.config["GATEWAY_VERSION"],
         "uptime_s": _uptime(),
@@ -36,7 +36,12 @@ def status() -> Response:
             "last_sweep": manager.last_sweep or None,
         },
         "servers": {key: fleet[key] for key in ("total_servers", "healthy_servers", "unhealthy_servers")},
-        "requests": {"total": sum(by_class.values()), "by_status_class": by_class},
+        "requests": {
+            "total": sum(by_class.values()),
+            "by_status_class": by_class,
+            # refused before any server had them (no healthy server, an unknown task): not proxied
+            "not_proxied": {"total": sum(unanswered.values()), "by_status_class": unanswered},
+        },
     }
     return jsonify(success=True, data=data)
 

@@ -7,7 +7,17 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from flask import Blueprint, Flask, Response, current_app, request
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -61,6 +71,10 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # What the default registry has and a registry of our own lacks: memory, fds, CPU, GC.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.requests = Counter(
             "gateway_requests", "Proxied requests by server, method and status class",
             ["server", "method", "status_class"], registry=r,
@@ -87,6 +101,9 @@ class GatewayMetrics:
         )
         self.fallback = Counter("gateway_fallback_requests", "Requests answered by BACKEND_API_BASE", registry=r)
         self.no_server = Counter("gateway_no_server_responses", "503s for want of a server", registry=r)
+        self.upstream_aborted = Counter(
+            "gateway_upstream_aborted", "Answers the server broke off after their head went out", ["server"], registry=r
+        )
         # Each proxied request touches these series; labels() validates and locks on every call,
         # so the children are looked up once per label set (and forgotten when a server leaves).
         self._in_flight_children: dict[str, Gauge] = {}
@@ -109,7 +126,15 @@ class GatewayMetrics:
 
     def server_removed(self, server_id: str) -> None:
         """Drop every series of a server that left."""
-        for metric in (self.requests, self.duration, self.in_flight, self.health_checks, self.retries):
+        metrics = (
+            self.requests,
+            self.duration,
+            self.in_flight,
+            self.health_checks,
+            self.retries,
+            self.upstream_aborted,
+        )
+        for metric in metrics:
             metric.remove_by_labels({"server": server_id})
         self._in_flight_children.pop(server_id, None)
         for key in [key for key in list(self._request_children) if key[0] == server_id]:  # list(): one step
@@ -147,15 +172,17 @@ class GatewayMetrics:
         manager = getattr(self, "manager", None)
         return manager is None or manager.is_registered(server_id)
 
-    def total_requests(self) -> dict[str, float]:
-        """Proxied requests so far by status class, for /status."""
-        totals: dict[str, float] = {}
+    def total_requests(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Requests so far by status class: those a server answered, and those none did (`server="none"`)."""
+        proxied: dict[str, float] = {}
+        not_proxied: dict[str, float] = {}
         for family in self.requests.collect():
             for sample in family.samples:
                 if sample.name.endswith("_total"):
+                    totals = not_proxied if sample.labels["server"] == NO_SERVER else proxied
                     status_class = sample.labels["status_class"]
                     totals[status_class] = totals.get(status_class, 0.0) + sample.value
-        return totals
+        return proxied, not_proxied
 
 
 @bp.get("/metrics")
@@ -169,7 +196,8 @@ def scrape() -> Response:
         ):
             return error_response(401, "missing or invalid metrics token (Authorization: Bearer <METRICS_TOKEN>)")
     metrics: GatewayMetrics = current_app.extensions["metrics"]
-    return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+    # content_type, not mimetype: werkzeug would add a second charset to one that has it.
+    return Response(generate_latest(metrics.registry), content_type=CONTENT_TYPE_LATEST)
 
 
 def init_app(app: Flask, manager: BackendManager) -> GatewayMetrics:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import socket
 import sqlite3
 from collections.abc import Callable, Iterator
 
@@ -164,7 +166,7 @@ class Proxy:
             self.manager.report_result(server.server_id, upstream.status < 500, f"HTTP {upstream.status}")
             if tried:
                 self.metrics.failovers.inc()
-            return self.respond(upstream, in_flight, server.server_id, release=lease.release)
+            return self.respond(upstream, in_flight, server.server_id, server.url, release=lease.release)
         return self.forward_fallback(target, body, headers, tried, render)
 
     def render_no_server(self, exc: NoServer) -> Response:
@@ -197,7 +199,7 @@ class Proxy:
         except BaseException:
             lease.release()
             raise
-        return self.respond(upstream, in_flight, owner, known_task=task_id, release=lease.release)
+        return self.respond(upstream, in_flight, owner, server.url, known_task=task_id, release=lease.release)
 
     def forward_fallback(
         self,
@@ -230,7 +232,7 @@ class Proxy:
             upstream, in_flight = self.send(base_url, label, target, body, headers)
         except UpstreamFailed as exc:
             return self.overloaded(exc) if exc.local else upstream_error(label, exc)
-        return self.respond(upstream, in_flight, label, known_task)
+        return self.respond(upstream, in_flight, label, base_url, known_task)
 
     def unavailable(self, message: str) -> Response:
         """503 with Retry-After."""
@@ -299,6 +301,7 @@ class Proxy:
         upstream: UpstreamResponse,
         in_flight: Gauge,
         label: str,
+        base_url: str,
         known_task: str = "",
         release: Callable[[], None] | None = None,
     ) -> Answer:
@@ -311,14 +314,14 @@ class Proxy:
                 free_slot()
 
         try:
-            response = self._respond(upstream, label, known_task)
+            response = self._respond(upstream, label, base_url, known_task)
         except BaseException:
             done()
             raise
         response.call_on_close(done)
         return response
 
-    def _respond(self, upstream: UpstreamResponse, label: str, known_task: str) -> Answer:
+    def _respond(self, upstream: UpstreamResponse, label: str, base_url: str, known_task: str) -> Answer:
         """Build the client's response: streamed, or read whole when it may name a new task."""
         backend = display(label)
         headers = downstream_headers(upstream)
@@ -346,9 +349,25 @@ class Proxy:
             declared = upstream.headers.get("Content-Length")
             if declared.isascii() and declared.isdigit():
                 headers.append(("Content-Length", declared))
-        elif upstream.length_remaining is not None:  # framed by a valid Content-Length, not chunked
-            headers.append(("Content-Length", str(len(first) + upstream.length_remaining)))
-        return Relay(upstream.status, headers, UpstreamBody(upstream, first, has_body), backend)
+        body = UpstreamBody(upstream, first, has_body, self, label, base_url)
+        if has_body:
+            remaining = upstream.length_remaining
+            if remaining is not None:  # framed by a valid Content-Length, not chunked
+                headers.append(("Content-Length", str(len(first) + remaining)))
+            else:
+                body.open_ended = True  # chunked or to the close: an LLM's stream, say
+        return Relay(upstream.status, headers, body, backend)
+
+    def stream_broke_off(self, label: str, base_url: str, sent: int, exc: OSError) -> None:
+        """Count a server's answer that broke off after its head went out as the server's failure."""
+        server, reason = display(label), _reason(exc)
+        self.metrics.upstream_aborted.labels(server).inc()
+        log.warning("server %s broke off its answer after %d bytes to the client: %s", server, sent, reason)
+        if label == FALLBACK_OWNER:
+            return
+        self.manager.report_result(label, False, f"broke off the answer: {reason}")
+        if not isinstance(exc, TimeoutError):  # as before the head: a slow server is not a dead one
+            self.manager.report_failure(label, base_url, f"broke off the answer: {reason}")
 
     def remember_task(self, payload: bytes, encoding: str, owner: str, known_task: str) -> None:
         """Record the owner of a task id found in a JSON reply, before the reply is sent."""
@@ -369,23 +388,44 @@ class Proxy:
 class UpstreamBody:
     """The streamed body: yields chunks as they arrive and settles the connection on close."""
 
-    def __init__(self, upstream: UpstreamResponse, first: bytes, has_body: bool) -> None:
+    aborted = False  # set when the server broke off the body: the request then counts as failed
+    open_ended = False  # no Content-Length: a stream, judged slow by its first byte, not its last
+
+    def __init__(
+        self, upstream: UpstreamResponse, first: bytes, has_body: bool, proxy: Proxy, label: str, base_url: str
+    ) -> None:
         self.upstream = upstream
         self.first = first
         self.complete = not has_body  # HEAD, 204 and 304 have nothing to read
+        self.proxy, self.label, self.base_url = proxy, label, base_url
+        self.environ = request.environ  # its client socket is looked up only if the body breaks off
 
     def __iter__(self) -> Iterator[bytes]:
+        sent = len(self.first)
         if self.first:
             yield self.first
         try:
             while chunk := self.upstream.read1(STREAM_CHUNK, decode_content=False):
                 yield chunk
+                sent += len(chunk)
             if self.upstream.length_remaining:
                 raise IncompleteBody(None, f"IncompleteRead: {self.upstream.length_remaining} bytes never came")
         except OSError as exc:
-            log.warning("upstream broke off mid-response: %s", _reason(exc))
-            raise  # the client must see a cut-off body, not a clean end
+            self.aborted = True
+            self.proxy.stream_broke_off(self.label, self.base_url, sent, exc)
+            if not self.cut_client():
+                raise  # no socket to cut: the WSGI server must see the failure, or it ends the body cleanly
+            return
         self.complete = True
+
+    def cut_client(self) -> bool:
+        """Shut the client's connection so it sees a cut-off body, without an error for the WSGI server to log."""
+        client = self.environ.get("gunicorn.socket") or self.environ.get("werkzeug.socket")
+        if client is None:
+            return False
+        with contextlib.suppress(OSError):  # the client is gone already: cut all the same
+            client.shutdown(socket.SHUT_RDWR)
+        return True
 
     def close(self) -> None:
         """Called by the WSGI server whatever happened: reuse the connection only if drained."""

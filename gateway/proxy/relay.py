@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 class Body(Protocol):
     """A streamed body: chunks as they come, and a close that settles the upstream connection."""
 
+    aborted: bool  # the server broke the body off: the request failed, whatever the status said
+    open_ended: bool  # no length known ahead: a stream, as an LLM sends its tokens
+
     def __iter__(self) -> Iterator[bytes]: ...
 
     def close(self) -> None: ...

@@ -16,7 +16,7 @@ from gateway.errors import error_response, handle_http_exception
 from gateway.observability.metrics import NO_SERVER
 from gateway.proxy.current_request import request, serving
 from gateway.proxy.handler import METHODS, Answer, Proxy
-from gateway.proxy.relay import Relay
+from gateway.proxy.relay import Body, Relay
 from gateway.proxy.upstream import ClientLeft
 from gateway.routing.affinity import TaskAffinity
 
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 request_log = logging.getLogger("gateway.request")
 performance_log = logging.getLogger("gateway.performance")
 CLIENT_CLOSED = 499  # nginx's status for a request whose client hung up before the answer
+BROKEN_OFF = 502  # a body the server broke off counts as its failure, whatever status the client had
 SLOW_REQUEST_SECONDS = 1.0  # requests at least this long are also logged as performance events
 
 
@@ -47,17 +48,38 @@ def observe(handler: Callable[[], Answer]) -> Answer:
         response = handle_http_exception(exc)
     except ClientLeft as exc:  # 499, as nginx logs it: nobody reads this answer
         response = error_response(CLIENT_CLOSED, str(exc))
+    stream: Body | None = None
+    first_byte: float | None = None  # for a stream, the time its answer began: that, not its end, is slow
     # A server's answer names its server; one of the gateway's own (an error) names the server
     # that failed, if one did: the header is only ever set by this proxy.
-    server = response.backend if isinstance(response, Relay) else response.headers.get("X-Backend-Server", NO_SERVER)
+    if isinstance(response, Relay):
+        server = response.backend
+        if not isinstance(response.body, bytes):
+            stream = response.body
+            if stream.open_ended:
+                first_byte = time.perf_counter() - started
+    else:
+        server = response.headers.get("X-Backend-Server", NO_SERVER)
+    # Not the response itself in done(): that cycle would be left for the cycle collector.
     status, path = response.status_code, request.path  # the path only: a query may carry a secret
 
     def done() -> None:
         seconds = time.perf_counter() - started
-        proxy.metrics.request_done(server, method, status, seconds)
-        fields = {"method": method, "path": path, "server": server, "status": status, "ms": round(seconds * 1000, 1)}
+        status_now = BROKEN_OFF if stream is not None and stream.aborted else status
+        proxy.metrics.request_done(server, method, status_now, seconds)
+        fields = {
+            "method": method,
+            "path": path,
+            "server": server,
+            "status": status_now,
+            "ms": round(seconds * 1000, 1),
+        }
         request_log.info("request", extra={"fields": fields})
-        if seconds >= SLOW_REQUEST_SECONDS:
+        if first_byte is None:
+            if seconds >= SLOW_REQUEST_SECONDS:
+                performance_log.info("slow request", extra={"fields": fields})
+        elif first_byte >= SLOW_REQUEST_SECONDS:
+            fields["first_byte_ms"] = round(first_byte * 1000, 1)
             performance_log.info("slow request", extra={"fields": fields})
 
     response.call_on_close(done)

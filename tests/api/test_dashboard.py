@@ -118,7 +118,8 @@ def test_the_right_secret_logs_in_with_a_strict_http_only_cookie(client, manager
 
     data = client.get("/dashboard/data").get_json()["data"]
     assert data["summary"] == {"total_servers": 2, "healthy_servers": 2, "unhealthy_servers": 0,
-                               "health_check_running": True, "requests_total": 0}  # fmt: skip
+                               "health_check_running": True, "requests_total": 0,
+                               "requests_not_proxied": 0}  # fmt: skip
     rows = {row["server_id"]: row for row in data["servers"]}
     assert rows["B1"]["address"] == "127.0.0.1:9001"
     assert rows["B1"]["is_healthy"] is True and rows["B1"]["fail_count"] == 0
@@ -150,6 +151,10 @@ def test_data_counts_served_requests_without_making_series(app, client, manager)
     log_in(client)
     rows = {row["server_id"]: row for row in client.get("/dashboard/data").get_json()["data"]["servers"]}
     assert (rows["B1"]["served"], rows["B1"]["in_flight"]) == (2, 1)
+    metrics.request_done("none", "GET", 503, 0.01)  # no server had it: not a proxied request
+    metrics.request_done("none", "GET", 404, 0.01)
+    summary = client.get("/dashboard/data").get_json()["data"]["summary"]
+    assert (summary["requests_total"], summary["requests_not_proxied"]) == (2, 2)
     assert (rows["B2"]["served"], rows["B2"]["in_flight"]) == (0, 0)
     for metric in (metrics.requests, metrics.in_flight):
         assert all(sample.labels["server"] != "B2" for family in metric.collect() for sample in family.samples)

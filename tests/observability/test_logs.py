@@ -166,3 +166,18 @@ def test_a_path_full_of_control_characters_stays_on_one_line():
         line = StructuredFormatter(style).format(record("request", fields={"path": path}))
         assert len(line.splitlines()) == 1
         assert not any(c in line for c in "\x85\u2028\x1b\r")
+
+
+def test_a_stream_is_slow_by_its_first_byte_and_an_answer_by_its_last(live_gateway, fake_servers, caplog):
+    caplog.set_level(logging.INFO, logger="gateway.performance")
+    gateway = live_gateway()
+    gateway.register(fake_servers("B1"))
+    stream = requests.get(gateway.url + "/api/stream?n=6&delay=0.25", timeout=10)  # over 1 s, its start at once
+    assert stream.status_code == 200 and stream.text.count("data:") == 6
+    assert requests.get(gateway.url + "/api/slow?delay=1.05", timeout=10).status_code == 200
+
+    def slow_paths() -> list[str]:
+        return [r.fields["path"] for r in caplog.records if r.name == "gateway.performance" and r.msg == "slow request"]
+
+    assert wait_until(lambda: "/api/slow" in slow_paths())
+    assert slow_paths() == ["/api/slow"]

@@ -149,7 +149,11 @@ def test_status_needs_the_secret_and_sums_it_up(live_gateway, fake_servers):
     assert reply["health_check"]["running"] is True
     assert reply["health_check"]["last_sweep"]["duration_s"] >= 0
     assert reply["servers"] == {"total_servers": 1, "healthy_servers": 1, "unhealthy_servers": 0}
-    assert reply["requests"] == {"total": 1, "by_status_class": {"2xx": 1}}
+    assert reply["requests"] == {
+        "total": 1,
+        "by_status_class": {"2xx": 1},
+        "not_proxied": {"total": 0, "by_status_class": {}},
+    }
     assert SECRET not in requests.get(gateway.url + "/health", timeout=5).text
 
 
@@ -238,3 +242,31 @@ def test_draining_ejection_and_the_queue_are_visible(live_gateway, fake_servers)
     assert value(samples, "gateway_server_ejected", server="B2") == 1
     assert value(samples, "gateway_server_ejected", server="B1") == 0
     assert ("gateway_queue_waiting", ()) in samples
+
+
+def test_process_platform_and_gc_metrics_are_on_our_registry(live_gateway):
+    samples = scrape(live_gateway().url)
+    names = {name for name, _ in samples}
+    assert {"process_resident_memory_bytes", "process_open_fds", "python_info", "python_gc_collections_total"} <= names
+
+
+def test_the_content_type_names_its_charset_once(live_gateway):
+    response = requests.get(live_gateway().url + "/metrics", timeout=5)
+    assert response.headers["Content-Type"].count("charset") == 1
+
+
+def test_status_counts_requests_no_server_had_apart(live_gateway, fake_servers):
+    gateway = live_gateway()
+    assert requests.get(gateway.url + "/api/echo", timeout=5).status_code == 503  # server="none"
+    gateway.register(fake_servers("B1"))
+    assert requests.get(gateway.url + "/api/echo", timeout=5).status_code == 200
+
+    def totals() -> dict:
+        return requests.get(gateway.url + "/status", headers={"X-Webhook-Secret": SECRET}, timeout=5).json()["data"]
+
+    assert wait_until(lambda: totals()["requests"]["total"] == 1)
+    assert totals()["requests"] == {
+        "total": 1,
+        "by_status_class": {"2xx": 1},
+        "not_proxied": {"total": 1, "by_status_class": {"5xx": 1}},
+    }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import http.client
 import http.server
 import json
 import os
@@ -861,3 +862,42 @@ def test_task_routes_are_configurable(live_gateway, fake_servers):
     owner = requests.post(gateway.url + "/api/enhance?force_task_id=j1", timeout=5).headers["X-Backend-Server"]
     assert served_by(gateway, 3, "/api/jobs/j1/result") == [owner] * 3
     assert len(set(served_by(gateway, 4, "/api/status/j1"))) == 2  # not a task route here
+
+
+BROKEN_STREAMS = {
+    "chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    "length": b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello",
+}
+
+
+@pytest.mark.parametrize("framing", sorted(BROKEN_STREAMS))
+def test_a_server_that_breaks_off_a_stream_has_failed_and_the_client_sees_a_cut(gateway_process, framing):
+    def answer(conn: socket.socket) -> None:
+        if conn.recv(65536).startswith(b"GET /api/stream"):
+            conn.sendall(BROKEN_STREAMS[framing])  # the head and 5 bytes, then the box dies
+        else:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+    gateway, backend = gateway_process(), RawServer(answer)
+    try:
+        body = {"server_id": "B1", "ip": "127.0.0.1", "port": backend.port, "secret": SECRET}
+        requests.post(gateway.url + "/webhook/register", json=body, timeout=5).raise_for_status()
+        connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+        connection.request("GET", "/api/stream")
+        response = connection.getresponse()
+        assert response.status == 200
+        with pytest.raises(http.client.IncompleteRead):
+            response.read()
+        connection.close()
+        metrics = requests.get(gateway.url + "/metrics", timeout=5).text
+        assert 'gateway_upstream_aborted_total{server="B1"} 1.0' in metrics
+        assert 'gateway_requests_total{method="GET",server="B1",status_class="5xx"} 1.0' in metrics
+        assert 'status_class="2xx"' not in metrics
+        listed = requests.get(gateway.url + "/webhook/servers", headers={"X-Webhook-Secret": SECRET}, timeout=5)
+        assert listed.json()["data"]["servers"][0]["fail_count"] == 1
+        assert wait_until(lambda: "broke off its answer" in gateway.log())
+        broke_off = [line for line in gateway.log().splitlines() if "broke off its answer" in line]
+        assert len(broke_off) == 1 and "level=WARNING" in broke_off[0] and "after 5 bytes" in broke_off[0]
+        assert "Traceback" not in gateway.log() and "Socket error" not in gateway.log()
+    finally:
+        backend.close()

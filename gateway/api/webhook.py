@@ -53,7 +53,8 @@ def count_result(response: Response) -> Response:
 
 def json_body() -> dict[str, Any] | Response:
     """The request's JSON object, or a 400 reply saying what is wrong with it."""
-    read_body(MAX_BODY_BYTES)  # webhook bodies are small: 413 for a larger one, chunked too
+    # Webhook bodies are small: 413 for a larger one, chunked too; 408 for one that trickles in.
+    read_body(MAX_BODY_BYTES, current_app.config["GATEWAY"].client_body_timeout)
     try:
         body = request.get_json(silent=True)
     except RecursionError:  # silent covers ValueError only; json recurses once per level of nesting

@@ -8,6 +8,7 @@ import math
 import socket
 import sqlite3
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from flask import Response
 from prometheus_client import Gauge
@@ -266,8 +267,7 @@ class Proxy:
     def _send(self, base_url: str, target: str, body: bytes, headers: dict[str, str]) -> UpstreamResponse:
         """Send the request upstream; the response body is left unread for streaming."""
         pool = self.pools.get(base_url) or self._new_pool(base_url)
-        environ = request.environ
-        client = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+        client = client_socket(request.environ)
         try:
             return pool.request(request.method, target, headers, body, client)
         except ConnectFailed as exc:  # nothing was sent
@@ -420,7 +420,7 @@ class UpstreamBody:
 
     def cut_client(self) -> bool:
         """Shut the client's connection so it sees a cut-off body, without an error for the WSGI server to log."""
-        client = self.environ.get("gunicorn.socket") or self.environ.get("werkzeug.socket")
+        client = client_socket(self.environ)
         if client is None:
             return False
         with contextlib.suppress(OSError):  # the client is gone already: cut all the same
@@ -433,6 +433,11 @@ class UpstreamBody:
             self.upstream.release_conn()
         else:
             self.upstream.close()
+
+
+def client_socket(environ: dict[str, Any]) -> socket.socket | None:
+    """The client's connection, from gunicorn's environ or werkzeug's; None under a test client."""
+    return environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
 
 
 def display(label: str) -> str:

@@ -65,11 +65,12 @@ def test_a_badly_chunked_body_is_a_400_not_a_500(gateway_process, fake_servers, 
     assert not [r for r in server.requests if r["path"] == "/api/echo"]
 
 
-def test_a_body_that_trickles_in_gets_408_at_its_deadline(gateway_process, fake_servers):
+@pytest.mark.parametrize("path", ["/api/echo", "/webhook/register"])
+def test_a_body_that_trickles_in_gets_408_at_its_deadline(gateway_process, fake_servers, path):
     gateway, server = gateway_process(CLIENT_BODY_TIMEOUT="1"), fake_servers("B1")
     register(gateway, server)
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
-        sock.sendall(b"POST /api/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n".encode())
         for _ in range(25):  # a byte every 0.2 s: each read is quick, the whole body never comes
             if select.select([sock], [], [], 0.2)[0]:
                 break

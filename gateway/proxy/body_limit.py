@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -12,6 +13,7 @@ from werkzeug.exceptions import BadRequest, RequestEntityTooLarge, RequestTimeou
 from gateway.proxy.current_request import request
 
 RESPONSE_KEY = "gateway.response"  # gunicorn's response, put in the environ by gateway/proxy/worker.py
+BODY_SECONDS = "gateway.body_seconds"  # the environ key: how long the client took to send its body
 
 
 class BodyTimeout(Exception):
@@ -32,6 +34,7 @@ def read_body(limit: int, deadline: float | None = None) -> bytes:
     if declared in ("0", "") and "HTTP_TRANSFER_ENCODING" not in environ:
         return b""  # no body was sent (most GETs): nothing to read, as werkzeug would find
     request.max_content_length = limit + 1
+    started = time.perf_counter()
     try:
         with _deadline(deadline):
             body = request.get_data(cache=True)
@@ -41,6 +44,8 @@ def read_body(limit: int, deadline: float | None = None) -> bytes:
         raise _refused(BadRequest(f"the request body broke off: {exc.strerror or exc}")) from None
     except BodyTimeout:
         raise _refused(RequestTimeout(f"the request body did not all arrive within {deadline:g}s")) from None
+    finally:  # the client's time, not the gateway's (Server-Timing tells them apart)
+        environ[BODY_SECONDS] = time.perf_counter() - started
     if len(body) > limit:
         raise RequestEntityTooLarge(f"the request body is over the limit of {limit} bytes")
     if declared.isdigit() and len(body) < int(declared):

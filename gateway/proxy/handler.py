@@ -7,6 +7,7 @@ import logging
 import math
 import socket
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -56,6 +57,7 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRAC
 STREAM_CHUNK = 64 * 1024
 MAX_POOLS = 1024
 SESSION_HEADER = "X-Session-Key"  # requests with one key go to one server while it can take them
+UPSTREAM_SECONDS = "gateway.upstream_seconds"  # the environ key: time spent waiting on servers, summed
 
 
 class UpstreamFailed(Exception):
@@ -267,7 +269,9 @@ class Proxy:
     def _send(self, base_url: str, target: str, body: bytes, headers: dict[str, str]) -> UpstreamResponse:
         """Send the request upstream; the response body is left unread for streaming."""
         pool = self.pools.get(base_url) or self._new_pool(base_url)
-        client = client_socket(request.environ)
+        environ = request.environ
+        client = client_socket(environ)
+        started = time.perf_counter()
         try:
             return pool.request(request.method, target, headers, body, client)
         except ConnectFailed as exc:  # nothing was sent
@@ -279,6 +283,8 @@ class Proxy:
             raise UpstreamFailed(exc.strerror or f"connection broken: {exc}", sent=True, stale=exc.stale) from exc
         except OSError as exc:
             raise UpstreamFailed(exc.strerror or f"connection broken: {exc}", sent=True) from exc
+        finally:  # every try's wait, a failed one's too: none of it is the gateway's own time
+            environ[UPSTREAM_SECONDS] = environ.get(UPSTREAM_SECONDS, 0.0) + time.perf_counter() - started
 
     def _new_pool(self, base_url: str) -> UpstreamPool:
         """A keep-alive pool for one server; the oldest go when servers keep changing address."""
@@ -328,6 +334,7 @@ class Proxy:
         headers.append(("X-Backend-Server", backend))
         first = b""
         if may_name_task(upstream):
+            started = time.perf_counter()
             try:
                 first = upstream.read(JSON_CAPTURE_LIMIT + 1)
                 if len(first) <= JSON_CAPTURE_LIMIT and upstream.length_remaining:  # fewer than promised
@@ -339,6 +346,9 @@ class Proxy:
                 timed_out = isinstance(exc, TimeoutError)
                 reason = "timed out sending the answer" if timed_out else f"broke off the answer: {_reason(exc)}"
                 return upstream_error(label, UpstreamFailed(reason, sent=True, timed_out=timed_out))
+            finally:  # the answer read whole before it goes out: the server's time, as its head was
+                environ = request.environ
+                environ[UPSTREAM_SECONDS] = environ.get(UPSTREAM_SECONDS, 0.0) + time.perf_counter() - started
             if len(first) <= JSON_CAPTURE_LIMIT:
                 upstream.release_conn()
                 self.remember_task(first, upstream.headers.get("Content-Encoding", ""), label, known_task)

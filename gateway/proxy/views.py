@@ -14,8 +14,9 @@ from werkzeug.routing import PathConverter
 from gateway.config import Config
 from gateway.errors import error_response, handle_http_exception
 from gateway.observability.metrics import NO_SERVER
+from gateway.proxy.body_limit import BODY_SECONDS
 from gateway.proxy.current_request import request, serving
-from gateway.proxy.handler import METHODS, Answer, Proxy
+from gateway.proxy.handler import METHODS, UPSTREAM_SECONDS, Answer, Proxy
 from gateway.proxy.relay import Body, Relay
 from gateway.proxy.upstream import ClientLeft
 from gateway.routing.affinity import TaskAffinity
@@ -48,6 +49,8 @@ def observe(handler: Callable[[], Answer]) -> Answer:
         response = handle_http_exception(exc)
     except ClientLeft as exc:  # 499, as nginx logs it: nobody reads this answer
         response = error_response(CLIENT_CLOSED, str(exc))
+    environ = request.environ
+    timing(response, time.perf_counter() - started, environ.get(UPSTREAM_SECONDS), environ.get(BODY_SECONDS))
     stream: Body | None = None
     first_byte: float | None = None  # for a stream, the time its answer began: that, not its end, is slow
     # A server's answer names its server; one of the gateway's own (an error) names the server
@@ -84,6 +87,25 @@ def observe(handler: Callable[[], Answer]) -> Answer:
 
     response.call_on_close(done)
     return response
+
+
+def timing(response: Answer, seconds: float, upstream: float | None, body: float | None) -> None:
+    """Add a W3C Server-Timing header: the gateway's own time to the answer's head, and the others'.
+
+    `upstream` sums every try's wait on a server (a failed connect's too) and `body` is the
+    client sending its body, so `gateway` is what the gateway itself added. A server's own
+    Server-Timing header is kept; ours is one more.
+    """
+    own = seconds - (upstream or 0.0) - (body or 0.0)
+    value = f"gateway;dur={max(own, 0.0) * 1000:.2f}"
+    if upstream is not None:
+        value += f", upstream;dur={upstream * 1000:.2f}"
+    if body is not None:
+        value += f", client;dur={body * 1000:.2f}"
+    if isinstance(response, Relay):
+        response.headers.append(("Server-Timing", value))
+    else:
+        response.headers.add("Server-Timing", value)
 
 
 def init_app(app: Flask) -> None:

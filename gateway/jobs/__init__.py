@@ -1,0 +1,1 @@
+"""Durable jobs: a request kept until a GPU server can run it, run once, its answer kept."""

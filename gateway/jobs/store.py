@@ -1,0 +1,596 @@
+"""The embedded job store: SQLite, every change committed (and fsynced) before it is answered.
+
+The store is the one owner of the jobs. Its operations are the narrow interface that a Redis
+store implements too: submit, get, claim, heartbeat, finish, release, cancel, and the sweeps
+that expire leases and old jobs. Every operation runs in a native thread under gevent (the
+commit's fsync would otherwise stop every request) and holds one native lock around its
+transaction; submissions that wait for that lock are committed together, one fsync for all.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gateway.fleet.store import aside_path, off_the_event_loop
+from gateway.jobs.records import (
+    CANCELLED,
+    EXPIRED,
+    FAILED,
+    FINISHED,
+    QUEUED,
+    RUNNING,
+    STATUSES,
+    SUCCEEDED,
+    IdempotencyConflict,
+    Job,
+    JobNotFound,
+    JobRequest,
+    JobResult,
+    NewJob,
+    StaleLease,
+    StoreFull,
+    new_lease_token,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+ROW_OVERHEAD = 512  # bytes a job costs beyond its bodies and headers, for the size budget
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    task_type TEXT NOT NULL,
+    model TEXT,
+    method TEXT NOT NULL,
+    target TEXT NOT NULL,
+    headers TEXT NOT NULL,
+    body BLOB NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    server_id TEXT,
+    dispatch TEXT,
+    lease_token TEXT,
+    lease_expires_at REAL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    error TEXT,
+    callback_url TEXT,
+    result_status INTEGER,
+    result_headers TEXT,
+    result_body BLOB,
+    size INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (priority, seq) WHERE status = 'queued';
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_at);
+CREATE TABLE IF NOT EXISTS idempotency (
+    key TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A submission's outcome: the job, and whether this submission made it (False: a repeat)."""
+
+    job: Job
+    created: bool
+
+
+@dataclass(frozen=True)
+class QueueCounts:
+    """The queue at a glance: jobs per status, queued per priority, and the oldest wait."""
+
+    by_status: dict[str, int]
+    queued_by_priority: dict[int, int]
+    oldest_queued_at: float | None
+    stored_bytes: int
+
+
+class _Pending:
+    """One submission waiting for the next group commit."""
+
+    __slots__ = ("done", "error", "job", "now", "outcome")
+
+    def __init__(self, job: NewJob, now: float) -> None:
+        self.job, self.now = job, now
+        self.done = False
+        self.outcome: Submitted | None = None
+        self.error: Exception | None = None
+
+
+def _native_lock() -> Any:
+    """A lock that native threads can share: gevent's patched one cannot cross them."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("threading"):
+        return monkey.get_original("threading", "Lock")()
+    return threading.Lock()
+
+
+class SQLiteJobStore:
+    """Jobs in one SQLite file (WAL, synchronous=FULL): a 202 means the job is on disk."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        max_bytes: int = 1 << 30,
+        idempotency_ttl: float = 86400.0,
+        result_ttl: float = 86400.0,
+        queue_ttl: float = 86400.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.idempotency_ttl = idempotency_ttl
+        self.result_ttl = result_ttl
+        self.queue_ttl = queue_ttl
+        self.clock = clock
+        self._lock = _native_lock()
+        self._pending_lock = _native_lock()
+        self._pending: list[_Pending] = []
+        self._db = self._open()
+        self._bytes = int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM jobs").fetchone()[0])
+        self._seq = int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0])
+
+    # -- opening ---------------------------------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            return self._connect()
+        except sqlite3.DatabaseError as exc:
+            target = aside_path(self.path)
+            os.replace(self.path, target)
+            log.error("job store %s is corrupt (%s); moved it to %s and started empty", self.path, exc, target)
+            return self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=5.0, check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")  # an acknowledged job survives power loss, not only a crash
+            db.executescript(SCHEMA)
+            db.execute("SELECT COUNT(*) FROM jobs").fetchone()  # a corrupt file fails here, not later
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _run(self, func: Callable[..., T], *args: Any) -> T:
+        """Run one operation under the store's lock, off gevent's event loop."""
+        return off_the_event_loop(self._locked, func, *args)
+
+    def _locked(self, func: Callable[..., T], *args: Any) -> T:
+        """`func` in one transaction: all of its changes are committed together, or none."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                result = func(*args)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            return result
+
+    # -- submitting ------------------------------------------------------------------------
+
+    def submit(self, job: NewJob) -> Submitted:
+        """Store `job`, or, for a key seen before with the same request, answer with its job.
+
+        Raises IdempotencyConflict for a key seen with another request, StoreFull over the budget.
+        """
+        entry = _Pending(job, self.clock())
+        with self._pending_lock:
+            self._pending.append(entry)
+        off_the_event_loop(self._commit_pending, entry)
+        if entry.error is not None:
+            raise entry.error
+        assert entry.outcome is not None  # every committed entry has one or the other
+        return entry.outcome
+
+    def _commit_pending(self, entry: _Pending) -> None:
+        """Commit every submission waiting now, in one transaction: one fsync for all of them."""
+        with self._lock:
+            if entry.done:  # the thread before this one committed it with its own batch
+                return
+            with self._pending_lock:
+                batch, self._pending = self._pending, []
+            seq, stored = self._seq, self._bytes
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for item in batch:
+                    try:
+                        item.outcome = self._insert(item.job, item.now)
+                    except (IdempotencyConflict, StoreFull) as exc:
+                        item.error = exc
+                self._db.execute("COMMIT")
+            except BaseException as exc:
+                self._db.execute("ROLLBACK")
+                self._seq, self._bytes = seq, stored
+                for item in batch:
+                    item.outcome, item.error = None, exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+                    item.done = True
+                raise
+            for item in batch:
+                item.done = True
+
+    def _insert(self, new: NewJob, now: float) -> Submitted:
+        if new.idempotency_key is not None:
+            row = self._db.execute(
+                "SELECT fingerprint, job_id FROM idempotency WHERE key = ? AND expires_at > ?",
+                (new.idempotency_key, now),
+            ).fetchone()
+            if row is not None:
+                if row[0] != new.fingerprint:
+                    raise IdempotencyConflict("this Idempotency-Key was used for a different request")
+                job = self._get(row[1])
+                if job is not None:
+                    return Submitted(job, False)
+        request = new.request
+        headers = json.dumps(request.headers)
+        size = ROW_OVERHEAD + len(request.body) + len(headers) + len(request.target)
+        if self._bytes + size > self.max_bytes:
+            raise StoreFull(f"the job store is full ({self.max_bytes} bytes): try again when jobs have finished")
+        self._seq += 1
+        self._db.execute(
+            "INSERT INTO jobs (job_id, status, priority, seq, task_type, model, method, target, headers, body,"
+            " created_at, callback_url, size) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                new.job_id,
+                new.priority,
+                self._seq,
+                new.task_type,
+                new.model,
+                request.method,
+                request.target,
+                headers,
+                request.body,
+                now,
+                new.callback_url,
+                size,
+            ),
+        )
+        if new.idempotency_key is not None:
+            self._db.execute(
+                "INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?)",
+                (new.idempotency_key, new.fingerprint, new.job_id, now + self.idempotency_ttl),
+            )
+        self._bytes += size
+        job = self._get(new.job_id)
+        assert job is not None  # inserted just now, in this transaction
+        return Submitted(job, True)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job:
+        """The job; JobNotFound if there is none (or it was purged)."""
+        job = self._run(self._get, job_id)
+        if job is None:
+            raise JobNotFound(f"no job {job_id}")
+        return job
+
+    def _get(self, job_id: str) -> Job | None:
+        row = self._db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return None if row is None else _job(row)
+
+    def position(self, job: Job) -> int | None:
+        """1 for the next job to run, and so on; None once it is no longer queued."""
+        if job.status != QUEUED:
+            return None
+        return self._run(self._position, job.priority, job.seq)
+
+    def _position(self, priority: int, seq: int) -> int:
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND (priority < ? OR (priority = ? AND seq < ?))",
+            (priority, priority, seq),
+        ).fetchone()
+        return int(row[0]) + 1
+
+    def recent(self, status: str | None = None, limit: int = 100) -> list[Job]:
+        """The newest jobs first, of one status or all."""
+        if status is not None and status not in STATUSES:
+            raise ValueError(f"unknown job status {status!r}: one of {', '.join(STATUSES)}")
+        return self._run(self._list, status, limit)
+
+    def _list(self, status: str | None, limit: int) -> list[Job]:
+        if status is None:
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY created_at DESC, seq DESC LIMIT ?", (limit,))
+        else:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE status = ? ORDER BY created_at DESC, seq DESC LIMIT ?", (status, limit)
+            )
+        return [_job(row) for row in rows.fetchall()]
+
+    def counts(self) -> QueueCounts:
+        """Jobs per status, queued jobs per priority, the oldest queued job's time."""
+        return self._run(self._counts)
+
+    def _counts(self) -> QueueCounts:
+        by_status = dict.fromkeys(STATUSES, 0)
+        for status, count in self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status"):
+            by_status[status] = count
+        per_priority = dict(
+            self._db.execute("SELECT priority, COUNT(*) FROM jobs WHERE status = 'queued' GROUP BY priority").fetchall()
+        )
+        oldest = self._db.execute("SELECT MIN(created_at) FROM jobs WHERE status = 'queued'").fetchone()[0]
+        return QueueCounts(by_status, per_priority, oldest, self._bytes)
+
+    # -- running ---------------------------------------------------------------------------
+
+    def claim(
+        self,
+        holder: str,
+        dispatch: str,
+        lease_seconds: float,
+        task_types: Sequence[str] | None = None,
+        skip: Iterable[str] = (),
+    ) -> Job | None:
+        """Take the next queued job (by priority, then age) for `holder`, with a new lease token.
+
+        `task_types` limits it to the routes or models a worker serves; `skip` leaves out job ids
+        the caller already found no server for. The attempt is counted now.
+        """
+        return self._run(self._claim, holder, dispatch, lease_seconds, tuple(task_types or ()), tuple(skip))
+
+    def _claim(
+        self, holder: str, dispatch: str, lease_seconds: float, task_types: tuple[str, ...], skip: tuple[str, ...]
+    ) -> Job | None:
+        now = self.clock()
+        where = "status = 'queued'"
+        args: list[str] = []
+        if task_types:
+            where += f" AND task_type IN ({', '.join('?' * len(task_types))})"
+            args.extend(task_types)
+        if skip:
+            where += f" AND job_id NOT IN ({', '.join('?' * len(skip))})"
+            args.extend(skip)
+        row = self._db.execute(
+            "UPDATE jobs SET status = 'running', attempts = attempts + 1, server_id = ?, dispatch = ?,"
+            " lease_token = ?, lease_expires_at = ?, started_at = ?, error = NULL"
+            f" WHERE job_id = (SELECT job_id FROM jobs WHERE {where} ORDER BY priority, seq LIMIT 1)"
+            " RETURNING *",
+            (holder, dispatch, new_lease_token(), now + lease_seconds, now, *args),
+        ).fetchone()
+        return None if row is None else _job(row)
+
+    def heartbeat(self, job_id: str, token: str, lease_seconds: float) -> Job:
+        """Extend a running job's lease; StaleLease if `token` is not its current lease."""
+        return self._run(self._heartbeat, job_id, token, lease_seconds)
+
+    def _heartbeat(self, job_id: str, token: str, lease_seconds: float) -> Job:
+        job = self._held(job_id, token)
+        if job.status != RUNNING:
+            return job  # cancelled while it ran: the caller tells the worker to stop
+        self._db.execute(
+            "UPDATE jobs SET lease_expires_at = ? WHERE job_id = ?", (self.clock() + lease_seconds, job_id)
+        )
+        held = self._get(job_id)
+        assert held is not None
+        return held
+
+    def _held(self, job_id: str, token: str) -> Job:
+        """The job, if `token` is its current lease (a cancelled job keeps its last token)."""
+        job = self._get(job_id)
+        if job is None:
+            raise JobNotFound(f"no job {job_id}")
+        if job.lease_token is None or not _same(job.lease_token, token):
+            raise StaleLease(f"job {job_id} is not leased with this token: its lease expired or moved on")
+        if job.status not in (RUNNING, CANCELLED):
+            raise StaleLease(f"job {job_id} is {job.status}: its lease is over")
+        return job
+
+    def succeed(self, job_id: str, token: str, result: JobResult) -> Job:
+        """Keep a running job's answer; StaleLease unless `token` is its current lease."""
+        return self._run(self._finish, job_id, token, SUCCEEDED, None, result)
+
+    def fail(self, job_id: str, token: str, error: str, retry: bool, max_attempts: int) -> Job:
+        """End a running job's attempt: re-queued when `retry` and attempts are left, else failed."""
+        if retry:
+            return self._run(self._requeue, job_id, token, error, max_attempts, True)
+        return self._run(self._finish, job_id, token, FAILED, error, None)
+
+    def release(self, job_id: str, token: str, error: str) -> Job:
+        """Put a running job back in the queue, its attempt not counted: nothing reached a server."""
+        return self._run(self._requeue, job_id, token, error, 0, False)
+
+    def _finish(self, job_id: str, token: str, status: str, error: str | None, result: JobResult | None) -> Job:
+        job = self._held(job_id, token)
+        if job.status != RUNNING:
+            return job  # cancelled meanwhile: the cancel stands
+        now = self.clock()
+        size_delta = 0
+        if result is not None:
+            headers = json.dumps(result.headers)
+            size_delta = len(result.body) + len(headers)
+            self._db.execute(
+                "UPDATE jobs SET result_status = ?, result_headers = ?, result_body = ?, size = size + ?"
+                " WHERE job_id = ?",
+                (result.status, headers, result.body, size_delta, job_id),
+            )
+        self._db.execute(
+            "UPDATE jobs SET status = ?, error = ?, finished_at = ?, lease_expires_at = NULL WHERE job_id = ?",
+            (status, error, now, job_id),
+        )
+        self._bytes += size_delta
+        done = self._get(job_id)
+        assert done is not None
+        return done
+
+    def _requeue(self, job_id: str, token: str, error: str, max_attempts: int, counted: bool) -> Job:
+        job = self._held(job_id, token)
+        if job.status != RUNNING:
+            return job
+        if counted and job.attempts >= max_attempts:
+            return self._finish(job_id, token, FAILED, f"{error} (after {job.attempts} attempts)", None)
+        self._db.execute(
+            "UPDATE jobs SET status = 'queued', error = ?, server_id = NULL, dispatch = NULL, lease_token = NULL,"
+            " lease_expires_at = NULL, attempts = attempts - ? WHERE job_id = ?",
+            (error, 0 if counted else 1, job_id),
+        )
+        back = self._get(job_id)
+        assert back is not None
+        return back
+
+    def cancel(self, job_id: str) -> tuple[Job, Job]:
+        """Cancel a job that has not finished; (before, after), so that a caller can stop its run."""
+        return self._run(self._cancel, job_id)
+
+    def _cancel(self, job_id: str) -> tuple[Job, Job]:
+        job = self._get(job_id)
+        if job is None:
+            raise JobNotFound(f"no job {job_id}")
+        if job.status not in FINISHED:
+            self._db.execute(
+                "UPDATE jobs SET status = 'cancelled', finished_at = ?, lease_expires_at = NULL WHERE job_id = ?",
+                (self.clock(), job_id),
+            )
+        after = self._get(job_id)
+        assert after is not None
+        return job, after
+
+    def retry(self, job_id: str) -> Job:
+        """Queue a failed (or expired, or cancelled) job again, with its attempts reset."""
+        return self._run(self._retry, job_id)
+
+    def _retry(self, job_id: str) -> Job:
+        job = self._get(job_id)
+        if job is None:
+            raise JobNotFound(f"no job {job_id}")
+        if job.status not in (FAILED, EXPIRED, CANCELLED):
+            raise StaleLease(f"job {job_id} is {job.status}: only a failed, expired or cancelled job is retried")
+        self._seq += 1
+        self._db.execute(
+            "UPDATE jobs SET status = 'queued', attempts = 0, error = NULL, server_id = NULL, dispatch = NULL,"
+            " lease_token = NULL, lease_expires_at = NULL, started_at = NULL, finished_at = NULL, seq = ?,"
+            " created_at = ? WHERE job_id = ?",
+            (self._seq, self.clock(), job_id),
+        )
+        back = self._get(job_id)
+        assert back is not None
+        return back
+
+    # -- sweeps ----------------------------------------------------------------------------
+
+    def expire_leases(self, max_attempts: int) -> list[Job]:
+        """Re-queue (or fail, out of attempts) every running job whose lease ran out; the jobs after."""
+        return self._run(self._expire_leases, max_attempts)
+
+    def _expire_leases(self, max_attempts: int) -> list[Job]:
+        now = self.clock()
+        rows = self._db.execute(
+            "SELECT job_id, lease_token FROM jobs WHERE status = 'running' AND lease_expires_at <= ?", (now,)
+        ).fetchall()
+        return [self._requeue(job_id, token, "its lease expired", max_attempts, True) for job_id, token in rows]
+
+    def recover(self) -> int:
+        """At start: pushed jobs that were running go back to the queue now (their requests died
+        with the process); pulled ones keep their lease, since their worker may still finish."""
+        return self._run(self._recover)
+
+    def _recover(self) -> int:
+        cursor = self._db.execute(
+            "UPDATE jobs SET status = 'queued', attempts = attempts - 1, server_id = NULL, dispatch = NULL,"
+            " lease_token = NULL, lease_expires_at = NULL, error = 'the gateway restarted while it ran'"
+            " WHERE status = 'running' AND dispatch = 'push'"
+        )
+        return cursor.rowcount
+
+    def purge(self) -> tuple[int, int]:
+        """Expire queued jobs past JOB_QUEUE_TTL and delete finished ones past JOB_RESULT_TTL."""
+        return self._run(self._purge)
+
+    def _purge(self) -> tuple[int, int]:
+        now = self.clock()
+        expired = self._db.execute(
+            "UPDATE jobs SET status = 'expired', finished_at = ?,"
+            " error = 'no server took it within JOB_QUEUE_TTL' WHERE status = 'queued' AND created_at <= ?",
+            (now, now - self.queue_ttl),
+        ).rowcount
+        finished = tuple(FINISHED)
+        placeholders = ", ".join("?" * len(finished))
+        freed = self._db.execute(
+            f"DELETE FROM jobs WHERE status IN ({placeholders}) AND finished_at <= ? RETURNING size",
+            (*finished, now - self.result_ttl),
+        ).fetchall()
+        self._db.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
+        self._bytes -= sum(size for (size,) in freed)
+        return expired, len(freed)
+
+
+def _same(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def _job(row: tuple[Any, ...]) -> Job:
+    (
+        job_id,
+        status,
+        priority,
+        seq,
+        task_type,
+        model,
+        method,
+        target,
+        headers,
+        body,
+        attempts,
+        server_id,
+        dispatch,
+        lease_token,
+        lease_expires_at,
+        created_at,
+        started_at,
+        finished_at,
+        error,
+        callback_url,
+        result_status,
+        result_headers,
+        result_body,
+        _size,
+    ) = row
+    result = None
+    if result_status is not None:
+        result = JobResult(result_status, _pairs(result_headers), bytes(result_body or b""))
+    return Job(
+        job_id=job_id,
+        status=status,
+        priority=priority,
+        seq=seq,
+        task_type=task_type,
+        model=model,
+        request=JobRequest(method, target, _pairs(headers), bytes(body)),
+        attempts=attempts,
+        server_id=server_id,
+        dispatch=dispatch,
+        lease_token=lease_token,
+        lease_expires_at=lease_expires_at,
+        created_at=created_at,
+        started_at=started_at,
+        finished_at=finished_at,
+        error=error,
+        callback_url=callback_url,
+        result=result,
+    )
+
+
+def _pairs(text: str) -> tuple[tuple[str, str], ...]:
+    return tuple((str(name), str(value)) for name, value in json.loads(text))

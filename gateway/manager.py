@@ -12,7 +12,7 @@ import copy
 import functools
 import logging
 import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import replace
 from typing import Any, NamedTuple
 
@@ -65,6 +65,7 @@ class BackendManager:
         self.queue_timeout = 30.0
         self.queue_max_size = 100
         self.observers: list[Any] = []  # told server_removed(id) and health_checked(results, seconds)
+        self.change_listeners: list[Callable[[], None]] = []  # called under the lock after each change: no I/O
         self.configure(store, failure_threshold, health_check_interval, health_checker)
 
     def configure(
@@ -375,6 +376,8 @@ class BackendManager:
         self.selector.rebuild(self.registry.servers.values())
         if self.admission.waiters:
             self.admission.dispatch_waiters()
+        for listener in self.change_listeners:  # the job dispatcher: a server came, or came back
+            listener()
 
     def _save(self, change: Change) -> None:
         """Save a change or undo it (Registry.persist_or_undo); either way, the health job follows the fleet."""

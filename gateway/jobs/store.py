@@ -45,6 +45,11 @@ from gateway.jobs.records import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# What a claim sets: the holder, the dispatch kind, a new lease token and expiry, the start time.
+_CLAIMED = (
+    "status = 'running', attempts = attempts + 1, server_id = ?, dispatch = ?, lease_token = ?,"
+    " lease_expires_at = ?, started_at = ?, error = NULL"
+)
 ROW_OVERHEAD = 512  # bytes a job costs beyond its bodies and headers, for the size budget
 
 SCHEMA = """
@@ -364,11 +369,30 @@ class SQLiteJobStore:
             where += f" AND job_id NOT IN ({', '.join('?' * len(skip))})"
             args.extend(skip)
         row = self._db.execute(
-            "UPDATE jobs SET status = 'running', attempts = attempts + 1, server_id = ?, dispatch = ?,"
-            " lease_token = ?, lease_expires_at = ?, started_at = ?, error = NULL"
+            f"UPDATE jobs SET {_CLAIMED}"
             f" WHERE job_id = (SELECT job_id FROM jobs WHERE {where} ORDER BY priority, seq LIMIT 1)"
             " RETURNING *",
             (holder, dispatch, new_lease_token(), now + lease_seconds, now, *args),
+        ).fetchone()
+        return None if row is None else _job(row)
+
+    def queued(self, limit: int = 200) -> list[Job]:
+        """The next `limit` queued jobs, in the order they are to run."""
+        return self._run(self._queued, limit)
+
+    def _queued(self, limit: int) -> list[Job]:
+        rows = self._db.execute("SELECT * FROM jobs WHERE status = 'queued' ORDER BY priority, seq LIMIT ?", (limit,))
+        return [_job(row) for row in rows.fetchall()]
+
+    def claim_job(self, job_id: str, holder: str, dispatch: str, lease_seconds: float) -> Job | None:
+        """Take one given job if it is still queued (None if another took it, or it was cancelled)."""
+        return self._run(self._claim_job, job_id, holder, dispatch, lease_seconds)
+
+    def _claim_job(self, job_id: str, holder: str, dispatch: str, lease_seconds: float) -> Job | None:
+        now = self.clock()
+        row = self._db.execute(
+            f"UPDATE jobs SET {_CLAIMED} WHERE job_id = ? AND status = 'queued' RETURNING *",
+            (holder, dispatch, new_lease_token(), now + lease_seconds, now, job_id),
         ).fetchone()
         return None if row is None else _job(row)
 

@@ -1,0 +1,216 @@
+"""Push dispatch: queued jobs go to registered servers through the same routing as requests."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from gateway.jobs.records import PUSH, QUEUED, RUNNING, Job, JobResult
+from gateway.jobs.store import SQLiteJobStore
+from gateway.manager import BackendManager
+from gateway.proxy.upstream import ClientLeft, ConnectFailed, IncompleteBody, UpstreamPool, UpstreamResponse
+from gateway.routing.admission import Lease, NoServer, RouteRequest
+
+log = logging.getLogger(__name__)
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+PEEK = 200  # queued jobs looked at per round: enough to find work for every free slot
+IDLE_ROUND = 1.0  # seconds between rounds when nothing wakes the dispatcher
+
+
+class Run:
+    """One job's request in flight, and the means to stop it: its cancel is a closed socket.
+
+    The upstream client abandons a request whose client socket closes while the head is awaited
+    (it is how a client that hangs up frees its slot); a job's "client" is one end of a socket
+    pair, and a cancel closes the other. Once the head is in, the answer itself is closed.
+    """
+
+    def __init__(self) -> None:
+        self.watched, self._cancel = socket.socketpair()
+        self.upstream: UpstreamResponse | None = None
+        self.cancelled = False
+        self.requeue = False  # stopped by the gateway's own stop, not by a client: it runs again later
+
+    def cancel(self, requeue: bool = False) -> None:
+        self.cancelled, self.requeue = True, requeue
+        with contextlib.suppress(OSError):
+            self._cancel.close()
+        if self.upstream is not None:
+            self.upstream.close()
+
+    def close(self) -> None:
+        for sock in (self.watched, self._cancel):
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+class Dispatcher:
+    """Hands queued jobs to servers with a free slot, each run in a thread (a greenlet) of its own.
+
+    A round looks at the next queued jobs in order and takes a slot for each, without waiting;
+    a job whose route has no free server stays queued, and the jobs behind it are still tried.
+    Anything that may free a slot or bring a server (a submission, a finished job, a
+    registration, a recovery) wakes it; otherwise it looks again every second.
+    """
+
+    def __init__(
+        self,
+        store: SQLiteJobStore,
+        manager: BackendManager,
+        pool_for: Callable[[str], UpstreamPool],
+        finished: Callable[[Job], None],
+        lease_seconds: float,
+        max_attempts: int,
+        max_result_bytes: int,
+    ) -> None:
+        self.store = store
+        self.manager = manager
+        self.pool_for = pool_for
+        self.finished = finished
+        self.lease_seconds = lease_seconds
+        self.max_attempts = max_attempts
+        self.max_result_bytes = max_result_bytes
+        self.running: dict[str, Run] = {}  # job id -> its request in flight
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._runs: set[threading.Thread] = set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="job-dispatch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop dispatching; running requests are closed and their jobs go back to the queue."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        for run in list(self.running.values()):
+            run.cancel(requeue=True)
+        for thread in list(self._runs):
+            thread.join(timeout=5)
+
+    def wake(self) -> None:
+        """Look at the queue now."""
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(IDLE_ROUND)
+            self._wake.clear()
+            try:
+                self.dispatch_round()
+            except Exception:  # the loop must outlive any one round: a job stays queued, not lost
+                log.exception("job dispatch round failed; trying again")
+                self._stop.wait(IDLE_ROUND)
+
+    def dispatch_round(self) -> int:
+        """Start every queued job that a server can take now; how many were started."""
+        started = 0
+        blocked: set[str | None] = set()  # models (None: any server) with no free slot this round
+        for job in self.store.queued(PEEK):
+            if job.model in blocked:
+                continue
+            try:
+                lease = self.manager.acquire(RouteRequest(model=job.model), timeout=0)
+            except NoServer:
+                blocked.add(job.model)
+                continue
+            assert lease.server is not None  # the manager's leases always name a server
+            claimed = self.store.claim_job(job.job_id, lease.server.server_id, PUSH, self.lease_seconds)
+            if claimed is None:  # cancelled, or taken by a worker, since the peek
+                lease.release()
+                continue
+            thread = threading.Thread(target=self.run, args=(claimed, lease), name=f"job-{job.job_id[:8]}", daemon=True)
+            self._runs.add(thread)
+            thread.start()
+            started += 1
+        return started
+
+    def cancel(self, job_id: str) -> bool:
+        """Close a running job's request; False if it is not running here."""
+        run = self.running.get(job_id)
+        if run is None:
+            return False
+        run.cancel()
+        return True
+
+    def run(self, job: Job, lease: Lease) -> None:
+        """Send one job's request, keep the answer, and free the slot, whatever happens."""
+        assert lease.server is not None and job.lease_token is not None
+        server, token = lease.server, job.lease_token
+        run = self.running[job.job_id] = Run()
+        try:
+            done = self._exchange(job, server.server_id, server.url, token, run)
+            if run.requeue and done.status == RUNNING:
+                done = self.store.release(job.job_id, token, "the gateway stopped while it ran")
+        except Exception:
+            log.exception("job %s on %s failed in the gateway", job.job_id, server.server_id)
+            done = self.store.fail(job.job_id, token, "internal error in the gateway", retry=False, max_attempts=1)
+        finally:
+            self.running.pop(job.job_id, None)
+            self._runs.discard(threading.current_thread())
+            run.close()
+            lease.release()
+        if done.status != QUEUED:  # a slot is free: the next job may take it (a refused one waits a round)
+            self.wake()
+        if done.finished and not (run.cancelled and not run.requeue):  # a cancel told its own end
+            self.finished(done)
+
+    def _exchange(self, job: Job, server_id: str, url: str, token: str, run: Run) -> Job:
+        request = job.request
+        headers = dict(request.headers)
+        headers["Idempotency-Key"] = job.job_id  # a backend that keeps keys can drop a repeat
+        started = time.monotonic()
+        try:
+            upstream = run.upstream = self.pool_for(url).request(
+                request.method, request.target, headers, request.body, run.watched
+            )
+        except ClientLeft:  # cancelled while it waited for the answer
+            return self.store.get(job.job_id)
+        except ConnectFailed as exc:  # nothing was sent: another server, or later, at no cost
+            reason = exc.strerror or "cannot connect"
+            self.manager.report_failure(server_id, url, reason)
+            return self.store.release(job.job_id, token, f"{server_id}: {reason}")
+        except OSError as exc:
+            return self._failed(job, server_id, token, f"{server_id}: {exc.strerror or exc}", sent=True)
+        try:
+            body = self._read(upstream)
+        except OSError as exc:
+            upstream.close()
+            if run.cancelled:
+                return self.store.get(job.job_id)
+            return self._failed(job, server_id, token, f"{server_id} broke off its answer: {exc}", sent=True)
+        upstream.release_conn()
+        self.manager.report_result(server_id, upstream.status < 500, f"HTTP {upstream.status}")
+        log.info(
+            "job %s ran on %s: HTTP %d in %.1f ms", job.job_id, server_id, upstream.status,
+            (time.monotonic() - started) * 1000,
+        )  # fmt: skip
+        if upstream.status >= 500 and request.method in IDEMPOTENT_METHODS and job.attempts < self.max_attempts:
+            return self.store.fail(job.job_id, token, f"{server_id}: HTTP {upstream.status}", True, self.max_attempts)
+        result = JobResult(upstream.status, tuple(upstream.headers.iteritems()), body)
+        return self.store.succeed(job.job_id, token, result)
+
+    def _read(self, upstream: UpstreamResponse) -> bytes:
+        """The whole answer, within the result limit; IncompleteBody if it was cut short."""
+        parts, size = [], 0
+        while chunk := upstream.read1(64 * 1024):
+            size += len(chunk)
+            if size > self.max_result_bytes:
+                raise IncompleteBody(None, f"its answer is over the job result limit of {self.max_result_bytes} bytes")
+            parts.append(chunk)
+        if upstream.length_remaining:
+            raise IncompleteBody(None, f"it ended {upstream.length_remaining} bytes before its Content-Length")
+        return b"".join(parts)
+
+    def _failed(self, job: Job, server_id: str, token: str, reason: str, sent: bool) -> Job:
+        """A failure after the request went out: tried again only where a repeat is safe."""
+        retry = job.request.method in IDEMPOTENT_METHODS or not sent
+        log.warning("job %s failed on %s: %s (%s)", job.job_id, server_id, reason, "retried" if retry else "final")
+        return self.store.fail(job.job_id, token, reason, retry=retry, max_attempts=self.max_attempts)

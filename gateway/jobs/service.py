@@ -1,0 +1,172 @@
+"""The jobs: submission, waiting for an answer, estimated waits, and the sweeps behind them."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway.jobs.dispatch import Dispatcher
+from gateway.jobs.records import FINISHED, Job, JobRequest, NewJob
+from gateway.jobs.store import SQLiteJobStore, Submitted
+from gateway.manager import BackendManager
+from gateway.proxy.upstream import UpstreamPool
+
+log = logging.getLogger(__name__)
+SWEEP_SECONDS = 1.0  # how often expired leases are looked for
+PURGE_SECONDS = 60.0  # how often old jobs and keys are cleared
+RUN_TIME_WEIGHT = 0.2  # the newest run's share in a task type's average run time
+
+
+def fingerprint(request: JobRequest) -> str:
+    """What one Idempotency-Key must keep naming: the method, the target and the body's hash."""
+    return f"{request.method} {request.target} {hashlib.sha256(request.body).hexdigest()}"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Where a queued job stands: its place, and the seconds it may wait (None: no server is up)."""
+
+    position: int | None
+    seconds: float | None
+    message: str
+
+
+class JobService:
+    """Owns the job store, the push dispatcher and the sweeps; views and the proxy call it."""
+
+    def __init__(
+        self,
+        store: SQLiteJobStore,
+        manager: BackendManager,
+        pool_for: Callable[[str], UpstreamPool],
+        lease_seconds: float = 30.0,
+        max_attempts: int = 3,
+        max_result_bytes: int = 100 * 1024 * 1024,
+        on_finished: Callable[[Job], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.manager = manager
+        self.max_attempts = max_attempts
+        self.on_finished = on_finished
+        self.dispatcher = Dispatcher(
+            store, manager, pool_for, self._finished, lease_seconds, max_attempts, max_result_bytes
+        )
+        self._run_seconds: dict[str, float] = {}  # task type -> average run time, from finished jobs
+        self._waiters: dict[str, list[threading.Event]] = {}
+        self._waiters_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._sweeper: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Queue again what a dead process left running, then dispatch and sweep in the background."""
+        recovered = self.store.recover()
+        if recovered:
+            log.warning("%d pushed jobs were running when the gateway stopped: queued again", recovered)
+        self.dispatcher.start()
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="job-sweep", daemon=True)
+        self._sweeper.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.dispatcher.stop()
+        if self._sweeper is not None:
+            self._sweeper.join(timeout=5)
+
+    # -- submitting and waiting ------------------------------------------------------------
+
+    def submit(self, job: NewJob) -> Submitted:
+        """Store a job (or find the one its key made) and wake the dispatcher."""
+        submitted = self.store.submit(job)
+        if submitted.created:
+            log.info("job %s queued (%s, priority %d)", job.job_id, job.task_type, job.priority)
+            self.dispatcher.wake()
+        return submitted
+
+    def wait(self, job_id: str, seconds: float) -> Job:
+        """The job once it has finished, or as it stands after `seconds`."""
+        event = threading.Event()
+        with self._waiters_lock:
+            self._waiters.setdefault(job_id, []).append(event)
+        try:
+            job = self.store.get(job_id)
+            if job.status not in FINISHED and seconds > 0:
+                event.wait(seconds)
+                job = self.store.get(job_id)
+            return job
+        finally:
+            with self._waiters_lock:
+                waiting = self._waiters.get(job_id, [])
+                if event in waiting:
+                    waiting.remove(event)
+                if not waiting:
+                    self._waiters.pop(job_id, None)
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a job: a queued one never runs, a running one has its request closed."""
+        before, after = self.store.cancel(job_id)
+        if before.status not in FINISHED:
+            log.info("job %s cancelled (it was %s)", job_id, before.status)
+            self.dispatcher.cancel(job_id)
+            self._finished(after)
+        return after
+
+    def _finished(self, job: Job) -> None:
+        """A job reached its end: wake whoever waits for it, learn its run time."""
+        if job.started_at is not None and job.finished_at is not None and job.status == "succeeded":
+            took = job.finished_at - job.started_at
+            average = self._run_seconds.get(job.task_type)
+            self._run_seconds[job.task_type] = took if average is None else average + RUN_TIME_WEIGHT * (took - average)
+        log.info("job %s %s after %d attempts%s", job.job_id, job.status, job.attempts,
+                 f": {job.error}" if job.error else "")  # fmt: skip
+        with self._waiters_lock:
+            waiting = list(self._waiters.get(job.job_id, ()))
+        for event in waiting:
+            event.set()
+        if self.on_finished is not None:
+            self.on_finished(job)
+
+    def wake(self) -> None:
+        """A server came or freed a slot: look at the queue now."""
+        self.dispatcher.wake()
+
+    # -- what a client is told -------------------------------------------------------------
+
+    def estimate(self, job: Job) -> Estimate:
+        """The job's place in the queue and a wait measured from run times and free slots."""
+        position = self.store.position(job)
+        if position is None:
+            return Estimate(None, None, f"the job is {job.status}")
+        servers = [s for s in self.manager.list_servers() if s.is_healthy and not s.draining]
+        if not servers:
+            message = "no GPU server is online: the job waits for one to come online, then runs"
+            return Estimate(position, None, message)
+        slots = sum(s.max_concurrent or 1 for s in servers)
+        run = self._run_seconds.get(job.task_type)
+        if run is None:
+            return Estimate(position, None, f"queued at position {position}; no run time measured yet")
+        seconds = round(run * (position / slots + 1), 1)
+        return Estimate(position, seconds, f"queued at position {position}, about {seconds:g} s")
+
+    # -- sweeps ----------------------------------------------------------------------------
+
+    def _sweep_loop(self) -> None:
+        next_purge = 0.0
+        ticks = 0
+        while not self._stop.wait(SWEEP_SECONDS):
+            ticks += 1
+            try:
+                for job in self.store.expire_leases(self.max_attempts):
+                    log.warning("job %s: its lease expired; %s", job.job_id, job.status)
+                    if job.finished:
+                        self._finished(job)
+                if ticks * SWEEP_SECONDS >= next_purge:
+                    expired, deleted = self.store.purge()
+                    next_purge = ticks * SWEEP_SECONDS + PURGE_SECONDS
+                    if expired or deleted:
+                        log.info("jobs: %d expired in the queue, %d old ones deleted", expired, deleted)
+                self.dispatcher.wake()  # a lease that expired put a job back
+            except Exception:  # the sweep must go on; the next one catches what this one missed
+                log.exception("job sweep failed")

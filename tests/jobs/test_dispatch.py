@@ -1,0 +1,124 @@
+"""Push dispatch over real HTTP: a JobService, a real manager and fake GPU servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+from conftest import wait_until
+
+from gateway.fleet.store import JsonFileStore
+from gateway.jobs.records import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobRequest, NewJob
+from gateway.jobs.service import JobService, fingerprint
+from gateway.jobs.store import SQLiteJobStore
+from gateway.manager import BackendManager
+from gateway.proxy.upstream import UpstreamPool
+
+
+@pytest.fixture
+def jobs(tmp_path):
+    manager = BackendManager(JsonFileStore(tmp_path / "servers.json"))
+    manager.load()
+    pools: dict[str, UpstreamPool] = {}
+
+    def pool_for(url: str) -> UpstreamPool:
+        return pools.setdefault(url, UpstreamPool(url, 8, 2.0, 10.0))
+
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    service = JobService(store, manager, pool_for, lease_seconds=30, max_attempts=3)
+    service.start()
+    yield service
+    service.stop()
+    store.close()
+    for pool in pools.values():
+        pool.close()
+
+
+def submit(jobs: JobService, method: str = "GET", target: str = "/api/echo", body: bytes = b"", **options):
+    request = JobRequest(method, target, (("X-Request-Id", "r-1"),), body)
+    new = NewJob(request, task_type="/api/", fingerprint=fingerprint(request), **options)
+    return jobs.submit(new).job
+
+
+def finished(jobs: JobService, job_id: str, timeout: float = 10.0):
+    assert wait_until(lambda: jobs.store.get(job_id).finished, timeout), jobs.store.get(job_id)
+    return jobs.store.get(job_id)
+
+
+def test_a_job_waits_with_no_server_up_and_runs_when_one_registers(jobs, fake_servers):
+    job = submit(jobs)
+    assert jobs.estimate(job).seconds is None
+    assert "no GPU server is online" in jobs.estimate(job).message
+    assert jobs.wait(job.job_id, 0.3).status == QUEUED  # nothing can run it yet
+    server = fake_servers("B1")
+    jobs.manager.register_server("B1", "127.0.0.1", server.port)  # wakes the dispatcher
+    done = jobs.wait(job.job_id, 10)
+    assert (done.status, done.server_id, done.attempts) == (SUCCEEDED, "B1", 1)
+    assert done.result is not None and done.result.status == 200
+    echo = json.loads(done.result.body)
+    sent = {name.lower(): value for name, value in echo["headers"].items()}
+    assert sent["idempotency-key"] == job.job_id  # the backend may drop a repeat
+    assert sent["x-request-id"] == "r-1"
+
+
+def test_jobs_run_by_priority_and_never_past_a_servers_cap(jobs, fake_servers):
+    ids = [submit(jobs, target=f"/api/echo?n={p}", priority=p).job_id for p in (7, 2, 9, 0)]
+    server = fake_servers("B1")
+    jobs.manager.register_server("B1", "127.0.0.1", server.port, options={"max_concurrent": 1})
+    for job_id in ids:
+        assert finished(jobs, job_id).status == SUCCEEDED
+    order = [entry["query"]["n"] for entry in server.requests if entry["path"] == "/api/echo"]
+    assert order == ["0", "2", "7", "9"]
+
+
+def test_a_refused_connect_puts_the_job_back_without_an_attempt(jobs):
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    job = submit(jobs)
+    jobs.manager.register_server("B1", "127.0.0.1", port)
+    assert wait_until(lambda: (jobs.store.get(job.job_id).error or "").startswith("B1:"), 10)
+    back = jobs.store.get(job.job_id)
+    assert back.status in (QUEUED, "running") and back.attempts <= 1  # a run may be starting again
+    assert jobs.store.get(job.job_id).result is None
+
+
+def test_a_post_the_server_broke_off_fails_and_is_not_repeated(jobs, fake_servers):
+    server = fake_servers("B1")
+    jobs.manager.register_server("B1", "127.0.0.1", server.port)
+    job = submit(jobs, "POST", "/api/short-json", b"{}")
+    done = finished(jobs, job.job_id)
+    assert done.status == FAILED and "broke off" in (done.error or "")
+    assert [r["path"] for r in server.requests].count("/api/short-json") == 1
+
+
+def test_a_get_the_server_broke_off_is_tried_again_up_to_the_limit(jobs, fake_servers):
+    server = fake_servers("B1")
+    jobs.manager.register_server("B1", "127.0.0.1", server.port)
+    job = submit(jobs, "GET", "/api/short-json")
+    done = finished(jobs, job.job_id)
+    assert (done.status, done.attempts) == (FAILED, 3)
+    assert [r["path"] for r in server.requests].count("/api/short-json") == 3
+
+
+def test_a_cancel_closes_a_running_jobs_request_and_frees_its_slot(jobs, fake_servers):
+    server = fake_servers("B1")
+    jobs.manager.register_server("B1", "127.0.0.1", server.port, options={"max_concurrent": 1})
+    job = submit(jobs, "GET", "/api/slow?delay=20")
+    assert wait_until(lambda: job.job_id in jobs.dispatcher.running, 10)
+    assert jobs.cancel(job.job_id).status == CANCELLED
+    assert wait_until(lambda: not jobs.dispatcher.running, 10)  # the request was abandoned, not awaited
+    assert jobs.store.get(job.job_id).status == CANCELLED
+    second = submit(jobs)  # the one slot is free again
+    assert finished(jobs, second.job_id).status == SUCCEEDED
+
+
+def test_a_queued_job_that_is_cancelled_never_runs(jobs, fake_servers):
+    job = submit(jobs, target="/api/echo?cancelled=1")
+    jobs.cancel(job.job_id)
+    server = fake_servers("B1")
+    jobs.manager.register_server("B1", "127.0.0.1", server.port)
+    later = submit(jobs)
+    assert finished(jobs, later.job_id).status == SUCCEEDED
+    assert all("cancelled" not in entry["query"] for entry in server.requests)

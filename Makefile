@@ -16,7 +16,7 @@ $(BIN)/.dev: requirements-dev.txt requirements.txt $(BIN)/.runtime
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
-run: $(BIN)/.runtime  ## start the gateway with gunicorn (generates a secret on first run)
+run: $(BIN)/.runtime  ## start the gateway with gunicorn (generates a secret on first run; ADMIN=1 an admin token too)
 	scripts/run-gateway.sh
 
 demo: $(BIN)/.runtime  ## the gateway plus three simulated GPU servers that register themselves
@@ -52,7 +52,7 @@ $(BIN)/.bench: bench/requirements.txt $(BIN)/.runtime
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r bench/requirements.txt
 	touch $@
 
-bench: $(BIN)/.bench  ## the benchmark suite: ours beside nginx and a naive gateway (about 6 minutes)
+bench: $(BIN)/.bench  ## the benchmark suite: ours beside nginx and a naive gateway (about 5 minutes)
 	$(BIN)/python bench/run_suite.py $(if $(filter 1 yes true,$(BENCH_QUICK)),--quick)
 
 # The pinned files are generated, never edited by hand: requirements.txt from pyproject.toml's

@@ -1,4 +1,4 @@
-"""A small real GPU-server stand-in: /health, image jobs, an echo, and a slow stream.
+r"""A small real GPU-server stand-in: /health, image jobs, an echo, and a slow stream.
 
 Run one:  python demo/fake_gpu_server.py --server-id B1 --port 9001 \
               --register-to http://127.0.0.1:5000   (the secret comes from WEBHOOK_SECRET)
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gzip
+import io
 import json
 import os
 import socket
@@ -84,6 +85,9 @@ class FakeGPUServer(KillableHTTPServer):
 class Handler(BaseHTTPRequestHandler):
     server: FakeGPUServer
     protocol_version = "HTTP/1.1"
+    # A real server's answers leave at once: with Nagle's algorithm on, a second write on a
+    # kept-alive connection waits for the client's delayed ACK (about 40 ms on Linux).
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet by default
         if os.environ.get("FAKE_GPU_VERBOSE"):
@@ -166,16 +170,22 @@ class Handler(BaseHTTPRequestHandler):
         self.send_bytes(status, json.dumps(payload).encode(), "application/json", extra_headers)
 
     def send_bytes(self, status: int, data: bytes, content_type: str, extra_headers: Any = ()) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        if status != 204:  # RFC 9110: a 204 has no body and no Content-Length
-            self.send_header("Content-Length", str(len(data)))
-        self.send_header("X-Served-By", self.server.server_id)
-        for name, value in extra_headers:
-            self.send_header(name, value)
-        self.end_headers()
-        if self.command != "HEAD" and status not in (204, 304):
-            self.wfile.write(data)
+        """The head and the body in one write (end_headers alone would send the head by itself)."""
+        head = io.BytesIO()
+        self.wfile, wfile = head, self.wfile
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            if status != 204:  # RFC 9110: a 204 has no body and no Content-Length
+                self.send_header("Content-Length", str(len(data)))
+            self.send_header("X-Served-By", self.server.server_id)
+            for name, value in extra_headers:
+                self.send_header(name, value)
+            self.end_headers()
+        finally:
+            self.wfile = wfile
+        body = data if self.command != "HEAD" and status not in (204, 304) else b""
+        self.wfile.write(head.getvalue() + body)
 
     def send_chunked_json(self, payload: dict[str, Any], lying_length: bool = False) -> None:
         """The JSON document in two chunks, with no Content-Length (or a wrong one, which chunking overrides)."""
@@ -244,6 +254,15 @@ def register_and_serve(server: KillableHTTPServer, gateway: str | None, body: di
         server.serve_forever()
 
 
+def require_secret(parser: argparse.ArgumentParser, gateway: str | None) -> None:
+    """A usage error (exit status 2) for --register-to without WEBHOOK_SECRET."""
+    if gateway and not os.environ.get("WEBHOOK_SECRET"):
+        parser.error(
+            "--register-to needs the gateway's webhook secret in WEBHOOK_SECRET; for the one make run "
+            "generated: export WEBHOOK_SECRET=$(cat .webhook_secret)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--server-id", required=True)
@@ -251,6 +270,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--register-to", metavar="GATEWAY_URL")
     args = parser.parse_args()
+    require_secret(parser, args.register_to)
     server = FakeGPUServer(args.server_id, args.host, args.port)
     print(f"fake GPU server {args.server_id} on http://{args.host}:{server.port}", flush=True)
     register_and_serve(server, args.register_to, {"server_id": args.server_id, "ip": args.host, "port": server.port})

@@ -1,4 +1,4 @@
-"""A small real LLM-server stand-in speaking the Ollama and OpenAI APIs, streams included.
+r"""A small real LLM-server stand-in speaking the Ollama and OpenAI APIs, streams included.
 
 Every answer names the server and the model it received, so a test (or you) can see where a
 request went and which model name reached the server. Run a fake Ollama box:
@@ -22,9 +22,9 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 if __package__:  # imported as demo.fake_llm_server (tests)
-    from demo.fake_gpu_server import KillableHTTPServer, register_and_serve
+    from demo.fake_gpu_server import KillableHTTPServer, register_and_serve, require_secret
 else:  # run as a script: demo/ is on sys.path
-    from fake_gpu_server import KillableHTTPServer, register_and_serve  # type: ignore[no-redef]
+    from fake_gpu_server import KillableHTTPServer, register_and_serve, require_secret  # type: ignore[no-redef]
 
 EMBEDDING_SIZE = 8
 STREAM_ABORTED = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
@@ -303,6 +303,7 @@ def main() -> None:
     parser.add_argument("--chunk-delay", type=float, default=0.2, help="seconds between streamed tokens")
     parser.add_argument("--register-to", metavar="GATEWAY_URL")
     args = parser.parse_args()
+    require_secret(parser, args.register_to)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     server = FakeLLMServer(args.server_id, models, args.host, args.port, args.chunks, args.chunk_delay)
     print(f"fake LLM server {args.server_id} on http://{args.host}:{server.port} with {', '.join(models)}", flush=True)

@@ -5,10 +5,10 @@
 set -euo pipefail
 VENV="${VENV:-.venv}"
 cd "$(dirname "$0")/.."
+. scripts/ensure-port-free.sh "make demo"
 . scripts/ensure-secret.sh
 DEMO_DIR="${DEMO_DIR:-.demo}"
 mkdir -p "$DEMO_DIR"
-export GATEWAY_BIND="${GATEWAY_BIND:-127.0.0.1:5000}"
 export BACKEND_SERVERS_FILE="$DEMO_DIR/backend_servers.json" TASK_AFFINITY_FILE="$DEMO_DIR/task_affinity.db"
 export HEALTH_CHECK_INTERVAL="${HEALTH_CHECK_INTERVAL:-5}" HEALTH_CHECK_TIMEOUT="${HEALTH_CHECK_TIMEOUT:-2}"
 GATEWAY="http://$GATEWAY_BIND"
@@ -40,11 +40,6 @@ sys.exit(f"timed out waiting for the gateway to list {wanted} servers; see the l
 PY
 }
 
-if "$VENV"/bin/python -c 'import socket, sys; h, _, p = sys.argv[1].rpartition(":"); socket.create_connection((h, int(p)), 1)' "$GATEWAY_BIND" 2>/dev/null; then
-  echo "Something already listens on $GATEWAY_BIND (a gateway started with 'make run'?)." >&2
-  echo "Stop it, or pick another address: GATEWAY_BIND=127.0.0.1:5001 make demo" >&2
-  exit 1
-fi
 "$VENV"/bin/gunicorn -c deploy/gunicorn.conf.py app:app >"$DEMO_DIR/gateway.log" 2>&1 &
 gateway_pid=$!
 pids+=("$gateway_pid")

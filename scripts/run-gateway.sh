@@ -3,6 +3,7 @@
 set -euo pipefail
 VENV="${VENV:-.venv}"
 cd "$(dirname "$0")/.."
+. scripts/ensure-port-free.sh "make run"
 . scripts/ensure-secret.sh
-echo "Gateway on http://${GATEWAY_BIND:-127.0.0.1:5000}  (Ctrl-C stops it)"
+echo "Gateway on http://$GATEWAY_BIND  (Ctrl-C stops it)"
 exec "$VENV"/bin/gunicorn -c deploy/gunicorn.conf.py app:app

@@ -311,8 +311,17 @@ def test_a_new_admin_token_ends_old_sessions(make_app):
 
 @pytest.fixture(scope="session")
 def chromedriver() -> str:
-    """Debian's chromium and chromedriver, installed here if missing (CI runs as root)."""
+    """Debian's chromium and chromedriver, installed here with apt-get if missing and run as root (as CI is)."""
+    import os  # here, so that this fixture is all that changed
+
     if not (shutil.which("chromedriver") and shutil.which("chromium")):
+        if os.geteuid() != 0 or not shutil.which("apt-get"):
+            pytest.fail(
+                "the dashboard's browser test needs chromium and chromedriver on PATH; make test installs them "
+                "only as root, with apt-get. Install them (Debian or Ubuntu: sudo apt-get install chromium "
+                "chromium-driver) and run make test again.",
+                pytrace=False,
+            )
         subprocess.run(["apt-get", "update", "-qq"], check=True, timeout=600)
         subprocess.run(["apt-get", "install", "-y", "-qq", "chromium", "chromium-driver"], check=True, timeout=900)
     path = shutil.which("chromedriver")

@@ -1,0 +1,242 @@
+"""The README and docs/ say what the gateway does: their samples, tables and commands, run for real.
+
+The tour and `make run` run on a copy of the checkout, as a fresh clone has it, with its `.venv`
+linked to this test's virtualenv and `make -o .venv/bin/.runtime`, so that nothing is installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import importlib.util
+import json
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import ROOT, SECRET, free_port, wait_until
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+NO_INSTALL = ["make", "-o", ".venv/bin/.runtime"]  # the prerequisite that would pip install, taken as made
+
+
+def section(path: Path, heading: str) -> str:
+    """The text under one `## heading`, to the next heading of that level."""
+    text = path.read_text()
+    start = text.index(f"\n## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else len(text)]
+
+
+def shell_blocks(text: str) -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+
+
+def slug(heading: str) -> str:
+    """A heading's anchor, as GitHub makes it."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+# -- what the pages say -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda path: path.name)
+def test_every_comment_that_closes_was_opened(path):
+    """A stray `-->` renders as text, and a stray `<!--` hides the rest of the page."""
+    text = path.read_text()
+    marks = re.findall(r"<!--|-->", text)
+    assert marks == ["<!--", "-->"] * (len(marks) // 2)
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda path: path.name)
+def test_a_link_that_says_above_or_below_points_that_way(path):
+    lines = path.read_text().splitlines()
+    headings = {slug(line.lstrip("#")): number for number, line in enumerate(lines) if line.startswith("#")}
+    for number, line in enumerate(lines):
+        for word, anchor in re.findall(r"\[(above|below)\]\(#([\w-]+)\)", line):
+            assert anchor in headings, f"{path.name}:{number + 1} links to a heading that is not there: #{anchor}"
+            assert (headings[anchor] < number) == (word == "above"), (
+                f"{path.name}:{number + 1}: {word} points the other way"
+            )
+
+
+def test_the_bench_time_is_the_same_everywhere_and_near_the_last_run():
+    makefile = re.search(r"^bench:.*\(about (\d+) minutes\)", (ROOT / "Makefile").read_text(), flags=re.M)
+    development = re.search(r"^make bench .*\(about (\d+) minutes\)", (ROOT / "docs/development.md").read_text(), re.M)
+    assert makefile and development
+    assert makefile.group(1) == development.group(1)
+    meta = json.loads((ROOT / "bench/results.json").read_text())["meta"]
+    if not meta["quick"]:
+        assert abs(int(makefile.group(1)) * 60 - meta["suite_wall_s"]) <= 60
+
+
+def documented_register_replies() -> list[tuple[str, str]]:
+    """Each `# {...}` sample of a reply to /webhook/register, with the page it is on."""
+    samples = []
+    for path in (ROOT / "README.md", ROOT / "docs/servers.md"):
+        for line in path.read_text().splitlines():
+            sample = line.strip().removeprefix("# ")
+            if sample.startswith('{"success"') and re.search(r'"server \w+ registered"', sample):
+                samples.append((path.name, sample))
+    return samples
+
+
+@pytest.mark.parametrize(("page", "sample"), documented_register_replies())
+def test_a_documented_register_reply_has_a_real_replys_fields(make_app, page, sample):
+    """A sample with `...` leaves fields out but keeps the order; one without it has them all."""
+    binding = "token" if '"server_token"' in sample else "off"
+    client = make_app(registration_binding=binding).test_client()
+    body = {"server_id": "B1", "ip": "127.0.0.1", "port": free_port(), "secret": SECRET}
+    real = list(client.post("/webhook/register", json=body).get_json())
+    elided = re.sub(r",\s*\.\.\.(?=\s*[,}])", "", sample)
+    documented = list(json.JSONDecoder().raw_decode(elided)[0])  # what follows the JSON is a remark
+    if elided == sample:
+        assert documented == real
+    else:
+        assert documented == [key for key in real if key in documented]
+
+
+def test_the_metrics_table_lists_every_metric_and_only_those(client):
+    table = section(ROOT / "docs/observability.md", "Metrics and status")
+    rows = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
+    documented = {name for row in rows for name in re.findall(r"`([a-z_*]+)`", row)}
+    exposition = client.get("/metrics").get_data(as_text=True)
+    exposed = set(re.findall(r"^# TYPE (\w+) ", exposition, flags=re.M))
+    exposed = {name for name in exposed if not name.endswith("_created")}  # the exposition's timestamps of counters
+    undocumented = {name for name in exposed if not any(fnmatch.fnmatch(name, pattern) for pattern in documented)}
+    assert not undocumented
+    assert {name for name in documented if "*" not in name} <= exposed
+
+
+# -- what the commands do ---------------------------------------------------------------------
+
+
+def test_the_client_run_by_a_python_without_click_names_the_python_to_use():
+    """`python -S` leaves site-packages out, as a system python without the requirements would."""
+    result = subprocess.run(
+        [sys.executable, "-S", "test_b_client.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 1
+    assert "No module named" in result.stderr and ".venv/bin/python test_b_client.py" in result.stderr
+    assert "gpu-gateway-client" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_without_root_the_browser_test_says_what_to_install(monkeypatch):
+    spec = importlib.util.spec_from_file_location("dashboard_tests", ROOT / "tests/api/test_dashboard.py")
+    assert spec and spec.loader
+    dashboard_tests = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dashboard_tests)
+    monkeypatch.setattr(dashboard_tests.shutil, "which", lambda name: None)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(dashboard_tests.subprocess, "run", lambda *args, **kwargs: pytest.fail("ran apt-get"))
+    with pytest.raises(pytest.fail.Exception, match="apt-get install chromium chromium-driver"):
+        dashboard_tests.chromedriver.__wrapped__()
+
+
+# -- on a fresh copy ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def checkout(tmp_path: Path) -> Path:
+    """The files git tracks (or would), copied from the working tree as a fresh clone has them."""
+    copy = tmp_path / "checkout"
+    copy.mkdir()
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
+    )
+    pack = ["tar", "-c", "--null", "--ignore-failed-read", "-T", "-"]  # a file deleted but not committed is skipped
+    archive = subprocess.run(pack, input=listed.stdout, cwd=ROOT, capture_output=True, check=True, timeout=60)
+    subprocess.run(["tar", "-x", "-C", str(copy)], input=archive.stdout, check=True, timeout=60)
+    (copy / ".venv").symlink_to(sys.prefix)
+    return copy
+
+
+@pytest.fixture
+def newcomer_env(tmp_path: Path) -> dict[str, str]:
+    """A shell with none of this machine's settings, and a free port for the gateway."""
+    return {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "GATEWAY_BIND": f"127.0.0.1:{free_port()}"}
+
+
+def refuses(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def make_run(checkout: Path, env: dict[str, str], *variables: str) -> Iterator[str]:
+    """`make run` in the checkout until the block ends; yields what it printed so far, once it answers."""
+    log_path = checkout / f"make-run-{len(list(checkout.glob('make-run-*')))}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [*NO_INSTALL, "run", *variables], cwd=checkout, env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        url = f"http://{env['GATEWAY_BIND']}/health"
+        assert wait_until(lambda: process.poll() is not None or not refuses(env["GATEWAY_BIND"]), timeout=30)
+        assert process.poll() is None, log_path.read_text()
+        assert requests.get(url, timeout=5).status_code == 200
+        yield log_path.read_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)  # make and the gunicorn it started, by the PID we started
+        process.wait(timeout=30)
+        assert wait_until(lambda: refuses(env["GATEWAY_BIND"]), timeout=30)
+
+
+@pytest.mark.slow
+def test_the_readme_tour_runs_on_a_fresh_copy(checkout, newcomer_env):
+    """`make run` in one terminal; every block after it, in order, in a second one."""
+    blocks = shell_blocks(section(checkout / "README.md", "A five-minute tour"))
+    assert blocks[0].strip().startswith("make run")
+    fake_port = free_port()
+    script = "set -euo pipefail\n" + "\n".join(blocks[1:]).replace("9001", str(fake_port))
+    output_path = checkout.parent / "tour.out"  # a file, not a pipe: the fake server left running holds it open
+    with make_run(checkout, newcomer_env), open(output_path, "wb") as out:
+        tour = subprocess.Popen(
+            ["bash", "-c", script], cwd=checkout, env=newcomer_env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            tour.wait(timeout=60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(tour.pid, signal.SIGTERM)  # the tour's shell and the fake server it left in the background
+            tour.wait(timeout=30)
+    output = output_path.read_text()
+    assert tour.returncode == 0, output
+    assert '"message":"server B4 registered"' in output
+    assert re.search(r"^B4 .* healthy", output, flags=re.M), output  # the client's list
+    assert "X-Backend-Server: B4" in output and '"status": "completed"' in output
+    assert wait_until(lambda: refuses(f"127.0.0.1:{fake_port}"))
+
+
+@pytest.mark.slow
+def test_make_run_admin_1_gives_the_gateway_a_token_that_later_runs_keep(checkout, newcomer_env):
+    admin_servers = f"http://{newcomer_env['GATEWAY_BIND']}/admin/servers"
+    with make_run(checkout, newcomer_env, "ADMIN=1") as printed:
+        assert "Generated an admin token (kept in .admin_token)" in printed
+        token = (checkout / ".admin_token").read_text().strip()
+        secret = (checkout / ".webhook_secret").read_text().strip()
+        assert stat.S_IMODE((checkout / ".admin_token").stat().st_mode) == 0o600
+        assert requests.get(admin_servers, headers={"Authorization": f"Bearer {token}"}, timeout=5).status_code == 200
+        assert requests.get(admin_servers, headers={"X-Webhook-Secret": secret}, timeout=5).status_code == 401
+    with make_run(checkout, newcomer_env) as printed:
+        assert "Generated" not in printed and "Using the admin token in .admin_token" in printed
+        assert requests.get(admin_servers, headers={"Authorization": f"Bearer {token}"}, timeout=5).status_code == 200
+    assert (
+        "admin_token"
+        in subprocess.run(["git", "check-ignore", ".admin_token"], cwd=ROOT, capture_output=True, text=True).stdout
+    )

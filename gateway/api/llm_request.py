@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from werkzeug.http import parse_options_header
-from werkzeug.sansio.multipart import Data, Epilogue, Event, Field, File, MultipartDecoder, NeedData
+from werkzeug.sansio.multipart import Epilogue, Event, Field, File, MultipartDecoder, NeedData
 
 MULTIPART = "multipart/form-data"
 OLLAMA_STREAMS_BY_DEFAULT = frozenset({"/api/generate", "/api/chat"})  # Ollama's rule: unless "stream": false
@@ -100,31 +100,36 @@ def parse_form(raw: bytes, content_type: str) -> ModelRequest:
 
 def model_field(raw: bytes, boundary: bytes) -> tuple[int, int]:
     """Where the value of the form's first `model` field lies in `raw`."""
-    parts, start, length = 0, -1, 0
-    for event, consumed in form_events(raw, boundary):
-        if isinstance(event, (Field, File)):
-            parts += 1
-            if event.name == "model":
-                if isinstance(event, File):
-                    raise BadRequest("'model' must be a form field, not a file", param="model")
-                # The parser stops just past the headers' last line break; the value follows the blank line's.
-                start = consumed + (2 if raw.startswith(b"\r\n", consumed) else 1)
-            elif parts >= MAX_FORM_PARTS:
-                raise BadRequest(f"the form has no 'model' field among its first {MAX_FORM_PARTS} parts", "model")
-        elif isinstance(event, Data) and start >= 0:
-            length += len(event.data)  # the value's pieces, in order and contiguous
-            if length > MAX_MODEL_BYTES:
-                raise BadRequest(f"'model' is over {MAX_MODEL_BYTES} bytes", param="model")
-            if not event.more_data:
-                return start, start + length
-        elif isinstance(event, Epilogue):
+    decoder = MultipartDecoder(boundary)
+    parts = 0
+    for event, consumed in form_events(decoder, raw):
+        if isinstance(event, Epilogue):
             break
+        if not isinstance(event, (Field, File)):
+            continue
+        parts += 1
+        if event.name != "model":
+            if parts >= MAX_FORM_PARTS:
+                raise BadRequest(f"the form has no 'model' field among its first {MAX_FORM_PARTS} parts", "model")
+            continue
+        if isinstance(event, File):
+            raise BadRequest("'model' must be a form field, not a file", param="model")
+        # The parser stops just past the headers' last line break; the value follows the blank line's.
+        start = consumed + (2 if raw.startswith(b"\r\n", consumed) else 1)
+        # It ends at the next delimiter, found by the parser's own pattern in the whole body: fed in
+        # chunks, werkzeug 3.1 hands on a delimiter's CR as data when a chunk ends inside the delimiter.
+        limit = start + MAX_MODEL_BYTES + len(boundary) + 8
+        delimiter = decoder.boundary_re.search(raw, start, limit)
+        if delimiter is None and limit >= len(raw):
+            raise BadRequest(f"the {MULTIPART} body is malformed: its 'model' field has no boundary after it")
+        if delimiter is None or delimiter.start() - start > MAX_MODEL_BYTES:
+            raise BadRequest(f"'model' is over {MAX_MODEL_BYTES} bytes", param="model")
+        return start, delimiter.start()
     raise BadRequest("the form must have a 'model' field", param="model")
 
 
-def form_events(raw: bytes, boundary: bytes) -> Iterator[tuple[Event, int]]:
-    """werkzeug's parse of `raw`, fed a chunk at a time: each event, and how many bytes were consumed by then."""
-    decoder = MultipartDecoder(boundary)
+def form_events(decoder: MultipartDecoder, raw: bytes) -> Iterator[tuple[Event, int]]:
+    """The decoder's parse of `raw`, fed a chunk at a time: each event, and how many bytes it had consumed by then."""
     fed = 0
     try:
         while True:

@@ -10,7 +10,7 @@ import pytest
 import requests
 from conftest import SECRET, wait_until
 
-from gateway.api import llm
+from gateway.api import llm, llm_request
 from gateway.errors import error_response
 
 OPENAI_ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
@@ -708,6 +708,18 @@ def test_a_bad_form_is_400_naming_the_problem(two_models, raw, boundary, problem
     gateway, b1, b2 = two_models
     assert_openai_error(post_form(gateway, raw, boundary), 400, problem)
     assert not b1.requests + b2.requests
+
+
+@pytest.mark.parametrize("line_break", [b"\r\n", b"\n"])
+def test_a_form_model_is_found_wherever_the_parsers_chunks_end(line_break):
+    def form(file: bytes, model: bytes) -> bytes:
+        head = b"--b" + line_break + b'Content-Disposition: form-data; name="%s"' + line_break + line_break
+        return (head % b"file") + file + line_break + (head % b"model") + model + line_break + b"--b--" + line_break
+
+    for size in range(llm_request.FORM_CHUNK - 200, llm_request.FORM_CHUNK + 10):  # every cut of the model part
+        found = llm_request.parse_form(form(b"x" * size, b"llama3:8b"), "multipart/form-data; boundary=b")
+        assert found.model == "llama3:8b", size  # was "llama3:8b\r" where a chunk ended inside the delimiter
+        assert found.renamed("org/other:1") == form(b"x" * size, b"org/other:1")
 
 
 def test_a_form_with_too_many_parts_before_its_model_is_refused(two_models):

@@ -283,6 +283,16 @@ class LLMHandler(BaseHTTPRequestHandler):
         self.send_json(status, {"error": message})
 
 
+# Answered with the path and model that arrived, and the fields of the JSON body or form.
+OTHER_OPENAI_POSTS = (
+    "/v1/responses",
+    "/v1/images/generations",
+    "/v1/audio/speech",
+    "/v1/audio/transcriptions",
+    "/v1/rerank",
+    "/v1/score",
+    "/v1/moderations",
+)
 POST_ROUTES = {
     "/api/generate": LLMHandler.ollama_generate,
     "/api/chat": LLMHandler.ollama_generate,
@@ -292,18 +302,7 @@ POST_ROUTES = {
     "/v1/chat/completions": LLMHandler.openai_generate,
     "/v1/completions": LLMHandler.openai_generate,
     "/v1/embeddings": LLMHandler.openai_embeddings,
-    **dict.fromkeys(
-        [
-            "/v1/responses",
-            "/v1/images/generations",
-            "/v1/audio/speech",
-            "/v1/audio/transcriptions",
-            "/v1/rerank",
-            "/v1/score",
-            "/v1/moderations",
-        ],
-        LLMHandler.openai_other,
-    ),
+    **dict.fromkeys(OTHER_OPENAI_POSTS, LLMHandler.openai_other),
 }
 
 

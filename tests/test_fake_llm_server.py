@@ -12,6 +12,8 @@ import pytest
 import requests
 from conftest import ROOT, SECRET, wait_until
 
+from demo.fake_llm_server import OTHER_OPENAI_POSTS
+
 
 def test_ollama_streams_ndjson_by_default_and_one_object_when_told_not_to(fake_llm_servers):
     box = fake_llm_servers("B1", models=["llama3:8b"], chunks=3)
@@ -79,17 +81,7 @@ def test_a_listing_gate_holds_ps_and_version_until_it_opens(fake_llm_servers):
     assert requests.get(box.url + "/api/version", timeout=5).status_code == 200
 
 
-@pytest.mark.parametrize(
-    "path",
-    [
-        "/v1/responses",
-        "/v1/images/generations",
-        "/v1/audio/speech",
-        "/v1/rerank",
-        "/v1/score",
-        "/v1/moderations",
-    ],
-)
+@pytest.mark.parametrize("path", OTHER_OPENAI_POSTS)
 def test_other_openai_posts_say_which_path_and_model_arrived(fake_llm_servers, path):
     box = fake_llm_servers("B1", models=["m"])
     answer = requests.post(box.url + path, json={"model": "m", "input": "x"}, timeout=5).json()

@@ -141,6 +141,13 @@ MISSING_SERVERS = {
 }
 
 
+ONE_MODEL = (
+    "Any model GET /v1/models lists, under the same name (Ollama's rule: `llama3` is `llama3:latest`);"
+    " another is a 404 with code `model_not_found`."
+)
+VERSION = "The lowest version among the healthy servers that answered; 503 with Retry-After when none did."
+
+
 def fleet_reply(schema: Any) -> dict[str, Any]:
     """The reply of a question put to every healthy server at once."""
     return {**reply(schema), "headers": MISSING_SERVERS}
@@ -234,22 +241,12 @@ OPERATIONS: dict[Callable[..., Any], dict[str, dict[str, Any]]] = {
     },
     llm.openai_models_view: {"get": llm_read(reply(replies.OpenAIModelListSchema), replies.OpenAIErrorSchema)},
     llm.openai_model_view: {
-        "get": llm_read(
-            reply(replies.OpenAIModelSchema),
-            replies.OpenAIErrorSchema,
-            description="Any model GET /v1/models lists, under the same name (Ollama's rule: `llama3` is"
-            " `llama3:latest`); another is a 404 with code `model_not_found`.",
-        )
+        "get": llm_read(reply(replies.OpenAIModelSchema), replies.OpenAIErrorSchema, description=ONE_MODEL)
     },
     llm.ollama_tags_view: {"get": llm_read(reply(replies.OllamaTagsSchema), replies.OllamaErrorSchema)},
     llm.ollama_ps_view: {"get": llm_read(fleet_reply(replies.OllamaPsSchema), replies.OllamaErrorSchema)},
     llm.ollama_version_view: {
-        "get": llm_read(
-            fleet_reply(replies.OllamaVersionSchema),
-            replies.OllamaErrorSchema,
-            description="The lowest version among the healthy servers that answered; 503 with Retry-After"
-            " when none did.",
-        )
+        "get": llm_read(fleet_reply(replies.OllamaVersionSchema), replies.OllamaErrorSchema, description=VERSION)
     },
     llm.openai_view: {"post": llm_operation("OpenAI API, routed by the body's (or the form's) model", openai=True)},
     llm.ollama_view: {"post": llm_operation("Ollama API, routed by the body's model", openai=False)},

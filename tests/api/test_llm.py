@@ -10,6 +10,7 @@ import pytest
 import requests
 from conftest import SECRET, wait_until
 
+from demo.fake_llm_server import OTHER_OPENAI_POSTS
 from gateway.api import llm, llm_request
 from gateway.errors import error_response
 
@@ -606,17 +607,8 @@ def test_proxied_api_paths_keep_the_gateways_own_error_shape(live_gateway):
 
 # -- every OpenAI POST that names a model is routed by it --------------------------------
 
-MORE_OPENAI_POSTS = [
-    "/v1/responses",
-    "/v1/images/generations",
-    "/v1/audio/speech",
-    "/v1/rerank",
-    "/v1/score",
-    "/v1/moderations",
-]
 
-
-@pytest.mark.parametrize("path", MORE_OPENAI_POSTS)
+@pytest.mark.parametrize("path", OTHER_OPENAI_POSTS)  # JSON bodies: the fake takes them on every one
 def test_more_openai_posts_are_routed_by_their_model(two_models, path):
     gateway, b1, b2 = two_models
     for model, server in [("llama3:8b", b1), ("qwen2:7b", b2), ("llama3:8b", b1), ("qwen2:7b", b2)]:

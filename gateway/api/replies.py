@@ -72,6 +72,9 @@ class ServerRowSchema(AddressSchema, ServerOptionsSchema):
     last_used_time = fields.String(**NULLABLE)
     monitor_url = fields.String(**NULLABLE)
     health_changed_time = fields.String(**NULLABLE)
+    last_error = fields.String(
+        **NULLABLE, metadata={"description": "why the last health check failed; null once one passes"}
+    )
     draining = fields.Boolean(required=True)
     discovered_models = fields.List(fields.String(), required=True)
     in_flight = fields.Integer(required=True)

@@ -30,7 +30,7 @@ class Series:
     __slots__ = ("indexes", "slots")
 
     def __init__(self) -> None:
-        self.slots = array("Q", bytes(8 * BUCKETS * SLOT))
+        self.slots = array("I", bytes(4 * BUCKETS * SLOT))  # 4 bytes a count: 6.5 KiB a server
         self.indexes = array("q", [-1]) * BUCKETS
 
     def add(self, index: int, latency_bin: int, error: bool) -> None:

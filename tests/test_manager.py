@@ -51,6 +51,7 @@ def test_register_is_saved_before_it_returns(tmp_path):
             "last_check_time": None,
             "last_used_time": None,
             "monitor_url": None,
+            "last_error": None,
             "weight": 1,
             "priority": 1,
             "max_concurrent": 0,
@@ -438,6 +439,20 @@ def test_the_time_of_the_last_health_change_is_kept(tmp_path):
     changed = manager.get_server("B1").health_changed_time
     assert changed is not None and changed >= registered_at
     assert make_manager(tmp_path).get_server("B1").health_changed_time == changed
+
+
+def test_the_last_checks_error_is_kept_until_a_check_passes(tmp_path):
+    manager = make_manager(tmp_path)
+    manager.register_server("B1", "127.0.0.1", 9000)
+    assert manager.get_server("B1").last_error is None
+    fail(manager, "B1", times=3)
+    assert manager.get_server("B1").last_error == "refused"
+    assert make_manager(tmp_path).get_server("B1").last_error == "refused"  # why it is down outlives a restart
+    manager.report_failure("B1", manager.get_server("B1").url, "Connection refused")
+    assert manager.get_server("B1").last_error == "proxy: Connection refused"
+    manager.apply_health_results([HealthResult("B1", manager.get_server("B1").url, True, "HTTP 200")])
+    assert manager.get_server("B1").last_error is None
+    assert manager.describe_server("B1")["last_error"] is None
 
 
 def at_once(count: int, call) -> None:

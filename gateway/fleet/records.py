@@ -166,6 +166,7 @@ def count_check(
     if checked:
         server.last_check_time = now
     was_healthy, old_fails = server.is_healthy, server.fail_count
+    server.last_error = None if result.ok else result.detail
     if result.ok:
         server.fail_count = 0
         server.is_healthy = True

@@ -81,6 +81,15 @@ class Config:
     dashboard_secure_cookie: bool = False
     max_servers: int = 10_000
     registration_binding: str = "off"
+    # Durable jobs (docs/jobs.md)
+    job_store_file: str = "jobs.db"
+    job_store_max_bytes: int = 1024 * 1024 * 1024
+    job_queue_ttl: float = 86400.0
+    job_result_ttl: float = 86400.0
+    idempotency_ttl: float = 86400.0
+    job_max_attempts: int = 3
+    job_lease_seconds: float = 30.0
+    queue_when_offline: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
@@ -149,6 +158,14 @@ class Config:
             "registration_binding": reader.get(
                 "REGISTRATION_BINDING", cls.registration_binding, _choice(REGISTRATION_BINDINGS)
             ),
+            "job_store_file": reader.get("JOB_STORE_FILE", cls.job_store_file, _nonempty),
+            "job_store_max_bytes": reader.get("JOB_STORE_MAX_BYTES", cls.job_store_max_bytes, _integer(1024 * 1024)),
+            "job_queue_ttl": reader.get("JOB_QUEUE_TTL", cls.job_queue_ttl, _number(min_value=1)),
+            "job_result_ttl": reader.get("JOB_RESULT_TTL", cls.job_result_ttl, _number(min_value=1)),
+            "idempotency_ttl": reader.get("IDEMPOTENCY_TTL", cls.idempotency_ttl, _number(min_value=1)),
+            "job_max_attempts": reader.get("JOB_MAX_ATTEMPTS", cls.job_max_attempts, _integer(1)),
+            "job_lease_seconds": reader.get("JOB_LEASE_SECONDS", cls.job_lease_seconds, _number(min_value=1)),
+            "queue_when_offline": reader.get("QUEUE_WHEN_OFFLINE", cls.queue_when_offline, _path_prefixes),
         }
         values.update(overrides)
         _check_secret_lengths(values)
@@ -256,6 +273,15 @@ def _prefixes(raw: str) -> tuple[str, ...]:
             raise ValueError("prefixes may not cover /webhook/")
     if not prefixes:
         raise ValueError("expected a comma-separated list of path prefixes")
+    return prefixes
+
+
+def _path_prefixes(raw: str) -> tuple[str, ...]:
+    """Comma-separated path prefixes, each starting with '/'."""
+    prefixes = tuple(p.strip() for p in raw.split(",") if p.strip())
+    for prefix in prefixes:
+        if not prefix.startswith("/"):
+            raise ValueError(f"prefix {prefix!r} must start with '/'")
     return prefixes
 
 

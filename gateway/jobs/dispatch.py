@@ -192,9 +192,10 @@ class Dispatcher:
             "job %s ran on %s: HTTP %d in %.1f ms", job.job_id, server_id, upstream.status,
             (time.monotonic() - started) * 1000,
         )  # fmt: skip
-        if upstream.status >= 500 and request.method in IDEMPOTENT_METHODS and job.attempts < self.max_attempts:
-            return self.store.fail(job.job_id, token, f"{server_id}: HTTP {upstream.status}", True, self.max_attempts)
         result = JobResult(upstream.status, tuple(upstream.headers.iteritems()), body)
+        if upstream.status >= 500:  # the server's own failure: its answer is kept, and tried again if safe
+            reason, retry = f"{server_id}: HTTP {upstream.status}", request.method in IDEMPOTENT_METHODS
+            return self.store.fail(job.job_id, token, reason, retry, self.max_attempts, result)
         return self.store.succeed(job.job_id, token, result)
 
     def _read(self, upstream: UpstreamResponse) -> bytes:

@@ -426,11 +426,16 @@ class SQLiteJobStore:
         """Keep a running job's answer; StaleLease unless `token` is its current lease."""
         return self._run(self._finish, job_id, token, SUCCEEDED, None, result)
 
-    def fail(self, job_id: str, token: str, error: str, retry: bool, max_attempts: int) -> Job:
-        """End a running job's attempt: re-queued when `retry` and attempts are left, else failed."""
+    def fail(
+        self, job_id: str, token: str, error: str, retry: bool, max_attempts: int, result: JobResult | None = None
+    ) -> Job:
+        """End a running job's attempt: re-queued when `retry` and attempts are left, else failed.
+
+        A failed job keeps `result` (a server's 5xx answer, say) for the client to see.
+        """
         if retry:
-            return self._run(self._requeue, job_id, token, error, max_attempts, True)
-        return self._run(self._finish, job_id, token, FAILED, error, None)
+            return self._run(self._requeue, job_id, token, error, max_attempts, True, result)
+        return self._run(self._finish, job_id, token, FAILED, error, result)
 
     def release(self, job_id: str, token: str, error: str) -> Job:
         """Put a running job back in the queue, its attempt not counted: nothing reached a server."""
@@ -459,12 +464,14 @@ class SQLiteJobStore:
         assert done is not None
         return done
 
-    def _requeue(self, job_id: str, token: str, error: str, max_attempts: int, counted: bool) -> Job:
+    def _requeue(
+        self, job_id: str, token: str, error: str, max_attempts: int, counted: bool, result: JobResult | None = None
+    ) -> Job:
         job = self._held(job_id, token)
         if job.status != RUNNING:
             return job
         if counted and job.attempts >= max_attempts:
-            return self._finish(job_id, token, FAILED, f"{error} (after {job.attempts} attempts)", None)
+            return self._finish(job_id, token, FAILED, f"{error} (after {job.attempts} attempts)", result)
         self._db.execute(
             "UPDATE jobs SET status = 'queued', error = ?, server_id = NULL, dispatch = NULL, lease_token = NULL,"
             " lease_expires_at = NULL, attempts = attempts - ? WHERE job_id = ?",

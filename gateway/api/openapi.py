@@ -18,7 +18,7 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, Flask, Response, current_app
 from marshmallow import fields
 
-from gateway.api import admin, dashboard, llm, replies, status, webhook
+from gateway.api import admin, dashboard, jobs, llm, replies, status, webhook
 from gateway.api.schemas import (
     NAME_PATTERN,
     Count,
@@ -84,6 +84,11 @@ ERROR_RESPONSES = {
     404: ("NotFound", "No server is registered under that id."),
     413: ("PayloadTooLarge", "The body is over the limit of 64 KiB."),
     503: ("NotSaved", "The change could not be saved to disk; try again after Retry-After seconds."),
+    409: ("Conflict", "The job is not in a state that allows this (finished already, say)."),
+    410: ("Gone", "The job was cancelled or expired: it has no answer."),
+    422: ("KeyReused", "This Idempotency-Key was used for a different request."),
+    502: ("JobFailed", "The job failed before any server answered; `message` says why."),
+    507: ("StoreFull", "The job store is at JOB_STORE_MAX_BYTES; try again when jobs have finished."),
 }
 
 
@@ -125,17 +130,24 @@ def llm_operation(summary: str) -> dict[str, Any]:
 def proxied_operations() -> dict[str, dict[str, Any]]:
     """A proxied prefix: any method, passed to a healthy server with the request as sent."""
     body = {"required": False, "content": {JSON: {"schema": {}}}}
-    described = {
+    jobs_errors = {str(code): ERROR_RESPONSES[code][0] for code in (400, 422, 507)}
+    described: dict[str, Any] = {
         "tags": ["proxy"],
         "security": OPEN,
-        "responses": PASSED_THROUGH,
+        "responses": {**PASSED_THROUGH, "202": reply(replies.JobAcceptedSchema, "Stored as a job."), **jobs_errors},
         "description": "Forwarded to the next healthy server, path, query, body and headers as sent. When no"
-        " server can take it the gateway answers 502, 503 or 504 in its error shape.",
+        " server can take it the gateway answers 502, 503 or 504 in its error shape. With `Prefer:"
+        " respond-async` (or an `Idempotency-Key`) it is stored as a job and answered 202 (docs/jobs.md).",
     }
     return {
         method: {**described, **({"requestBody": body} if method in ("post", "put", "patch") else {})}
         for method in ("get", "post", "put", "patch", "delete")
     }
+
+
+def job_operation(ok: dict[str, Any], *errors: int, **extra: Any) -> dict[str, Any]:
+    """A job's own endpoint: its id is the credential (128 random bits)."""
+    return operation("jobs", OPEN, ok, 404, *errors, **extra)
 
 
 # At least one option: an empty change is a 400 that says so.
@@ -213,6 +225,22 @@ OPERATIONS: dict[Callable[..., Any], dict[str, dict[str, Any]]] = {
     llm.openai_view: {"post": llm_operation("OpenAI API, routed by the body's model")},
     llm.ollama_view: {"post": llm_operation("Ollama API, routed by the body's model")},
     views.proxy_view: proxied_operations(),
+    jobs.get_job: {"get": job_operation(reply(replies.JobReplySchema))},
+    jobs.get_result: {
+        "get": {
+            **job_operation({"description": "The server's answer, as it gave it."}, 410),
+            "responses": {
+                "200": {"description": "The server's answer, as it gave it (any status, headers and body)."},
+                "202": reply(replies.JobReplySchema, "Not finished yet; ask again after Retry-After seconds."),
+                "404": ERROR_RESPONSES[404][0],
+                "410": ERROR_RESPONSES[410][0],
+                "502": ERROR_RESPONSES[502][0],
+            },
+        }
+    },
+    jobs.cancel_job: {"delete": job_operation(reply(replies.JobReplySchema), 409)},
+    jobs.list_jobs: {"get": admin_operation(replies.JobListReplySchema, 400)},
+    jobs.retry_job: {"post": admin_operation(replies.JobReplySchema, 404, 409)},
 }
 
 

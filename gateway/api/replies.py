@@ -271,3 +271,58 @@ class OllamaTagsSchema(Schema):
     """`GET /api/tags`: every model some server can take work for now."""
 
     models = fields.List(fields.Nested(OllamaModelSchema), required=True)
+
+
+JOB_STATUSES = ["queued", "running", "succeeded", "failed", "cancelled", "expired"]
+
+
+class JobAcceptedSchema(SuccessSchema):
+    """202 Accepted: a request stored as a job; `Location` names `/jobs/<job_id>`."""
+
+    job_id = fields.String(required=True, metadata={"description": "128 random bits, 32 hex digits"})
+    status = fields.String(required=True, metadata={"enum": JOB_STATUSES})
+    position = fields.Integer(**NULLABLE, metadata={"description": "1 runs next; null once it is not queued"})
+    estimated_wait_seconds = fields.Float(
+        **NULLABLE, metadata={"description": "from measured run times and free slots; null with no server up"}
+    )
+
+
+class JobReplySchema(JobAcceptedSchema):
+    """`GET /jobs/<id>`: a job's state, its place in the queue and its estimated wait."""
+
+    priority = fields.Integer(required=True, metadata={"minimum": 0, "maximum": 9})
+    task_type = fields.String(required=True, metadata={"description": "the proxied prefix, or the model"})
+    attempts = fields.Integer(required=True)
+    server_id = fields.String(**NULLABLE, metadata={"description": "the server that ran it (or runs it)"})
+    created_at = fields.Float(required=True, metadata={"description": "Unix time"})
+    started_at = fields.Float(**NULLABLE)
+    finished_at = fields.Float(**NULLABLE)
+    error = fields.String(**NULLABLE)
+
+
+class JobRowSchema(Schema):
+    """One job in the operator's list."""
+
+    job_id = fields.String(required=True)
+    status = fields.String(required=True, metadata={"enum": JOB_STATUSES})
+    priority = fields.Integer(required=True)
+    task_type = fields.String(required=True)
+    attempts = fields.Integer(required=True)
+    server_id = fields.String(**NULLABLE)
+    created_at = fields.Float(required=True)
+    started_at = fields.Float(**NULLABLE)
+    finished_at = fields.Float(**NULLABLE)
+    error = fields.String(**NULLABLE)
+
+
+class JobListSchema(Schema):
+    jobs = fields.List(fields.Nested(JobRowSchema), required=True)
+    counts = fields.Dict(keys=fields.String(), values=fields.Integer(), required=True)
+    queued_by_priority = fields.Dict(keys=fields.String(), values=fields.Integer(), required=True)
+    oldest_queued_at = fields.Float(**NULLABLE)
+
+
+class JobListReplySchema(SuccessSchema):
+    """`GET /admin/jobs`: the newest jobs, and the queue at a glance."""
+
+    data = fields.Nested(JobListSchema, required=True)

@@ -116,6 +116,11 @@ def test_parsed_values():
         ("MAX_SERVERS", "many"),
         ("REGISTRATION_BINDING", "on"),
         ("REGISTRATION_BINDING", "tokens"),
+        ("JOB_STORE_MAX_BYTES", "1000"),
+        ("JOB_MAX_ATTEMPTS", "0"),
+        ("JOB_LEASE_SECONDS", "0"),
+        ("IDEMPOTENCY_TTL", "never"),
+        ("QUEUE_WHEN_OFFLINE", "api/enhance"),
     ],
 )
 def test_bad_value_names_the_variable(name, value):
@@ -196,3 +201,25 @@ def test_task_routes_and_the_head_timeout():
     assert blank.proxy_head_timeout == 30  # blank is unset, as for every setting
     set_both = Config.from_env({**BASE, "PROXY_READ_TIMEOUT": "30", "PROXY_HEAD_TIMEOUT": "600"})
     assert set_both.proxy_head_timeout == 600
+
+
+def test_the_job_settings():
+    defaults = Config.from_env(BASE)
+    assert (defaults.job_store_file, defaults.job_max_attempts, defaults.queue_when_offline) == ("jobs.db", 3, ())
+    config = Config.from_env(
+        {
+            **BASE,
+            "JOB_STORE_FILE": "/var/lib/g/jobs.db",
+            "JOB_STORE_MAX_BYTES": "2097152",
+            "JOB_QUEUE_TTL": "60",
+            "JOB_RESULT_TTL": "120",
+            "IDEMPOTENCY_TTL": "30",
+            "JOB_MAX_ATTEMPTS": "5",
+            "JOB_LEASE_SECONDS": "10",
+            "QUEUE_WHEN_OFFLINE": "/api/enhance, /v1/",
+        }
+    )
+    assert config.job_store_file == "/var/lib/g/jobs.db"
+    assert (config.job_store_max_bytes, config.job_queue_ttl, config.job_result_ttl) == (2097152, 60, 120)
+    assert (config.idempotency_ttl, config.job_max_attempts, config.job_lease_seconds) == (30, 5, 10)
+    assert config.queue_when_offline == ("/api/enhance", "/v1/")

@@ -39,12 +39,15 @@ def jobs() -> JobService:
 def job_reply(job: Job) -> dict[str, object]:
     """A job as `GET /jobs/<id>` tells it: its state, and where it stands while it waits."""
     estimate = jobs().estimate(job)
+    state = job.public()
     return {
         "success": True,
-        **job.public(),
+        "job_id": state.pop("job_id"),
+        "status": state.pop("status"),
         "position": estimate.position,
         "estimated_wait_seconds": estimate.seconds,
         "message": estimate.message,
+        **state,
     }
 
 

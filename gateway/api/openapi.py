@@ -130,14 +130,15 @@ def llm_operation(summary: str) -> dict[str, Any]:
 def proxied_operations() -> dict[str, dict[str, Any]]:
     """A proxied prefix: any method, passed to a healthy server with the request as sent."""
     body = {"required": False, "content": {JSON: {"schema": {}}}}
-    jobs_errors = {str(code): ERROR_RESPONSES[code][0] for code in (400, 422, 507)}
+    # Only 202 beside the server's own answers: a prefix may hold LLM paths, whose errors have their API's shape.
     described: dict[str, Any] = {
         "tags": ["proxy"],
         "security": OPEN,
-        "responses": {**PASSED_THROUGH, "202": reply(replies.JobAcceptedSchema, "Stored as a job."), **jobs_errors},
+        "responses": {**PASSED_THROUGH, "202": reply(replies.JobAcceptedSchema, "Stored as a job.")},
         "description": "Forwarded to the next healthy server, path, query, body and headers as sent. When no"
         " server can take it the gateway answers 502, 503 or 504 in its error shape. With `Prefer:"
-        " respond-async` (or an `Idempotency-Key`) it is stored as a job and answered 202 (docs/jobs.md).",
+        " respond-async` (or an `Idempotency-Key`) it is stored as a job and answered 202, or 400 for a bad"
+        " job header, 422 for a key reused with another request, 507 when the job store is full (docs/jobs.md).",
     }
     return {
         method: {**described, **({"requestBody": body} if method in ("post", "put", "patch") else {})}

@@ -21,6 +21,7 @@ from gateway.jobs import intake
 from gateway.jobs.records import STATUSES, SUCCEEDED, Job, JobError
 from gateway.jobs.service import JobService
 from gateway.jobs.store import SQLiteJobStore
+from gateway.observability.job_metrics import JobMetrics
 from gateway.proxy.forwarding import decoded, find_task_id
 from gateway.proxy.handler import Proxy
 from gateway.routing.affinity import TaskAffinity
@@ -175,6 +176,7 @@ def init_app(app: Flask) -> None:
         max_attempts=config.job_max_attempts,
         max_result_bytes=config.proxy_max_body_bytes,
         on_finished=lambda job: remember_task(affinity, job),
+        metrics=JobMetrics(app.extensions["metrics"].registry, store.counts),
     )
     app.extensions["jobs"] = service
     proxy.jobs = service

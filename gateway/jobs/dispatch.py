@@ -66,6 +66,7 @@ class Dispatcher:
         lease_seconds: float,
         max_attempts: int,
         max_result_bytes: int,
+        started: Callable[[Job], None] | None = None,
     ) -> None:
         self.store = store
         self.manager = manager
@@ -74,6 +75,7 @@ class Dispatcher:
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
         self.max_result_bytes = max_result_bytes
+        self.started = started
         self.running: dict[str, Run] = {}  # job id -> its request in flight
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -126,6 +128,9 @@ class Dispatcher:
             if claimed is None:  # cancelled, or taken by a worker, since the peek
                 lease.release()
                 continue
+            log.info("job %s dispatched to %s (attempt %d)", claimed.job_id, lease.server.server_id, claimed.attempts)
+            if self.started is not None:
+                self.started(claimed)
             thread = threading.Thread(target=self.run, args=(claimed, lease), name=f"job-{job.job_id[:8]}", daemon=True)
             self._runs.add(thread)
             thread.start()

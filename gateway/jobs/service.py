@@ -12,6 +12,7 @@ from gateway.jobs.dispatch import Dispatcher
 from gateway.jobs.records import FINISHED, Job, JobRequest, NewJob
 from gateway.jobs.store import SQLiteJobStore, Submitted
 from gateway.manager import BackendManager
+from gateway.observability.job_metrics import JobMetrics
 from gateway.proxy.upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
@@ -46,13 +47,15 @@ class JobService:
         max_attempts: int = 3,
         max_result_bytes: int = 100 * 1024 * 1024,
         on_finished: Callable[[Job], None] | None = None,
+        metrics: JobMetrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics
         self.manager = manager
         self.max_attempts = max_attempts
         self.on_finished = on_finished
         self.dispatcher = Dispatcher(
-            store, manager, pool_for, self._finished, lease_seconds, max_attempts, max_result_bytes
+            store, manager, pool_for, self._finished, lease_seconds, max_attempts, max_result_bytes, self._started
         )
         self._run_seconds: dict[str, float] = {}  # task type -> average run time, from finished jobs
         self._waiters: dict[str, list[threading.Event]] = {}
@@ -82,6 +85,8 @@ class JobService:
         submitted = self.store.submit(job)
         if submitted.created:
             log.info("job %s queued (%s, priority %d)", job.job_id, job.task_type, job.priority)
+            if self.metrics is not None:
+                self.metrics.submitted()
             self.dispatcher.wake()
         return submitted
 
@@ -113,8 +118,16 @@ class JobService:
             self._finished(after)
         return after
 
+    def _started(self, job: Job) -> None:
+        """A job left the queue for a server."""
+        if self.metrics is not None and job.started_at is not None:
+            self.metrics.started(job.started_at - job.created_at)
+
     def _finished(self, job: Job) -> None:
-        """A job reached its end: wake whoever waits for it, learn its run time."""
+        """A job reached its end: wake whoever waits for it, learn its run time, count it."""
+        if self.metrics is not None:
+            ran = None if job.started_at is None or job.finished_at is None else job.finished_at - job.started_at
+            self.metrics.finished(job.status, ran)
         if job.started_at is not None and job.finished_at is not None and job.status == "succeeded":
             took = job.finished_at - job.started_at
             average = self._run_seconds.get(job.task_type)
@@ -160,11 +173,15 @@ class JobService:
             try:
                 for job in self.store.expire_leases(self.max_attempts):
                     log.warning("job %s: its lease expired; %s", job.job_id, job.status)
+                    if self.metrics is not None:
+                        self.metrics.lease_expired.inc()
                     if job.finished:
                         self._finished(job)
                 if ticks * SWEEP_SECONDS >= next_purge:
                     expired, deleted = self.store.purge()
                     next_purge = ticks * SWEEP_SECONDS + PURGE_SECONDS
+                    if self.metrics is not None:
+                        self.metrics.expired(expired)
                     if expired or deleted:
                         log.info("jobs: %d expired in the queue, %d old ones deleted", expired, deleted)
                 self.dispatcher.wake()  # a lease that expired put a job back

@@ -219,3 +219,21 @@ def test_queued_jobs_survive_kill_9_and_run_after_the_restart(gateway_process, f
         assert finished(restarted, job_id, timeout=30)["status"] == "succeeded"
     ran = sorted(int(json.loads(r["query"]["n"])) for r in server.requests if r["path"] == "/api/echo")
     assert ran == list(range(50))  # every job once
+
+
+def test_the_queue_shows_in_the_metrics(live_gateway, fake_servers):
+    gateway = live_gateway()
+    for _ in range(2):
+        requests.get(gateway.url + "/api/echo", headers=ASYNC, timeout=5)
+    metrics = requests.get(gateway.url + "/metrics", timeout=5).text
+    assert "gateway_jobs_queued 2.0" in metrics
+    assert 'gateway_jobs_total{status="queued"} 2.0' in metrics
+    register(gateway, fake_servers("B1"))
+    assert wait_until(lambda: "gateway_jobs_queued 0.0" in requests.get(gateway.url + "/metrics", timeout=5).text)
+    assert wait_until(
+        lambda: 'gateway_jobs_total{status="succeeded"} 2.0' in requests.get(gateway.url + "/metrics", timeout=5).text
+    )
+    metrics = requests.get(gateway.url + "/metrics", timeout=5).text
+    assert "gateway_job_wait_seconds_count 2.0" in metrics
+    assert "gateway_job_run_seconds_count 2.0" in metrics
+    assert "gateway_job_dead_letters 0.0" in metrics

@@ -17,6 +17,8 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from email import policy
+from email.parser import BytesParser
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -42,6 +44,9 @@ class FakeLLMServer(KillableHTTPServer):
         chunks: int = 5,
         chunk_delay: float = 0.0,
         gate: threading.Event | None = None,
+        loaded: list[str] | None = None,
+        version: str = "0.6.5",
+        listing_gate: threading.Event | None = None,
     ) -> None:
         super().__init__((host, port), LLMHandler)
         self.server_id = server_id
@@ -49,6 +54,9 @@ class FakeLLMServer(KillableHTTPServer):
         self.chunks = chunks
         self.chunk_delay = chunk_delay
         self.gate = gate  # when set, every stream waits here after its first chunk
+        self.loaded = list(self.models if loaded is None else loaded)  # what /api/ps says is in memory
+        self.version = version  # what /api/version says
+        self.listing_gate = listing_gate  # when set, /api/ps and /api/version wait here: a box that hangs
         self.healthy = True
         self.requests: list[dict[str, Any]] = []
         self.aborted_streams = 0
@@ -60,9 +68,10 @@ class FakeLLMServer(KillableHTTPServer):
         return f"http://127.0.0.1:{self.port}"
 
     def release_waiting(self) -> None:
-        """A stream held at the gate must not outlive the server."""
-        if self.gate is not None:
-            self.gate.set()
+        """A stream or a listing held at a gate must not outlive the server."""
+        for gate in (self.gate, self.listing_gate):
+            if gate is not None:
+                gate.set()
 
     def count(self, name: str, delta: int) -> None:
         """Change one of the counters under the lock (handlers run on many threads)."""
@@ -100,8 +109,11 @@ class LLMHandler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
+        content_type = self.headers.get("Content-Type", "")
         try:
-            body = json.loads(raw) if raw else None
+            body = (
+                form_fields(raw, content_type) if content_type.startswith("multipart/") else json.loads(raw or b"null")
+            )
         except ValueError:
             body = None
         self.server.requests.append(
@@ -119,6 +131,10 @@ class LLMHandler(BaseHTTPRequestHandler):
             return self.send_json(200 if self.server.healthy else 503, {"status": "ok"})
         if self.command == "GET" and parts.path in ("/api/tags", "/v1/models"):
             return self.send_json(200, self.list_models(openai))
+        if self.command == "GET" and parts.path in ("/api/ps", "/api/version"):
+            if self.server.listing_gate is not None:
+                self.server.listing_gate.wait(timeout=30)
+            return self.send_json(200, self.running() if parts.path == "/api/ps" else {"version": self.server.version})
         handler = POST_ROUTES.get(parts.path)
         if self.command != "POST" or handler is None:
             return self.send_error_json(404, f"no route {self.command} {parts.path}", openai)
@@ -142,6 +158,20 @@ class LLMHandler(BaseHTTPRequestHandler):
             for m in self.server.models
         ]
         return {"models": entries}
+
+    def running(self) -> dict[str, Any]:
+        """Ollama's /api/ps: the models loaded in memory."""
+        until = "2099-01-01T00:00:00Z"
+        entries = [
+            {"name": m, "model": m, "size": 1, "digest": digest(m), "details": {}, "expires_at": until, "size_vram": 1}
+            for m in self.server.loaded
+        ]
+        return {"models": entries}
+
+    def openai_other(self, body: dict[str, Any], model: str) -> None:
+        """Responses, images, audio, rerank, score, moderations: which path and model arrived, and the fields."""
+        path = self.path.split("?", 1)[0]
+        self.send_json(200, {"object": "fake.answer", "path": path, "model": model, "fields": sorted(body)})
 
     def ollama_show(self, body: dict[str, Any], model: str) -> None:
         details = {"family": model.split(":", 1)[0], "parameter_size": "8B", "quantization_level": "Q4_0"}
@@ -253,6 +283,16 @@ class LLMHandler(BaseHTTPRequestHandler):
         self.send_json(status, {"error": message})
 
 
+# Answered with the path and model that arrived, and the fields of the JSON body or form.
+OTHER_OPENAI_POSTS = (
+    "/v1/responses",
+    "/v1/images/generations",
+    "/v1/audio/speech",
+    "/v1/audio/transcriptions",
+    "/v1/rerank",
+    "/v1/score",
+    "/v1/moderations",
+)
 POST_ROUTES = {
     "/api/generate": LLMHandler.ollama_generate,
     "/api/chat": LLMHandler.ollama_generate,
@@ -262,7 +302,23 @@ POST_ROUTES = {
     "/v1/chat/completions": LLMHandler.openai_generate,
     "/v1/completions": LLMHandler.openai_generate,
     "/v1/embeddings": LLMHandler.openai_embeddings,
+    **dict.fromkeys(OTHER_OPENAI_POSTS, LLMHandler.openai_other),
 }
+
+
+def form_fields(raw: bytes, content_type: str) -> dict[str, Any] | None:
+    """A multipart/form-data body's fields, a file's as its name and size; None when it is not one."""
+    message = BytesParser(policy=policy.HTTP).parsebytes(b"Content-Type: %s\r\n\r\n%s" % (content_type.encode(), raw))
+    if not message.is_multipart():
+        return None
+    fields: dict[str, Any] = {}
+    for part in message.iter_parts():
+        data = part.get_payload(decode=True)
+        data = data if isinstance(data, bytes) else b""
+        filename = part.get_filename()
+        name = part.get_param("name", header="content-disposition")
+        fields[str(name)] = {"filename": filename, "size": len(data)} if filename else data.decode()
+    return fields
 
 
 def model_key(name: str) -> str:

@@ -6,10 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import requests
 from conftest import ROOT, SECRET, wait_until
+
+from demo.fake_llm_server import OTHER_OPENAI_POSTS
 
 
 def test_ollama_streams_ndjson_by_default_and_one_object_when_told_not_to(fake_llm_servers):
@@ -57,6 +60,43 @@ def test_listings_embeddings_and_records(fake_llm_servers):
     assert one["embeddings"][0] == two["data"][0]["embedding"]  # deterministic per text
     assert box.requests_to("/api/embed")[0]["body"] == {"model": "a:1", "input": ["x", "y"]}
     assert wait_until(lambda: box.in_progress == 0)  # the handler counts down just after its reply
+
+
+def test_ps_and_version_say_what_is_loaded_and_which_ollama(fake_llm_servers):
+    box = fake_llm_servers("B1", models=["a:1", "b:2"], loaded=["b:2"], version="0.5.7")
+    running = requests.get(box.url + "/api/ps", timeout=5).json()["models"]
+    assert [(entry["name"], entry["model"]) for entry in running] == [("b:2", "b:2")]
+    assert {"size", "digest", "details", "expires_at", "size_vram"} <= set(running[0])
+    assert requests.get(box.url + "/api/version", timeout=5).json()["version"] == "0.5.7"
+    other = fake_llm_servers("B2", models=["c"])  # every model is loaded unless told otherwise
+    assert [entry["name"] for entry in requests.get(other.url + "/api/ps", timeout=5).json()["models"]] == ["c"]
+
+
+def test_a_listing_gate_holds_ps_and_version_until_it_opens(fake_llm_servers):
+    gate = threading.Event()
+    box = fake_llm_servers("B1", models=["m"], listing_gate=gate)
+    with pytest.raises(requests.Timeout):
+        requests.get(box.url + "/api/ps", timeout=0.5)
+    gate.set()
+    assert requests.get(box.url + "/api/version", timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize("path", OTHER_OPENAI_POSTS)
+def test_other_openai_posts_say_which_path_and_model_arrived(fake_llm_servers, path):
+    box = fake_llm_servers("B1", models=["m"])
+    answer = requests.post(box.url + path, json={"model": "m", "input": "x"}, timeout=5).json()
+    assert (answer["path"], answer["model"], answer["fields"]) == (path, "m", ["input", "model"])
+    assert requests.post(box.url + path, json={"model": "other"}, timeout=5).status_code == 404
+
+
+def test_a_transcription_is_a_form_with_a_file(fake_llm_servers):
+    box = fake_llm_servers("B1", models=["whisper-1"])
+    files = {"file": ("a.wav", b"RIFF\x00\x01" * 100, "audio/wav")}
+    response = requests.post(box.url + "/v1/audio/transcriptions", data={"model": "whisper-1"}, files=files, timeout=5)
+    assert response.json()["fields"] == ["file", "model"]
+    assert box.requests_to("/v1/audio/transcriptions")[0]["body"]["file"] == {"filename": "a.wav", "size": 600}
+    response = requests.post(box.url + "/v1/audio/transcriptions", data={"model": "x"}, files=files, timeout=5)
+    assert response.status_code == 404
 
 
 def test_the_cli_registers_its_models_with_a_gateway(live_gateway, tmp_path):

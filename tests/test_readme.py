@@ -248,3 +248,32 @@ def test_make_run_admin_1_gives_the_gateway_a_token_that_later_runs_keep(checkou
         "admin_token"
         in subprocess.run(["git", "check-ignore", ".admin_token"], cwd=ROOT, capture_output=True, text=True).stdout
     )
+
+
+@pytest.mark.slow
+def test_the_llm_page_runs_without_a_gpu_on_a_fresh_copy(checkout, newcomer_env):
+    """docs/llm.md's "Try it without a GPU": `make run` in one terminal, the other blocks in a second."""
+    text = (checkout / "docs/llm.md").read_text()
+    blocks = shell_blocks(text[text.index("**Try it without a GPU**") : text.index("How it behaves:")])
+    assert blocks[0].strip().startswith("make run")
+    script = "set -euo pipefail\n" + "\n".join(blocks[1:])
+    for port in ("11501", "11502", "11503"):
+        script = script.replace(port, str(free_port()))
+    output_path = checkout.parent / "llm.out"
+    with make_run(checkout, newcomer_env), open(output_path, "wb") as out:
+        shell = subprocess.Popen(
+            ["bash", "-c", script], cwd=checkout, env=newcomer_env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            shell.wait(timeout=60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(shell.pid, signal.SIGTERM)  # the shell and the fake boxes it left in the background
+            shell.wait(timeout=30)
+    output = output_path.read_text()
+    assert shell.returncode == 0, output
+    assert '"server":"B2"' in output.replace(" ", "")  # /api/ps names the boxes
+    assert "[B2 qwen2:7b 0]" in output and "[B3 llama3.1:8b-instruct-q4_K_M 0]" in output, output
+    assert "data: [DONE]" in output and '"embeddings"' in output, output
+    assert output.count("model_not_found") >= 2, output  # whisper-1 and gpt-4o under /v1/

@@ -7,45 +7,44 @@ Errors come in the shape the client's API uses, never as a 500.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask, Response, current_app, jsonify, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
 
+from gateway.api.llm_fleet import FleetAnswers, FleetQuery, T, loaded_models, version_key, version_of
+from gateway.api.llm_request import BadRequest, ModelRequest, parse_body
 from gateway.config import Config
+from gateway.errors import handle_http_exception
 from gateway.fleet.resources import GIB
 from gateway.manager import BackendManager, Lease, NoServer, RouteRequest
 from gateway.proxy.body_limit import read_body
-from gateway.proxy.forwarding import required_gpu_memory, upstream_headers
-from gateway.proxy.handler import SESSION_HEADER, Proxy
+from gateway.proxy.forwarding import BadTarget, request_target, required_gpu_memory, upstream_headers
+from gateway.proxy.handler import SESSION_HEADER, Body, Proxy
+from gateway.proxy.relay import Relay
 from gateway.proxy.views import as_response, observe
+from gateway.routing.catalog import model_key
 
-OPENAI_POSTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+OPENAI_PREFIX = "/v1/"
+# Named in /openapi.json; any other POST under /v1/ that names a model is routed the same way.
+OPENAI_POSTS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/images/generations",
+    "/v1/audio/speech",
+    "/v1/audio/transcriptions",
+    "/v1/audio/translations",
+    "/v1/rerank",
+    "/v1/score",
+    "/v1/moderations",
+)
 OLLAMA_POSTS = ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/show")
-OLLAMA_STREAMS_BY_DEFAULT = frozenset({"/api/generate", "/api/chat"})  # Ollama's rule: unless "stream": false
-NAME_ALSO_NAMES_MODEL = frozenset({"/api/show"})  # older Ollama clients send {"name": ...}, as Ollama accepts
 STREAM_HEADERS = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}  # nginx in front must not buffer
-
-
-class BadRequest(ValueError):
-    """The request cannot be routed; the message names the problem (and `param` the field)."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-@dataclass(frozen=True)
-class LLMRequest:
-    """What the gateway reads from an LLM request: enough to route it, nothing more."""
-
-    model: str
-    field: str  # the body's key that names the model: "model", or "name" in an older /api/show
-    stream: bool
-    session_key: str | None
+SERVED_UNDER_V1 = "under /v1/ the gateway serves GET /v1/models, GET /v1/models/{model} and POSTs that name a model"
 
 
 @dataclass(frozen=True)
@@ -77,82 +76,62 @@ class Dialect:
 OPENAI, OLLAMA = Dialect(openai=True), Dialect(openai=False)
 
 
-def parse_request(raw: bytes, path: str, openai: bool) -> tuple[dict[str, Any], LLMRequest]:
-    """The JSON body and what routing needs from it; BadRequest naming what is wrong."""
-    try:
-        payload = json.loads(raw)
-    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than json parses
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
-    if not isinstance(payload, dict):
-        raise BadRequest(f"the request body must be a JSON object, not {type(payload).__name__}")
-    field = "name" if "model" not in payload and "name" in payload and path in NAME_ALSO_NAMES_MODEL else "model"
-    model = payload.get(field)
-    if model is None:
-        raise BadRequest("the request body must name a 'model'", param="model")
-    if not isinstance(model, str):
-        raise BadRequest(f"'{field}' must be a string, not {type(model).__name__}", param=field)
-    if not model:
-        raise BadRequest(f"'{field}' must not be empty", param=field)
-    stream = payload.get("stream")
-    streams = stream is True if openai or path not in OLLAMA_STREAMS_BY_DEFAULT else stream is not False
-    return payload, LLMRequest(model, field, streams, session_key(payload, openai))
-
-
-def session_key(payload: dict[str, Any], openai: bool) -> str | None:
-    """X-Session-Key, else (OpenAI) the body's `user`: one conversation stays on one server."""
-    key = request.headers.get(SESSION_HEADER)
-    if key:
-        return key
-    user = payload.get("user") if openai else None
-    return user if isinstance(user, str) and user else None
-
-
-def body_for(raw: bytes, payload: dict[str, Any], llm: LLMRequest) -> Callable[[Lease], bytes]:
-    """The body to send a server: as received, or with the model renamed to the server's own name."""
-
-    def build(lease: Lease) -> bytes:
-        if lease.actual_model is None or lease.actual_model == llm.model:
-            return raw  # byte for byte
-        renamed = {**payload, llm.field: lease.actual_model}
-        try:
-            return json.dumps(renamed, ensure_ascii=False, separators=(",", ":")).encode()
-        except UnicodeEncodeError:  # a lone surrogate ("\ud800" in the client's JSON) has no UTF-8
-            return json.dumps(renamed, separators=(",", ":")).encode()  # so it stays escaped, as sent
-
-    return build
-
-
 def forward_llm(dialect: Dialect) -> Response:
-    """Route the current request by its model and stream the answer back."""
+    """Route the current request by its model and stream the answer back; every error in the API's shape."""
+    try:
+        return route_by_model(dialect)
+    except HTTPException as exc:  # a body that broke off or came too slowly, a request that looped (508)
+        return dialect.error(exc.code or 400, exc.description or exc.name)
+
+
+def route_by_model(dialect: Dialect) -> Response:
+    """Read the body, find its model, and send it to a server that has the model."""
     config: Config = current_app.config["GATEWAY"]
     try:
+        target = llm_target(dialect)
         raw = read_body(config.proxy_max_body_bytes, config.client_body_timeout)
-        payload, llm = parse_request(raw, request.path, dialect.openai)
+        body = parse_body(raw, request.path, request.content_type or "")
         required = required_gpu_memory()
     except BadRequest as exc:
         return dialect.error(400, str(exc), param=exc.param)
-    except ValueError as exc:  # the GPU memory header
+    except (BadTarget, ValueError) as exc:  # a path that climbs out of /v1/; the GPU memory header
         return dialect.error(400, str(exc))
     except RequestEntityTooLarge:  # werkzeug's own message (Content-Length over) would not say the limit
         return dialect.error(413, f"the request body is over the limit of {config.proxy_max_body_bytes} bytes")
-    except HTTPException as exc:  # a client that hung up mid-body, say
-        return dialect.error(exc.code or 400, exc.description or exc.name)
     proxy: Proxy = current_app.extensions["proxy"]
     route = RouteRequest(
-        model=llm.model,
-        session_key=llm.session_key,
+        model=body.model,
+        session_key=request.headers.get(SESSION_HEADER) or body.user,
         required_bytes=None if required is None else int(required * GIB),
     )
-    query = request.environ.get("QUERY_STRING", "")
-    target = f"{request.path}?{query}" if query else request.path  # the rule's own path: nothing to climb out of
-    response = as_response(
-        proxy.forward_routed(
-            route, target, body_for(raw, payload, llm), upstream_headers(), lambda exc: no_server(dialect, exc)
-        )
+    answer = proxy.forward_routed(
+        route, target, body_for(raw, body), upstream_headers(), lambda exc: no_server(dialect, exc)
     )
-    if llm.stream and response.status_code < 300:
+    # A form does not say whether it asked for a stream, so an answer of no known length counts as one.
+    open_ended = isinstance(answer, Relay) and not isinstance(answer.body, bytes) and answer.body.open_ended
+    response = as_response(answer)
+    if (body.stream or open_ended) and response.status_code < 300:
         response.headers.update(STREAM_HEADERS)
     return in_dialect(response, dialect)
+
+
+def llm_target(dialect: Dialect) -> str:
+    """The path and query to forward: under /v1/ as sent (any path, so checked); an Ollama route's own path."""
+    if dialect.openai:
+        return request_target((OPENAI_PREFIX,))
+    query = request.environ.get("QUERY_STRING", "")
+    return f"{request.path}?{query}" if query else request.path  # the rule's own path: nothing to climb out of
+
+
+def body_for(raw: bytes, body: ModelRequest) -> Body:
+    """The body to send a server: as received, or with the model renamed to the server's own name."""
+
+    def build(lease: Lease) -> bytes:
+        if lease.actual_model is None or lease.actual_model == body.model:
+            return raw  # byte for byte
+        return body.renamed(lease.actual_model)
+
+    return build
 
 
 def in_dialect(response: Response, dialect: Dialect) -> Response:
@@ -180,8 +159,8 @@ def no_server(dialect: Dialect, exc: NoServer) -> Response:
     return dialect.error(exc.status, exc.message, code=exc.code, param=param, retry_after=retry_after)
 
 
-def openai_view() -> Response:
-    """POST /v1/chat/completions, /v1/completions, /v1/embeddings."""
+def openai_view(subpath: str = "") -> Response:
+    """POST under /v1/: routed by the model its JSON body, or its multipart form, names."""
     return as_response(observe(lambda: forward_llm(OPENAI)))
 
 
@@ -196,10 +175,24 @@ def available_models() -> list[str]:
     return sorted(manager.model_catalog())
 
 
+def openai_model(name: str) -> dict[str, Any]:
+    """One model in OpenAI's shape."""
+    return {"id": name, "object": "model", "created": 0, "owned_by": "gpu-gateway"}
+
+
 def openai_models_view() -> Response:
     """GET /v1/models: the union over the fleet, in OpenAI's shape."""
-    data = [{"id": name, "object": "model", "created": 0, "owned_by": "gpu-gateway"} for name in available_models()]
-    return jsonify(object="list", data=data)
+    return jsonify(object="list", data=[openai_model(name) for name in available_models()])
+
+
+def openai_model_view(model_id: str) -> Response:
+    """GET /v1/models/<model>: one model of the fleet, in OpenAI's shape; its id may hold '/' and ':'."""
+    key = model_key(model_id)
+    listed = next((name for name in available_models() if model_key(name) == key), None)
+    if listed is None:
+        message = f"model {model_id!r} is not served by any server"
+        return OPENAI.error(404, message, code="model_not_found", param="model")
+    return jsonify(openai_model(listed))
 
 
 def ollama_tags_view() -> Response:
@@ -209,6 +202,60 @@ def ollama_tags_view() -> Response:
         for name in available_models()
     ]
     return jsonify(models=models)
+
+
+def ollama_ps_view() -> Response:
+    """GET /api/ps: the models loaded on every healthy server, each entry naming its server."""
+    found = ask_healthy_servers("/api/ps", loaded_models)
+    models = [{**entry, "server": server_id} for server_id, entries in found.answers for entry in entries]
+    models.sort(key=lambda entry: (str(entry.get("name") or entry.get("model") or ""), entry["server"]))
+    response = jsonify(models=models)
+    response.headers.update(found.headers())
+    return response
+
+
+def ollama_version_view() -> Response:
+    """GET /api/version: the lowest Ollama version among the healthy servers, which every one of them lives up to."""
+    found = ask_healthy_servers("/api/version", version_of)
+    versions = [version for _, version in found.answers]
+    if versions:
+        response = jsonify(version=min(versions, key=version_key))
+    else:
+        proxy: Proxy = current_app.extensions["proxy"]
+        message = "no healthy Ollama server answered GET /api/version"
+        response = OLLAMA.error(503, message, retry_after=proxy.retry_after)
+    response.headers.update(found.headers())
+    return response
+
+
+def ask_healthy_servers(path: str, read: Callable[[Any], T]) -> FleetAnswers[T]:
+    """GET `path` of every healthy server at once, draining ones too: what each answered by the deadline."""
+    manager: BackendManager = current_app.extensions["backend_manager"]
+    query: FleetQuery = current_app.extensions["llm_fleet"]
+    return query.ask([server for server in manager.list_servers() if server.is_healthy], path, read)
+
+
+def handle_llm_error(exc: HTTPException) -> Response:
+    """Flask's own errors (404, 405, 500, ...) under /v1/ and on the Ollama routes, in that API's shape."""
+    if request.path == "/v1" or request.path.startswith(OPENAI_PREFIX):
+        return openai_error(exc)
+    if (request.endpoint or "").startswith("llm_ollama"):
+        return OLLAMA.error(exc.code or 500, exc.description or exc.name)
+    return handle_http_exception(exc)
+
+
+def openai_error(exc: HTTPException) -> Response:
+    """An error under /v1/; a method refused only by the POST catch-all means a path the gateway does not serve."""
+    method, path = request.method, request.path
+    named = path in OPENAI_POSTS or path == "/v1/models" or path.startswith("/v1/models/")
+    if isinstance(exc, NotFound) or (isinstance(exc, MethodNotAllowed) and not named):
+        return OPENAI.error(404, f"{method} {path} is not served: {SERVED_UNDER_V1}")
+    if isinstance(exc, MethodNotAllowed):
+        allowed = ", ".join(exc.valid_methods or ())
+        response = OPENAI.error(405, f"{method} is not allowed on {path}; it takes {allowed}")
+        response.headers["Allow"] = allowed
+        return response
+    return OPENAI.error(exc.code or 500, exc.description or exc.name)
 
 
 def init_app(app: Flask) -> None:
@@ -221,7 +268,16 @@ def init_app(app: Flask) -> None:
     options: dict[str, Any] = {"methods": ["POST"], "provide_automatic_options": False}
     for path in OPENAI_POSTS:
         app.add_url_rule(path, f"llm_openai_{path}", openai_view, **options)
+    # Any other POST under /v1/: its raw target is checked and forwarded as sent, so no slashes are merged.
+    app.add_url_rule("/v1/<path:subpath>", "llm_openai", openai_view, merge_slashes=False, **options)
     for path in OLLAMA_POSTS:
         app.add_url_rule(path, f"llm_ollama_{path}", ollama_view, **options)
     app.add_url_rule("/v1/models", "llm_openai_models", openai_models_view, methods=["GET"])
+    app.add_url_rule("/v1/models/<path:model_id>", "llm_openai_model", openai_model_view, methods=["GET"])
     app.add_url_rule("/api/tags", "llm_ollama_tags", ollama_tags_view, methods=["GET"])
+    app.add_url_rule("/api/ps", "llm_ollama_ps", ollama_ps_view, methods=["GET"])
+    app.add_url_rule("/api/version", "llm_ollama_version", ollama_version_view, methods=["GET"])
+    app.extensions["llm_fleet"] = FleetQuery(config.health_check_timeout)
+    # After errors.init_app (app.py): this takes the place of its HTTPException handler, and hands it
+    # every request that is not the LLM routes'.
+    app.register_error_handler(HTTPException, handle_llm_error)

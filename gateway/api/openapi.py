@@ -34,6 +34,7 @@ from gateway.proxy import views
 from gateway.proxy.forwarding import SESSION_COOKIE
 
 JSON = "application/json"
+FORM = "multipart/form-data"
 RULE_ARGUMENT = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")  # werkzeug's <converter:name>
 # JSON Schema's integer takes 8000.0 too, which the gateway refuses, as it refuses true for 1.
 WHOLE_NUMBER = "a JSON integer written without a fraction or exponent (8000, not 8000.0)"
@@ -113,18 +114,48 @@ def admin_operation(ok: Any, *errors: int, **extra: Any) -> dict[str, Any]:
     return operation("admin", ADMIN, reply(ok), 401, *errors, **extra)
 
 
-def llm_operation(summary: str) -> dict[str, Any]:
+def llm_operation(summary: str, openai: bool) -> dict[str, Any]:
     """An LLM request routed by its model; what comes back is the GPU server's."""
+    content: dict[str, Any] = {JSON: {"schema": ModelRequestSchema}}
+    if openai:  # an audio transcription, say: the model is a form field, and the form goes on byte for byte
+        form = {"type": "object", "required": ["model"], "properties": {"model": {"type": "string", "minLength": 1}}}
+        content[FORM] = {"schema": form}
     return {
         "tags": ["llm"],
         "summary": summary,
         "security": OPEN,
-        "requestBody": json_body(ModelRequestSchema),
+        "requestBody": {"required": True, "content": content},
         "responses": PASSED_THROUGH,
         "description": "Routed to a server that has the model; its answer streams back as sent. The gateway's"
         " own errors (400 for a body without a model, 404 for an unknown model, 413, 502, 503, 504) come"
         " in this API's error shape.",
     }
+
+
+def llm_read(ok: Any, error: Any, **extra: Any) -> dict[str, Any]:
+    """A listing the gateway answers itself; its errors in its API's shape."""
+    responses = {"200": ok, "default": reply(error, "An error, in this API's shape.")}
+    return {"tags": ["llm"], "security": OPEN, "responses": responses, **extra}
+
+
+MISSING_SERVERS = {
+    "X-Missing-Servers": {
+        "description": "the healthy servers left out: they failed, or did not answer within HEALTH_CHECK_TIMEOUT",
+        "schema": {"type": "string"},
+    }
+}
+
+
+ONE_MODEL = (
+    "Any model GET /v1/models lists, under the same name (Ollama's rule: `llama3` is `llama3:latest`);"
+    " another is a 404 with code `model_not_found`."
+)
+VERSION = "The lowest version among the healthy servers that answered; 503 with Retry-After when none did."
+
+
+def fleet_reply(schema: Any) -> dict[str, Any]:
+    """The reply of a question put to every healthy server at once."""
+    return {**reply(schema), "headers": MISSING_SERVERS}
 
 
 def proxied_operations() -> dict[str, dict[str, Any]]:
@@ -221,10 +252,17 @@ OPERATIONS: dict[Callable[..., Any], dict[str, dict[str, Any]]] = {
     dashboard.data: {
         "get": operation("dashboard", [{"dashboardSession": []}], reply(replies.DashboardReplySchema), 401)
     },
-    llm.openai_models_view: {"get": operation("llm", OPEN, reply(replies.OpenAIModelListSchema))},
-    llm.ollama_tags_view: {"get": operation("llm", OPEN, reply(replies.OllamaTagsSchema))},
-    llm.openai_view: {"post": llm_operation("OpenAI API, routed by the body's model")},
-    llm.ollama_view: {"post": llm_operation("Ollama API, routed by the body's model")},
+    llm.openai_models_view: {"get": llm_read(reply(replies.OpenAIModelListSchema), replies.OpenAIErrorSchema)},
+    llm.openai_model_view: {
+        "get": llm_read(reply(replies.OpenAIModelSchema), replies.OpenAIErrorSchema, description=ONE_MODEL)
+    },
+    llm.ollama_tags_view: {"get": llm_read(reply(replies.OllamaTagsSchema), replies.OllamaErrorSchema)},
+    llm.ollama_ps_view: {"get": llm_read(fleet_reply(replies.OllamaPsSchema), replies.OllamaErrorSchema)},
+    llm.ollama_version_view: {
+        "get": llm_read(fleet_reply(replies.OllamaVersionSchema), replies.OllamaErrorSchema, description=VERSION)
+    },
+    llm.openai_view: {"post": llm_operation("OpenAI API, routed by the body's (or the form's) model", openai=True)},
+    llm.ollama_view: {"post": llm_operation("Ollama API, routed by the body's model", openai=False)},
     views.proxy_view: proxied_operations(),
     jobs.get_job: {"get": job_operation(reply(replies.JobReplySchema))},
     jobs.get_result: {

@@ -10,7 +10,8 @@ import pytest
 import requests
 from conftest import SECRET, wait_until
 
-from gateway.api import llm
+from demo.fake_llm_server import OTHER_OPENAI_POSTS
+from gateway.api import llm, llm_request
 from gateway.errors import error_response
 
 OPENAI_ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
@@ -478,3 +479,361 @@ def test_a_gateway_error_is_reshaped_and_its_close_callbacks_still_run(app):
     assert reshaped.status_code == 502
     assert reshaped.headers["X-Backend-Server"] == "B1"
     assert reshaped.get_json()["error"]["message"] == "backend B1: broke off the answer"
+
+
+# -- one model by its id (GET /v1/models/<id>) -------------------------------------------
+
+
+@pytest.fixture
+def named_models(live_gateway, fake_llm_servers):
+    """B1 serves names with slashes and colons, and `chat` as its own qwen3:32b-q4."""
+    gateway = live_gateway()
+    models = ["meta-llama/Llama-3-8B", "qwen3:14b", "llama3", "qwen3:32b-q4"]
+    box = fake_llm_servers("B1", models=models)
+    register(gateway, box, models=models, model_map={"chat": "qwen3:32b-q4"})
+    return gateway
+
+
+@pytest.mark.parametrize(
+    ("asked", "listed"),
+    [
+        ("meta-llama/Llama-3-8B", "meta-llama/Llama-3-8B"),
+        ("meta-llama%2FLlama-3-8B", "meta-llama/Llama-3-8B"),  # as an SDK may encode it
+        ("qwen3:14b", "qwen3:14b"),
+        ("chat", "chat"),
+        ("llama3:latest", "llama3"),  # Ollama's rule: the same model, under the name the list shows
+    ],
+)
+def test_one_model_is_retrieved_by_its_id(named_models, asked, listed):
+    response = requests.get(named_models.url + "/v1/models/" + asked, timeout=5)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"id": listed, "object": "model", "created": 0, "owned_by": "gpu-gateway"}
+
+
+def test_an_unknown_model_id_is_404_in_openais_shape(named_models):
+    # A server's own name for a mapped model is not listed, so not retrieved either: as in GET /v1/models.
+    assert requests.get(named_models.url + "/v1/models/qwen3:32b-q4", timeout=5).status_code == 404
+    response = requests.get(named_models.url + "/v1/models/meta-llama/Llama-3-70B", timeout=5)
+    assert response.status_code == 404
+    assert response.json() == {
+        "error": {
+            "message": "model 'meta-llama/Llama-3-70B' is not served by any server",
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "model_not_found",
+        }
+    }
+
+
+# -- every error under /v1/ in OpenAI's shape --------------------------------------------
+
+
+def assert_openai_error(response: requests.Response, status: int, problem: str) -> dict:
+    assert response.status_code == status, response.text
+    document = response.json()
+    assert set(document) == {"error"}
+    error = document["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == ("invalid_request_error" if status < 500 else "server_error")
+    assert problem in error["message"]
+    return error
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "problem"),
+    [
+        ("GET", "/v1/files", 404, "GET /v1/files is not served"),
+        ("DELETE", "/v1/batches/b1", 404, "DELETE /v1/batches/b1 is not served"),
+        ("GET", "/v1", 404, "GET /v1 is not served"),
+        ("GET", "/v1/chat/completions", 405, "GET is not allowed on /v1/chat/completions"),
+        ("PUT", "/v1/models", 405, "PUT is not allowed on /v1/models"),
+    ],
+)
+def test_an_unknown_path_or_method_under_v1_is_an_openai_error(two_models, method, path, status, problem):
+    gateway, _, _ = two_models
+    response = requests.request(method, gateway.url + path, timeout=5)
+    assert_openai_error(response, status, problem)
+    if status == 405:
+        assert "POST" in response.headers["Allow"] or "GET" in response.headers["Allow"]
+
+
+def test_a_path_that_climbs_out_of_v1_is_refused(two_models):
+    gateway, b1, b2 = two_models
+    response = requests.post(gateway.url + "/v1/%2e%2e/admin/servers", json={"model": "llama3:8b"}, timeout=5)
+    assert_openai_error(response, 400, "'.' or '..'")
+    assert not b1.requests + b2.requests
+
+
+def test_a_looping_request_is_508_in_openais_shape(two_models):
+    gateway, _, _ = two_models
+    from gateway.proxy.forwarding import VIA
+
+    response = post(gateway, "/v1/chat/completions", "llama3:8b", headers={"Via": VIA})
+    assert_openai_error(response, 508, "already passed through this gateway")
+
+
+def test_no_server_at_all_is_503_with_retry_after_in_openais_shape(live_gateway):
+    gateway = live_gateway()
+    response = requests.post(gateway.url + "/v1/responses", json={"model": "m", "input": "hi"}, timeout=5)
+    assert_openai_error(response, 503, "no healthy GPU server")
+    assert response.headers["Retry-After"]
+
+
+@pytest.mark.parametrize(("path", "openai"), [("/v1/models", True), ("/api/tags", False), ("/api/ps", False)])
+def test_an_unforeseen_failure_is_500_in_the_apis_shape(make_app, monkeypatch, path, openai):
+    app = make_app()
+    app.config["PROPAGATE_EXCEPTIONS"] = False  # as in production: the error handler answers
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("unforeseen")
+
+    monkeypatch.setattr(app.extensions["backend_manager"], "model_catalog", broken)
+    monkeypatch.setattr(app.extensions["backend_manager"], "list_servers", broken)
+    response = app.test_client().get(path)
+    assert response.status_code == 500
+    error = response.get_json()["error"]
+    assert (error["type"] == "server_error") if openai else isinstance(error, str)
+
+
+def test_proxied_api_paths_keep_the_gateways_own_error_shape(live_gateway):
+    gateway = live_gateway()
+    response = requests.get(gateway.url + "/api/status/t1", timeout=5)  # no server: the proxy's 503
+    assert response.status_code == 503
+    assert response.json()["success"] is False
+    response = requests.request("TRACE", gateway.url + "/api/generate", timeout=5)  # no method of the proxy's
+    assert response.status_code == 405
+    assert response.json()["success"] is False
+
+
+# -- every OpenAI POST that names a model is routed by it --------------------------------
+
+
+@pytest.mark.parametrize("path", OTHER_OPENAI_POSTS)  # JSON bodies: the fake takes them on every one
+def test_more_openai_posts_are_routed_by_their_model(two_models, path):
+    gateway, b1, b2 = two_models
+    for model, server in [("llama3:8b", b1), ("qwen2:7b", b2), ("llama3:8b", b1), ("qwen2:7b", b2)]:
+        raw = json.dumps({"model": model, "input": "hi"}).encode()
+        response = requests.post(gateway.url + path, data=raw, headers={"Content-Type": "application/json"}, timeout=5)
+        assert response.status_code == 200, response.text
+        assert response.headers["X-Backend-Server"] == server.server_id
+        assert response.json()["path"] == path
+        assert server.requests_to(path)[-1]["raw"] == raw
+    assert_openai_error(requests.post(gateway.url + path, json={"input": "hi"}, timeout=5), 400, "'model'")
+    assert_openai_error(requests.post(gateway.url + path, json={"model": "gpt-17"}, timeout=5), 404, "gpt-17")
+
+
+def test_a_post_under_v1_the_gateway_has_never_heard_of_is_routed_by_its_model(two_models):
+    gateway, b1, b2 = two_models
+    response = requests.post(gateway.url + "/v1/audio/future?x=1", json={"model": "qwen2:7b"}, timeout=5)
+    assert response.headers["X-Backend-Server"] == "B2"
+    assert response.status_code == 404  # the server's own answer: it has no such route
+    assert b2.requests_to("/v1/audio/future")[-1]["query"] == {"x": "1"}
+    assert not b1.requests
+
+
+BOUNDARY = "gw-5f2b9c0e"
+
+
+def multipart(*parts: tuple[str, bytes, str | None], boundary: str = BOUNDARY) -> bytes:
+    """A multipart/form-data body of (name, value, filename or None) parts, as a client writes one."""
+    out = b""
+    for name, value, filename in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        kind = "Content-Type: audio/wav\r\n" if filename else ""
+        out += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n{kind}\r\n".encode() + value + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def post_form(gateway, raw: bytes, boundary: str = BOUNDARY, path: str = "/v1/audio/transcriptions"):
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    return requests.post(gateway.url + path, data=raw, headers=headers, timeout=10)
+
+
+AUDIO = bytes(range(256)) * 1500  # 384 KB with every byte value, CR, LF and '-' among them
+
+
+@pytest.mark.parametrize("model_first", [True, False])
+def test_a_transcription_form_is_routed_by_its_model_field_and_sent_byte_for_byte(two_models, model_first):
+    gateway, b1, b2 = two_models
+    parts = [("file", AUDIO, "a.wav"), ("response_format", b"json", None)]
+    model = ("model", b"qwen2:7b", None)
+    raw = multipart(*([model, *parts] if model_first else [*parts, model]))
+    response = post_form(gateway, raw)
+    assert response.status_code == 200, response.text
+    assert response.headers["X-Backend-Server"] == "B2"
+    assert response.json()["fields"] == ["file", "model", "response_format"]
+    assert b2.requests_to("/v1/audio/transcriptions")[-1]["raw"] == raw
+    assert not b1.requests
+
+
+def test_a_mapped_model_in_a_form_is_renamed_and_nothing_else_changes(live_gateway, fake_llm_servers):
+    gateway = live_gateway()
+    box = fake_llm_servers("B1", models=["openai/whisper-large-v3"])
+    register(gateway, box, model_map={"whisper-1": "openai/whisper-large-v3"})
+    before, after = [("file", AUDIO, "a.wav")], [("language", b"en", None)]
+    response = post_form(gateway, multipart(*before, ("model", b"whisper-1", None), *after))
+    assert response.status_code == 200, response.text
+    expected = multipart(*before, ("model", b"openai/whisper-large-v3", None), *after)
+    assert box.requests_to("/v1/audio/transcriptions")[-1]["raw"] == expected
+
+
+BAD_FORMS = [
+    (multipart(("file", b"x", "a.wav")), BOUNDARY, "the form must have a 'model' field"),
+    (multipart(("model", b"", None)), BOUNDARY, "'model' must not be empty"),
+    (multipart(("model", b"m" * 2000, None)), BOUNDARY, "'model' is over 1024 bytes"),
+    (multipart(("model", b"\xff\xfe", None)), BOUNDARY, "'model' must be UTF-8 text"),
+    (multipart(("model", b"llama3:8b", "model.txt")), BOUNDARY, "'model' must be a form field, not a file"),
+    (multipart(("model", b"llama3:8b", None))[:-30], BOUNDARY, "the multipart/form-data body is malformed"),
+    (b"just some bytes", BOUNDARY, "the multipart/form-data body is malformed"),
+    (multipart(("model", b"llama3:8b", None)), "", "needs a boundary"),
+    (multipart(("model", b"llama3:8b", None), boundary="b" * 71), "b" * 71, "needs a boundary"),
+    (
+        b"--" + BOUNDARY.encode() + b"\r\nX-No-Disposition: 1\r\n\r\nv\r\n--" + BOUNDARY.encode() + b"--\r\n",
+        BOUNDARY,
+        "malformed",
+    ),
+]
+
+
+@pytest.mark.parametrize(("raw", "boundary", "problem"), BAD_FORMS, ids=[problem for _, _, problem in BAD_FORMS])
+def test_a_bad_form_is_400_naming_the_problem(two_models, raw, boundary, problem):
+    gateway, b1, b2 = two_models
+    assert_openai_error(post_form(gateway, raw, boundary), 400, problem)
+    assert not b1.requests + b2.requests
+
+
+@pytest.mark.parametrize("line_break", [b"\r\n", b"\n"])
+def test_a_form_model_is_found_wherever_the_parsers_chunks_end(line_break):
+    def form(file: bytes, model: bytes) -> bytes:
+        head = b"--b" + line_break + b'Content-Disposition: form-data; name="%s"' + line_break + line_break
+        return (head % b"file") + file + line_break + (head % b"model") + model + line_break + b"--b--" + line_break
+
+    for size in range(llm_request.FORM_CHUNK - 200, llm_request.FORM_CHUNK + 10):  # every cut of the model part
+        found = llm_request.parse_form(form(b"x" * size, b"llama3:8b"), "multipart/form-data; boundary=b")
+        assert found.model == "llama3:8b", size  # was "llama3:8b\r" where a chunk ended inside the delimiter
+        assert found.renamed("org/other:1") == form(b"x" * size, b"org/other:1")
+
+
+def test_a_form_with_too_many_parts_before_its_model_is_refused(two_models):
+    gateway, b1, b2 = two_models
+    raw = multipart(*[(f"f{i}", b"x", None) for i in range(1001)], ("model", b"llama3:8b", None))
+    assert_openai_error(post_form(gateway, raw), 400, "no 'model' field among its first 1000 parts")
+    assert not b1.requests + b2.requests
+
+
+def test_a_form_over_the_body_limit_is_413(live_gateway, fake_llm_servers):
+    gateway = live_gateway(proxy_max_body_bytes=100_000)
+    box = fake_llm_servers("B1", models=["whisper-1"])
+    register(gateway, box, models=["whisper-1"])
+    response = post_form(gateway, multipart(("model", b"whisper-1", None), ("file", AUDIO, "a.wav")))
+    assert_openai_error(response, 413, "100000 bytes")
+    assert not box.requests_to("/v1/audio/transcriptions")
+
+
+# -- the fleet's Ollama: /api/ps and /api/version ----------------------------------------
+
+
+def test_ps_is_the_union_of_the_healthy_servers_each_entry_naming_its_server(live_gateway, fake_llm_servers):
+    gateway = live_gateway()
+    b1 = fake_llm_servers("B1", models=["llama3:8b", "qwen2:7b"], loaded=["llama3:8b"])
+    b2 = fake_llm_servers("B2", models=["qwen2:7b", "llama3:8b"], loaded=["qwen2:7b", "llama3:8b"])
+    b3 = fake_llm_servers("B3", models=["mistral:7b"])
+    for box in (b1, b2, b3):
+        register(gateway, box)
+    b3.healthy = False
+    for _ in range(3):  # HEALTH_CHECK_FAILURES
+        gateway.manager.run_health_sweep()
+    b3.requests.clear()
+    response = requests.get(gateway.url + "/api/ps", timeout=10)
+    assert response.status_code == 200
+    assert "X-Missing-Servers" not in response.headers
+    running = response.json()["models"]
+    assert [(entry["name"], entry["server"]) for entry in running] == [
+        ("llama3:8b", "B1"),
+        ("llama3:8b", "B2"),
+        ("qwen2:7b", "B2"),
+    ]
+    assert {"model", "size", "digest", "details", "expires_at", "size_vram"} <= set(running[0])
+    assert not b3.requests_to("/api/ps")  # an unhealthy server is not asked
+
+
+def test_ps_leaves_out_a_server_that_hangs_or_is_dead_and_names_it(live_gateway, fake_llm_servers):
+    gateway = live_gateway()  # HEALTH_CHECK_TIMEOUT=1: each server's deadline
+    gate = threading.Event()
+    b1 = fake_llm_servers("B1", models=["llama3:8b"])
+    b2 = fake_llm_servers("B2", models=["qwen2:7b"], listing_gate=gate)
+    b3 = fake_llm_servers("B3", models=["qwen2:7b"], listing_gate=gate)
+    b4 = fake_llm_servers("B4", models=["phi3"])
+    for box in (b1, b2, b3, b4):
+        register(gateway, box)
+    b4.stop()
+    try:
+        response = requests.get(gateway.url + "/api/ps", timeout=10)
+    finally:
+        gate.set()
+    assert response.status_code == 200
+    assert [(entry["name"], entry["server"]) for entry in response.json()["models"]] == [("llama3:8b", "B1")]
+    assert response.headers["X-Missing-Servers"] == "B2, B3, B4"
+    assert b2.requests_to("/api/ps") and b3.requests_to("/api/ps")  # both were asked within the one deadline
+
+
+def test_ps_leaves_out_a_server_whose_answer_is_not_ollamas(live_gateway, fake_llm_servers, fake_servers):
+    gateway = live_gateway()
+    register(gateway, fake_llm_servers("B1", models=["llama3:8b"]))
+    gateway.register(fake_servers("G1"))  # a GPU server of another kind: no /api/ps of Ollama's shape
+    response = requests.get(gateway.url + "/api/ps", timeout=10)
+    assert [entry["server"] for entry in response.json()["models"]] == ["B1"]
+    assert response.headers["X-Missing-Servers"] == "G1"
+
+
+def test_ps_without_servers_is_empty(live_gateway):
+    response = requests.get(live_gateway().url + "/api/ps", timeout=5)
+    assert response.status_code == 200
+    assert response.json() == {"models": []}
+
+
+def test_version_is_the_lowest_the_servers_report(live_gateway, fake_llm_servers):
+    gateway = live_gateway()
+    gate = threading.Event()
+    versions = {"B1": "0.6.10", "B2": "0.6.5", "B3": "0.1.0"}
+    for server_id, version in versions.items():
+        box = fake_llm_servers(
+            server_id, models=["m"], version=version, listing_gate=gate if server_id == "B3" else None
+        )
+        register(gateway, box)
+    try:
+        response = requests.get(gateway.url + "/api/version", timeout=10)
+    finally:
+        gate.set()
+    assert response.status_code == 200
+    assert response.json() == {"version": "0.6.5"}  # 0.6.10 is the later one; B3 did not answer in time
+    assert response.headers["X-Missing-Servers"] == "B3"
+
+
+def test_version_with_no_server_answering_is_503_in_ollamas_shape(live_gateway):
+    response = requests.get(live_gateway().url + "/api/version", timeout=5)
+    assert response.status_code == 503
+    assert response.headers["Retry-After"]
+    assert "no healthy Ollama server answered" in response.json()["error"]
+
+
+def test_under_gunicorn_ps_asks_every_server_at_once_and_a_form_goes_byte_for_byte(gateway_process, fake_llm_servers):
+    gateway = gateway_process(HEALTH_CHECK_TIMEOUT="1")
+    gate = threading.Event()
+    b1 = fake_llm_servers("B1", models=["whisper-1", "llama3:8b"], loaded=["llama3:8b"])
+    b2 = fake_llm_servers("B2", models=["qwen2:7b"], listing_gate=gate)
+    register(gateway, b1, models=["whisper-1", "llama3:8b"])
+    register(gateway, b2, models=["qwen2:7b"])
+    try:
+        response = requests.get(gateway.url + "/api/ps", timeout=10)
+    finally:
+        gate.set()
+    assert [(entry["name"], entry["server"]) for entry in response.json()["models"]] == [("llama3:8b", "B1")]
+    assert response.headers["X-Missing-Servers"] == "B2"
+    raw = multipart(("file", AUDIO, "a.wav"), ("model", b"whisper-1", None))
+    response = post_form(gateway, raw)
+    assert response.status_code == 200, response.text
+    assert b1.requests_to("/v1/audio/transcriptions")[-1]["raw"] == raw
+    assert requests.get(gateway.url + "/v1/models/llama3:8b", timeout=5).json()["id"] == "llama3:8b"
+    assert requests.get(gateway.url + "/v1/nothing", timeout=5).json()["error"]["type"] == "invalid_request_error"
+    assert "Traceback" not in gateway.log()

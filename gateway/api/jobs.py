@@ -15,10 +15,11 @@ from pathlib import Path
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
 from gateway.api.auth import admin_authorized, admin_refusal
+from gateway.api.llm_request import parse_body
 from gateway.config import Config
 from gateway.errors import error_response
 from gateway.jobs import intake
-from gateway.jobs.records import STATUSES, SUCCEEDED, Job, JobError
+from gateway.jobs.records import STATUSES, SUCCEEDED, Job, JobError, JobRequest
 from gateway.jobs.service import JobService
 from gateway.jobs.store import SQLiteJobStore
 from gateway.observability.job_metrics import JobMetrics
@@ -156,6 +157,13 @@ def remember_task(affinity: TaskAffinity, job: Job) -> None:
         log.error("could not record the owner of task %s (%s): %s", task_id, job.server_id, exc)
 
 
+def renamed_body(job_request: JobRequest, model: str) -> bytes:
+    """An LLM job's body with its model renamed to the server's own name, as a synchronous request's is."""
+    content_type = next((value for name, value in job_request.headers if name.lower() == "content-type"), "")
+    path = job_request.target.split("?", 1)[0]
+    return parse_body(job_request.body, path, content_type).renamed(model)
+
+
 def init_app(app: Flask) -> None:
     """Open the job store, start dispatching, and let the proxy turn requests into jobs."""
     config: Config = app.config["GATEWAY"]
@@ -177,6 +185,7 @@ def init_app(app: Flask) -> None:
         max_result_bytes=config.proxy_max_body_bytes,
         on_finished=lambda job: remember_task(affinity, job),
         metrics=JobMetrics(app.extensions["metrics"].registry, store.counts),
+        rename=renamed_body,
     )
     app.extensions["jobs"] = service
     proxy.jobs = service

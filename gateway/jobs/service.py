@@ -48,6 +48,7 @@ class JobService:
         max_result_bytes: int = 100 * 1024 * 1024,
         on_finished: Callable[[Job], None] | None = None,
         metrics: JobMetrics | None = None,
+        rename: Callable[[JobRequest, str], bytes] | None = None,
     ) -> None:
         self.store = store
         self.metrics = metrics
@@ -55,8 +56,9 @@ class JobService:
         self.max_attempts = max_attempts
         self.on_finished = on_finished
         self.dispatcher = Dispatcher(
-            store, manager, pool_for, self._finished, lease_seconds, max_attempts, max_result_bytes, self._started
-        )
+            store, manager, pool_for, self._finished, lease_seconds, max_attempts, max_result_bytes, self._started,
+            rename,
+        )  # fmt: skip
         self._run_seconds: dict[str, float] = {}  # task type -> average run time, from finished jobs
         self._waiters: dict[str, list[threading.Event]] = {}
         self._waiters_lock = threading.Lock()

@@ -125,28 +125,37 @@ class Proxy:
             session_key=request.headers.get(SESSION_HEADER) or None,
             required_bytes=None if required is None else int(required * GIB),
         )
-        offline = None
-        if self.queue_when_offline and request.path.startswith(self.queue_when_offline):
-            offline = functools.partial(self.queue_offline, target, headers, body)
-        return self.forward_routed(route, target, body, headers, offline=offline)
+        return self.forward_routed(route, target, body, headers, offline=self.offline(target, headers, body))
 
     def as_job(self, target: str, headers: dict[str, str], body: bytes, model: str | None = None) -> Answer | None:
-        """The request as a job, when it asks to be one (`Prefer: respond-async`, an Idempotency-Key)."""
+        """The request as a job, when it asks to be one (`Prefer: respond-async`, an Idempotency-Key).
+
+        None when it does not (another preference, `return=minimal` say): it is proxied as ever.
+        """
         assert self.jobs is not None
         ask = intake.parse_ask(self.config.proxy_read_timeout)
         if isinstance(ask, Response):
             return ask
         if not ask.respond_async and ask.idempotency_key is None:
-            return None  # another preference (return=minimal, say): proxied as ever
-        return intake.submit(self.jobs, ask, self.task_type(), model, target, headers, body)
+            return None
+        return intake.submit(self.jobs, ask, model or self.task_type(), model, target, headers, body)
 
-    def queue_offline(self, target: str, headers: dict[str, str], body: bytes, exc: NoServer) -> Answer:
-        """QUEUE_WHEN_OFFLINE: a request no server can take now waits as a job, answered 202."""
-        if self.jobs is None:
-            return self.render_no_server(exc)
+    def offline(
+        self, target: str, headers: dict[str, str], body: bytes, model: str | None = None
+    ) -> Callable[[NoServer], Answer] | None:
+        """Under QUEUE_WHEN_OFFLINE: what to answer, instead of a 503, when no server can take the request."""
+        if self.jobs is None or not self.queue_when_offline or not request.path.startswith(self.queue_when_offline):
+            return None
+        return functools.partial(self.queue_offline, target, headers, body, model)
+
+    def queue_offline(
+        self, target: str, headers: dict[str, str], body: bytes, model: str | None, exc: NoServer
+    ) -> Answer:
+        """A request no server can take now waits as a job, answered 202."""
+        assert self.jobs is not None
         log.info("no server can take %s now (%s): queued as a job", request.path, exc.message)
         ask = intake.Ask(respond_async=True, wait=0.0, idempotency_key=None)
-        return intake.submit(self.jobs, ask, self.task_type(), None, target, headers, body)
+        return intake.submit(self.jobs, ask, model or self.task_type(), model, target, headers, body)
 
     def task_type(self) -> str:
         """What a pull worker asks for: the proxied prefix the request came under."""

@@ -88,7 +88,9 @@ def create_app(config: Config | None = None) -> Flask:
 
 def configure_logging(config: Config) -> None:
     """Structured lines to stdout (journald under systemd), and to LOG_DIR's files when set."""
-    secrets = [s for s in (config.webhook_secret, config.metrics_token, config.admin_token) if s]
+    secrets = [
+        s for s in (config.webhook_secret, config.metrics_token, config.admin_token, config.job_callback_secret) if s
+    ]
     logs.configure(
         config.log_level, config.log_format, config.log_dir, config.log_max_bytes, config.log_backups, secrets
     )

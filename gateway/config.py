@@ -27,7 +27,12 @@ SETUP_HELP = (
 # A secret any shorter can be guessed, and the log redaction blanks out every occurrence of it:
 # with WEBHOOK_SECRET=s, each letter "s" in the logs became [REDACTED].
 MIN_SECRET_LENGTH = 16
-SECRET_SETTINGS = {"webhook_secret": "WEBHOOK_SECRET", "admin_token": "ADMIN_TOKEN", "metrics_token": "METRICS_TOKEN"}
+SECRET_SETTINGS = {
+    "webhook_secret": "WEBHOOK_SECRET",
+    "admin_token": "ADMIN_TOKEN",
+    "metrics_token": "METRICS_TOKEN",
+    "job_callback_secret": "JOB_CALLBACK_SECRET",
+}
 
 
 class ConfigError(ValueError):
@@ -90,6 +95,9 @@ class Config:
     job_max_attempts: int = 3
     job_lease_seconds: float = 30.0
     queue_when_offline: tuple[str, ...] = ()
+    job_callback_secret: str = field(default="", repr=False)
+    job_callback_attempts: int = 8
+    job_callback_backoff: float = 5.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
@@ -166,6 +174,11 @@ class Config:
             "job_max_attempts": reader.get("JOB_MAX_ATTEMPTS", cls.job_max_attempts, _integer(1)),
             "job_lease_seconds": reader.get("JOB_LEASE_SECONDS", cls.job_lease_seconds, _number(min_value=1)),
             "queue_when_offline": reader.get("QUEUE_WHEN_OFFLINE", cls.queue_when_offline, _path_prefixes),
+            "job_callback_secret": reader.optional_secret("JOB_CALLBACK_SECRET"),
+            "job_callback_attempts": reader.get("JOB_CALLBACK_ATTEMPTS", cls.job_callback_attempts, _integer(1)),
+            "job_callback_backoff": reader.get(
+                "JOB_CALLBACK_BACKOFF", cls.job_callback_backoff, _number(min_value=0.1)
+            ),
         }
         values.update(overrides)
         _check_secret_lengths(values)

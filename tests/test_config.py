@@ -121,6 +121,9 @@ def test_parsed_values():
         ("JOB_LEASE_SECONDS", "0"),
         ("IDEMPOTENCY_TTL", "never"),
         ("QUEUE_WHEN_OFFLINE", "api/enhance"),
+        ("JOB_CALLBACK_SECRET", "short"),
+        ("JOB_CALLBACK_ATTEMPTS", "0"),
+        ("JOB_CALLBACK_BACKOFF", "0"),
     ],
 )
 def test_bad_value_names_the_variable(name, value):
@@ -223,3 +226,7 @@ def test_the_job_settings():
     assert (config.job_store_max_bytes, config.job_queue_ttl, config.job_result_ttl) == (2097152, 60, 120)
     assert (config.idempotency_ttl, config.job_max_attempts, config.job_lease_seconds) == (30, 5, 10)
     assert config.queue_when_offline == ("/api/enhance", "/v1/")
+    assert (defaults.job_callback_secret, defaults.job_callback_attempts, defaults.job_callback_backoff) == ("", 8, 5)
+    callbacks = Config.from_env({**BASE, "JOB_CALLBACK_SECRET": "whsec_" + "A" * 43, "JOB_CALLBACK_ATTEMPTS": "3"})
+    assert (callbacks.job_callback_secret, callbacks.job_callback_attempts) == ("whsec_" + "A" * 43, 3)
+    assert "whsec_" not in repr(callbacks)

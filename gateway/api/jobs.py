@@ -19,6 +19,7 @@ from gateway.api.llm_request import parse_body
 from gateway.config import Config
 from gateway.errors import error_response
 from gateway.jobs import intake
+from gateway.jobs.callbacks import CallbackSender
 from gateway.jobs.records import STATUSES, SUCCEEDED, Job, JobError, JobRequest
 from gateway.jobs.service import JobService
 from gateway.jobs.store import SQLiteJobStore
@@ -186,6 +187,15 @@ def init_app(app: Flask) -> None:
         on_finished=lambda job: remember_task(affinity, job),
         metrics=JobMetrics(app.extensions["metrics"].registry, store.counts),
         rename=renamed_body,
+        callbacks=CallbackSender(
+            store,
+            config.job_callback_secret,
+            config.allowed_backend_networks,
+            config.job_callback_attempts,
+            config.job_callback_backoff,
+        )
+        if config.job_callback_secret
+        else None,
     )
     app.extensions["jobs"] = service
     proxy.jobs = service

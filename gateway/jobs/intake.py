@@ -19,6 +19,8 @@ from gateway.proxy.current_request import request
 MAX_KEY_LENGTH = 255
 MAX_PREFER_WAIT = 60.0  # seconds a `Prefer: wait` may hold a connection (RunPod's /runsync holds 90)
 PRIORITY_HEADER = "X-Job-Priority"
+CALLBACK_HEADER = "X-Callback-URL"
+FOR_THE_GATEWAY = frozenset({"prefer", "idempotency-key", "x-job-priority", "x-callback-url"})
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer", "upgrade"})
 
 
@@ -77,7 +79,16 @@ def submit(
     priority = parse_priority()
     if isinstance(priority, Response):
         return priority
-    job_request = JobRequest(request.method, target, tuple(headers.items()), body)
+    callback_url = request.headers.get(CALLBACK_HEADER)
+    if callback_url is not None:
+        try:
+            callback_url = jobs.check_callback_url(callback_url.strip())
+        except ValueError as exc:
+            return error_response(400, str(exc))
+    # What the client told the gateway is not the server's business: a backend that knows Prefer
+    # would answer 202 itself. The job goes with Idempotency-Key: <job id> instead of the client's.
+    kept = tuple((name, value) for name, value in headers.items() if name.lower() not in FOR_THE_GATEWAY)
+    job_request = JobRequest(request.method, target, kept, body)
     new = NewJob(
         job_request,
         task_type=task_type,
@@ -85,6 +96,7 @@ def submit(
         priority=priority,
         idempotency_key=ask.idempotency_key,
         fingerprint=fingerprint(job_request),
+        callback_url=callback_url,
     )
     try:
         submitted = jobs.submit(new)

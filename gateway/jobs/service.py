@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gateway.jobs.callbacks import CallbackSender, check_callback_url
 from gateway.jobs.dispatch import Dispatcher
 from gateway.jobs.records import FINISHED, Job, JobRequest, NewJob
 from gateway.jobs.store import SQLiteJobStore, Submitted
@@ -49,8 +50,10 @@ class JobService:
         on_finished: Callable[[Job], None] | None = None,
         metrics: JobMetrics | None = None,
         rename: Callable[[JobRequest, str], bytes] | None = None,
+        callbacks: CallbackSender | None = None,
     ) -> None:
         self.store = store
+        self.callbacks = callbacks
         self.metrics = metrics
         self.manager = manager
         self.max_attempts = max_attempts
@@ -71,12 +74,16 @@ class JobService:
         if recovered:
             log.warning("%d pushed jobs were running when the gateway stopped: queued again", recovered)
         self.dispatcher.start()
+        if self.callbacks is not None:
+            self.callbacks.start()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="job-sweep", daemon=True)
         self._sweeper.start()
 
     def stop(self) -> None:
         self._stop.set()
         self.dispatcher.stop()
+        if self.callbacks is not None:
+            self.callbacks.stop()
         if self._sweeper is not None:
             self._sweeper.join(timeout=5)
 
@@ -142,6 +149,14 @@ class JobService:
             event.set()
         if self.on_finished is not None:
             self.on_finished(job)
+        if self.callbacks is not None and job.callback_url is not None:
+            self.callbacks.wake()
+
+    def check_callback_url(self, url: str) -> str:
+        """The X-Callback-URL, if callbacks are on and it may be called; ValueError saying why not."""
+        if self.callbacks is None:
+            raise ValueError("X-Callback-URL needs JOB_CALLBACK_SECRET, which signs the callbacks; it is not set")
+        return check_callback_url(url, self.callbacks.allowed_networks)
 
     def wake(self) -> None:
         """A server came or freed a slot: look at the queue now."""

@@ -50,6 +50,12 @@ _CLAIMED = (
     "status = 'running', attempts = attempts + 1, server_id = ?, dispatch = ?, lease_token = ?,"
     " lease_expires_at = ?, started_at = ?, error = NULL"
 )
+# What ending a job sets for its callback: due now, if it has a callback URL.
+_CALLBACK_DUE = (
+    "callback_state = CASE WHEN callback_url IS NULL THEN NULL ELSE 'pending' END,"
+    " callback_due_at = CASE WHEN callback_url IS NULL THEN NULL ELSE ? END"
+)
+CALLBACK_BACKOFF_CAP = 3600.0  # the longest wait between two deliveries of one callback
 ROW_OVERHEAD = 512  # bytes a job costs beyond its bodies and headers, for the size budget
 
 SCHEMA = """
@@ -77,8 +83,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     result_status INTEGER,
     result_headers TEXT,
     result_body BLOB,
-    size INTEGER NOT NULL
+    size INTEGER NOT NULL,
+    callback_due_at REAL,
+    callback_attempts INTEGER NOT NULL DEFAULT 0,
+    callback_state TEXT,
+    callback_error TEXT
 );
+CREATE INDEX IF NOT EXISTS jobs_callbacks ON jobs (callback_due_at) WHERE callback_state = 'pending';
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (priority, seq) WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_at);
 CREATE TABLE IF NOT EXISTS idempotency (
@@ -456,8 +467,9 @@ class SQLiteJobStore:
                 (result.status, headers, result.body, size_delta, job_id),
             )
         self._db.execute(
-            "UPDATE jobs SET status = ?, error = ?, finished_at = ?, lease_expires_at = NULL WHERE job_id = ?",
-            (status, error, now, job_id),
+            f"UPDATE jobs SET status = ?, error = ?, finished_at = ?, lease_expires_at = NULL, {_CALLBACK_DUE}"
+            " WHERE job_id = ?",
+            (status, error, now, now, job_id),
         )
         self._bytes += size_delta
         done = self._get(job_id)
@@ -490,9 +502,11 @@ class SQLiteJobStore:
         if job is None:
             raise JobNotFound(f"no job {job_id}")
         if job.status not in FINISHED:
+            now = self.clock()
             self._db.execute(
-                "UPDATE jobs SET status = 'cancelled', finished_at = ?, lease_expires_at = NULL WHERE job_id = ?",
-                (self.clock(), job_id),
+                f"UPDATE jobs SET status = 'cancelled', finished_at = ?, lease_expires_at = NULL, {_CALLBACK_DUE}"
+                " WHERE job_id = ?",
+                (now, now, job_id),
             )
         after = self._get(job_id)
         assert after is not None
@@ -512,12 +526,46 @@ class SQLiteJobStore:
         self._db.execute(
             "UPDATE jobs SET status = 'queued', attempts = 0, error = NULL, server_id = NULL, dispatch = NULL,"
             " lease_token = NULL, lease_expires_at = NULL, started_at = NULL, finished_at = NULL, seq = ?,"
-            " created_at = ? WHERE job_id = ?",
+            " created_at = ?, callback_state = NULL, callback_due_at = NULL, callback_attempts = 0"
+            " WHERE job_id = ?",
             (self._seq, self.clock(), job_id),
         )
         back = self._get(job_id)
         assert back is not None
         return back
+
+    # -- callbacks -------------------------------------------------------------------------
+
+    def callbacks_due(self, limit: int = 50) -> list[Job]:
+        """Finished jobs whose callback is due now (first try, or a retry whose wait is over)."""
+        return self._run(self._callbacks_due, limit)
+
+    def _callbacks_due(self, limit: int) -> list[Job]:
+        rows = self._db.execute(
+            "SELECT * FROM jobs WHERE callback_state = 'pending' AND callback_due_at <= ?"
+            " ORDER BY callback_due_at LIMIT ?",
+            (self.clock(), limit),
+        )
+        return [_job(row) for row in rows.fetchall()]
+
+    def callback_tried(self, job_id: str, error: str | None, backoff: float, max_attempts: int) -> tuple[str, float]:
+        """Record one delivery: delivered (no error), due again after a backoff, or failed for good.
+
+        The n-th retry waits `backoff` * 4^(n-1) s, at most an hour. Returns the state and the wait.
+        """
+        return self._run(self._callback_tried, job_id, error, backoff, max_attempts)
+
+    def _callback_tried(self, job_id: str, error: str | None, backoff: float, max_attempts: int) -> tuple[str, float]:
+        row = self._db.execute("SELECT callback_attempts FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        tried = (0 if row is None else int(row[0])) + 1
+        wait = min(CALLBACK_BACKOFF_CAP, backoff * 4 ** (tried - 1))
+        state = "delivered" if error is None else "failed" if tried >= max_attempts else "pending"
+        self._db.execute(
+            "UPDATE jobs SET callback_state = ?, callback_due_at = ?, callback_error = ?, callback_attempts = ?"
+            " WHERE job_id = ?",
+            (state, self.clock() + wait if state == "pending" else None, error, tried, job_id),
+        )
+        return state, wait
 
     # -- sweeps ----------------------------------------------------------------------------
 
@@ -552,9 +600,9 @@ class SQLiteJobStore:
     def _purge(self) -> tuple[int, int]:
         now = self.clock()
         expired = self._db.execute(
-            "UPDATE jobs SET status = 'expired', finished_at = ?,"
+            f"UPDATE jobs SET status = 'expired', finished_at = ?, {_CALLBACK_DUE},"
             " error = 'no server took it within JOB_QUEUE_TTL' WHERE status = 'queued' AND created_at <= ?",
-            (now, now - self.queue_ttl),
+            (now, now, now - self.queue_ttl),
         ).rowcount
         finished = tuple(FINISHED)
         placeholders = ", ".join("?" * len(finished))
@@ -597,6 +645,10 @@ def _job(row: tuple[Any, ...]) -> Job:
         result_headers,
         result_body,
         _size,
+        _callback_due_at,
+        _callback_attempts,
+        callback_state,
+        _callback_error,
     ) = row
     result = None
     if result_status is not None:
@@ -620,6 +672,7 @@ def _job(row: tuple[Any, ...]) -> Job:
         error=error,
         callback_url=callback_url,
         result=result,
+        callback_state=callback_state,
     )
 
 

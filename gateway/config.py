@@ -27,7 +27,12 @@ SETUP_HELP = (
 # A secret any shorter can be guessed, and the log redaction blanks out every occurrence of it:
 # with WEBHOOK_SECRET=s, each letter "s" in the logs became [REDACTED].
 MIN_SECRET_LENGTH = 16
-SECRET_SETTINGS = {"webhook_secret": "WEBHOOK_SECRET", "admin_token": "ADMIN_TOKEN", "metrics_token": "METRICS_TOKEN"}
+SECRET_SETTINGS = {
+    "webhook_secret": "WEBHOOK_SECRET",
+    "admin_token": "ADMIN_TOKEN",
+    "metrics_token": "METRICS_TOKEN",
+    "worker_token": "WORKER_TOKEN",
+}
 
 
 class ConfigError(ValueError):
@@ -90,6 +95,9 @@ class Config:
     job_max_attempts: int = 3
     job_lease_seconds: float = 30.0
     queue_when_offline: tuple[str, ...] = ()
+    # Pull workers (docs/jobs.md, "Pull workers")
+    worker_token: str = field(default="", repr=False)
+    worker_max_long_polls: int = 1000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
@@ -166,6 +174,8 @@ class Config:
             "job_max_attempts": reader.get("JOB_MAX_ATTEMPTS", cls.job_max_attempts, _integer(1)),
             "job_lease_seconds": reader.get("JOB_LEASE_SECONDS", cls.job_lease_seconds, _number(min_value=1)),
             "queue_when_offline": reader.get("QUEUE_WHEN_OFFLINE", cls.queue_when_offline, _path_prefixes),
+            "worker_token": reader.optional_secret("WORKER_TOKEN"),
+            "worker_max_long_polls": reader.get("WORKER_MAX_LONG_POLLS", cls.worker_max_long_polls, _integer(1)),
         }
         values.update(overrides)
         _check_secret_lengths(values)

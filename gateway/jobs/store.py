@@ -435,7 +435,7 @@ class SQLiteJobStore:
     def _holders(self, dispatch: str) -> dict[str, list[str]]:
         held: dict[str, list[str]] = {}
         rows = self._db.execute(
-            "SELECT server_id, job_id FROM jobs WHERE status = 'running' AND dispatch = ? ORDER BY started_at",
+            "SELECT server_id, job_id FROM jobs WHERE status = 'running' AND dispatch = ? ORDER BY started_at, seq",
             (dispatch,),
         )
         for holder, job_id in rows:

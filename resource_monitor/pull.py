@@ -16,7 +16,7 @@ from typing import Any
 import requests
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
-from resource_monitor.agent import RETRY_BASE, RETRY_CAP, Refused, retry_delay
+from resource_monitor.agent import RETRY_BASE, RETRY_CAP, Refused, gateway_reply, retry_delay
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +113,12 @@ class PullAgent:
             delay = 0.0
             try:
                 jobs = self.lease(free)
-            except Refused as exc:
+            except (Refused, requests.RequestException, OSError) as exc:
                 failures += 1
-                delay = self.retry_cap  # an operator must act; ask again, but not often
-                log.error("the gateway refused to lease jobs to %s: %s; retrying in %.0f s", self.worker_id, exc, delay)
-            except (requests.RequestException, OSError) as exc:
-                failures += 1
-                delay = retry_delay(failures, self.retry_base, self.retry_cap)
-                log.warning("cannot lease jobs from %s: %s; retrying in %.1f s", self.gateway_url, exc, delay)
+                refused = isinstance(exc, Refused)  # an operator must act: ask again, but not often
+                delay = self.retry_cap if refused else retry_delay(failures, self.retry_base, self.retry_cap)
+                level = logging.ERROR if refused else logging.WARNING
+                log.log(level, "cannot lease jobs from %s: %s; retrying in %.1f s", self.gateway_url, exc, delay)
             else:
                 if failures:
                     log.info("leasing jobs from %s again", self.gateway_url)
@@ -142,7 +140,7 @@ class PullAgent:
         response = self._post("/workers/lease", body, timeout=self.wait + REQUEST_TIMEOUT)
         if response.status_code == 204:
             return []
-        reply = _checked(response)
+        reply = gateway_reply(response, "--pull-from")
         self.lease_seconds = float(reply.get("lease_seconds") or self.lease_seconds)
         return list(reply["jobs"])
 
@@ -271,29 +269,11 @@ class PullAgent:
         response = self._post(f"/jobs/{held.job_id}/{action}", {"lease_token": held.token, **body})
         if response.status_code == 409:
             return None
-        return _checked(response)
+        return gateway_reply(response, "--pull-from")
 
     def _post(self, path: str, body: dict[str, Any], timeout: float = REQUEST_TIMEOUT) -> requests.Response:
         # No redirects: the token would follow one to another host.
         return self._gateway.post(self.gateway_url + path, json=body, timeout=timeout, allow_redirects=False)
-
-
-def _checked(response: requests.Response) -> dict[str, Any]:
-    """The gateway's JSON reply; Refused for what retrying will not mend, HTTPError for what it may."""
-    try:
-        reply = response.json()
-    except ValueError:
-        reply = None
-    if not isinstance(reply, dict):
-        reply = {}
-    if response.ok and reply.get("success") is True:
-        return reply
-    message = f"error {response.status_code}: {reply.get('message') or response.reason}"
-    if reply.get("errors"):
-        message += f" {reply['errors']}"
-    if response.status_code >= 500 or response.status_code in (408, 429):
-        raise requests.HTTPError(message, response=response)
-    raise Refused(message)
 
 
 def _not_sent(exc: requests.RequestException) -> bool:

@@ -76,6 +76,20 @@ def test_a_long_poll_returns_a_job_submitted_after_it_began(gateway_process):
     assert (state["status"], state["server_id"], state["attempts"]) == ("running", "W1", 1)
 
 
+def test_ten_waiting_workers_take_ten_jobs_each_once(gateway_process):
+    gateway = gateway_process()
+    names = [f"W{n}" for n in range(10)]
+    with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
+        polls = [pool.submit(lease, gateway, name, wait_seconds=30) for name in names]
+        assert wait_until(lambda: all(polling(gateway, name) for name in names)), workers(gateway)
+        ids = {submit(gateway, f"/api/echo?n={n}") for n in range(10)}
+        answers = [poll.result(timeout=40) for poll in polls]
+    assert [answer.status_code for answer in answers] == [200] * 10
+    leased = [job["job_id"] for answer in answers for job in answer.json()["jobs"]]
+    assert sorted(leased) == sorted(ids)  # every job once: none lost, none leased twice
+    assert {job_state(gateway, job_id)["server_id"] for job_id in ids} == set(names)
+
+
 @pytest.mark.parametrize("wait", [0, 0.5])
 def test_an_empty_queue_answers_204_after_the_wait(live_gateway, wait):
     gateway = live_gateway()

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,13 +11,11 @@ import pytest
 import requests
 from click.testing import CliRunner
 from conftest import SECRET, free_port, wait_until
-from test_agent import GatewayOnPort
+from test_agent import GatewayOnPort, MonitorProcess
 
 from resource_monitor.__main__ import main
 from resource_monitor.pull import PullAgent
 
-ROOT = Path(__file__).resolve().parents[2]
-FAKES = ROOT / "tests" / "fakes"
 ASYNC = {"Prefer": "respond-async"}
 
 
@@ -41,56 +35,21 @@ def finished(gateway, job_id: str, timeout: float = 20.0) -> dict:
     return job_state(gateway, job_id)
 
 
-class PullProcess:
-    """`python -m resource_monitor --device gpu ... --pull-from URL --forward-to URL`, in its own session."""
-
-    def __init__(self, workdir: Path, gateway_url: str, forward_to: str, *extra: str) -> None:
-        port = free_port()
-        self.log_path = workdir / f"pull-{port}.log"
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(FAKES), str(ROOT), os.environ.get("PYTHONPATH", "")]),
-            "WORKER_TOKEN": SECRET,  # the gateway has no WORKER_TOKEN: its webhook secret serves
-        }
-        command = [
-            *(sys.executable, "-m", "resource_monitor", "--device", "gpu", "--host", "127.0.0.1", "--port", str(port)),
-            *("--pull-from", gateway_url, "--forward-to", forward_to, "--worker-id", "W1", *extra),
-        ]
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout: float = 20) -> int:
-        """SIGTERM (by the PID we started), and its exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
-            pytest.fail(f"the agent did not exit within {timeout} s of SIGTERM:\n{self.log()}")
-
-
 @pytest.fixture
-def pull_process(tmp_path: Path) -> Iterator[Callable[..., PullProcess]]:
-    """Start pull agents as subprocesses; any still running is killed at the end of the test."""
-    started: list[PullProcess] = []
+def pull_process(tmp_path: Path) -> Iterator[Callable[..., MonitorProcess]]:
+    """Start `--pull-from` monitors (worker W1) as subprocesses; any still running is killed at the end."""
+    started: list[MonitorProcess] = []
 
-    def start(gateway_url: str, forward_to: str, *extra: str) -> PullProcess:
-        process = PullProcess(tmp_path, gateway_url, forward_to, *extra)
+    def start(gateway_url: str, forward_to: str, *extra: str) -> MonitorProcess:
+        pulls = ("--pull-from", gateway_url, "--forward-to", forward_to, "--worker-id", "W1")
+        # The gateway has no WORKER_TOKEN: its webhook secret serves.
+        process = MonitorProcess(tmp_path, *pulls, *extra, env={"WORKER_TOKEN": SECRET})
         started.append(process)
         return process
 
     yield start
     for process in started:
-        if process.process.poll() is None:
-            process.process.kill()
-            process.process.wait(timeout=10)
+        process.kill()
 
 
 @pytest.fixture

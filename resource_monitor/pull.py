@@ -97,6 +97,12 @@ class PullAgent:
     # -- leasing ---------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._lease_loop()
+        finally:
+            self._gateway.close()
+
+    def _lease_loop(self) -> None:
         failures = 0
         while not self._stop.is_set():
             with self._lock:

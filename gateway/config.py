@@ -32,6 +32,7 @@ SECRET_SETTINGS = {
     "admin_token": "ADMIN_TOKEN",
     "metrics_token": "METRICS_TOKEN",
     "job_callback_secret": "JOB_CALLBACK_SECRET",
+    "worker_token": "WORKER_TOKEN",
 }
 
 
@@ -98,6 +99,9 @@ class Config:
     job_callback_secret: str = field(default="", repr=False)
     job_callback_attempts: int = 8
     job_callback_backoff: float = 5.0
+    # Pull workers (docs/jobs.md, "Pull workers")
+    worker_token: str = field(default="", repr=False)
+    worker_max_long_polls: int = 1000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
@@ -179,6 +183,8 @@ class Config:
             "job_callback_backoff": reader.get(
                 "JOB_CALLBACK_BACKOFF", cls.job_callback_backoff, _number(min_value=0.1)
             ),
+            "worker_token": reader.optional_secret("WORKER_TOKEN"),
+            "worker_max_long_polls": reader.get("WORKER_MAX_LONG_POLLS", cls.worker_max_long_polls, _integer(1)),
         }
         values.update(overrides)
         _check_secret_lengths(values)

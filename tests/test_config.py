@@ -33,7 +33,7 @@ def test_missing_secret_refuses_to_start_and_says_how(env):
     assert "export WEBHOOK_SECRET" in str(info.value)
 
 
-@pytest.mark.parametrize("name", ["WEBHOOK_SECRET", "ADMIN_TOKEN", "METRICS_TOKEN"])
+@pytest.mark.parametrize("name", ["WEBHOOK_SECRET", "ADMIN_TOKEN", "METRICS_TOKEN", "WORKER_TOKEN"])
 @pytest.mark.parametrize("value", ["s", "x" * 15])
 def test_a_short_secret_refuses_to_start_and_says_how_to_make_one(name, value):
     # WEBHOOK_SECRET=s made the log redaction turn every letter "s" into [REDACTED].
@@ -44,7 +44,7 @@ def test_a_short_secret_refuses_to_start_and_says_how_to_make_one(name, value):
     assert "x" * 15 not in str(info.value)  # the message never shows the secret
 
 
-@pytest.mark.parametrize("name", ["WEBHOOK_SECRET", "ADMIN_TOKEN", "METRICS_TOKEN"])
+@pytest.mark.parametrize("name", ["WEBHOOK_SECRET", "ADMIN_TOKEN", "METRICS_TOKEN", "WORKER_TOKEN"])
 def test_a_secret_of_16_characters_is_accepted(name):
     config = Config.from_env({**BASE, name: "x" * 16})
     assert getattr(config, name.lower()) == "x" * 16
@@ -124,6 +124,8 @@ def test_parsed_values():
         ("JOB_CALLBACK_SECRET", "short"),
         ("JOB_CALLBACK_ATTEMPTS", "0"),
         ("JOB_CALLBACK_BACKOFF", "0"),
+        ("WORKER_MAX_LONG_POLLS", "0"),
+        ("WORKER_TOKEN", " padded-worker-token-1 "),
     ],
 )
 def test_bad_value_names_the_variable(name, value):
@@ -230,3 +232,11 @@ def test_the_job_settings():
     callbacks = Config.from_env({**BASE, "JOB_CALLBACK_SECRET": "whsec_" + "A" * 43, "JOB_CALLBACK_ATTEMPTS": "3"})
     assert (callbacks.job_callback_secret, callbacks.job_callback_attempts) == ("whsec_" + "A" * 43, 3)
     assert "whsec_" not in repr(callbacks)
+
+
+def test_the_pull_worker_settings():
+    defaults = Config.from_env(BASE)
+    assert (defaults.worker_token, defaults.worker_max_long_polls) == ("", 1000)
+    config = Config.from_env({**BASE, "WORKER_TOKEN": "w" * 16, "WORKER_MAX_LONG_POLLS": "5"})
+    assert (config.worker_token, config.worker_max_long_polls) == ("w" * 16, 5)
+    assert "w" * 16 not in repr(config)

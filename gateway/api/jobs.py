@@ -20,7 +20,7 @@ from gateway.config import Config
 from gateway.errors import error_response
 from gateway.jobs import intake
 from gateway.jobs.callbacks import CallbackSender
-from gateway.jobs.records import STATUSES, SUCCEEDED, Job, JobError, JobRequest
+from gateway.jobs.records import PULL, STATUSES, SUCCEEDED, Job, JobError, JobRequest
 from gateway.jobs.service import JobService
 from gateway.jobs.store import SQLiteJobStore
 from gateway.observability.job_metrics import JobMetrics
@@ -136,10 +136,9 @@ def retry_job(job_id: str) -> Response:
     if isinstance(job, Response):
         return job
     try:
-        again = jobs().store.retry(job_id)
+        again = jobs().retry(job_id)
     except JobError as exc:
         return error_response(exc.status, str(exc))
-    jobs().wake()
     log.info("job %s queued again by the operator", job_id)
     return jsonify(job_reply(again))
 
@@ -147,6 +146,8 @@ def retry_job(job_id: str) -> Response:
 def remember_task(affinity: TaskAffinity, job: Job) -> None:
     """A finished job whose answer names a task_id records task affinity, as a synchronous answer does."""
     if job.status != SUCCEEDED or job.result is None or job.server_id is None:
+        return
+    if job.dispatch == PULL:  # a pull worker cannot be sent the task's later requests: nothing to own
         return
     encoding = next((value for name, value in job.result.headers if name.lower() == "content-encoding"), "")
     task_id = find_task_id(decoded(job.result.body[: 64 * 1024], encoding))
@@ -196,6 +197,7 @@ def init_app(app: Flask) -> None:
         )
         if config.job_callback_secret
         else None,
+        max_long_polls=config.worker_max_long_polls,
     )
     app.extensions["jobs"] = service
     proxy.jobs = service

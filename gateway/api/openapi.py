@@ -18,14 +18,19 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, Flask, Response, current_app
 from marshmallow import fields
 
-from gateway.api import admin, dashboard, jobs, llm, replies, status, webhook
+from gateway.api import admin, dashboard, jobs, llm, replies, status, webhook, workers
 from gateway.api.schemas import (
     NAME_PATTERN,
     Count,
+    JobAnswerSchema,
+    JobFailureSchema,
+    LeaseSchema,
+    LeaseTokenSchema,
     ModelRequestSchema,
     Name,
     Port,
     RegisterSchema,
+    Seconds,
     ServerIdSchema,
     ServerOptionsSchema,
 )
@@ -63,6 +68,12 @@ SECURITY_SCHEMES = {
         "description": "ADMIN_TOKEN as a Bearer token. While ADMIN_TOKEN is unset, the webhook secret"
         " (X-Webhook-Secret or Bearer) opens the admin endpoints instead.",
     },
+    "workerToken": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "WORKER_TOKEN as a Bearer token, for pull workers. While WORKER_TOKEN is unset, the"
+        " webhook secret, as a Bearer token too.",
+    },
     "metricsToken": {
         "type": "http",
         "scheme": "bearer",
@@ -78,6 +89,7 @@ SECURITY_SCHEMES = {
 OPEN: list[dict[str, list[str]]] = []
 WEBHOOK: list[dict[str, list[str]]] = [{"webhookSecret": []}, {"webhookBearer": []}]
 ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}, {"webhookSecret": []}]
+WORKER: list[dict[str, list[str]]] = [{"workerToken": []}]
 
 ERROR_RESPONSES = {
     400: ("BadRequest", "The body is not a JSON object, or a field is invalid (`errors` names each)."),
@@ -90,6 +102,11 @@ ERROR_RESPONSES = {
     422: ("KeyReused", "This Idempotency-Key was used for a different request."),
     502: ("JobFailed", "The job failed before any server answered; `message` says why."),
     507: ("StoreFull", "The job store is at JOB_STORE_MAX_BYTES; try again when jobs have finished."),
+}
+# Errors that share a status with one above but mean something else.
+OTHER_ERRORS = {
+    "TooManyPolls": "WORKER_MAX_LONG_POLLS long polls are open; try again after Retry-After seconds.",
+    "StaleLease": "The lease token is not the job's current one: its lease ran out and moved on. Nothing changed.",
 }
 
 
@@ -180,6 +197,23 @@ def proxied_operations() -> dict[str, dict[str, Any]]:
 def job_operation(ok: dict[str, Any], *errors: int, **extra: Any) -> dict[str, Any]:
     """A job's own endpoint: its id is the credential (128 random bits)."""
     return operation("jobs", OPEN, ok, 404, *errors, **extra)
+
+
+def held_job_operation(body: Any) -> dict[str, Any]:
+    """A pull worker's call about a job it holds: the worker credential and the job's lease token."""
+    described = operation("workers", WORKER, reply(replies.HeldJobReplySchema), 400, 401, 404, 413)
+    described["responses"]["409"] = "StaleLease"
+    return {**described, "requestBody": json_body(body)}
+
+
+def lease_operation() -> dict[str, Any]:
+    """`POST /workers/lease`: jobs, or 204 when none came within wait_seconds."""
+    described = operation(
+        "workers", WORKER, reply(replies.LeaseReplySchema), 400, 401, 413, requestBody=json_body(LeaseSchema)
+    )
+    described["responses"]["204"] = {"description": "No job came within wait_seconds."}
+    described["responses"]["503"] = "TooManyPolls"
+    return described
 
 
 # At least one option: an empty change is a 400 that says so.
@@ -280,6 +314,11 @@ OPERATIONS: dict[Callable[..., Any], dict[str, dict[str, Any]]] = {
     jobs.cancel_job: {"delete": job_operation(reply(replies.JobReplySchema), 409)},
     jobs.list_jobs: {"get": admin_operation(replies.JobListReplySchema, 400)},
     jobs.retry_job: {"post": admin_operation(replies.JobReplySchema, 404, 409)},
+    workers.lease: {"post": lease_operation()},
+    workers.heartbeat: {"post": held_job_operation(LeaseTokenSchema)},
+    workers.complete: {"post": held_job_operation(JobAnswerSchema)},
+    workers.fail: {"post": held_job_operation(JobFailureSchema)},
+    workers.list_workers: {"get": admin_operation(replies.WorkerListReplySchema)},
 }
 
 
@@ -306,7 +345,7 @@ def build_spec(app: Flask) -> dict[str, Any]:
     plugin.converter.add_attribute_function(field_properties)
     spec.components.schema("Error", schema=replies.ErrorSchema)
     spec.components.schema("AdminRegister", schema=RegisterSchema(exclude=("secret",)))  # the secret goes in a header
-    for name, description in ERROR_RESPONSES.values():
+    for name, description in [*ERROR_RESPONSES.values(), *OTHER_ERRORS.items()]:
         spec.components.response(name, reply("Error", description))
     for scheme, definition in SECURITY_SCHEMES.items():
         spec.components.security_scheme(scheme, definition)
@@ -340,6 +379,8 @@ def field_properties(self: Any, field: fields.Field, ret: dict[str, Any], **kwar
         found = {"minimum": 1, "maximum": 65535, "description": f"{WHOLE_NUMBER}, or a string of its digits"}
     elif isinstance(field, Count):
         found = {"minimum": field.low, "maximum": field.high, "description": WHOLE_NUMBER}
+    elif isinstance(field, Seconds):
+        found = {"minimum": field.low, "maximum": field.high}
     elif isinstance(field, Name):  # its check is in code, not a Regexp validator apispec could read
         found = {"pattern": ecma_pattern(NAME_PATTERN.pattern)}
     elif isinstance(field, fields.Dict):

@@ -68,6 +68,7 @@ class Dispatcher:
         max_result_bytes: int,
         started: Callable[[Job], None] | None = None,
         rename: Callable[[JobRequest, str], bytes] | None = None,
+        requeued: Callable[[Job], None] | None = None,
     ) -> None:
         self.store = store
         self.manager = manager
@@ -78,6 +79,7 @@ class Dispatcher:
         self.max_result_bytes = max_result_bytes
         self.started = started
         self.rename = rename  # an LLM job's body with the model named as the server names it (model_map)
+        self.requeued = requeued
         self.running: dict[str, Run] = {}  # job id -> its request in flight
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -169,6 +171,8 @@ class Dispatcher:
             lease.release()
         if done.status != QUEUED:  # a slot is free: the next job may take it (a refused one waits a round)
             self.wake()
+        elif self.requeued is not None:  # back in the queue: a pull worker may take it before the next round
+            self.requeued(done)
         if done.finished and not (run.cancelled and not run.requeue):  # a cancel told its own end
             self.finished(done)
 

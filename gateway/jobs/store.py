@@ -365,27 +365,93 @@ class SQLiteJobStore:
         `task_types` limits it to the routes or models a worker serves; `skip` leaves out job ids
         the caller already found no server for. The attempt is counted now.
         """
-        return self._run(self._claim, holder, dispatch, lease_seconds, tuple(task_types or ()), tuple(skip))
+        claimed = self.claim_many(holder, dispatch, lease_seconds, 1, task_types, skip=skip)
+        return claimed[0] if claimed else None
 
-    def _claim(
-        self, holder: str, dispatch: str, lease_seconds: float, task_types: tuple[str, ...], skip: tuple[str, ...]
-    ) -> Job | None:
+    def claim_many(
+        self,
+        holder: str,
+        dispatch: str,
+        lease_seconds: float,
+        limit: int,
+        task_types: Sequence[str] | None = None,
+        models: Sequence[str] = (),
+        skip: Iterable[str] = (),
+        max_bytes: int | None = None,
+    ) -> list[Job]:
+        """Take up to `limit` queued jobs in order, each with a lease token of its own.
+
+        A job matches when its task type is one of `task_types` or its model one of `models`
+        (neither given: any job). `max_bytes` bounds what the jobs hold together, so one answer
+        that carries them stays bounded; the first job is always taken.
+        """
+        return self._run(
+            self._claim_many,
+            holder,
+            dispatch,
+            lease_seconds,
+            limit,
+            tuple(task_types or ()),
+            tuple(models),
+            tuple(skip),
+            max_bytes,
+        )
+
+    def _claim_many(
+        self,
+        holder: str,
+        dispatch: str,
+        lease_seconds: float,
+        limit: int,
+        task_types: tuple[str, ...],
+        models: tuple[str, ...],
+        skip: tuple[str, ...],
+        max_bytes: int | None,
+    ) -> list[Job]:
         now = self.clock()
         where = "status = 'queued'"
         args: list[str] = []
+        matches = []
         if task_types:
-            where += f" AND task_type IN ({', '.join('?' * len(task_types))})"
+            matches.append(f"task_type IN ({', '.join('?' * len(task_types))})")
             args.extend(task_types)
+        if models:
+            matches.append(f"model IN ({', '.join('?' * len(models))})")
+            args.extend(models)
+        if matches:
+            where += f" AND ({' OR '.join(matches)})"
         if skip:
             where += f" AND job_id NOT IN ({', '.join('?' * len(skip))})"
             args.extend(skip)
-        row = self._db.execute(
-            f"UPDATE jobs SET {_CLAIMED}"
-            f" WHERE job_id = (SELECT job_id FROM jobs WHERE {where} ORDER BY priority, seq LIMIT 1)"
-            " RETURNING *",
-            (holder, dispatch, new_lease_token(), now + lease_seconds, now, *args),
-        ).fetchone()
-        return None if row is None else _job(row)
+        rows = self._db.execute(
+            f"SELECT job_id, size FROM jobs WHERE {where} ORDER BY priority, seq LIMIT ?", (*args, limit)
+        ).fetchall()
+        claimed: list[Job] = []
+        total = 0
+        for job_id, size in rows:
+            total += size
+            if claimed and max_bytes is not None and total > max_bytes:
+                break
+            row = self._db.execute(
+                f"UPDATE jobs SET {_CLAIMED} WHERE job_id = ? RETURNING *",
+                (holder, dispatch, new_lease_token(), now + lease_seconds, now, job_id),
+            ).fetchone()
+            claimed.append(_job(row))
+        return claimed
+
+    def holders(self, dispatch: str) -> dict[str, list[str]]:
+        """The running jobs of one dispatch kind, by the holder that runs them (ids only)."""
+        return self._run(self._holders, dispatch)
+
+    def _holders(self, dispatch: str) -> dict[str, list[str]]:
+        held: dict[str, list[str]] = {}
+        rows = self._db.execute(
+            "SELECT server_id, job_id FROM jobs WHERE status = 'running' AND dispatch = ? ORDER BY started_at, seq",
+            (dispatch,),
+        )
+        for holder, job_id in rows:
+            held.setdefault(holder, []).append(job_id)
+        return held
 
     def queued(self, limit: int = 200) -> list[Job]:
         """The next `limit` queued jobs, in the order they are to run."""

@@ -13,7 +13,7 @@ from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from gateway import __version__, errors
-from gateway.api import admin, dashboard, jobs, llm, openapi, status, workers
+from gateway.api import admin, dashboard, jobs, llm, openapi, status, worker_socket, workers
 from gateway.api.webhook import register_webhook_routes
 from gateway.config import Config, ConfigError, parse_bind
 from gateway.fleet.health import HealthChecker
@@ -67,6 +67,7 @@ def create_app(config: Config | None = None) -> Flask:
     views.init_app(app)
     jobs.init_app(app)  # after the proxy: it lets the proxy turn requests into jobs
     workers.init_app(app)  # after the jobs: the pull workers' endpoints call the JobService
+    worker_socket.init_app(app)
     llm.init_app(app)
     openapi.init_app(app)  # after every route: it describes them
     app.wsgi_app = views.FastPath(app, app.wsgi_app)  # type: ignore[method-assign]  # after every route

@@ -18,7 +18,7 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, Flask, Response, current_app
 from marshmallow import fields
 
-from gateway.api import admin, dashboard, jobs, llm, replies, status, webhook, workers
+from gateway.api import admin, dashboard, jobs, llm, replies, status, webhook, worker_socket, workers
 from gateway.api.schemas import (
     NAME_PATTERN,
     Count,
@@ -315,6 +315,21 @@ OPERATIONS: dict[Callable[..., Any], dict[str, dict[str, Any]]] = {
     jobs.list_jobs: {"get": admin_operation(replies.JobListReplySchema, 400)},
     jobs.retry_job: {"post": admin_operation(replies.JobReplySchema, 404, 409)},
     workers.lease: {"post": lease_operation()},
+    worker_socket.worker_socket: {
+        "get": {
+            "tags": ["workers"],
+            "security": WORKER,
+            "description": "Upgrade to a WebSocket (RFC 6455). The worker's first message is"
+            ' {"type": "hello", "worker_id", "routes" or "models", "max_jobs"}; jobs then come in seed'
+            ' 004\'s envelope, each answered with {"type": "result", "request_id", "error", "result"}.'
+            " See docs/jobs.md.",
+            "responses": {
+                "101": {"description": "Switching Protocols: the WebSocket is open."},
+                "400": ERROR_RESPONSES[400][0],
+                "401": ERROR_RESPONSES[401][0],
+            },
+        }
+    },
     workers.heartbeat: {"post": held_job_operation(LeaseTokenSchema)},
     workers.complete: {"post": held_job_operation(JobAnswerSchema)},
     workers.fail: {"post": held_job_operation(JobFailureSchema)},

@@ -18,6 +18,7 @@ from werkzeug.serving import make_server
 from resource_monitor.agent import RegistrationAgent
 from resource_monitor.app import close_app, create_app
 from resource_monitor.pull import PullAgent
+from resource_monitor.pull_ws import WebSocketPullAgent
 from resource_monitor.settings import DEFAULT_PORTS, DEVICE_TYPES, Settings, SettingsError
 
 log = logging.getLogger("resource_monitor")
@@ -163,6 +164,12 @@ def default_worker_id() -> str:
     default=None,
 )
 @click.option(
+    "--transport",
+    type=click.Choice(["http", "ws"]),
+    default=None,
+    help="How pulled jobs come: HTTP long polls, or pushed over the gateway's WebSocket [default: http].",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
     default="INFO",
@@ -188,6 +195,7 @@ def main(
     models: tuple[str, ...],
     max_jobs: int | None,
     wait: float | None,
+    transport: str | None,
     log_level: str,
 ) -> None:
     """Serve this host's CPU, memory, disk and GPU readings: /health, /resources and /check."""
@@ -197,6 +205,8 @@ def main(
         raise click.UsageError(str(exc)) from None
     agent_options = agent_settings(register_to, server_id, service_port, token_file)
     pull_options = pull_settings(pull_from, forward_to, worker_token, worker_id, routes, models, max_jobs, wait)
+    if transport is not None and pull_options is None:
+        raise click.UsageError("--transport is for pulling jobs: give --pull-from too")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if log_level.upper() != "DEBUG":
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per poll
@@ -221,9 +231,13 @@ def main(
             **agent_options, monitor_port=server.server_port, advertise_ip=advertise_ip, heartbeat=heartbeat
         )
         agent.start()
-    puller = None
+    puller: PullAgent | None = None
     if pull_options is not None:
-        puller = PullAgent(**pull_options)
+        if transport == "ws":
+            del pull_options["wait"]  # jobs are pushed: there is no poll to wait in
+            puller = WebSocketPullAgent(**pull_options)
+        else:
+            puller = PullAgent(**pull_options)
         puller.start()
         log.info("pulling jobs from %s for %s", puller.gateway_url, puller.forward_to)
     stop.wait()

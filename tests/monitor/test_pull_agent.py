@@ -15,6 +15,7 @@ from test_agent import GatewayOnPort, MonitorProcess
 
 from resource_monitor.__main__ import main
 from resource_monitor.pull import PullAgent
+from resource_monitor.pull_ws import WebSocketPullAgent
 
 ASYNC = {"Prefer": "respond-async"}
 
@@ -110,9 +111,44 @@ def test_sigterm_hands_back_a_running_job_and_exits_0(gateway_process, fake_serv
     assert "handed back" in agent.log()
 
 
+def test_the_websocket_agent_gets_jobs_pushed_and_a_stop_queues_its_job_again(
+    gateway_process, fake_servers, pull_process
+):
+    gateway = gateway_process()
+    gpu = fake_servers("local")
+    agent = pull_process(gateway.url, url(gpu), "--transport", "ws", "--max-jobs", "2")
+    job_id = submit(gateway, "/api/echo?n=2", b"over the socket")
+    state = finished(gateway, job_id)
+    assert (state["status"], state["server_id"]) == ("succeeded", "W1"), agent.log()
+    echo = requests.get(f"{gateway.url}/jobs/{job_id}/result", timeout=5).json()
+    assert (echo["body"], echo["headers"]["Idempotency-Key"]) == ("over the socket", job_id)
+    slow = submit(gateway, "/api/slow?delay=30", method="GET")
+    assert wait_until(lambda: job_state(gateway, slow)["status"] == "running", 20), agent.log()
+    assert agent.stop() == 0
+    assert wait_until(lambda: job_state(gateway, slow)["status"] == "queued", 10), agent.log()
+    assert "disconnected" in job_state(gateway, slow)["error"]
+    assert SECRET not in agent.log()
+
+
+def test_a_cancel_pushed_over_the_socket_stops_the_job(gateway_process, fake_servers):
+    gateway = gateway_process()
+    gpu = fake_servers("local")
+    agent = WebSocketPullAgent(gateway.url, SECRET, url(gpu), "W1", routes=["/api/"], retry_base=0.05)
+    agent.start()
+    try:
+        job_id = submit(gateway, "/api/slow?delay=20", method="GET")
+        assert wait_until(lambda: job_id in agent.held, 20)
+        requests.delete(f"{gateway.url}/jobs/{job_id}", timeout=5)
+        assert wait_until(lambda: agent.held.get(job_id) is None or agent.held[job_id].over.is_set(), 10)
+        assert job_state(gateway, job_id)["status"] == "cancelled"
+    finally:
+        agent.stop()
+
+
 @pytest.mark.parametrize(
     ("args", "env", "message"),
     [
+        (["--transport", "ws"], {}, "--pull-from"),
         (["--forward-to", "http://127.0.0.1:8000"], {}, "--pull-from"),
         (["--routes", "/api/"], {}, "--pull-from"),
         (["--pull-from", "http://127.0.0.1:5000"], {}, "WORKER_TOKEN"),

@@ -122,8 +122,8 @@ def fake_servers() -> Iterator[Callable[..., FakeGPUServer]]:
     """Start fake GPU servers on 127.0.0.1; all are stopped at the end of the test."""
     servers: list[FakeGPUServer] = []
 
-    def start(server_id: str, port: int = 0) -> FakeGPUServer:
-        server = FakeGPUServer(server_id, "127.0.0.1", port).start()
+    def start(server_id: str, port: int = 0, keep_keys: bool = False) -> FakeGPUServer:
+        server = FakeGPUServer(server_id, "127.0.0.1", port, keep_keys=keep_keys).start()
         servers.append(server)
         return server
 

@@ -221,8 +221,11 @@ class JobService:
             took = job.finished_at - job.started_at
             average = self._run_seconds.get(job.task_type)
             self._run_seconds[job.task_type] = took if average is None else average + RUN_TIME_WEIGHT * (took - average)
-        log.info("job %s %s after %d attempts%s", job.job_id, job.status, job.attempts,
-                 f": {job.error}" if job.error else "")  # fmt: skip
+        if job.status == FAILED:  # kept for the operator: GET /admin/jobs?status=failed, and retry
+            log.warning("job %s is a dead letter after %d attempts: %s", job.job_id, job.attempts, job.error)
+        else:
+            log.info("job %s %s after %d attempts%s", job.job_id, job.status, job.attempts,
+                     f": {job.error}" if job.error else "")  # fmt: skip
         with self._waiters_lock:
             waiting = list(self._waiters.get(job.job_id, ()))
         for event in waiting:

@@ -237,3 +237,31 @@ def test_the_queue_shows_in_the_metrics(live_gateway, fake_servers):
     assert "gateway_job_wait_seconds_count 2.0" in metrics
     assert "gateway_job_run_seconds_count 2.0" in metrics
     assert "gateway_job_dead_letters 0.0" in metrics
+
+
+@pytest.mark.slow
+def test_kill_9_with_a_thousand_queued_and_twenty_running_and_every_job_runs_once(gateway_process, fake_servers):
+    """The issue's own test: a GPU that keeps Idempotency-Keys sees each job's work done once, whatever died."""
+    gateway = gateway_process()
+    server = fake_servers("B1", keep_keys=True)
+    register(gateway, server, max_concurrent=20)
+    session = requests.Session()
+    running = [
+        session.get(f"{gateway.url}/api/slow?delay=25&n={n}", headers=ASYNC, timeout=5).json()["job_id"]
+        for n in range(20)
+    ]
+    assert wait_until(lambda: sum(1 for r in server.requests if r["path"] == "/api/slow") >= 20, 20)
+    queued = [
+        session.post(f"{gateway.url}/api/echo?n={n}", data=b"%d" % n, headers=ASYNC, timeout=5).json()["job_id"]
+        for n in range(1000)
+    ]
+    counts = requests.get(gateway.url + "/admin/jobs?limit=1", headers=ADMIN, timeout=5).json()["data"]["counts"]
+    assert (counts["running"], counts["queued"]) == (20, 1000)
+    gateway.kill()  # SIGKILL, with 20 requests on the GPU and 1,000 jobs waiting
+    restarted = gateway_process()
+    register(restarted, server, max_concurrent=20)
+    for job_id in running + queued:
+        assert finished(restarted, job_id, timeout=60)["status"] == "succeeded"
+    assert set(server.runs) == set(running + queued)  # the key each job went with is its id
+    assert set(server.runs.values()) == {1}  # and each one's work was done once
+    session.close()

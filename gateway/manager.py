@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Any, NamedTuple
 
 from gateway.fleet import records
-from gateway.fleet.health import HealthChecker, HealthResult
+from gateway.fleet.health import HealthChecker, HealthResult, Target
 from gateway.fleet.model_discovery import ModelDiscoverer
 from gateway.fleet.monitor_reader import MonitorReader
 from gateway.fleet.records import Registrant, Registration, Transition
@@ -66,6 +66,9 @@ class BackendManager:
         self.queue_max_size = 100
         self.observers: list[Any] = []  # told server_removed(id) and health_checked(results, seconds)
         self.change_listeners: list[Callable[[], None]] = []  # called under the lock after each change: no I/O
+        # Check a server at once when `register` adds it, moves it, or hears from it while it is
+        # unhealthy (tests that do not look at health switch it off, as they set the sweep an hour apart).
+        self.check_on_register = True
         self.configure(store, failure_threshold, health_check_interval, health_checker)
 
     def configure(
@@ -239,8 +242,11 @@ class BackendManager:
         monitor_url: str | None = None,
         options: dict[str, Any] | None = None,
     ) -> tuple[BackendServer, bool]:
-        """Add a server, or update one's address in place; return it and whether it is new (see `register`)."""
-        registration = self.register(server_id, ip, port, monitor_url, options)
+        """Add a server, or update one's address in place; return it and whether it is new (see `register`).
+
+        The seed's call, as the seed made it: the server waits for the sweep to be checked.
+        """
+        registration = self.register(server_id, ip, port, monitor_url, options, check=False)
         return registration.server, registration.created
 
     def register(
@@ -251,12 +257,15 @@ class BackendManager:
         monitor_url: str | None = None,
         options: dict[str, Any] | None = None,
         registrant: Registrant | None = None,
+        check: bool = True,
     ) -> Registration:
         """Add a server, or update one's address in place, if `registrant` may; FleetFull or TokenRefused if not.
 
         A new address resets the server's health (the seed's IP change). The same address
         again is a heartbeat: health is kept, or an agent re-registering every 30 s would
-        hide a dead service from the health checks, and nothing needs writing. `options`
+        hide a dead service from the health checks, and nothing needs writing. With `check`, a
+        server that has not passed a check at its address (new, moved) or is unhealthy is
+        checked at once, in the background: the call returns first. `options`
         (weight, priority, ...) that are given replace the server's; absent ones are kept, so
         a heartbeat never undoes what an operator set.
         """
@@ -278,10 +287,24 @@ class BackendManager:
         if change is None:
             self.registry.persist(version)  # a no-op unless an earlier save of this state failed
             log.debug("server %s registered again at %s (unchanged)", server_id, copied.url)
+            if check:
+                self._check_soon(copied)
             return Registration(copied, False, claim.kept_by_operator, None)
         self._save(change)
         records.log_registration(existing, copied, claim)
+        if check:
+            self._check_soon(copied)
         return Registration(copied, existing is None, claim.kept_by_operator, claim.server_token)
+
+    def _check_soon(self, server: BackendServer) -> None:
+        """Check a registered server now, in the background, unless it has passed a check at its address.
+
+        A new or moved server is checked before the next sweep, so an address that is down leaves
+        the rotation within a check's timeout (until then it takes traffic: see records.count_check);
+        an unhealthy one that registers again (it restarted) is back as soon as it answers.
+        """
+        if self.check_on_register and not records.has_passed(server):
+            self.health_job.check_soon([Target(server.server_id, server.url)])
 
     def _place(self, server_id: str, server: BackendServer, existing: BackendServer | None) -> int:
         """Under the lock: put a registration's record in the fleet, in place of `existing`; the new version."""

@@ -1,11 +1,16 @@
 """Take the README's dashboard screenshot (docs/dashboard.png) from a real gateway and headless chromium.
 
+The charts need 15 minutes of traffic, which a screenshot cannot wait for: the script counts a
+made-up 15 minutes through the metrics' own request_done (the proxy's path into the ring buffer),
+on a clock set back 15 minutes, then sends real requests through the gateway.
+
 Run it from the repository root:  .venv/bin/python scripts/dashboard_screenshot.py
 It needs selenium (requirements-dev.txt) and Debian's chromium and chromium-driver.
 """
 
 from __future__ import annotations
 
+import math
 import secrets
 import shutil
 import sys
@@ -33,6 +38,12 @@ from gateway.fleet.resources import parse_reading  # noqa: E402
 GIB = 2**30
 OUTPUT = ROOT / "docs" / "dashboard.png"
 FLEET = {"gpu-a": (80, 22), "gpu-b": (80, 61), "gpu-c": (24, 9), "gpu-d": (48, 40)}  # total, used GiB
+OPTIONS = {
+    "gpu-a": {"models": ["llama3.1:70b"], "max_concurrent": 8},
+    "gpu-b": {"models": ["llama3.1:70b", "qwen2.5:32b"], "max_concurrent": 8, "weight": 2},
+    "gpu-c": {"models": ["llama3.1:8b"], "max_concurrent": 4},
+    "gpu-d": {"models": ["qwen2.5:32b"], "priority": 2},
+}
 MONITOR_URL = "http://127.0.0.1:9/resources"  # never answers: readings are handed in below
 
 
@@ -43,6 +54,28 @@ def reading(total_gib: int, used_gib: int) -> object:
     document = {"device_type": "gpu", "cpu": {"percent": 12}, "disk": {"percent": 40},
                 "memory": {"total": 64 * GIB, "available": 40 * GIB, "percent": 37}, "gpus": [gpu]}  # fmt: skip
     return parse_reading(document, time.monotonic())
+
+
+def replay_traffic(metrics: object, minutes: int = 15) -> None:
+    """Count `minutes` of made-up requests into the metrics, on a clock that runs from then to now."""
+    history = metrics.history  # type: ignore[attr-defined]
+    real_clock, offset = history.clock, [-60.0 * minutes]
+    history.clock = lambda: real_clock() + offset[0]
+    try:
+        for step in range(minutes * 6):  # one 10 s bucket at a time
+            offset[0] = -60.0 * minutes + 10 * step
+            wave = 1 + math.sin(step / 9)
+            for n, server_id in enumerate(FLEET):
+                if server_id == "gpu-d" and step > minutes * 6 - 20:
+                    continue  # it died three minutes ago
+                count = int(12 + 10 * n + 25 * wave) if server_id != "gpu-c" else int(6 + 4 * wave)
+                failing = server_id == "gpu-d" and step > minutes * 6 - 30  # failing before it died
+                for i in range(count):
+                    seconds = 0.04 * (1 + n) * (1 + (i % 20 == 0) * 6 * wave)  # every 20th is slow
+                    status = 502 if failing and i % 3 == 0 else 200
+                    metrics.request_done(server_id, "POST", status, seconds)  # type: ignore[attr-defined]
+    finally:
+        history.clock = real_clock
 
 
 def main() -> None:
@@ -65,12 +98,15 @@ def main() -> None:
     try:
         threading.Thread(target=gateway.serve_forever, daemon=True).start()
         for server in servers:
-            manager.register_server(server.server_id, "127.0.0.1", server.port, monitor_url=MONITOR_URL)
-        for _ in range(23):
-            requests.get(url + "/api/echo", timeout=5)
+            options = OPTIONS[server.server_id]
+            manager.register_server(server.server_id, "127.0.0.1", server.port, MONITOR_URL, options=options)
         servers[3].stop()
+        replay_traffic(app.extensions["metrics"])
+        for _ in range(40):
+            requests.get(url + "/api/echo", timeout=5)
         for _ in range(3):
             manager.run_health_sweep()
+        manager.set_draining("gpu-c", True)
         manager.apply_readings([(s.server_id, MONITOR_URL, reading(*FLEET[s.server_id])) for s in servers])
 
         options = webdriver.ChromeOptions()
@@ -78,16 +114,17 @@ def main() -> None:
         for argument in (
             "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            f"--user-data-dir={workdir / 'chromium'}", "--window-size=1200,500",
+            f"--user-data-dir={workdir / 'chromium'}", "--window-size=1200,900",
         ):  # fmt: skip
             options.add_argument(argument)
         driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
-        metrics = {"width": 1200, "height": 345, "deviceScaleFactor": 1, "mobile": False}
+        metrics = {"width": 1200, "height": 860, "deviceScaleFactor": 1, "mobile": False}
         driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)  # the page, not the window
         driver.get(url + "/dashboard")
         driver.find_element(By.NAME, "secret").send_keys(secret)
         driver.find_element(By.CSS_SELECTOR, "form.login button").click()
         WebDriverWait(driver, 15).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#servers td.health")) == 4)
+        WebDriverWait(driver, 15).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#charts .chart.p95_s path[d^=M]"))
         time.sleep(1.5)  # let "since" tick past zero
         OUTPUT.parent.mkdir(exist_ok=True)
         driver.save_screenshot(str(OUTPUT))

@@ -1,4 +1,9 @@
-"""Fixtures: a fresh gateway per test on tmp_path, real fake GPU servers, real gateway processes."""
+"""Fixtures: a fresh gateway per test on tmp_path, real fake GPU servers, real gateway processes.
+
+No test reaches past this machine's loopback: the network guard (tests/offline/network_guard.py)
+refuses every connection elsewhere, in this process and in the Python processes the tests start,
+and the test that made one fails.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +28,53 @@ from gateway.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-5f2b9c0e7d41a8"
+OFFLINE = ROOT / "tests" / "offline"
+
+if str(OFFLINE) not in sys.path:  # conftest may be imported twice, as `conftest` and `tests.conftest`
+    sys.path.insert(0, str(OFFLINE))
+import network_guard  # noqa: E402  (it lives in tests/offline, which the line above makes importable)
+
+network_guard.install(to_file=False)
+# Every Python process a test starts with this environment loads tests/offline/sitecustomize.py,
+# which installs the guard there too and writes what it refused to this file.
+GUARD_LOG = network_guard.guard_children(str(OFFLINE))
+os.environ["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"  # pip run by a test must not ask the index about itself
+
+
+class NetworkGuard:
+    """What the guard refused during one test; `take()` hands them over, for the tests of the guard itself."""
+
+    def __init__(self) -> None:
+        self._seen = len(network_guard.violations)
+        self._log_offset = Path(GUARD_LOG).stat().st_size
+
+    def take(self) -> list[str]:
+        """The connections refused since the test began (here and in the processes it started), then forget them."""
+        refused = network_guard.violations[self._seen :]
+        with open(GUARD_LOG, encoding="utf-8") as log:
+            log.seek(self._log_offset)
+            started = [line.rstrip("\n") for line in log.read().splitlines()]
+        self._seen = len(network_guard.violations)
+        self._log_offset = Path(GUARD_LOG).stat().st_size
+        return refused + started
+
+
+@pytest.fixture(autouse=True)
+def network_guard_check() -> Iterator[NetworkGuard]:
+    """Fail the test when it (or a thread or process it started) tried to connect beyond the loopback.
+
+    Autouse, so it is set up first and torn down last: checks still running in the background when
+    the test's gateways shut down are counted too.
+    """
+    guard = NetworkGuard()
+    yield guard
+    refused = guard.take()
+    if refused:
+        pytest.fail(
+            "connections beyond the loopback were refused (tests must never leave this machine):\n  "
+            + "\n  ".join(refused),
+            pytrace=False,
+        )
 
 
 @pytest.fixture
@@ -47,12 +99,15 @@ def make_config(tmp_path: Path) -> Callable[..., Config]:
 
 @pytest.fixture
 def make_app(make_config: Callable[..., Config]) -> Iterator[Callable[..., object]]:
-    """Build gateways; each is shut down at the end of the test."""
+    """Build gateways, each shut down at the end of the test; `check_on_register=True` checks servers as they join."""
     apps = []
 
-    def build(config: Config | None = None, **overrides: object):
+    def build(config: Config | None = None, check_on_register: bool = False, **overrides: object):
         app = create_app(config or make_config(**overrides))
         app.config["TESTING"] = True
+        # Tests register addresses nothing listens on, and most do not look at health: as the
+        # sweep waits an hour, no check goes out when a server registers unless a test asks for it.
+        app.extensions["backend_manager"].check_on_register = check_on_register
         apps.append(app)
         return app
 
@@ -94,6 +149,9 @@ class LiveGateway:
         body = {"server_id": server_id or server.server_id, "ip": "127.0.0.1", "port": server.port, "secret": SECRET}
         response = requests.post(self.url + "/webhook/register", json=body, timeout=5)
         response.raise_for_status()
+        # The gateway checks a new server in the background once it has answered: wait for that
+        # check, so that the test goes on from a settled fleet.
+        assert wait_until(lambda: not self.manager.health_job.checking_soon), "the registration's check never ended"
         return response
 
     def stop(self) -> None:

@@ -24,6 +24,11 @@ def fail(manager: BackendManager, server_id: str, times: int = 1) -> None:
         manager.apply_health_results([HealthResult(server_id, url, False, "refused")])
 
 
+def pass_check(manager: BackendManager, server_id: str) -> None:
+    url = manager.get_server(server_id).url
+    manager.apply_health_results([HealthResult(server_id, url, True, "HTTP 200")])
+
+
 def rotation(manager: BackendManager, count: int) -> list[str | None]:
     picks = [manager.get_next_server() for _ in range(count)]
     return [server.server_id if server else None for server in picks]
@@ -51,6 +56,7 @@ def test_register_is_saved_before_it_returns(tmp_path):
             "last_check_time": None,
             "last_used_time": None,
             "monitor_url": None,
+            "last_error": None,
             "weight": 1,
             "priority": 1,
             "max_concurrent": 0,
@@ -81,12 +87,67 @@ def test_rotation_skips_unhealthy_and_takes_them_back(tmp_path):
 def test_marked_unhealthy_exactly_at_the_threshold(tmp_path, threshold):
     manager = make_manager(tmp_path, failure_threshold=threshold)
     manager.register_server("B1", "127.0.0.1", 9000)
+    pass_check(manager, "B1")  # the threshold counts from a server's first success
     fail(manager, "B1", times=threshold - 1)
     assert manager.get_server("B1").is_healthy
     assert manager.get_server("B1").fail_count == threshold - 1
     fail(manager, "B1")
     assert not manager.get_server("B1").is_healthy
     assert manager.get_next_server() is None
+
+
+def test_a_server_that_never_passed_is_marked_unhealthy_by_its_first_failure(tmp_path, caplog):
+    manager = make_manager(tmp_path, failure_threshold=3)
+    manager.register_server("B1", "127.0.0.1", 9000)
+    manager.register_server("B2", "127.0.0.1", 9001)
+    pass_check(manager, "B2")
+
+    fail(manager, "B1")  # new, never checked: out at its first failed check, as HAProxy starts a server
+    fail(manager, "B2")  # passed once: one failure of three
+
+    assert (manager.get_server("B1").is_healthy, manager.get_server("B1").fail_count) == (False, 1)
+    assert (manager.get_server("B2").is_healthy, manager.get_server("B2").fail_count) == (True, 1)
+    assert rotation(manager, 2) == ["B2", "B2"]
+    assert "server B1 marked unhealthy by its first failed check (it never passed one)" in caplog.text
+    assert stored(tmp_path)[0]["is_healthy"] is False  # a change of health is saved at once
+    fail(manager, "B2", times=2)
+    assert not manager.get_server("B2").is_healthy
+    assert "server B2 marked unhealthy after 3 failures" in caplog.text
+
+
+def test_the_threshold_counts_from_the_first_success(tmp_path):
+    manager = make_manager(tmp_path, failure_threshold=3)
+    manager.register_server("B1", "127.0.0.1", 9000)
+    fail(manager, "B1")
+    assert not manager.get_server("B1").is_healthy
+    pass_check(manager, "B1")  # its first success: now it takes three failures in a row
+    fail(manager, "B1", times=2)
+    assert manager.get_server("B1").is_healthy
+    manager.register_server("B1", "127.0.0.1", 9000)  # a heartbeat keeps what it has passed
+    fail(manager, "B1")
+    assert not manager.get_server("B1").is_healthy
+
+
+def test_a_moved_server_starts_again_as_never_passed(tmp_path):
+    manager = make_manager(tmp_path, failure_threshold=3)
+    manager.register_server("B1", "127.0.0.1", 9000)
+    pass_check(manager, "B1")
+    manager.register_server("B1", "127.0.0.1", 9001)  # a new address: nothing is known of it yet
+    assert manager.get_server("B1").last_check_time is None
+    fail(manager, "B1")
+    assert not manager.get_server("B1").is_healthy
+
+
+def test_failed_proxied_requests_count_towards_the_threshold_only(tmp_path):
+    manager = make_manager(tmp_path, failure_threshold=3)
+    manager.register_server("B1", "127.0.0.1", 9000)  # never checked
+    url = manager.get_server("B1").url
+    for _ in range(2):
+        manager.report_failure("B1", url, "connection refused")
+    assert (manager.get_server("B1").is_healthy, manager.get_server("B1").fail_count) == (True, 2)
+    assert manager.get_server("B1").last_check_time is None  # a proxied request is no check
+    manager.report_failure("B1", url, "connection refused")
+    assert not manager.get_server("B1").is_healthy
 
 
 def test_a_success_resets_the_fail_count(tmp_path):
@@ -112,6 +173,7 @@ def test_restart_restores_health_state_and_routes_at_once(tmp_path):
     manager = make_manager(tmp_path)
     for name in ("B1", "B2", "B3"):
         manager.register_server(name, "127.0.0.1", 9000)
+        pass_check(manager, name)
     fail(manager, "B2", times=3)
     restarted = make_manager(tmp_path)
     assert [s.server_id for s in restarted.list_servers()] == ["B1", "B2", "B3"]
@@ -398,6 +460,7 @@ def test_health_changes_are_applied_even_when_they_cannot_be_saved(tmp_path, mon
 def test_fail_counts_below_the_threshold_are_not_saved_at_once(tmp_path):
     manager = make_manager(tmp_path)
     manager.register_server("B1", "127.0.0.1", 9000)
+    pass_check(manager, "B1")
     fail(manager, "B1", times=2)
     assert stored(tmp_path)[0]["fail_count"] == 0
     fail(manager, "B1")
@@ -438,6 +501,20 @@ def test_the_time_of_the_last_health_change_is_kept(tmp_path):
     changed = manager.get_server("B1").health_changed_time
     assert changed is not None and changed >= registered_at
     assert make_manager(tmp_path).get_server("B1").health_changed_time == changed
+
+
+def test_the_last_checks_error_is_kept_until_a_check_passes(tmp_path):
+    manager = make_manager(tmp_path)
+    manager.register_server("B1", "127.0.0.1", 9000)
+    assert manager.get_server("B1").last_error is None
+    fail(manager, "B1", times=3)
+    assert manager.get_server("B1").last_error == "refused"
+    assert make_manager(tmp_path).get_server("B1").last_error == "refused"  # why it is down outlives a restart
+    manager.report_failure("B1", manager.get_server("B1").url, "Connection refused")
+    assert manager.get_server("B1").last_error == "proxy: Connection refused"
+    manager.apply_health_results([HealthResult("B1", manager.get_server("B1").url, True, "HTTP 200")])
+    assert manager.get_server("B1").last_error is None
+    assert manager.describe_server("B1")["last_error"] is None
 
 
 def at_once(count: int, call) -> None:

@@ -4,43 +4,33 @@ from __future__ import annotations
 
 import hmac
 import secrets
-import threading
-import time
 from collections.abc import Callable
 from datetime import timedelta
 from functools import wraps
-from typing import Any
+from typing import Any, ParamSpec
 from urllib.parse import urlsplit
 
-from flask import (
-    Blueprint,
-    Flask,
-    Request,
-    Response,
-    abort,
-    current_app,
-    jsonify,
-    redirect,
-    render_template,
-    request,
-    session,
-)
-from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
-from prometheus_client import Counter, Gauge
+from flask import Blueprint, Flask, Response, abort, current_app, jsonify, redirect, render_template, request, session
+from prometheus_client import Counter
 
+from gateway.api import admin
 from gateway.api.auth import admin_matches
+from gateway.api.dashboard_sessions import PREFIX, DashboardSessions, LiveSessions
 from gateway.errors import error_response
 from gateway.fleet.server import now_iso
+from gateway.observability.history import BUCKET_SECONDS, BUCKETS, FLEET, RequestHistory
 from gateway.proxy.forwarding import SESSION_COOKIE  # the proxy drops it from what it forwards
 
-bp = Blueprint("dashboard", __name__, url_prefix="/dashboard", template_folder="templates")
+bp = Blueprint("dashboard", __name__, url_prefix=PREFIX, template_folder="templates")
 SESSION_ID = "sid"  # the cookie's one key: a login's id in LiveSessions
 SESSION_KEY_INFO = b"gpu-gateway dashboard session"
-PAGE_POLICY = (  # the page's own inline script and style, its fetches of /dashboard/data, nothing else
+CSRF_HEADER = "X-CSRF-Token"
+PAGE_POLICY = (  # the page's own inline script and style, its fetches of /dashboard/..., nothing else
     "default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; connect-src 'self'; "
     "img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
 DATA_POLICY = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+Args = ParamSpec("Args")
 
 
 def logged_in() -> bool:
@@ -64,10 +54,15 @@ def same_origin() -> bool:
     return netloc == request.host
 
 
+def credential() -> str:
+    """The one setting whose value opens the dashboard: with ADMIN_TOKEN set, the webhook secret no longer does."""
+    return "ADMIN_TOKEN" if current_app.config["GATEWAY"].admin_token else "WEBHOOK_SECRET"
+
+
 def render_page(status: int = 200, error: str | None = None) -> Response:
     """The page: the login form alone, or the dashboard once logged in."""
     nonce = secrets.token_urlsafe(16)
-    html = render_template("dashboard.html", logged_in=logged_in(), error=error, nonce=nonce)
+    html = render_template("dashboard.html", logged_in=logged_in(), error=error, nonce=nonce, credential=credential())
     response = Response(html, status=status, mimetype="text/html")
     response.headers["Content-Security-Policy"] = PAGE_POLICY.format(nonce=nonce)
     return response
@@ -94,12 +89,14 @@ def login() -> Response:
     if not same_origin():
         return render_page(403, "login refused: the form came from another site")
     if not admin_matches(request.form.get("secret")):
-        return render_page(401, "wrong secret")
+        if credential() == "ADMIN_TOKEN":
+            return render_page(401, "wrong admin token: while ADMIN_TOKEN is set, only it opens the dashboard")
+        return render_page(401, "wrong secret: the dashboard opens with WEBHOOK_SECRET")
     live_sessions().end(session.get(SESSION_ID))  # a second login from this browser replaces its first
     session.clear()
     session.permanent = True  # the cookie expires when the login does
     session[SESSION_ID] = live_sessions().start()
-    return redirect("/dashboard", code=303)  # type: ignore[return-value]
+    return redirect(PREFIX, code=303)  # type: ignore[return-value]
 
 
 @bp.post("/logout")
@@ -109,15 +106,33 @@ def logout() -> Response:
         return render_page(403, "logout refused: the form came from another site")
     live_sessions().end(session.get(SESSION_ID))
     session.clear()
-    return redirect("/dashboard", code=303)  # type: ignore[return-value]
+    return redirect(PREFIX, code=303)  # type: ignore[return-value]
 
 
-def login_required(view: Callable[[], Response]) -> Callable[[], Response]:
+def login_required(view: Callable[Args, Any]) -> Callable[Args, Any]:
+    """401 unless the request comes with a live login's cookie."""
+
     @wraps(view)
-    def wrapped() -> Response:
+    def wrapped(*args: Args.args, **kwargs: Args.kwargs) -> Any:
         if not logged_in():
             return error_response(401, "log in at /dashboard first")
-        return view()
+        return view(*args, **kwargs)
+
+    return wrapped
+
+
+def operator_action(view: Callable[Args, Any]) -> Callable[Args, Any]:
+    """A change made from the page: a live login, from this site, with the login's X-CSRF-Token, else 401/403."""
+
+    @wraps(view)
+    def wrapped(*args: Args.args, **kwargs: Args.kwargs) -> Any:
+        if not logged_in():
+            return error_response(401, "log in at /dashboard first")
+        if not same_origin():
+            return error_response(403, "refused: the request came from another site")
+        if not live_sessions().csrf_matches(session.get(SESSION_ID), request.headers.get(CSRF_HEADER)):
+            return error_response(403, f"missing or wrong {CSRF_HEADER} header: reload the dashboard and try again")
+        return view(*args, **kwargs)
 
     return wrapped
 
@@ -125,34 +140,62 @@ def login_required(view: Callable[[], Response]) -> Callable[[], Response]:
 @bp.get("/data")
 @login_required
 def data() -> Response:
-    """Summary counters and one row per server, as the page's table shows them."""
+    """Summary counters, the last sweep, the fleet's charts and one row per server, as the page shows them."""
     manager = current_app.extensions["backend_manager"]
     metrics = current_app.extensions["metrics"]
     fleet = manager.get_status()
-    in_flight = samples_by_server(metrics.in_flight)
-    served = samples_by_server(metrics.requests, suffix="_total")
+    served = served_by_server(metrics.requests)
     summary = {key: fleet[key] for key in ("total_servers", "healthy_servers", "unhealthy_servers")}
     summary["health_check_running"] = fleet["health_check_running"]
     proxied, not_proxied = metrics.total_requests()
-    summary["requests_total"] = sum(proxied.values())
-    summary["requests_not_proxied"] = sum(not_proxied.values())  # no server had them: 503s, 404s
-    rows = [server_row(server, in_flight, served) for server in fleet["servers"]]
-    return jsonify(success=True, data={"now": now_iso(), "summary": summary, "servers": rows})
+    summary["requests_total"] = int(sum(proxied.values()))
+    summary["requests_not_proxied"] = int(sum(not_proxied.values()))  # no server had them: 503s, 404s
+    history: RequestHistory = metrics.history
+    reply = {
+        "now": now_iso(),
+        "csrf_token": live_sessions().csrf_token(session[SESSION_ID]),
+        "summary": summary,
+        "last_sweep": manager.last_sweep or None,
+        "charts": {"bucket_seconds": BUCKET_SECONDS, "buckets": BUCKETS, "fleet": history.charts(FLEET)},
+        "servers": [server_row(server, served, history) for server in fleet["servers"]],
+    }
+    return jsonify(success=True, data=reply)
 
 
-def samples_by_server(metric: Counter | Gauge, suffix: str = "") -> dict[str, float]:
-    """Sum a metric's samples by server label, without creating a series for any server."""
+@bp.post("/servers/<server_id>/drain")
+@operator_action
+def drain_server(server_id: str) -> Response | tuple[Response, int]:
+    """Drain a server from the page, as POST /admin/servers/{server_id}/drain does."""
+    return admin.change_draining(server_id, True)
+
+
+@bp.post("/servers/<server_id>/enable")
+@operator_action
+def enable_server(server_id: str) -> Response | tuple[Response, int]:
+    """Let a drained server take new work again, as POST /admin/servers/{server_id}/enable does."""
+    return admin.change_draining(server_id, False)
+
+
+@bp.delete("/servers/<server_id>")
+@operator_action
+def unregister_server(server_id: str) -> Response:
+    """Unregister a server from the page, as DELETE /admin/servers/{server_id} does."""
+    return admin.delete_server(server_id)
+
+
+def served_by_server(requests: Counter) -> dict[str, float]:
+    """Requests so far by server label, summed over methods and status classes, without creating a series."""
     totals: dict[str, float] = {}
-    for family in metric.collect():
+    for family in requests.collect():
         for sample in family.samples:
-            if sample.name.endswith(suffix):
+            if sample.name.endswith("_total"):
                 server = sample.labels["server"]
                 totals[server] = totals.get(server, 0.0) + sample.value
     return totals
 
 
-def server_row(server: dict[str, Any], in_flight: dict[str, float], served: dict[str, float]) -> dict[str, Any]:
-    """One table row of a server from get_status()."""
+def server_row(server: dict[str, Any], served: dict[str, float], history: RequestHistory) -> dict[str, Any]:
+    """One table row of a server from get_status(), with its charts."""
     server_id = server["server_id"]
     resources = server.get("resources") or {}
     fresh = not resources.get("stale", True) and resources.get("gpu_memory_total", 0) > 0
@@ -162,57 +205,22 @@ def server_row(server: dict[str, Any], in_flight: dict[str, float], served: dict
         "address": f"{host}:{server['port']}",
         "is_healthy": server["is_healthy"],
         "health_changed_time": server["health_changed_time"],
+        "last_check_time": server["last_check_time"],
+        "last_error": server["last_error"],
         "fail_count": server["fail_count"],
-        "in_flight": int(in_flight.get(server_id, 0)),
+        "in_flight": server["in_flight"],  # the slots max_concurrent caps, streams included
+        "max_concurrent": server["max_concurrent"],
         "served": int(served.get(server_id, 0)),
         "gpu_memory_free": resources["gpu_memory_free"] if fresh else None,
         "gpu_memory_total": resources["gpu_memory_total"] if fresh else None,
         "weight": server["weight"],
         "priority": server["priority"],
         "draining": server["draining"],
+        "ejected": server["ejected"],
+        "ejection_seconds_left": server["ejection_seconds_left"],
+        "models": server["served_models"],
+        "charts": history.charts(server_id),
     }
-
-
-class LiveSessions:
-    """The logins not yet ended, each with the time it expires; a cookie only names one of them."""
-
-    def __init__(self, lifetime: timedelta, clock: Callable[[], float] = time.monotonic) -> None:
-        self.lifetime = lifetime.total_seconds()
-        self.clock = clock
-        self._lock = threading.Lock()
-        self._expiry: dict[str, float] = {}
-
-    def start(self) -> str:
-        """Begin a login and return its id, forgetting those that have expired."""
-        session_id, now = secrets.token_urlsafe(32), self.clock()
-        with self._lock:
-            self._expiry = {key: expiry for key, expiry in self._expiry.items() if expiry > now}
-            self._expiry[session_id] = now + self.lifetime
-        return session_id
-
-    def alive(self, session_id: object) -> bool:
-        """Whether `session_id` names a login that was neither ended nor has expired."""
-        if not isinstance(session_id, str):
-            return False
-        with self._lock:
-            expiry = self._expiry.get(session_id)
-        return expiry is not None and self.clock() < expiry
-
-    def end(self, session_id: object) -> None:
-        """End a login (logout); an unknown or missing id is no error."""
-        if isinstance(session_id, str):
-            with self._lock:
-                self._expiry.pop(session_id, None)
-
-
-class DashboardSessions(SecureCookieSessionInterface):
-    """The signed-cookie session, opened only under /dashboard: no other route reads it, and
-    opening it (cookie parsing, a signer) cost about 5% of a proxied request's CPU."""
-
-    def open_session(self, app: Flask, request: Request) -> SecureCookieSession | None:
-        if not request.path.startswith(bp.url_prefix or "/dashboard"):
-            return None  # Flask then uses a null session, which is never saved
-        return super().open_session(app, request)
 
 
 def init_app(app: Flask) -> None:
@@ -222,7 +230,7 @@ def init_app(app: Flask) -> None:
         secret = config.admin_token or config.webhook_secret
         app.secret_key = hmac.new(secret.encode(), SESSION_KEY_INFO, "sha256").hexdigest()
     app.config["SESSION_COOKIE_NAME"] = SESSION_COOKIE
-    app.config["SESSION_COOKIE_PATH"] = bp.url_prefix  # so a browser never sends it along to /api/
+    app.config["SESSION_COOKIE_PATH"] = PREFIX  # so a browser never sends it along to /api/
     app.config["SESSION_COOKIE_HTTPONLY"] = True
     app.config["SESSION_COOKIE_SAMESITE"] = "Strict"
     app.config["SESSION_COOKIE_SECURE"] = config.dashboard_secure_cookie

@@ -85,15 +85,23 @@ SECURITY_SCHEMES = {
         "name": SESSION_COOKIE,
         "description": "The signed cookie that POST /dashboard/login sets.",
     },
+    "dashboardCsrf": {
+        "type": "apiKey",
+        "in": "header",
+        "name": dashboard.CSRF_HEADER,
+        "description": "The login's csrf_token from GET /dashboard/data, which the dashboard's actions send back.",
+    },
 }
 OPEN: list[dict[str, list[str]]] = []
 WEBHOOK: list[dict[str, list[str]]] = [{"webhookSecret": []}, {"webhookBearer": []}]
 ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}, {"webhookSecret": []}]
 WORKER: list[dict[str, list[str]]] = [{"workerToken": []}]
+DASHBOARD_ACTION: list[dict[str, list[str]]] = [{"dashboardSession": [], "dashboardCsrf": []}]  # both at once
 
 ERROR_RESPONSES = {
     400: ("BadRequest", "The body is not a JSON object, or a field is invalid (`errors` names each)."),
     401: ("Unauthorized", "The credential is missing or wrong; `message` says where to send it."),
+    403: ("Forbidden", "A dashboard action from another site, or without the login's X-CSRF-Token."),
     404: ("NotFound", "No server is registered under that id."),
     413: ("PayloadTooLarge", "The body is over the limit of 64 KiB."),
     503: ("NotSaved", "The change could not be saved to disk; try again after Retry-After seconds."),
@@ -129,6 +137,11 @@ def operation(tag: str, security: list[Any], ok: dict[str, Any], *errors: int, *
 def admin_operation(ok: Any, *errors: int, **extra: Any) -> dict[str, Any]:
     """An /admin operation: the admin credential, and a 401 without it."""
     return operation("admin", ADMIN, reply(ok), 401, *errors, **extra)
+
+
+def dashboard_action(ok: Any) -> dict[str, Any]:
+    """A change made from the dashboard's page: its login and CSRF token, as the admin API's change does."""
+    return operation("dashboard", DASHBOARD_ACTION, reply(ok), 401, 403, 404, 503)
 
 
 def llm_operation(summary: str, openai: bool) -> dict[str, Any]:
@@ -286,6 +299,9 @@ OPERATIONS: dict[Callable[..., Any], dict[str, dict[str, Any]]] = {
     dashboard.data: {
         "get": operation("dashboard", [{"dashboardSession": []}], reply(replies.DashboardReplySchema), 401)
     },
+    dashboard.drain_server: {"post": dashboard_action(replies.ServerReplySchema)},
+    dashboard.enable_server: {"post": dashboard_action(replies.ServerReplySchema)},
+    dashboard.unregister_server: {"delete": dashboard_action(replies.UnregisterReplySchema)},
     llm.openai_models_view: {"get": llm_read(reply(replies.OpenAIModelListSchema), replies.OpenAIErrorSchema)},
     llm.openai_model_view: {
         "get": llm_read(reply(replies.OpenAIModelSchema), replies.OpenAIErrorSchema, description=ONE_MODEL)

@@ -72,6 +72,9 @@ class ServerRowSchema(AddressSchema, ServerOptionsSchema):
     last_used_time = fields.String(**NULLABLE)
     monitor_url = fields.String(**NULLABLE)
     health_changed_time = fields.String(**NULLABLE)
+    last_error = fields.String(
+        **NULLABLE, metadata={"description": "why the last health check failed; null once one passes"}
+    )
     draining = fields.Boolean(required=True)
     discovered_models = fields.List(fields.String(), required=True)
     in_flight = fields.Integer(required=True)
@@ -234,10 +237,91 @@ class StatusReplySchema(SuccessSchema):
     data = fields.Nested(StatusSchema, required=True)
 
 
-class DashboardReplySchema(SuccessSchema):
-    """`GET /dashboard/data`: summary counters and one row per server, for the dashboard's page."""
+class ChartsSchema(Schema):
+    """The last 15 minutes in 10 s buckets, oldest first; the last bucket is the current one, so far."""
 
-    data = fields.Dict(required=True)
+    rps = fields.List(fields.Float(), required=True, metadata={"description": "requests per second"})
+    error_rate = fields.List(
+        fields.Float(allow_none=True),
+        required=True,
+        metadata={"description": "the share of requests that were 5xx; null for a bucket without requests"},
+    )
+    p95_s = fields.List(
+        fields.Float(allow_none=True),
+        required=True,
+        metadata={"description": "95th percentile latency in seconds; null for a bucket without requests"},
+    )
+
+
+class DashboardChartsSchema(Schema):
+    """The buckets' size and number, and the fleet's charts: every request the proxy counted."""
+
+    bucket_seconds = fields.Integer(required=True)
+    buckets = fields.Integer(required=True)
+    fleet = fields.Nested(ChartsSchema, required=True)
+
+
+class DashboardSummarySchema(Schema):
+    """The page's counters."""
+
+    total_servers = fields.Integer(required=True)
+    healthy_servers = fields.Integer(required=True)
+    unhealthy_servers = fields.Integer(required=True)
+    health_check_running = fields.Boolean(required=True)
+    requests_total = fields.Integer(required=True, metadata={"description": "requests a server answered"})
+    requests_not_proxied = fields.Integer(
+        required=True, metadata={"description": 'requests no server had (server="none": 503s, 404s)'}
+    )
+
+
+class LastSweepSchema(Schema):
+    """When the latest health sweep began, and how long it took."""
+
+    time = fields.String(required=True)
+    duration_s = fields.Float(required=True)
+
+
+class DashboardServerSchema(Schema):
+    """One server's row on the page, with its charts."""
+
+    server_id = fields.String(required=True)
+    address = fields.String(required=True)
+    is_healthy = fields.Boolean(required=True)
+    health_changed_time = fields.String(**NULLABLE)
+    last_check_time = fields.String(**NULLABLE)
+    last_error = fields.String(**NULLABLE, metadata={"description": "why the last health check failed"})
+    fail_count = fields.Integer(required=True)
+    in_flight = fields.Integer(required=True)
+    max_concurrent = fields.Integer(required=True, metadata={"description": "its cap on in_flight; 0: none"})
+    served = fields.Integer(required=True)
+    gpu_memory_free = fields.Integer(**NULLABLE)
+    gpu_memory_total = fields.Integer(**NULLABLE, metadata={"description": "null without a fresh reading"})
+    weight = fields.Integer(required=True)
+    priority = fields.Integer(required=True)
+    draining = fields.Boolean(required=True)
+    ejected = fields.Boolean(required=True)
+    ejection_seconds_left = fields.Float(**NULLABLE)
+    models = fields.List(fields.String(), required=True)
+    charts = fields.Nested(ChartsSchema, required=True)
+
+
+class DashboardSchema(Schema):
+    """What the dashboard's page shows, and the token its actions send back."""
+
+    now = fields.String(required=True)
+    csrf_token = fields.String(
+        required=True, metadata={"description": "this login's token: send it in X-CSRF-Token with every action"}
+    )
+    summary = fields.Nested(DashboardSummarySchema, required=True)
+    last_sweep = fields.Nested(LastSweepSchema, **NULLABLE)
+    charts = fields.Nested(DashboardChartsSchema, required=True)
+    servers = fields.List(fields.Nested(DashboardServerSchema), required=True)
+
+
+class DashboardReplySchema(SuccessSchema):
+    """`GET /dashboard/data`: counters, the last sweep, charts and one row per server, for the dashboard's page."""
+
+    data = fields.Nested(DashboardSchema, required=True)
 
 
 class OpenAIModelSchema(Schema):

@@ -127,7 +127,11 @@ def registrant(data: dict[str, Any]) -> Registrant:
 
 @bp.post("/register")
 def register() -> Response | tuple[Response, int]:
-    """Register a GPU server, or update its address and the routing options it names."""
+    """Register a GPU server, or update its address and the routing options it names.
+
+    A new or moved server, or an unhealthy one registering again, is health-checked at once in
+    the background (BackendManager.register): the reply does not wait for the check.
+    """
     config = current_app.config["GATEWAY"]
     data = load_authorized(RegisterSchema(allowed_networks=config.allowed_backend_networks, listener=listener()))
     if isinstance(data, Response):

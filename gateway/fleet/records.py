@@ -20,6 +20,7 @@ class Transition(NamedTuple):
     server_id: str
     healthy: bool | None
     detail: str
+    first: bool = False  # marked unhealthy by the first failed check of a server that never passed one
 
 
 class FleetFull(RuntimeError):
@@ -159,23 +160,44 @@ def log_registration(existing: BackendServer | None, server: BackendServer, clai
         log.info("server %s now has monitor %s; health reset", server_id, server.monitor_url)
 
 
+def has_passed(server: BackendServer) -> bool:
+    """True once the server has passed a health check at its address (since it registered or moved).
+
+    Derived, not stored: a registration or a move starts a record with no `last_check_time`; a
+    check stamps it; and a server that has never passed is marked unhealthy by its first failed
+    check, so it is healthy again only once a check passes. A healthy record that has been
+    checked has therefore passed a check.
+    """
+    return server.is_healthy and server.last_check_time is not None
+
+
 def count_check(
     server: BackendServer, result: HealthResult, threshold: int, now: str, checked: bool
 ) -> Transition | None:
-    """Count a check result on the record; `threshold` failures in a row mark it unhealthy, a success heals it."""
+    """Count a check result on the record, as HAProxy's `rise 1` and `fall` do.
+
+    A success heals the server and resets its count; `threshold` failures in a row mark it
+    unhealthy. A server that has never passed a check (it just registered or moved) is marked
+    unhealthy by its first failed check: the count starts at its first success. A failed proxied
+    request (`checked` False) counts towards the threshold only: one bad answer is no verdict on
+    a server the registration's check is about to judge. Only a health check stamps `last_check_time`.
+    """
+    passed = has_passed(server)
     if checked:
         server.last_check_time = now
     was_healthy, old_fails = server.is_healthy, server.fail_count
+    server.last_error = None if result.ok else result.detail
     if result.ok:
         server.fail_count = 0
         server.is_healthy = True
     else:
         server.fail_count += 1
-        if server.fail_count >= threshold:
+        if server.fail_count >= threshold or (checked and not passed):
             server.is_healthy = False
     if server.is_healthy != was_healthy:
         server.health_changed_time = now
-        return Transition(server.server_id, server.is_healthy, result.detail)
+        first = not server.is_healthy and server.fail_count < threshold  # out before the threshold: never passed
+        return Transition(server.server_id, server.is_healthy, result.detail, first)
     if server.is_healthy and server.fail_count != old_fails:
         return Transition(server.server_id, None, result.detail)
     return None
@@ -183,9 +205,13 @@ def count_check(
 
 def log_transitions(transitions: list[Transition], threshold: int) -> None:
     """Write each transition to the health log."""
-    for server_id, healthy, detail in transitions:
+    for server_id, healthy, detail, first in transitions:
         if healthy is True:
             health_log.info("server %s recovered: %s", server_id, detail)
+        elif healthy is False and first:
+            health_log.warning(
+                "server %s marked unhealthy by its first failed check (it never passed one): %s", server_id, detail
+            )
         elif healthy is False:
             health_log.warning("server %s marked unhealthy after %d failures: %s", server_id, threshold, detail)
         else:

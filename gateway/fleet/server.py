@@ -43,6 +43,7 @@ class BackendServer:
     last_used_time: str | None = None
     monitor_url: str | None = None  # the host's resource monitor, when it runs one
     health_changed_time: str | None = None  # when is_healthy last changed (or registration)
+    last_error: str | None = None  # why the last check failed ("unreachable: Connection refused"); None once one passes
     weight: int = 1  # share of traffic within its priority tier
     priority: int = 1  # tier: 1 is preferred, 2 is used only when no tier-1 server can take work
     max_concurrent: int = 0  # in-flight requests it may hold; 0 means unlimited
@@ -101,6 +102,7 @@ class BackendServer:
             last_used_time=_optional_str(entry.get("last_used_time")),
             monitor_url=monitor_url,
             health_changed_time=_optional_str(entry.get("health_changed_time")),
+            last_error=_optional_str(entry.get("last_error")),
             draining=entry.get("draining", False) is True,
             discovered_models=_strings(entry.get("discovered_models", [])),
             operator_options=[name for name in OPTION_NAMES if name in _strings(entry.get("operator_options", []))],

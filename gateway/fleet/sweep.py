@@ -1,4 +1,9 @@
-"""The health job: a sweep of the fleet on a schedule, while any server is registered."""
+"""The health job: a sweep of the fleet on a schedule, while any server is registered, and checks at once.
+
+A server that registers, moves, or registers again while unhealthy is checked at once, in the
+background (`HealthJob.check_soon`), rather than at the next sweep: a new address that is down
+leaves the rotation within a check's timeout, and one that came back rejoins as soon as it answers.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +27,10 @@ health_log = logging.getLogger("gateway.health")
 performance_log = logging.getLogger("gateway.performance")
 
 HEALTH_JOB_ID = "health_check"
+# Threads (greenlets under gunicorn's gevent worker) that run the checks asked for at once. Each
+# takes every target waiting when it starts, and they run in parallel in the checker's pool, so a
+# burst of registrations costs a few threads, not one each.
+MAX_CHECKERS_NOW = 4
 
 
 class SweepTargets(NamedTuple):
@@ -57,6 +66,9 @@ class HealthJob:
         self._lock = threading.Lock()  # the job's own: it guards the scheduler, never the fleet
         self._scheduler: BackgroundScheduler | None = None
         self._last_sweep: dict[str, Any] = {}
+        self._waiting: dict[Target, None] = {}  # asked to be checked at once, in order; under the job's lock
+        self._checking: set[Target] = set()  # being checked at once now
+        self._checkers = 0  # threads running _check_waiting
 
     @property
     def running(self) -> bool:
@@ -98,6 +110,62 @@ class HealthJob:
             "health sweep", extra={"fields": {"servers": len(results), "failed": failed, "seconds": round(seconds, 3)}}
         )
 
+    @property
+    def checking_soon(self) -> bool:
+        """True while a check asked for by `check_soon` is waiting or running."""
+        with self._lock:
+            return bool(self._waiting or self._checking)
+
+    def check_soon(self, targets: list[Target]) -> None:
+        """Check these servers now, in the background, and apply the results; returns at once.
+
+        It never waits on the network, so a caller may answer its request first (the check runs in
+        a thread: under gunicorn's gevent worker, a greenlet that runs once the request yields).
+        A target asked for twice before its check starts is checked once; one asked for while its
+        check runs is checked again after it, as that check may have begun before what the caller
+        knows (a server that restarted). Call it without the fleet's lock.
+        """
+        if self._owner.health_checker is None or not targets:
+            return
+        with self._lock:
+            for target in targets:
+                self._waiting[target] = None
+            start = self._checkers < MAX_CHECKERS_NOW and any(t not in self._checking for t in self._waiting)
+            if start:
+                self._checkers += 1
+        if not start:
+            return  # a running checker takes them when its checks end
+        try:
+            threading.Thread(target=self._check_waiting, name="health-check-now", daemon=True).start()
+        except RuntimeError as exc:  # no thread to be had (or the interpreter is exiting): the sweep will do
+            with self._lock:
+                self._checkers -= 1
+            log.warning("could not start a health check at once: %s; the next sweep will check", exc)
+
+    def _check_waiting(self) -> None:
+        """A checker thread: check the waiting targets, in parallel, until none is left for it.
+
+        A target whose check is running waits for it: the thread running it takes it next.
+        """
+        while True:
+            with self._lock:
+                checker = self._owner.health_checker
+                batch = [target for target in self._waiting if target not in self._checking]
+                if not batch or checker is None:
+                    self._checkers -= 1
+                    return
+                for target in batch:
+                    del self._waiting[target]
+                self._checking.update(batch)
+            try:
+                results = checker.check_all(batch)  # none once the checker is closed: the gateway is stopping
+                self._owner.apply_health_results(results)
+            except Exception:  # a checker thread must end cleanly whatever happens; the sweep checks again
+                log.exception("health check at once failed")
+            finally:
+                with self._lock:
+                    self._checking.difference_update(batch)
+
     def sync(self) -> None:
         """Schedule the job while any server is registered, and remove it otherwise."""
         if self._owner.health_checker is None:
@@ -129,6 +197,7 @@ class HealthJob:
     def shutdown(self) -> None:
         """Stop the scheduler, and the threads of the checker, the monitor reader and the discoverer."""
         with self._lock:
+            self._waiting.clear()
             if self._scheduler is not None:
                 self._scheduler.shutdown(wait=False)
                 self._scheduler = None

@@ -22,6 +22,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gateway.errors import error_response
+from gateway.observability.history import LATENCY_BOUNDS, RequestHistory
 
 if TYPE_CHECKING:
     from gateway.fleet.health import HealthResult
@@ -81,7 +82,7 @@ class GatewayMetrics:
         )  # fmt: skip
         self.duration = Histogram(
             "gateway_request_duration_seconds", "Time to the last byte of a proxied request", ["server"],
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=r,
+            buckets=LATENCY_BOUNDS, registry=r,
         )  # fmt: skip
         self.in_flight = Gauge("gateway_requests_in_flight", "Requests open to each server", ["server"], registry=r)
         self.health_checks = Counter(
@@ -108,6 +109,7 @@ class GatewayMetrics:
         # so the children are looked up once per label set (and forgotten when a server leaves).
         self._in_flight_children: dict[str, Gauge] = {}
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self.history = RequestHistory()  # the dashboard's charts of the last 15 minutes
 
     def watch(self, manager: BackendManager) -> None:
         """Collect the fleet gauges from `manager` and hear of sweeps and departures."""
@@ -139,6 +141,7 @@ class GatewayMetrics:
         self._in_flight_children.pop(server_id, None)
         for key in [key for key in list(self._request_children) if key[0] == server_id]:  # list(): one step
             self._request_children.pop(key, None)
+        self.history.forget(server_id)
 
     # -- what the proxy tells ------------------------------------------------------------
 
@@ -154,6 +157,7 @@ class GatewayMetrics:
                 self._request_children[key] = children
         children[0].inc()
         children[1].observe(seconds)
+        self.history.record(server, status, seconds)
         if server == "fallback":
             self.fallback.inc()
         elif server == NO_SERVER and status == 503:

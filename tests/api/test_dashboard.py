@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import tempfile
@@ -16,6 +17,7 @@ import requests
 from conftest import ROOT, SECRET
 
 from gateway.api.dashboard import SESSION_COOKIE
+from gateway.api.replies import DashboardReplySchema, ServerReplySchema
 from gateway.fleet.resources import parse_reading
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -101,7 +103,7 @@ def test_a_wrong_secret_is_refused_without_a_cookie(client, secret):
     response = log_in(client, secret)
     assert response.status_code == 401
     assert "Set-Cookie" not in response.headers
-    assert "wrong secret" in response.get_data(as_text=True)
+    assert "wrong secret: the dashboard opens with WEBHOOK_SECRET" in response.get_data(as_text=True)
     assert client.get("/dashboard/data").status_code == 401
 
 
@@ -147,9 +149,10 @@ def test_data_counts_served_requests_without_making_series(app, client, manager)
     metrics = app.extensions["metrics"]
     metrics.request_done("B1", "GET", 200, 0.01)
     metrics.request_done("B1", "POST", 500, 0.01)
-    metrics.in_flight.labels("B1").inc()
+    lease = manager.hold("B1")  # a request open to B1: the slot max_concurrent counts
     log_in(client)
     rows = {row["server_id"]: row for row in client.get("/dashboard/data").get_json()["data"]["servers"]}
+    lease.release()
     assert (rows["B1"]["served"], rows["B1"]["in_flight"]) == (2, 1)
     metrics.request_done("none", "GET", 503, 0.01)  # no server had it: not a proxied request
     metrics.request_done("none", "GET", 404, 0.01)
@@ -296,6 +299,31 @@ def test_with_an_admin_token_only_it_logs_in(make_app):
     assert client.get("/dashboard/data").status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("admin_token", "label", "refusal"),
+    [
+        (None, "Webhook secret (WEBHOOK_SECRET)", "wrong secret: the dashboard opens with WEBHOOK_SECRET"),
+        (
+            ADMIN,
+            "Admin token (ADMIN_TOKEN)",
+            "wrong admin token: while ADMIN_TOKEN is set, only it opens the dashboard",
+        ),
+    ],
+)
+def test_the_login_names_the_one_credential_it_accepts(make_app, admin_token, label, refusal):
+    client = make_app(admin_token=admin_token).test_client()
+    form = page_text(client.get("/dashboard"))
+    assert f'<label for="secret">{label}</label>' in form
+    other = "WEBHOOK_SECRET" if admin_token else "ADMIN_TOKEN"
+    assert other in form  # the hint says how the other one stands
+    refused = log_in(client, SECRET if admin_token else "wrong")  # the webhook secret, once ADMIN_TOKEN is set
+    assert refused.status_code == 401
+    assert refusal in page_text(refused) and f'<label for="secret">{label}</label>' in page_text(refused)
+    if admin_token:
+        assert "wrong secret" not in page_text(refused)  # the webhook secret was given, and is not what it takes
+    assert SECRET not in page_text(refused) and ADMIN not in page_text(refused)
+
+
 def test_a_new_admin_token_ends_old_sessions(make_app):
     first = make_app(admin_token=ADMIN).test_client()
     log_in(first, ADMIN)
@@ -304,6 +332,165 @@ def test_a_new_admin_token_ends_old_sessions(make_app):
     other = make_app(admin_token=ADMIN + "-rotated").test_client()
     other.set_cookie(SESSION_COOKIE, cookie.value)
     assert other.get("/dashboard/data").status_code == 401
+
+
+# -- what a server's row and the charts show ---------------------------------------------------
+
+
+def data_of(client) -> dict:
+    reply = client.get("/dashboard/data")
+    assert reply.status_code == 200
+    body = reply.get_json()
+    assert DashboardReplySchema().validate(body) == {}  # strict: every field is declared, none is missing
+    return body["data"]
+
+
+def rows_of(client) -> dict[str, dict]:
+    return {row["server_id"]: row for row in data_of(client)["servers"]}
+
+
+def test_a_row_shows_models_in_flight_against_the_cap_ejection_and_draining(client, manager):
+    manager.register_server("B1", "127.0.0.1", 9001, options={"models": ["llama3", "qwen2"], "max_concurrent": 4})
+    manager.register_server("B2", "127.0.0.1", 9002)
+    lease = manager.hold("B1")
+    for _ in range(5):  # OUTLIER_CONSECUTIVE_FAILURES
+        manager.report_result("B2", False, "HTTP 502")
+    manager.set_draining("B2", True)
+    log_in(client)
+    rows = rows_of(client)
+    lease.release()
+    assert rows["B1"]["models"] == ["llama3", "qwen2"] and rows["B2"]["models"] == []
+    assert (rows["B1"]["in_flight"], rows["B1"]["max_concurrent"]) == (1, 4)
+    assert (rows["B2"]["in_flight"], rows["B2"]["max_concurrent"]) == (0, 0)
+    assert (rows["B1"]["ejected"], rows["B1"]["ejection_seconds_left"]) == (False, None)
+    assert rows["B2"]["ejected"] is True and 0 < rows["B2"]["ejection_seconds_left"] <= 30
+    assert (rows["B1"]["draining"], rows["B2"]["draining"]) == (False, True)
+
+
+def test_a_row_says_why_its_server_is_unhealthy_and_the_data_when_the_last_sweep_was(client, manager, fake_servers):
+    up, down = fake_servers("B1"), fake_servers("B2")
+    for server in (up, down):
+        manager.register_server(server.server_id, "127.0.0.1", server.port)
+    log_in(client)
+    assert data_of(client)["last_sweep"] is None
+    assert [row["last_error"] for row in rows_of(client).values()] == [None, None]
+    down.stop()
+    for _ in range(3):
+        manager.run_health_sweep()
+    data = data_of(client)
+    rows = {row["server_id"]: row for row in data["servers"]}
+    assert rows["B2"]["is_healthy"] is False
+    assert rows["B2"]["last_error"] == "unreachable: Connection refused"
+    assert rows["B1"]["last_error"] is None and rows["B1"]["last_check_time"].startswith("20")
+    assert data["last_sweep"]["time"].startswith("20") and data["last_sweep"]["duration_s"] >= 0
+
+
+def test_the_data_charts_the_last_15_minutes_for_the_fleet_and_each_server(app, client, manager):
+    manager.register_server("B1", "127.0.0.1", 9001)
+    manager.register_server("B2", "127.0.0.1", 9002)
+    metrics = app.extensions["metrics"]
+    metrics.request_done("B1", "GET", 200, 0.02)
+    metrics.request_done("B1", "GET", 502, 0.02)
+    metrics.request_done("none", "GET", 503, 0.001)  # no server had it: the fleet's, no server's
+    log_in(client)
+    data = data_of(client)
+    assert (data["charts"]["bucket_seconds"], data["charts"]["buckets"]) == (10, 90)
+    fleet, rows = data["charts"]["fleet"], {row["server_id"]: row for row in data["servers"]}
+    assert [len(fleet[name]) for name in ("rps", "error_rate", "p95_s")] == [90, 90, 90]
+    assert fleet["error_rate"][-1] == pytest.approx(2 / 3, abs=1e-3)
+    assert rows["B1"]["charts"]["error_rate"][-1] == 0.5 and rows["B1"]["charts"]["rps"][-1] > 0
+    assert rows["B1"]["charts"]["p95_s"][-1] == pytest.approx(0.01 + 0.015 * 0.95)
+    quiet = rows["B2"]["charts"]
+    assert set(quiet["rps"]) == {0.0} and set(quiet["error_rate"]) == {None} and set(quiet["p95_s"]) == {None}
+
+
+# -- drain, enable and unregister from the page -------------------------------------------------
+
+
+def token_of(client) -> str:
+    return data_of(client)["csrf_token"]
+
+
+def test_drain_enable_and_unregister_with_the_logins_token(client, manager):
+    manager.register_server("B1", "127.0.0.1", 9001)
+    log_in(client)
+    headers = {"X-CSRF-Token": token_of(client)}
+    drained = client.post("/dashboard/servers/B1/drain", headers=headers)
+    assert drained.status_code == 200
+    assert drained.get_json()["message"] == "server B1 draining"  # the admin API's reply, from its code
+    assert ServerReplySchema().validate(drained.get_json()) == {}
+    assert manager.get_server("B1").draining is True
+    enabled = client.post("/dashboard/servers/B1/enable", headers=headers)
+    assert (enabled.status_code, enabled.get_json()["data"]["draining"]) == (200, False)
+    assert manager.get_server("B1").draining is False
+    removed = client.delete("/dashboard/servers/B1", headers=headers)
+    assert removed.get_json() == {"success": True, "message": "server B1 unregistered", "server_id": "B1"}
+    assert manager.get_server("B1") is None
+    missing = client.post("/dashboard/servers/B1/drain", headers=headers)
+    assert missing.status_code == 404
+    assert missing.get_json()["message"] == "server B1 is not registered"
+
+
+ACTIONS = [("post", "/dashboard/servers/B1/drain"), ("post", "/dashboard/servers/B1/enable"),
+           ("delete", "/dashboard/servers/B1")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "path"), ACTIONS)
+def test_an_action_needs_a_login(client, manager, method, path):
+    manager.register_server("B1", "127.0.0.1", 9001)
+    response = getattr(client, method)(path, headers={"X-CSRF-Token": "anything"})
+    assert response.status_code == 401
+    assert response.get_json()["message"] == "log in at /dashboard first"
+    assert manager.get_server("B1") is not None and manager.get_server("B1").draining is False
+
+
+@pytest.mark.parametrize("token", [None, "", "wrong", "another login's"])
+@pytest.mark.parametrize(("method", "path"), ACTIONS)
+def test_an_action_without_the_logins_csrf_token_is_forbidden(app, client, manager, method, path, token):
+    manager.register_server("B1", "127.0.0.1", 9001)
+    manager.set_draining("B1", True)  # so that enable would change it too
+    log_in(client)
+    if token == "another login's":
+        other = app.test_client()
+        log_in(other)
+        token = token_of(other)
+        assert token != token_of(client)
+    headers = {} if token is None else {"X-CSRF-Token": token}
+    response = getattr(client, method)(path, headers=headers)
+    assert response.status_code == 403
+    assert response.get_json() == {
+        "success": False,
+        "message": "missing or wrong X-CSRF-Token header: reload the dashboard and try again",
+        "errors": None,
+    }
+    assert manager.get_server("B1") is not None and manager.get_server("B1").draining is True
+
+
+def test_an_action_from_another_site_is_forbidden_even_with_the_token(client, manager):
+    manager.register_server("B1", "127.0.0.1", 9001)
+    log_in(client)
+    headers = {"X-CSRF-Token": token_of(client), "Origin": "http://evil.example"}
+    response = client.post("/dashboard/servers/B1/drain", headers=headers)
+    assert (response.status_code, response.get_json()["message"]) == (
+        403,
+        "refused: the request came from another site",
+    )
+    assert manager.get_server("B1").draining is False
+
+
+def test_a_token_dies_with_its_login(app, client, manager):
+    manager.register_server("B1", "127.0.0.1", 9001)
+    stolen = session_cookie(log_in(client))
+    token = token_of(client)
+    assert token == token_of(client)  # one token for the whole login, not one per reply
+    client.post("/dashboard/logout")
+    log_in(client)
+    assert token_of(client) != token  # a new login, a new token
+    replayed = app.test_client(use_cookies=False).post(
+        "/dashboard/servers/B1/drain", headers={"Cookie": f"{SESSION_COOKIE}={stolen}", "X-CSRF-Token": token}
+    )
+    assert replayed.status_code == 401
+    assert manager.get_server("B1").draining is False
 
 
 # -- the page in a real browser --------------------------------------------------------------
@@ -351,15 +538,14 @@ def browser(chromedriver: str) -> Iterator[object]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def test_the_browser_sees_a_killed_server_turn_unhealthy(browser, live_gateway, fake_servers):
+def open_dashboard(browser, gateway, width: int | None = None):
+    """Log in to the gateway's dashboard, noting any CSP violation in window.violations; a WebDriverWait."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    gateway = live_gateway(health_check_interval=3600.0)
-    servers = [fake_servers(f"B{i}") for i in (1, 2, 3)]
-    for server in servers:
-        gateway.register(server)
-
+    if width is not None:  # the page's viewport, not the window's outer size
+        metrics = {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": False}
+        browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
     violations = "window.violations = []; document.addEventListener('securitypolicyviolation', e => "
     violations += "window.violations.push(e.violatedDirective + ' ' + e.blockedURI));"
     browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": violations})
@@ -367,10 +553,24 @@ def test_the_browser_sees_a_killed_server_turn_unhealthy(browser, live_gateway, 
     assert not browser.find_elements(By.ID, "servers")
     browser.find_element(By.NAME, "secret").send_keys(SECRET)
     browser.find_element(By.CSS_SELECTOR, "form.login button").click()
-    wait = WebDriverWait(browser, 15, poll_frequency=0.2)
+    return WebDriverWait(browser, 15, poll_frequency=0.2)
+
+
+def rows_shown(browser) -> int:
+    return browser.execute_script("return document.querySelectorAll('#servers td.health').length")
+
+
+def test_the_browser_sees_a_killed_server_turn_unhealthy(browser, live_gateway, fake_servers):
+    from selenium.webdriver.common.by import By
+
+    gateway = live_gateway(health_check_interval=3600.0)
+    servers = [fake_servers(f"B{i}") for i in (1, 2, 3)]
+    for server in servers:
+        gateway.register(server)
+    wait = open_dashboard(browser, gateway)
 
     def health(server_id: str) -> str | None:
-        cells = browser.find_elements(By.CSS_SELECTOR, f'#servers tr[data-server-id="{server_id}"] td.health')
+        cells = browser.find_elements(By.CSS_SELECTOR, f'#servers tr[data-server-id="{server_id}"] td.health .status')
         return cells[0].text if cells else None
 
     wait.until(lambda _: [health(f"B{i}") for i in (1, 2, 3)] == ["healthy"] * 3)
@@ -385,10 +585,13 @@ def test_the_browser_sees_a_killed_server_turn_unhealthy(browser, live_gateway, 
     wait.until(lambda _: health("B2") == "UNHEALTHY")  # the page's own refresh, no reload
     row = browser.find_element(By.CSS_SELECTOR, '#servers tr[data-server-id="B2"]')
     assert "unhealthy" in row.get_attribute("class")
-    assert row.find_element(By.CSS_SELECTOR, "td.since").text.startswith("unhealthy for ")
+    assert row.find_element(By.CSS_SELECTOR, "td.health .since").text.startswith("for ")
+    assert row.find_element(By.CSS_SELECTOR, "td.check").text == "unreachable: Connection refused\n3 failed in a row"
+    assert browser.find_element(By.ID, "last_sweep").text.startswith("last health sweep ")
     assert [health("B1"), health("B3")] == ["healthy", "healthy"]
     assert browser.find_element(By.ID, "unhealthy_servers").text == "1"
     assert browser.execute_script("return window.sameDocument === true")
+    assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")  # 1280 px
     assert browser.execute_script("return window.violations") == []  # the page works under its CSP
     assert browser.execute_script("return document.cookie") == ""  # HttpOnly: no script can read it
     echoed = browser.execute_async_script(
@@ -411,3 +614,81 @@ def test_login_behind_a_tls_proxy_is_same_origin(app):
         base_url="http://localhost",
     )
     assert response.status_code == 303
+
+
+def chart_path(browser, server_id: str, name: str) -> list[tuple[float, float]]:
+    """The points (x, y) of a chart's SVG path: M/L x y, then H to the bucket's right edge."""
+    d = browser.execute_script(
+        "const path = document.querySelector(`#charts .chart.${arguments[1]}[data-chart='${arguments[0]}'] path`);"
+        "return path ? path.getAttribute('d') : null;",
+        server_id,
+        name,
+    )
+    if not d:
+        return []
+    points = re.findall(r"[ML](-?[\d.]+) (-?[\d.]+)", d)
+    return [(float(x), float(y)) for x, y in points]
+
+
+def test_the_browser_charts_requests_and_drains_a_server_after_a_confirming_click(browser, live_gateway, fake_servers):
+    from selenium.webdriver.common.by import By
+
+    gateway = live_gateway(health_check_interval=3600.0)
+    for server_id in ("B1", "B2"):
+        gateway.register(fake_servers(server_id))
+    wait = open_dashboard(browser, gateway)
+    wait.until(lambda _: rows_shown(browser) == 2)
+    assert chart_path(browser, "B1", "p95_s") == []  # no requests yet: nothing drawn, not a zero line
+    assert {y for _, y in chart_path(browser, "B1", "rps")} == {29.0}  # 0 req/s, on the baseline
+
+    for _ in range(8):
+        assert requests.get(gateway.url + "/api/echo", timeout=5).status_code == 200
+    wait.until(lambda _: any(y < 29.0 for _, y in chart_path(browser, "B1", "rps")))  # the page's own refresh
+    assert chart_path(browser, "B1", "p95_s") and chart_path(browser, "", "p95_s")  # "" is the fleet's row
+    assert chart_path(browser, "B1", "error_rate")[-1][1] == 29.0  # requests, none failed: a 0 % line
+    value = browser.find_element(By.CSS_SELECTOR, "#charts .chart.rps[data-chart='B1'] .value").text
+    assert "req/s" in value and "peak" in value
+
+    toggle = browser.find_element(By.CSS_SELECTOR, '#servers tr[data-server-id="B1"] button.toggle')
+    assert toggle.text == "drain"
+    toggle.click()
+    assert toggle.text == "confirm drain B1?"
+    assert gateway.manager.get_server("B1").draining is False  # one click only asks
+    toggle.click()
+    wait.until(lambda _: gateway.manager.get_server("B1").draining)
+    wait.until(lambda _: toggle.text == "enable")
+    state = browser.find_element(By.CSS_SELECTOR, '#servers tr[data-server-id="B1"] td.state')
+    assert state.text == "draining"
+    assert browser.find_element(By.ID, "action_message").text == "server B1 draining"
+
+    forged = browser.execute_async_script(  # the page's own origin and cookie, without the token
+        "fetch('/dashboard/servers/B2/drain', {method: 'POST', credentials: 'same-origin'})"
+        ".then(r => arguments[0](r.status))"
+    )
+    assert forged == 403
+    assert gateway.manager.get_server("B2").draining is False
+    assert browser.execute_script("return window.violations") == []
+
+
+def test_at_700_px_wide_the_servers_fit_without_a_sideways_scrollbar(browser, live_gateway, fake_servers):
+    gateway = live_gateway(health_check_interval=3600.0)
+    servers = [fake_servers(f"gpu-server-{i:02d}") for i in range(1, 4)]
+    long_models = {"models": [f"meta-llama/Meta-Llama-3.1-70B-Instruct-{n}" for n in range(4)], "max_concurrent": 8}
+    for server in servers:
+        gateway.manager.register_server(server.server_id, "127.0.0.1", server.port, options=long_models)
+    servers[2].stop()
+    for _ in range(3):
+        gateway.manager.run_health_sweep()
+    wait = open_dashboard(browser, gateway, width=700)
+    wait.until(lambda _: rows_shown(browser) == 3)
+    widths = browser.execute_script(
+        "return [window.innerWidth, document.documentElement.scrollWidth,"
+        " document.getElementById('servers').scrollWidth, document.body.clientWidth]"
+    )
+    inner, page, table, body = widths
+    assert inner == 700
+    assert page <= inner, f"the page is {page} px wide in a {inner} px window"
+    assert table <= body, f"the table is {table} px wide in a body of {body} px"
+    assert browser.execute_script("return window.violations") == []
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert browser.save_screenshot(str(ARTIFACTS / "dashboard-700px.png"))

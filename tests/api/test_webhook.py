@@ -122,6 +122,7 @@ def test_registered_server_is_listed_with_the_seed_fields(client):
         "last_check_time": None,
         "last_used_time": None,
         "monitor_url": None,
+        "last_error": None,
         "weight": 1,
         "priority": 1,
         "max_concurrent": 0,

@@ -9,20 +9,13 @@ transaction; submissions that wait for that lock are committed together, one fsy
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import os
-import sqlite3
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeVar
 
-from gateway.fleet.store import aside_path, off_the_event_loop
+from gateway.fleet.store import off_the_event_loop
 from gateway.jobs.records import (
     CANCELLED,
     EXPIRED,
@@ -35,88 +28,26 @@ from gateway.jobs.records import (
     IdempotencyConflict,
     Job,
     JobNotFound,
-    JobRequest,
     JobResult,
     NewJob,
     StaleLease,
     StoreFull,
     new_lease_token,
 )
+from gateway.jobs.rows import (
+    CALLBACK_BACKOFF_CAP,
+    CALLBACK_DUE,
+    CLAIMED,
+    ROW_OVERHEAD,
+    SCHEMA,
+    QueueCounts,
+    Submitted,
+    job_from_row,
+    same,
+)
+from gateway.jobs.sqlite import SQLiteFile, native_lock
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-# What a claim sets: the holder, the dispatch kind, a new lease token and expiry, the start time.
-_CLAIMED = (
-    "status = 'running', attempts = attempts + 1, server_id = ?, dispatch = ?, lease_token = ?,"
-    " lease_expires_at = ?, started_at = ?, error = NULL"
-)
-# What ending a job sets for its callback: due now, if it has a callback URL.
-_CALLBACK_DUE = (
-    "callback_state = CASE WHEN callback_url IS NULL THEN NULL ELSE 'pending' END,"
-    " callback_due_at = CASE WHEN callback_url IS NULL THEN NULL ELSE ? END"
-)
-CALLBACK_BACKOFF_CAP = 3600.0  # the longest wait between two deliveries of one callback
-ROW_OVERHEAD = 512  # bytes a job costs beyond its bodies and headers, for the size budget
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    job_id TEXT PRIMARY KEY,
-    status TEXT NOT NULL,
-    priority INTEGER NOT NULL,
-    seq INTEGER NOT NULL,
-    task_type TEXT NOT NULL,
-    model TEXT,
-    method TEXT NOT NULL,
-    target TEXT NOT NULL,
-    headers TEXT NOT NULL,
-    body BLOB NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    server_id TEXT,
-    dispatch TEXT,
-    lease_token TEXT,
-    lease_expires_at REAL,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    error TEXT,
-    callback_url TEXT,
-    result_status INTEGER,
-    result_headers TEXT,
-    result_body BLOB,
-    size INTEGER NOT NULL,
-    callback_due_at REAL,
-    callback_attempts INTEGER NOT NULL DEFAULT 0,
-    callback_state TEXT,
-    callback_error TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_callbacks ON jobs (callback_due_at) WHERE callback_state = 'pending';
-CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (priority, seq) WHERE status = 'queued';
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_at);
-CREATE TABLE IF NOT EXISTS idempotency (
-    key TEXT PRIMARY KEY,
-    fingerprint TEXT NOT NULL,
-    job_id TEXT NOT NULL,
-    expires_at REAL NOT NULL
-);
-"""
-
-
-@dataclass(frozen=True)
-class Submitted:
-    """A submission's outcome: the job, and whether this submission made it (False: a repeat)."""
-
-    job: Job
-    created: bool
-
-
-@dataclass(frozen=True)
-class QueueCounts:
-    """The queue at a glance: jobs per status, queued per priority, and the oldest wait."""
-
-    by_status: dict[str, int]
-    queued_by_priority: dict[int, int]
-    oldest_queued_at: float | None
-    stored_bytes: int
 
 
 class _Pending:
@@ -131,16 +62,11 @@ class _Pending:
         self.error: Exception | None = None
 
 
-def _native_lock() -> Any:
-    """A lock that native threads can share: gevent's patched one cannot cross them."""
-    monkey = sys.modules.get("gevent.monkey")
-    if monkey is not None and monkey.is_module_patched("threading"):
-        return monkey.get_original("threading", "Lock")()
-    return threading.Lock()
-
-
-class SQLiteJobStore:
+class SQLiteJobStore(SQLiteFile):
     """Jobs in one SQLite file (WAL, synchronous=FULL): a 202 means the job is on disk."""
+
+    schema = SCHEMA
+    what = "job store"
 
     def __init__(
         self,
@@ -151,61 +77,16 @@ class SQLiteJobStore:
         queue_ttl: float = 86400.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.path = Path(path)
+        super().__init__(path)
         self.max_bytes = max_bytes
         self.idempotency_ttl = idempotency_ttl
         self.result_ttl = result_ttl
         self.queue_ttl = queue_ttl
         self.clock = clock
-        self._lock = _native_lock()
-        self._pending_lock = _native_lock()
+        self._pending_lock = native_lock()
         self._pending: list[_Pending] = []
-        self._db = self._open()
         self._bytes = int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM jobs").fetchone()[0])
         self._seq = int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0])
-
-    # -- opening ---------------------------------------------------------------------------
-
-    def _open(self) -> sqlite3.Connection:
-        try:
-            return self._connect()
-        except sqlite3.DatabaseError as exc:
-            target = aside_path(self.path)
-            os.replace(self.path, target)
-            log.error("job store %s is corrupt (%s); moved it to %s and started empty", self.path, exc, target)
-            return self._connect()
-
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=5.0, check_same_thread=False, isolation_level=None)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")  # an acknowledged job survives power loss, not only a crash
-            db.executescript(SCHEMA)
-            db.execute("SELECT COUNT(*) FROM jobs").fetchone()  # a corrupt file fails here, not later
-        except sqlite3.DatabaseError:
-            db.close()
-            raise
-        return db
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def _run(self, func: Callable[..., T], *args: Any) -> T:
-        """Run one operation under the store's lock, off gevent's event loop."""
-        return off_the_event_loop(self._locked, func, *args)
-
-    def _locked(self, func: Callable[..., T], *args: Any) -> T:
-        """`func` in one transaction: all of its changes are committed together, or none."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                result = func(*args)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-            return result
 
     # -- submitting ------------------------------------------------------------------------
 
@@ -306,7 +187,7 @@ class SQLiteJobStore:
 
     def _get(self, job_id: str) -> Job | None:
         row = self._db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        return None if row is None else _job(row)
+        return None if row is None else job_from_row(row)
 
     def position(self, job: Job) -> int | None:
         """1 for the next job to run, and so on; None once it is no longer queued."""
@@ -334,7 +215,7 @@ class SQLiteJobStore:
             rows = self._db.execute(
                 "SELECT * FROM jobs WHERE status = ? ORDER BY created_at DESC, seq DESC LIMIT ?", (status, limit)
             )
-        return [_job(row) for row in rows.fetchall()]
+        return [job_from_row(row) for row in rows.fetchall()]
 
     def counts(self) -> QueueCounts:
         """Jobs per status, queued jobs per priority, the oldest queued job's time."""
@@ -433,10 +314,10 @@ class SQLiteJobStore:
             if claimed and max_bytes is not None and total > max_bytes:
                 break
             row = self._db.execute(
-                f"UPDATE jobs SET {_CLAIMED} WHERE job_id = ? RETURNING *",
+                f"UPDATE jobs SET {CLAIMED} WHERE job_id = ? RETURNING *",
                 (holder, dispatch, new_lease_token(), now + lease_seconds, now, job_id),
             ).fetchone()
-            claimed.append(_job(row))
+            claimed.append(job_from_row(row))
         return claimed
 
     def holders(self, dispatch: str) -> dict[str, list[str]]:
@@ -459,7 +340,7 @@ class SQLiteJobStore:
 
     def _queued(self, limit: int) -> list[Job]:
         rows = self._db.execute("SELECT * FROM jobs WHERE status = 'queued' ORDER BY priority, seq LIMIT ?", (limit,))
-        return [_job(row) for row in rows.fetchall()]
+        return [job_from_row(row) for row in rows.fetchall()]
 
     def claim_job(self, job_id: str, holder: str, dispatch: str, lease_seconds: float) -> Job | None:
         """Take one given job if it is still queued (None if another took it, or it was cancelled)."""
@@ -468,10 +349,10 @@ class SQLiteJobStore:
     def _claim_job(self, job_id: str, holder: str, dispatch: str, lease_seconds: float) -> Job | None:
         now = self.clock()
         row = self._db.execute(
-            f"UPDATE jobs SET {_CLAIMED} WHERE job_id = ? AND status = 'queued' RETURNING *",
+            f"UPDATE jobs SET {CLAIMED} WHERE job_id = ? AND status = 'queued' RETURNING *",
             (holder, dispatch, new_lease_token(), now + lease_seconds, now, job_id),
         ).fetchone()
-        return None if row is None else _job(row)
+        return None if row is None else job_from_row(row)
 
     def heartbeat(self, job_id: str, token: str, lease_seconds: float) -> Job:
         """Extend a running job's lease; StaleLease if `token` is not its current lease."""
@@ -493,7 +374,7 @@ class SQLiteJobStore:
         job = self._get(job_id)
         if job is None:
             raise JobNotFound(f"no job {job_id}")
-        if job.lease_token is None or not _same(job.lease_token, token):
+        if job.lease_token is None or not same(job.lease_token, token):
             raise StaleLease(f"job {job_id} is not leased with this token: its lease expired or moved on")
         if job.status not in (RUNNING, CANCELLED):
             raise StaleLease(f"job {job_id} is {job.status}: its lease is over")
@@ -533,7 +414,7 @@ class SQLiteJobStore:
                 (result.status, headers, result.body, size_delta, job_id),
             )
         self._db.execute(
-            f"UPDATE jobs SET status = ?, error = ?, finished_at = ?, lease_expires_at = NULL, {_CALLBACK_DUE}"
+            f"UPDATE jobs SET status = ?, error = ?, finished_at = ?, lease_expires_at = NULL, {CALLBACK_DUE}"
             " WHERE job_id = ?",
             (status, error, now, now, job_id),
         )
@@ -570,7 +451,7 @@ class SQLiteJobStore:
         if job.status not in FINISHED:
             now = self.clock()
             self._db.execute(
-                f"UPDATE jobs SET status = 'cancelled', finished_at = ?, lease_expires_at = NULL, {_CALLBACK_DUE}"
+                f"UPDATE jobs SET status = 'cancelled', finished_at = ?, lease_expires_at = NULL, {CALLBACK_DUE}"
                 " WHERE job_id = ?",
                 (now, now, job_id),
             )
@@ -612,7 +493,7 @@ class SQLiteJobStore:
             " ORDER BY callback_due_at LIMIT ?",
             (self.clock(), limit),
         )
-        return [_job(row) for row in rows.fetchall()]
+        return [job_from_row(row) for row in rows.fetchall()]
 
     def callback_tried(self, job_id: str, error: str | None, backoff: float, max_attempts: int) -> tuple[str, float]:
         """Record one delivery: delivered (no error), due again after a backoff, or failed for good.
@@ -666,7 +547,7 @@ class SQLiteJobStore:
     def _purge(self) -> tuple[int, int]:
         now = self.clock()
         expired = self._db.execute(
-            f"UPDATE jobs SET status = 'expired', finished_at = ?, {_CALLBACK_DUE},"
+            f"UPDATE jobs SET status = 'expired', finished_at = ?, {CALLBACK_DUE},"
             " error = 'no server took it within JOB_QUEUE_TTL' WHERE status = 'queued' AND created_at <= ?",
             (now, now, now - self.queue_ttl),
         ).rowcount
@@ -679,68 +560,3 @@ class SQLiteJobStore:
         self._db.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
         self._bytes -= sum(size for (size,) in freed)
         return expired, len(freed)
-
-
-def _same(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
-
-
-def _job(row: tuple[Any, ...]) -> Job:
-    (
-        job_id,
-        status,
-        priority,
-        seq,
-        task_type,
-        model,
-        method,
-        target,
-        headers,
-        body,
-        attempts,
-        server_id,
-        dispatch,
-        lease_token,
-        lease_expires_at,
-        created_at,
-        started_at,
-        finished_at,
-        error,
-        callback_url,
-        result_status,
-        result_headers,
-        result_body,
-        _size,
-        _callback_due_at,
-        _callback_attempts,
-        callback_state,
-        _callback_error,
-    ) = row
-    result = None
-    if result_status is not None:
-        result = JobResult(result_status, _pairs(result_headers), bytes(result_body or b""))
-    return Job(
-        job_id=job_id,
-        status=status,
-        priority=priority,
-        seq=seq,
-        task_type=task_type,
-        model=model,
-        request=JobRequest(method, target, _pairs(headers), bytes(body)),
-        attempts=attempts,
-        server_id=server_id,
-        dispatch=dispatch,
-        lease_token=lease_token,
-        lease_expires_at=lease_expires_at,
-        created_at=created_at,
-        started_at=started_at,
-        finished_at=finished_at,
-        error=error,
-        callback_url=callback_url,
-        result=result,
-        callback_state=callback_state,
-    )
-
-
-def _pairs(text: str) -> tuple[tuple[str, str], ...]:
-    return tuple((str(name), str(value)) for name, value in json.loads(text))

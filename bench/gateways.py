@@ -60,6 +60,7 @@ def gateway_env(folder: Path, port: int, secret: str, extra: Mapping[str, str] |
         WEBHOOK_SECRET=secret,
         BACKEND_SERVERS_FILE=str(folder / "backend_servers.json"),
         TASK_AFFINITY_FILE=str(folder / "task_affinity.db"),
+        JOB_STORE_FILE=str(folder / "jobs.db"),
         GATEWAY_BIND=f"{HOST}:{port}",
         LOG_LEVEL="INFO",
     )

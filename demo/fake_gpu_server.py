@@ -72,7 +72,7 @@ class KillableHTTPServer(ThreadingHTTPServer):
 class FakeGPUServer(KillableHTTPServer):
     """A threaded HTTP server that plays one GPU server of the fleet."""
 
-    def __init__(self, server_id: str, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, server_id: str, host: str = "127.0.0.1", port: int = 0, keep_keys: bool = False) -> None:
         super().__init__((host, port), Handler)
         self.server_id = server_id
         self.healthy = True
@@ -80,6 +80,13 @@ class FakeGPUServer(KillableHTTPServer):
         self.requests: list[dict[str, Any]] = []
         self.stream_gate = threading.Event()  # a gated stream waits here after its first chunk
         self.aborted_streams = 0
+        # With keep_keys, an Idempotency-Key seen before gets the first answer again, without the work
+        # being done twice (a repeat that comes while the first still runs waits for it), as seed 004's
+        # GPU side drops a repeated request_id. `runs` counts the work done per key.
+        self.keep_keys = keep_keys
+        self.answers: dict[str, tuple[threading.Event, list[bytes]]] = {}
+        self.runs: dict[str, int] = {}
+        self.keys_lock = threading.Lock()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -94,7 +101,31 @@ class Handler(BaseHTTPRequestHandler):
             super().log_message(format, *args)
 
     def do_GET(self) -> None:
-        self.route()
+        key = self.headers.get("Idempotency-Key")
+        if key is None or not self.server.keep_keys:
+            return self.route()
+        with self.server.keys_lock:
+            first = key not in self.server.answers
+            if first:
+                self.server.answers[key] = (threading.Event(), [])
+            done, answer = self.server.answers[key]
+        if not first:  # a repeat: the first answer, once it is there; the body is read and dropped
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            done.wait(60)
+            self.wfile.write(b"".join(answer))
+            return None
+        sent, self.wfile = self.wfile, io.BytesIO()
+        try:
+            self.route()
+        finally:
+            written, self.wfile = self.wfile.getvalue(), sent
+            answer.append(written)
+            with self.server.keys_lock:
+                self.server.runs[key] = self.server.runs.get(key, 0) + 1
+            done.set()
+        with contextlib.suppress(OSError):  # the caller may be gone (a gateway killed meanwhile)
+            self.wfile.write(written)
+        return None
 
     do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_GET
 

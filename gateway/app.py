@@ -13,7 +13,7 @@ from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from gateway import __version__, errors
-from gateway.api import admin, dashboard, llm, openapi, status
+from gateway.api import admin, dashboard, jobs, llm, openapi, status, worker_socket, workers
 from gateway.api.webhook import register_webhook_routes
 from gateway.config import Config, ConfigError, parse_bind
 from gateway.fleet.health import HealthChecker
@@ -65,6 +65,9 @@ def create_app(config: Config | None = None) -> Flask:
     admin.init_app(app)
     dashboard.init_app(app)
     views.init_app(app)
+    jobs.init_app(app)  # after the proxy: it lets the proxy turn requests into jobs
+    workers.init_app(app)  # after the jobs: the pull workers' endpoints call the JobService
+    worker_socket.init_app(app)
     llm.init_app(app)
     openapi.init_app(app)  # after every route: it describes them
     app.wsgi_app = views.FastPath(app, app.wsgi_app)  # type: ignore[method-assign]  # after every route
@@ -75,7 +78,9 @@ def create_app(config: Config | None = None) -> Flask:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
 
     def shutdown() -> None:
+        app.extensions["jobs"].stop()
         manager.shutdown()
+        app.extensions["jobs"].store.close()
         app.extensions["task_affinity"].close()
 
     app.extensions["gateway_shutdown"] = shutdown
@@ -85,7 +90,17 @@ def create_app(config: Config | None = None) -> Flask:
 
 def configure_logging(config: Config) -> None:
     """Structured lines to stdout (journald under systemd), and to LOG_DIR's files when set."""
-    secrets = [s for s in (config.webhook_secret, config.metrics_token, config.admin_token) if s]
+    secrets = [
+        s
+        for s in (
+            config.webhook_secret,
+            config.metrics_token,
+            config.admin_token,
+            config.job_callback_secret,
+            config.worker_token,
+        )
+        if s
+    ]
     logs.configure(
         config.log_level, config.log_format, config.log_dir, config.log_max_bytes, config.log_backups, secrets
     )

@@ -27,7 +27,13 @@ SETUP_HELP = (
 # A secret any shorter can be guessed, and the log redaction blanks out every occurrence of it:
 # with WEBHOOK_SECRET=s, each letter "s" in the logs became [REDACTED].
 MIN_SECRET_LENGTH = 16
-SECRET_SETTINGS = {"webhook_secret": "WEBHOOK_SECRET", "admin_token": "ADMIN_TOKEN", "metrics_token": "METRICS_TOKEN"}
+SECRET_SETTINGS = {
+    "webhook_secret": "WEBHOOK_SECRET",
+    "admin_token": "ADMIN_TOKEN",
+    "metrics_token": "METRICS_TOKEN",
+    "job_callback_secret": "JOB_CALLBACK_SECRET",
+    "worker_token": "WORKER_TOKEN",
+}
 
 
 class ConfigError(ValueError):
@@ -81,6 +87,21 @@ class Config:
     dashboard_secure_cookie: bool = False
     max_servers: int = 10_000
     registration_binding: str = "off"
+    # Durable jobs (docs/jobs.md)
+    job_store_file: str = "jobs.db"
+    job_store_max_bytes: int = 1024 * 1024 * 1024
+    job_queue_ttl: float = 86400.0
+    job_result_ttl: float = 86400.0
+    idempotency_ttl: float = 86400.0
+    job_max_attempts: int = 3
+    job_lease_seconds: float = 30.0
+    queue_when_offline: tuple[str, ...] = ()
+    job_callback_secret: str = field(default="", repr=False)
+    job_callback_attempts: int = 8
+    job_callback_backoff: float = 5.0
+    # Pull workers (docs/jobs.md, "Pull workers")
+    worker_token: str = field(default="", repr=False)
+    worker_max_long_polls: int = 1000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
@@ -149,6 +170,21 @@ class Config:
             "registration_binding": reader.get(
                 "REGISTRATION_BINDING", cls.registration_binding, _choice(REGISTRATION_BINDINGS)
             ),
+            "job_store_file": reader.get("JOB_STORE_FILE", cls.job_store_file, _nonempty),
+            "job_store_max_bytes": reader.get("JOB_STORE_MAX_BYTES", cls.job_store_max_bytes, _integer(1024 * 1024)),
+            "job_queue_ttl": reader.get("JOB_QUEUE_TTL", cls.job_queue_ttl, _number(min_value=1)),
+            "job_result_ttl": reader.get("JOB_RESULT_TTL", cls.job_result_ttl, _number(min_value=1)),
+            "idempotency_ttl": reader.get("IDEMPOTENCY_TTL", cls.idempotency_ttl, _number(min_value=1)),
+            "job_max_attempts": reader.get("JOB_MAX_ATTEMPTS", cls.job_max_attempts, _integer(1)),
+            "job_lease_seconds": reader.get("JOB_LEASE_SECONDS", cls.job_lease_seconds, _number(min_value=1)),
+            "queue_when_offline": reader.get("QUEUE_WHEN_OFFLINE", cls.queue_when_offline, _path_prefixes),
+            "job_callback_secret": reader.optional_secret("JOB_CALLBACK_SECRET"),
+            "job_callback_attempts": reader.get("JOB_CALLBACK_ATTEMPTS", cls.job_callback_attempts, _integer(1)),
+            "job_callback_backoff": reader.get(
+                "JOB_CALLBACK_BACKOFF", cls.job_callback_backoff, _number(min_value=0.1)
+            ),
+            "worker_token": reader.optional_secret("WORKER_TOKEN"),
+            "worker_max_long_polls": reader.get("WORKER_MAX_LONG_POLLS", cls.worker_max_long_polls, _integer(1)),
         }
         values.update(overrides)
         _check_secret_lengths(values)
@@ -256,6 +292,15 @@ def _prefixes(raw: str) -> tuple[str, ...]:
             raise ValueError("prefixes may not cover /webhook/")
     if not prefixes:
         raise ValueError("expected a comma-separated list of path prefixes")
+    return prefixes
+
+
+def _path_prefixes(raw: str) -> tuple[str, ...]:
+    """Comma-separated path prefixes, each starting with '/'."""
+    prefixes = tuple(p.strip() for p in raw.split(",") if p.strip())
+    for prefix in prefixes:
+        if not prefix.startswith("/"):
+            raise ValueError(f"prefix {prefix!r} must start with '/'")
     return prefixes
 
 

@@ -1,4 +1,4 @@
-"""python -m resource_monitor: serve this host's readings, and optionally keep it registered with a gateway."""
+"""python -m resource_monitor: serve this host's readings; keep it registered with a gateway, or pull its jobs."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from werkzeug.serving import make_server
 
 from resource_monitor.agent import RegistrationAgent
 from resource_monitor.app import close_app, create_app
+from resource_monitor.pull import PullAgent
+from resource_monitor.pull_ws import WebSocketPullAgent
 from resource_monitor.settings import DEFAULT_PORTS, DEVICE_TYPES, Settings, SettingsError
 
 log = logging.getLogger("resource_monitor")
@@ -30,11 +33,18 @@ Settings from the environment (the seed's config.yaml keys):
   MONITOR_DISK_PATH             the disk /resources reports ("/")
   WEBHOOK_SECRET                the gateway's secret; required with --register-to
   MONITOR_TOKEN_FILE            where the server token is kept (--token-file)
+  WORKER_TOKEN                  the gateway's worker token, for --pull-from (--worker-token);
+                                unset, WEBHOOK_SECRET serves, as it does on the gateway
 
 \b
 A GPU host joins the fleet with one command, e.g.:
   WEBHOOK_SECRET=... python -m resource_monitor --device gpu \\
       --register-to https://gateway.example.com --server-id B1 --service-port 8000
+
+\b
+A GPU host behind NAT pulls its jobs instead, e.g.:
+  WORKER_TOKEN=... python -m resource_monitor --device gpu \\
+      --pull-from https://gateway.example.com --forward-to http://127.0.0.1:8000
 """
 
 
@@ -52,6 +62,17 @@ def check_server_id(ctx: click.Context, param: click.Parameter, value: str | Non
     if value is not None and not SERVER_ID_PATTERN.match(value):
         raise click.BadParameter("must be 1-64 characters of A-Z a-z 0-9 _ . -")
     return value
+
+
+def split_names(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...]:
+    """A comma-separated list, blanks and repeats dropped."""
+    return tuple(dict.fromkeys(name.strip() for name in (value or "").split(",") if name.strip()))
+
+
+def default_worker_id() -> str:
+    """This host's name, in the characters a worker id may hold."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64]
+    return name or "worker"
 
 
 @click.command(epilog=EPILOG)
@@ -106,6 +127,49 @@ def check_server_id(ctx: click.Context, param: click.Parameter, value: str | Non
     "[default: $XDG_STATE_HOME/gpu-monitor/<server-id>.token, or ~/.local/state/...].",
 )
 @click.option(
+    "--pull-from",
+    metavar="GATEWAY_URL",
+    callback=check_gateway_url,
+    help="Lease jobs from the gateway at this URL and run them on --forward-to (for a host behind NAT).",
+)
+@click.option(
+    "--forward-to",
+    metavar="URL",
+    callback=check_gateway_url,
+    help="The local GPU service that runs pulled jobs [default: http://127.0.0.1:8000].",
+)
+@click.option(
+    "--worker-token",
+    envvar="WORKER_TOKEN",
+    show_envvar=True,
+    metavar="TOKEN",
+    help="The gateway's WORKER_TOKEN (better in the environment than on the command line) [default: $WEBHOOK_SECRET].",
+)
+@click.option("--worker-id", metavar="ID", callback=check_server_id, help="This worker's id [default: the host name].")
+@click.option(
+    "--routes",
+    metavar="PREFIXES",
+    callback=split_names,
+    help="Comma-separated gateway prefixes whose jobs to run [default: /api/, unless --models is given].",
+)
+@click.option("--models", metavar="NAMES", callback=split_names, help="Comma-separated models whose jobs to run.")
+@click.option(
+    "--max-jobs", type=click.IntRange(1, 100), metavar="N", help="Jobs to run at once [default: 1].", default=None
+)
+@click.option(
+    "--wait",
+    type=click.FloatRange(1, 30),
+    metavar="SECONDS",
+    help="How long each lease call waits for a job [default: 30].",
+    default=None,
+)
+@click.option(
+    "--transport",
+    type=click.Choice(["http", "ws"]),
+    default=None,
+    help="How pulled jobs come: HTTP long polls, or pushed over the gateway's WebSocket [default: http].",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
     default="INFO",
@@ -123,6 +187,15 @@ def main(
     advertise_ip: str | None,
     heartbeat: float,
     token_file: Path | None,
+    pull_from: str | None,
+    forward_to: str | None,
+    worker_token: str | None,
+    worker_id: str | None,
+    routes: tuple[str, ...],
+    models: tuple[str, ...],
+    max_jobs: int | None,
+    wait: float | None,
+    transport: str | None,
     log_level: str,
 ) -> None:
     """Serve this host's CPU, memory, disk and GPU readings: /health, /resources and /check."""
@@ -131,6 +204,9 @@ def main(
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from None
     agent_options = agent_settings(register_to, server_id, service_port, token_file)
+    pull_options = pull_settings(pull_from, forward_to, worker_token, worker_id, routes, models, max_jobs, wait)
+    if transport is not None and pull_options is None:
+        raise click.UsageError("--transport is for pulling jobs: give --pull-from too")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if log_level.upper() != "DEBUG":
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per poll
@@ -155,8 +231,19 @@ def main(
             **agent_options, monitor_port=server.server_port, advertise_ip=advertise_ip, heartbeat=heartbeat
         )
         agent.start()
+    puller: PullAgent | None = None
+    if pull_options is not None:
+        if transport == "ws":
+            del pull_options["wait"]  # jobs are pushed: there is no poll to wait in
+            puller = WebSocketPullAgent(**pull_options)
+        else:
+            puller = PullAgent(**pull_options)
+        puller.start()
+        log.info("pulling jobs from %s for %s", puller.gateway_url, puller.forward_to)
     stop.wait()
     log.info("stopping")
+    if puller is not None:
+        puller.stop()  # its jobs go back to the queue at once, for another worker
     if agent is not None:
         agent.stop()  # leave the fleet while the monitor still answers
     server.shutdown()
@@ -185,6 +272,39 @@ def agent_settings(
         "server_id": server_id,
         "service_port": service_port,
         "token_file": token_file or default_token_file(server_id),
+    }
+
+
+def pull_settings(
+    pull_from: str | None,
+    forward_to: str | None,
+    worker_token: str | None,
+    worker_id: str | None,
+    routes: tuple[str, ...],
+    models: tuple[str, ...],
+    max_jobs: int | None,
+    wait: float | None,
+) -> dict[str, Any] | None:
+    """The pull agent's arguments when --pull-from is given; a usage error when something it needs is missing."""
+    if pull_from is None:
+        flags: dict[str, object] = {"--forward-to": forward_to, "--worker-id": worker_id, "--routes": routes}
+        flags |= {"--models": models, "--max-jobs": max_jobs, "--wait": wait}
+        given = [flag for flag, value in flags.items() if value]
+        if given:
+            raise click.UsageError(f"{' and '.join(given)} are for pulling jobs: give --pull-from too")
+        return None
+    token = worker_token or os.environ.get("WEBHOOK_SECRET", "")
+    if not token:
+        raise click.UsageError("--pull-from needs the gateway's worker token: set WORKER_TOKEN (or WEBHOOK_SECRET)")
+    return {
+        "gateway_url": pull_from,
+        "token": token,
+        "forward_to": forward_to or "http://127.0.0.1:8000",
+        "worker_id": worker_id or default_worker_id(),
+        "routes": routes or (() if models else ("/api/",)),
+        "models": models,
+        "max_jobs": max_jobs or 1,
+        "wait": 30.0 if wait is None else wait,
     }
 
 

@@ -188,24 +188,33 @@ class RegistrationAgent:
         response = self._session.post(
             self.gateway_url + path, json=body, headers=headers, timeout=REQUEST_TIMEOUT, allow_redirects=False
         )
-        try:
-            reply = response.json()
-        except ValueError:
-            reply = None
-        if not isinstance(reply, dict):
-            reply = {}
-        if response.ok and reply.get("success") is True:
-            if isinstance(reply.get("server_token"), str):
-                self._keep_token(reply["server_token"])
-            return reply
-        status = response.status_code
-        message = f"error {status}: {reply.get('message') or response.reason}"
-        if reply.get("errors"):
-            message += f" {reply['errors']}"
-        if response.is_redirect:
-            message += f" (redirects to {response.headers.get('Location')}; use that as --register-to)"
-        elif response.ok:
-            message += " (not the gateway's reply; check --register-to)"
-        if status >= 500 or status in (408, 429):  # the gateway is busy or in trouble: worth a quick retry
-            raise requests.HTTPError(message, response=response)
-        raise Refused(message)
+        reply = gateway_reply(response, "--register-to")
+        if isinstance(reply.get("server_token"), str):
+            self._keep_token(reply["server_token"])
+        return reply
+
+
+def gateway_reply(response: requests.Response, flag: str) -> dict[str, Any]:
+    """The gateway's JSON reply; Refused for what retrying will not mend, HTTPError for what it may.
+
+    `flag` is the option that named the gateway, for a message that says to check it.
+    """
+    try:
+        reply = response.json()
+    except ValueError:
+        reply = None
+    if not isinstance(reply, dict):
+        reply = {}
+    if response.ok and reply.get("success") is True:
+        return reply
+    status = response.status_code
+    message = f"error {status}: {reply.get('message') or response.reason}"
+    if reply.get("errors"):
+        message += f" {reply['errors']}"
+    if response.is_redirect:
+        message += f" (redirects to {response.headers.get('Location')}; use that as {flag})"
+    elif response.ok:
+        message += f" (not the gateway's reply; check {flag})"
+    if status >= 500 or status in (408, 429):  # the gateway is busy or in trouble: worth a quick retry
+        raise requests.HTTPError(message, response=response)
+    raise Refused(message)

@@ -85,6 +85,7 @@ def make_config(tmp_path: Path) -> Callable[..., Config]:
         values: dict[str, object] = {
             "backend_servers_file": str(tmp_path / "backend_servers.json"),
             "task_affinity_file": str(tmp_path / "task_affinity.db"),
+            "job_store_file": str(tmp_path / "jobs.db"),
             "health_check_interval": 3600.0,  # tests that want the job lower it
             "health_check_timeout": 1.0,
             "proxy_connect_timeout": 2.0,
@@ -179,8 +180,8 @@ def fake_servers() -> Iterator[Callable[..., FakeGPUServer]]:
     """Start fake GPU servers on 127.0.0.1; all are stopped at the end of the test."""
     servers: list[FakeGPUServer] = []
 
-    def start(server_id: str, port: int = 0) -> FakeGPUServer:
-        server = FakeGPUServer(server_id, "127.0.0.1", port).start()
+    def start(server_id: str, port: int = 0, keep_keys: bool = False) -> FakeGPUServer:
+        server = FakeGPUServer(server_id, "127.0.0.1", port, keep_keys=keep_keys).start()
         servers.append(server)
         return server
 
@@ -242,6 +243,7 @@ class GatewayProcess:
         full_env = {**os.environ, **env, "GATEWAY_BIND": f"127.0.0.1:{self.port}", "WEBHOOK_SECRET": SECRET}
         full_env.setdefault("BACKEND_SERVERS_FILE", str(workdir / "backend_servers.json"))
         full_env.setdefault("TASK_AFFINITY_FILE", str(workdir / "task_affinity.db"))
+        full_env.setdefault("JOB_STORE_FILE", str(workdir / "jobs.db"))
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "deploy/gunicorn.conf.py"), "app:app"],

@@ -119,6 +119,7 @@ def test_seed_imports_share_the_default_manager(tmp_path):
             "WEBHOOK_SECRET": SECRET,
             "BACKEND_SERVERS_FILE": str(tmp_path / "b.json"),
             "TASK_AFFINITY_FILE": str(tmp_path / "t.db"),
+            "JOB_STORE_FILE": str(tmp_path / "j.db"),
         },
         capture_output=True,
         text=True,
@@ -164,6 +165,7 @@ def test_python_app_py_serves(tmp_path):
         "GATEWAY_BIND": f"127.0.0.1:{port}",
         "BACKEND_SERVERS_FILE": str(tmp_path / "b.json"),
         "TASK_AFFINITY_FILE": str(tmp_path / "t.db"),
+        "JOB_STORE_FILE": str(tmp_path / "j.db"),
     }
     process = subprocess.Popen(
         [sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

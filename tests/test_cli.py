@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from conftest import SECRET, free_port
 
 from gateway import cli as b_client
@@ -654,3 +655,32 @@ def test_the_server_token_travels_in_a_header(stub_gateway):
     (sent,) = stub_gateway.received
     assert sent["headers"]["X-Server-Token"] == "tok-123"
     assert "tok-123" not in json.dumps(sent["body"])
+
+
+# -- jobs ---------------------------------------------------------------------------------
+
+
+def test_jobs_list_show_cancel_and_retry(live_gateway):
+    gateway = live_gateway(admin_token=ADMIN)
+    submitted = [
+        requests.get(f"{gateway.url}/api/echo?n={n}", headers={"Prefer": "respond-async"}, timeout=5).json()["job_id"]
+        for n in range(2)
+    ]
+    listed = admin_cli("jobs", "list", "--gateway", gateway.url)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert lines[0].split() == ["JOB", "STATUS", "PRIORITY", "TASK", "TYPE", "ATTEMPTS", "SERVER", "AGE", "ERROR"]
+    assert sorted(line.split()[0] for line in lines[1:3]) == sorted(submitted)
+    assert all(line.split()[1:5] == ["queued", "5", "/api/", "0"] for line in lines[1:3])
+    assert lines[3] == "2 queued, 0 running, 0 succeeded, 0 failed, 0 cancelled, 0 expired"
+    shown = admin_cli("jobs", "show", submitted[0], "--gateway", gateway.url)
+    assert json.loads(shown.stdout)["position"] == 1
+    cancelled = admin_cli("jobs", "cancel", submitted[0], "--gateway", gateway.url)
+    assert (cancelled.returncode, cancelled.stdout) == (0, f"job {submitted[0]} cancelled\n")
+    again = admin_cli("jobs", "retry", submitted[0], "--gateway", gateway.url)
+    assert (again.returncode, again.stdout) == (0, f"job {submitted[0]} queued again\n")
+    only_queued = admin_cli("jobs", "list", "--status", "queued", "--json", "--gateway", gateway.url)
+    assert len(json.loads(only_queued.stdout)["data"]["jobs"]) == 2
+    unknown = admin_cli("jobs", "show", "f" * 32, "--gateway", gateway.url)
+    assert unknown.returncode == 1 and "no job" in unknown.stderr
+    assert admin_cli("jobs", "list", "--status", "lost", "--gateway", gateway.url).returncode == 2

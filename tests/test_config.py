@@ -33,7 +33,7 @@ def test_missing_secret_refuses_to_start_and_says_how(env):
     assert "export WEBHOOK_SECRET" in str(info.value)
 
 
-@pytest.mark.parametrize("name", ["WEBHOOK_SECRET", "ADMIN_TOKEN", "METRICS_TOKEN"])
+@pytest.mark.parametrize("name", ["WEBHOOK_SECRET", "ADMIN_TOKEN", "METRICS_TOKEN", "WORKER_TOKEN"])
 @pytest.mark.parametrize("value", ["s", "x" * 15])
 def test_a_short_secret_refuses_to_start_and_says_how_to_make_one(name, value):
     # WEBHOOK_SECRET=s made the log redaction turn every letter "s" into [REDACTED].
@@ -44,7 +44,7 @@ def test_a_short_secret_refuses_to_start_and_says_how_to_make_one(name, value):
     assert "x" * 15 not in str(info.value)  # the message never shows the secret
 
 
-@pytest.mark.parametrize("name", ["WEBHOOK_SECRET", "ADMIN_TOKEN", "METRICS_TOKEN"])
+@pytest.mark.parametrize("name", ["WEBHOOK_SECRET", "ADMIN_TOKEN", "METRICS_TOKEN", "WORKER_TOKEN"])
 def test_a_secret_of_16_characters_is_accepted(name):
     config = Config.from_env({**BASE, name: "x" * 16})
     assert getattr(config, name.lower()) == "x" * 16
@@ -116,6 +116,16 @@ def test_parsed_values():
         ("MAX_SERVERS", "many"),
         ("REGISTRATION_BINDING", "on"),
         ("REGISTRATION_BINDING", "tokens"),
+        ("JOB_STORE_MAX_BYTES", "1000"),
+        ("JOB_MAX_ATTEMPTS", "0"),
+        ("JOB_LEASE_SECONDS", "0"),
+        ("IDEMPOTENCY_TTL", "never"),
+        ("QUEUE_WHEN_OFFLINE", "api/enhance"),
+        ("JOB_CALLBACK_SECRET", "short"),
+        ("JOB_CALLBACK_ATTEMPTS", "0"),
+        ("JOB_CALLBACK_BACKOFF", "0"),
+        ("WORKER_MAX_LONG_POLLS", "0"),
+        ("WORKER_TOKEN", " padded-worker-token-1 "),
     ],
 )
 def test_bad_value_names_the_variable(name, value):
@@ -196,3 +206,37 @@ def test_task_routes_and_the_head_timeout():
     assert blank.proxy_head_timeout == 30  # blank is unset, as for every setting
     set_both = Config.from_env({**BASE, "PROXY_READ_TIMEOUT": "30", "PROXY_HEAD_TIMEOUT": "600"})
     assert set_both.proxy_head_timeout == 600
+
+
+def test_the_job_settings():
+    defaults = Config.from_env(BASE)
+    assert (defaults.job_store_file, defaults.job_max_attempts, defaults.queue_when_offline) == ("jobs.db", 3, ())
+    config = Config.from_env(
+        {
+            **BASE,
+            "JOB_STORE_FILE": "/var/lib/g/jobs.db",
+            "JOB_STORE_MAX_BYTES": "2097152",
+            "JOB_QUEUE_TTL": "60",
+            "JOB_RESULT_TTL": "120",
+            "IDEMPOTENCY_TTL": "30",
+            "JOB_MAX_ATTEMPTS": "5",
+            "JOB_LEASE_SECONDS": "10",
+            "QUEUE_WHEN_OFFLINE": "/api/enhance, /v1/",
+        }
+    )
+    assert config.job_store_file == "/var/lib/g/jobs.db"
+    assert (config.job_store_max_bytes, config.job_queue_ttl, config.job_result_ttl) == (2097152, 60, 120)
+    assert (config.idempotency_ttl, config.job_max_attempts, config.job_lease_seconds) == (30, 5, 10)
+    assert config.queue_when_offline == ("/api/enhance", "/v1/")
+    assert (defaults.job_callback_secret, defaults.job_callback_attempts, defaults.job_callback_backoff) == ("", 8, 5)
+    callbacks = Config.from_env({**BASE, "JOB_CALLBACK_SECRET": "whsec_" + "A" * 43, "JOB_CALLBACK_ATTEMPTS": "3"})
+    assert (callbacks.job_callback_secret, callbacks.job_callback_attempts) == ("whsec_" + "A" * 43, 3)
+    assert "whsec_" not in repr(callbacks)
+
+
+def test_the_pull_worker_settings():
+    defaults = Config.from_env(BASE)
+    assert (defaults.worker_token, defaults.worker_max_long_polls) == ("", 1000)
+    config = Config.from_env({**BASE, "WORKER_TOKEN": "w" * 16, "WORKER_MAX_LONG_POLLS": "5"})
+    assert (config.worker_token, config.worker_max_long_polls) == ("w" * 16, 5)
+    assert "w" * 16 not in repr(config)

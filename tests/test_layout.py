@@ -10,7 +10,14 @@ from conftest import ROOT
 
 FRONT_DOORS = ("app", "config", "backend_manager", "webhook_routes", "test_b_client")
 # From the wings users call down to the fleet; a module may import its own rank or lower.
-RANKS = {"app": 6, "serve": 6, "gunicorn_conf": 6, "cli": 6, "client": 6}  # the process and the operator's tool
+RANKS = {
+    "app": 6,
+    "serve": 6,
+    "gunicorn_conf": 6,
+    "cli": 6,
+    "cli_jobs": 6,
+    "client": 6,
+}  # the process and the operator's tool
 RANKS |= {"api": 5, "proxy": 4, "jobs": 4, "manager": 3, "routing": 2, "fleet": 1}
 SHARED = ("config", "errors", "observability")  # beside the wings: anyone may import them
 

@@ -69,7 +69,8 @@ SERVE_DASHBOARD = """
 import sys
 import gateway.app
 from gateway.config import Config
-config = Config.from_env({"WEBHOOK_SECRET": "x" * 24}, backend_servers_file="s.json", task_affinity_file="t.db")
+files = {"backend_servers_file": "s.json", "task_affinity_file": "t.db", "job_store_file": "j.db"}
+config = Config.from_env({"WEBHOOK_SECRET": "x" * 24}, **files)
 status = gateway.app.create_app(config).test_client().get("/dashboard").status_code
 print("RESULT", gateway.app.__file__, status, file=sys.stderr)
 """

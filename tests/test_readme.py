@@ -200,9 +200,11 @@ def make_run(checkout: Path, env: dict[str, str], *variables: str) -> Iterator[s
 def test_the_readme_tour_runs_on_a_fresh_copy(checkout, newcomer_env):
     """`make run` in one terminal; every block after it, in order, in a second one."""
     blocks = shell_blocks(section(checkout / "README.md", "A five-minute tour"))
+    blocks += shell_blocks(section(checkout / "README.md", "A GPU that sleeps"))  # after the tour, as a user goes on
     assert blocks[0].strip().startswith("make run")
-    fake_port = free_port()
+    fake_port, sleeper_port = free_port(), free_port()
     script = "set -euo pipefail\n" + "\n".join(blocks[1:]).replace("9001", str(fake_port))
+    script = script.replace("9002", str(sleeper_port))
     output_path = checkout.parent / "tour.out"  # a file, not a pipe: the fake server left running holds it open
     with make_run(checkout, newcomer_env), open(output_path, "wb") as out:
         tour = subprocess.Popen(
@@ -220,7 +222,13 @@ def test_the_readme_tour_runs_on_a_fresh_copy(checkout, newcomer_env):
     assert '"message":"server B4 registered"' in output
     assert re.search(r"^B4 .* healthy", output, flags=re.M), output  # the client's list
     assert "X-Backend-Server: B4" in output and '"status": "completed"' in output
+    # A GPU that sleeps: the job waited with no server up, and ran on the one that came.
+    assert (
+        '"status":"queued","position":1,"estimated_wait_seconds":null' in output and "no GPU server is online" in output
+    ), output
+    assert '"server_id": "B5"' in output and '"task_id"' in output, output
     assert wait_until(lambda: refuses(f"127.0.0.1:{fake_port}"))
+    assert wait_until(lambda: refuses(f"127.0.0.1:{sleeper_port}"))
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The preset secret, the admin token and server tokens: where a caller may present each; constant-time checks."""
+"""The preset secret, the admin, worker and server tokens: where a caller may present each; constant-time checks."""
 
 from __future__ import annotations
 
@@ -71,6 +71,24 @@ def admin_refusal() -> Response:
     if current_app.config["GATEWAY"].admin_token:
         return error_response(401, "missing or invalid admin token (send it as Authorization: Bearer <ADMIN_TOKEN>)")
     return error_response(401, "missing or invalid secret (send it in X-Webhook-Secret or as a Bearer token)")
+
+
+def worker_authorized() -> bool:
+    """Whether the request carries the pull workers' credential as a Bearer token.
+
+    That is WORKER_TOKEN; while it is unset, the webhook secret, which a GPU host holds already.
+    """
+    config = current_app.config["GATEWAY"]
+    return _equal(presented_bearer(), config.worker_token or config.webhook_secret)
+
+
+def worker_refusal() -> Response:
+    """The 401 reply to a missing or wrong worker credential, saying where to send it."""
+    if current_app.config["GATEWAY"].worker_token:
+        return error_response(401, "missing or invalid worker token (send it as Authorization: Bearer <WORKER_TOKEN>)")
+    return error_response(
+        401, "missing or invalid worker credential (send the webhook secret as Authorization: Bearer <WEBHOOK_SECRET>)"
+    )
 
 
 def _equal(presented: str | None, expected: str) -> bool:

@@ -19,6 +19,7 @@ from gateway.api.llm_request import BadRequest, ModelRequest, parse_body
 from gateway.config import Config
 from gateway.errors import handle_http_exception
 from gateway.fleet.resources import GIB
+from gateway.jobs import intake
 from gateway.manager import BackendManager, Lease, NoServer, RouteRequest
 from gateway.proxy.body_limit import read_body
 from gateway.proxy.forwarding import BadTarget, request_target, required_gpu_memory, upstream_headers
@@ -99,13 +100,23 @@ def route_by_model(dialect: Dialect) -> Response:
     except RequestEntityTooLarge:  # werkzeug's own message (Content-Length over) would not say the limit
         return dialect.error(413, f"the request body is over the limit of {config.proxy_max_body_bytes} bytes")
     proxy: Proxy = current_app.extensions["proxy"]
+    headers = upstream_headers()
+    if proxy.jobs is not None and intake.wanted(request.environ):  # a job, run by a server with the model
+        job = proxy.as_job(target, headers, raw, model=body.model)
+        if job is not None:
+            return in_dialect(as_response(job), dialect)
     route = RouteRequest(
         model=body.model,
         session_key=request.headers.get(SESSION_HEADER) or body.user,
         required_bytes=None if required is None else int(required * GIB),
     )
     answer = proxy.forward_routed(
-        route, target, body_for(raw, body), upstream_headers(), lambda exc: no_server(dialect, exc)
+        route,
+        target,
+        body_for(raw, body),
+        headers,
+        lambda exc: no_server(dialect, exc),
+        offline=proxy.offline(target, headers, raw, body.model),
     )
     # A form does not say whether it asked for a stream, so an answer of no known length counts as one.
     open_ended = isinstance(answer, Relay) and not isinstance(answer.body, bytes) and answer.body.open_ended

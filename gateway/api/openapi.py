@@ -18,14 +18,19 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, Flask, Response, current_app
 from marshmallow import fields
 
-from gateway.api import admin, dashboard, llm, replies, status, webhook
+from gateway.api import admin, dashboard, jobs, llm, replies, status, webhook, worker_socket, workers
 from gateway.api.schemas import (
     NAME_PATTERN,
     Count,
+    JobAnswerSchema,
+    JobFailureSchema,
+    LeaseSchema,
+    LeaseTokenSchema,
     ModelRequestSchema,
     Name,
     Port,
     RegisterSchema,
+    Seconds,
     ServerIdSchema,
     ServerOptionsSchema,
 )
@@ -63,6 +68,12 @@ SECURITY_SCHEMES = {
         "description": "ADMIN_TOKEN as a Bearer token. While ADMIN_TOKEN is unset, the webhook secret"
         " (X-Webhook-Secret or Bearer) opens the admin endpoints instead.",
     },
+    "workerToken": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "WORKER_TOKEN as a Bearer token, for pull workers. While WORKER_TOKEN is unset, the"
+        " webhook secret, as a Bearer token too.",
+    },
     "metricsToken": {
         "type": "http",
         "scheme": "bearer",
@@ -84,6 +95,7 @@ SECURITY_SCHEMES = {
 OPEN: list[dict[str, list[str]]] = []
 WEBHOOK: list[dict[str, list[str]]] = [{"webhookSecret": []}, {"webhookBearer": []}]
 ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}, {"webhookSecret": []}]
+WORKER: list[dict[str, list[str]]] = [{"workerToken": []}]
 DASHBOARD_ACTION: list[dict[str, list[str]]] = [{"dashboardSession": [], "dashboardCsrf": []}]  # both at once
 
 ERROR_RESPONSES = {
@@ -93,6 +105,16 @@ ERROR_RESPONSES = {
     404: ("NotFound", "No server is registered under that id."),
     413: ("PayloadTooLarge", "The body is over the limit of 64 KiB."),
     503: ("NotSaved", "The change could not be saved to disk; try again after Retry-After seconds."),
+    409: ("Conflict", "The job is not in a state that allows this (finished already, say)."),
+    410: ("Gone", "The job was cancelled or expired: it has no answer."),
+    422: ("KeyReused", "This Idempotency-Key was used for a different request."),
+    502: ("JobFailed", "The job failed before any server answered; `message` says why."),
+    507: ("StoreFull", "The job store is at JOB_STORE_MAX_BYTES; try again when jobs have finished."),
+}
+# Errors that share a status with one above but mean something else.
+OTHER_ERRORS = {
+    "TooManyPolls": "WORKER_MAX_LONG_POLLS long polls are open; try again after Retry-After seconds.",
+    "StaleLease": "The lease token is not the job's current one: its lease ran out and moved on. Nothing changed.",
 }
 
 
@@ -169,17 +191,42 @@ def fleet_reply(schema: Any) -> dict[str, Any]:
 def proxied_operations() -> dict[str, dict[str, Any]]:
     """A proxied prefix: any method, passed to a healthy server with the request as sent."""
     body = {"required": False, "content": {JSON: {"schema": {}}}}
-    described = {
+    # Only 202 beside the server's own answers: a prefix may hold LLM paths, whose errors have their API's shape.
+    described: dict[str, Any] = {
         "tags": ["proxy"],
         "security": OPEN,
-        "responses": PASSED_THROUGH,
+        "responses": {**PASSED_THROUGH, "202": reply(replies.JobAcceptedSchema, "Stored as a job.")},
         "description": "Forwarded to the next healthy server, path, query, body and headers as sent. When no"
-        " server can take it the gateway answers 502, 503 or 504 in its error shape.",
+        " server can take it the gateway answers 502, 503 or 504 in its error shape. With `Prefer:"
+        " respond-async` (or an `Idempotency-Key`) it is stored as a job and answered 202, or 400 for a bad"
+        " job header, 422 for a key reused with another request, 507 when the job store is full (docs/jobs.md).",
     }
     return {
         method: {**described, **({"requestBody": body} if method in ("post", "put", "patch") else {})}
         for method in ("get", "post", "put", "patch", "delete")
     }
+
+
+def job_operation(ok: dict[str, Any], *errors: int, **extra: Any) -> dict[str, Any]:
+    """A job's own endpoint: its id is the credential (128 random bits)."""
+    return operation("jobs", OPEN, ok, 404, *errors, **extra)
+
+
+def held_job_operation(body: Any) -> dict[str, Any]:
+    """A pull worker's call about a job it holds: the worker credential and the job's lease token."""
+    described = operation("workers", WORKER, reply(replies.HeldJobReplySchema), 400, 401, 404, 413)
+    described["responses"]["409"] = "StaleLease"
+    return {**described, "requestBody": json_body(body)}
+
+
+def lease_operation() -> dict[str, Any]:
+    """`POST /workers/lease`: jobs, or 204 when none came within wait_seconds."""
+    described = operation(
+        "workers", WORKER, reply(replies.LeaseReplySchema), 400, 401, 413, requestBody=json_body(LeaseSchema)
+    )
+    described["responses"]["204"] = {"description": "No job came within wait_seconds."}
+    described["responses"]["503"] = "TooManyPolls"
+    return described
 
 
 # At least one option: an empty change is a 400 that says so.
@@ -267,6 +314,42 @@ OPERATIONS: dict[Callable[..., Any], dict[str, dict[str, Any]]] = {
     llm.openai_view: {"post": llm_operation("OpenAI API, routed by the body's (or the form's) model", openai=True)},
     llm.ollama_view: {"post": llm_operation("Ollama API, routed by the body's model", openai=False)},
     views.proxy_view: proxied_operations(),
+    jobs.get_job: {"get": job_operation(reply(replies.JobReplySchema))},
+    jobs.get_result: {
+        "get": {
+            **job_operation({"description": "The server's answer, as it gave it."}, 410),
+            "responses": {
+                "200": {"description": "The server's answer, as it gave it (any status, headers and body)."},
+                "202": reply(replies.JobReplySchema, "Not finished yet; ask again after Retry-After seconds."),
+                "404": ERROR_RESPONSES[404][0],
+                "410": ERROR_RESPONSES[410][0],
+                "502": ERROR_RESPONSES[502][0],
+            },
+        }
+    },
+    jobs.cancel_job: {"delete": job_operation(reply(replies.JobReplySchema), 409)},
+    jobs.list_jobs: {"get": admin_operation(replies.JobListReplySchema, 400)},
+    jobs.retry_job: {"post": admin_operation(replies.JobReplySchema, 404, 409)},
+    workers.lease: {"post": lease_operation()},
+    worker_socket.worker_socket: {
+        "get": {
+            "tags": ["workers"],
+            "security": WORKER,
+            "description": "Upgrade to a WebSocket (RFC 6455). The worker's first message is"
+            ' {"type": "hello", "worker_id", "routes" or "models", "max_jobs"}; jobs then come in seed'
+            ' 004\'s envelope, each answered with {"type": "result", "request_id", "error", "result"}.'
+            " See docs/jobs.md.",
+            "responses": {
+                "101": {"description": "Switching Protocols: the WebSocket is open."},
+                "400": ERROR_RESPONSES[400][0],
+                "401": ERROR_RESPONSES[401][0],
+            },
+        }
+    },
+    workers.heartbeat: {"post": held_job_operation(LeaseTokenSchema)},
+    workers.complete: {"post": held_job_operation(JobAnswerSchema)},
+    workers.fail: {"post": held_job_operation(JobFailureSchema)},
+    workers.list_workers: {"get": admin_operation(replies.WorkerListReplySchema)},
 }
 
 
@@ -293,7 +376,7 @@ def build_spec(app: Flask) -> dict[str, Any]:
     plugin.converter.add_attribute_function(field_properties)
     spec.components.schema("Error", schema=replies.ErrorSchema)
     spec.components.schema("AdminRegister", schema=RegisterSchema(exclude=("secret",)))  # the secret goes in a header
-    for name, description in ERROR_RESPONSES.values():
+    for name, description in [*ERROR_RESPONSES.values(), *OTHER_ERRORS.items()]:
         spec.components.response(name, reply("Error", description))
     for scheme, definition in SECURITY_SCHEMES.items():
         spec.components.security_scheme(scheme, definition)
@@ -327,6 +410,8 @@ def field_properties(self: Any, field: fields.Field, ret: dict[str, Any], **kwar
         found = {"minimum": 1, "maximum": 65535, "description": f"{WHOLE_NUMBER}, or a string of its digits"}
     elif isinstance(field, Count):
         found = {"minimum": field.low, "maximum": field.high, "description": WHOLE_NUMBER}
+    elif isinstance(field, Seconds):
+        found = {"minimum": field.low, "maximum": field.high}
     elif isinstance(field, Name):  # its check is in code, not a Regexp validator apispec could read
         found = {"pattern": ecma_pattern(NAME_PATTERN.pattern)}
     elif isinstance(field, fields.Dict):

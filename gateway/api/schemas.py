@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import re
 from collections.abc import Iterator, Sequence
@@ -177,3 +179,155 @@ def address_rules() -> Iterator[None]:
         yield
     except addresses.AddressError as exc:
         raise ValidationError(str(exc)) from None
+
+
+# -- pull workers (docs/jobs.md, "Pull workers") ------------------------------------------------
+
+HEADER_NAME = re.compile(r"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}\Z")  # RFC 9110's token
+HEADER_VALUE = re.compile(r"\A[\t\x20-\x7e\x80-\xff]{0,8192}\Z")  # no CR, LF, NUL or other controls
+MAX_HEADERS = 256
+MAX_ERROR_LENGTH = 2000
+
+
+class Seconds(fields.Float):
+    """A JSON number of seconds from `low` to `high`; booleans and strings are refused."""
+
+    def __init__(self, low: float, high: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.low, self.high = low, high
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not self.low <= value <= self.high:
+            raise ValidationError(f"must be a number of seconds from {self.low:g} to {self.high:g}.")
+        return float(value)
+
+
+class Flag(fields.Boolean):
+    """JSON true or false, nothing else (not 1, not "yes")."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ValidationError("must be true or false.")
+        return value
+
+
+class HeaderPair(fields.Field[tuple[str, str]]):
+    """One header as `[name, value]`: a token for its name, a value without CR, LF or NUL."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        schema = {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 2}
+        super().__init__(metadata={**schema, "description": "[name, value]"}, **kwargs)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[str, str]:
+        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(part, str) for part in value)):
+            raise ValidationError("must be a [name, value] pair of strings.")
+        name, text = value
+        if not HEADER_NAME.fullmatch(name):
+            raise ValidationError(f"{name[:64]!r} is not a header name (RFC 9110 token characters).")
+        if not HEADER_VALUE.fullmatch(text):
+            raise ValidationError(f"the value of {name} holds CR, LF, NUL or characters beyond Latin-1.")
+        return name, text
+
+
+class Base64(fields.Field[bytes]):
+    """Bytes as standard base64 (RFC 4648, padded)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(metadata={"type": "string", "format": "byte"}, **kwargs)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bytes:
+        if not isinstance(value, str):
+            raise ValidationError("must be a base64 string.")
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValidationError("must be standard base64 (RFC 4648, A-Z a-z 0-9 + /, padded with =).") from None
+
+
+def header_pairs() -> fields.List:
+    return fields.List(
+        HeaderPair(), load_default=list, validate=validate.Length(max=MAX_HEADERS, error="may hold at most {max}.")
+    )
+
+
+class LeaseSchema(Schema):
+    """The body of `POST /workers/lease`."""
+
+    worker_id = fields.String(
+        required=True,
+        validate=validate.Regexp(SERVER_ID_PATTERN, error="must be 1-64 characters of A-Z a-z 0-9 _ . -"),
+    )
+    routes = fields.List(
+        fields.String(),
+        validate=validate.Length(min=1, max=MAX_ITEMS, error="must hold 1 to {max} prefixes."),
+        metadata={"description": "proxied prefixes (PROXY_PREFIXES) whose jobs this worker runs"},
+    )
+    models = fields.List(
+        Name(),
+        validate=validate.Length(min=1, max=MAX_ITEMS, error="must hold 1 to {max} names."),
+        metadata={"description": "models whose jobs this worker runs"},
+    )
+    max_jobs = Count(1, 100, load_default=1)
+    wait_seconds = Seconds(0, 30, load_default=0.0)
+
+    def __init__(self, prefixes: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.prefixes = tuple(prefixes)  # the gateway's PROXY_PREFIXES: the task types a route can name
+
+    @validates("routes")
+    def validate_routes(self, value: list[str], **kwargs: Any) -> None:
+        """Each a prefix the gateway proxies: a job's task type is one of them, never a longer path."""
+        unknown = [route for route in value if route not in self.prefixes]
+        if unknown:
+            known = ", ".join(self.prefixes)
+            message = f"{unknown[0][:200]!r} is not a proxied prefix; the gateway proxies (PROXY_PREFIXES) {known}"
+            raise ValidationError(message)
+
+    @validates_schema
+    def validate_serves_something(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if "routes" not in data and "models" not in data:
+            raise ValidationError("give routes or models (or both): the jobs this worker runs.", "routes")
+
+    @post_load
+    def unique(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        """Routes and models as tuples, repeats dropped."""
+        for name in ("routes", "models"):
+            data[name] = tuple(dict.fromkeys(data.get(name, ())))
+        return data
+
+
+class LeaseTokenSchema(Schema):
+    """The body of `POST /jobs/<id>/heartbeat`: the lease token the job was leased with."""
+
+    lease_token = fields.String(required=True, validate=validate.Length(min=1, max=200))
+
+
+class JobAnswerSchema(LeaseTokenSchema):
+    """The body of `POST /jobs/<id>/complete`: the local service's answer, its body in base64."""
+
+    status = Count(100, 599, required=True)
+    headers = header_pairs()
+    body = Base64(load_default=bytes)
+
+    def __init__(self, max_body_bytes: int = 100 * 1024 * 1024, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.max_body_bytes = max_body_bytes
+
+    @validates("body")
+    def validate_size(self, value: bytes, **kwargs: Any) -> None:
+        if len(value) > self.max_body_bytes:
+            raise ValidationError(f"decodes to over {self.max_body_bytes} bytes (PROXY_MAX_BODY_BYTES).")
+
+
+class JobFailureSchema(JobAnswerSchema):
+    """The body of `POST /jobs/<id>/fail`: why, whether to try again, and the answer if one came."""
+
+    error = Text(required=True, validate=validate.Length(min=1, max=MAX_ERROR_LENGTH))
+    retry = Flag(required=True)
+    status = Count(100, 599, metadata={"description": "the local service's answer, if it gave one (a 5xx, say)"})
+
+    @validates_schema(skip_on_field_errors=True)
+    def validate_answer(self, data: dict[str, Any], **kwargs: Any) -> None:
+        """Headers or a body belong to an answer: they come with its status."""
+        if "status" not in data and (data["headers"] or data["body"]):
+            raise ValidationError("give the answer's status with its headers or body.", "status")

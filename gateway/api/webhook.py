@@ -51,10 +51,10 @@ def count_result(response: Response) -> Response:
     return response
 
 
-def json_body() -> dict[str, Any] | Response:
+def json_body(limit: int = MAX_BODY_BYTES) -> dict[str, Any] | Response:
     """The request's JSON object, or a 400 reply saying what is wrong with it."""
     # Webhook bodies are small: 413 for a larger one, chunked too; 408 for one that trickles in.
-    read_body(MAX_BODY_BYTES, current_app.config["GATEWAY"].client_body_timeout)
+    read_body(limit, current_app.config["GATEWAY"].client_body_timeout)
     try:
         body = request.get_json(silent=True)
     except RecursionError:  # silent covers ValueError only; json recurses once per level of nesting

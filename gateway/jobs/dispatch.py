@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from gateway.jobs.records import PUSH, QUEUED, RUNNING, Job, JobResult
+from gateway.jobs.records import PUSH, QUEUED, RUNNING, Job, JobRequest, JobResult
 from gateway.jobs.store import SQLiteJobStore
 from gateway.manager import BackendManager
 from gateway.proxy.upstream import ClientLeft, ConnectFailed, IncompleteBody, UpstreamPool, UpstreamResponse
@@ -66,6 +66,9 @@ class Dispatcher:
         lease_seconds: float,
         max_attempts: int,
         max_result_bytes: int,
+        started: Callable[[Job], None] | None = None,
+        rename: Callable[[JobRequest, str], bytes] | None = None,
+        requeued: Callable[[Job], None] | None = None,
     ) -> None:
         self.store = store
         self.manager = manager
@@ -74,6 +77,9 @@ class Dispatcher:
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
         self.max_result_bytes = max_result_bytes
+        self.started = started
+        self.rename = rename  # an LLM job's body with the model named as the server names it (model_map)
+        self.requeued = requeued
         self.running: dict[str, Run] = {}  # job id -> its request in flight
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -126,6 +132,9 @@ class Dispatcher:
             if claimed is None:  # cancelled, or taken by a worker, since the peek
                 lease.release()
                 continue
+            log.info("job %s dispatched to %s (attempt %d)", claimed.job_id, lease.server.server_id, claimed.attempts)
+            if self.started is not None:
+                self.started(claimed)
             thread = threading.Thread(target=self.run, args=(claimed, lease), name=f"job-{job.job_id[:8]}", daemon=True)
             self._runs.add(thread)
             thread.start()
@@ -146,7 +155,10 @@ class Dispatcher:
         server, token = lease.server, job.lease_token
         run = self.running[job.job_id] = Run()
         try:
-            done = self._exchange(job, server.server_id, server.url, token, run)
+            body = job.request.body
+            if self.rename is not None and lease.actual_model is not None and lease.actual_model != job.model:
+                body = self.rename(job.request, lease.actual_model)
+            done = self._exchange(job, server.server_id, server.url, token, run, body)
             if run.requeue and done.status == RUNNING:
                 done = self.store.release(job.job_id, token, "the gateway stopped while it ran")
         except Exception:
@@ -159,17 +171,19 @@ class Dispatcher:
             lease.release()
         if done.status != QUEUED:  # a slot is free: the next job may take it (a refused one waits a round)
             self.wake()
+        elif self.requeued is not None:  # back in the queue: a pull worker may take it before the next round
+            self.requeued(done)
         if done.finished and not (run.cancelled and not run.requeue):  # a cancel told its own end
             self.finished(done)
 
-    def _exchange(self, job: Job, server_id: str, url: str, token: str, run: Run) -> Job:
+    def _exchange(self, job: Job, server_id: str, url: str, token: str, run: Run, body: bytes) -> Job:
         request = job.request
         headers = dict(request.headers)
         headers["Idempotency-Key"] = job.job_id  # a backend that keeps keys can drop a repeat
         started = time.monotonic()
         try:
             upstream = run.upstream = self.pool_for(url).request(
-                request.method, request.target, headers, request.body, run.watched
+                request.method, request.target, headers, body, run.watched
             )
         except ClientLeft:  # cancelled while it waited for the answer
             return self.store.get(job.job_id)
@@ -180,7 +194,7 @@ class Dispatcher:
         except OSError as exc:
             return self._failed(job, server_id, token, f"{server_id}: {exc.strerror or exc}", sent=True)
         try:
-            body = self._read(upstream)
+            answer = self._read(upstream)
         except OSError as exc:
             upstream.close()
             if run.cancelled:
@@ -192,9 +206,10 @@ class Dispatcher:
             "job %s ran on %s: HTTP %d in %.1f ms", job.job_id, server_id, upstream.status,
             (time.monotonic() - started) * 1000,
         )  # fmt: skip
-        if upstream.status >= 500 and request.method in IDEMPOTENT_METHODS and job.attempts < self.max_attempts:
-            return self.store.fail(job.job_id, token, f"{server_id}: HTTP {upstream.status}", True, self.max_attempts)
-        result = JobResult(upstream.status, tuple(upstream.headers.iteritems()), body)
+        result = JobResult(upstream.status, tuple(upstream.headers.iteritems()), answer)
+        if upstream.status >= 500:  # the server's own failure: its answer is kept, and tried again if safe
+            reason, retry = f"{server_id}: HTTP {upstream.status}", request.method in IDEMPOTENT_METHODS
+            return self.store.fail(job.job_id, token, reason, retry, self.max_attempts, result)
         return self.store.succeed(job.job_id, token, result)
 
     def _read(self, upstream: UpstreamResponse) -> bytes:

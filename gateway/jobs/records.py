@@ -84,6 +84,7 @@ class Job:
     error: str | None
     callback_url: str | None
     result: JobResult | None
+    callback_state: str | None = None  # pending, delivered or failed, once the job has finished
 
     @property
     def finished(self) -> bool:

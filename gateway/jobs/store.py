@@ -9,20 +9,13 @@ transaction; submissions that wait for that lock are committed together, one fsy
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import os
-import sqlite3
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeVar
 
-from gateway.fleet.store import aside_path, off_the_event_loop
+from gateway.fleet.store import off_the_event_loop
 from gateway.jobs.records import (
     CANCELLED,
     EXPIRED,
@@ -35,77 +28,26 @@ from gateway.jobs.records import (
     IdempotencyConflict,
     Job,
     JobNotFound,
-    JobRequest,
     JobResult,
     NewJob,
     StaleLease,
     StoreFull,
     new_lease_token,
 )
+from gateway.jobs.rows import (
+    CALLBACK_BACKOFF_CAP,
+    CALLBACK_DUE,
+    CLAIMED,
+    ROW_OVERHEAD,
+    SCHEMA,
+    QueueCounts,
+    Submitted,
+    job_from_row,
+    same,
+)
+from gateway.jobs.sqlite import SQLiteFile, native_lock
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-# What a claim sets: the holder, the dispatch kind, a new lease token and expiry, the start time.
-_CLAIMED = (
-    "status = 'running', attempts = attempts + 1, server_id = ?, dispatch = ?, lease_token = ?,"
-    " lease_expires_at = ?, started_at = ?, error = NULL"
-)
-ROW_OVERHEAD = 512  # bytes a job costs beyond its bodies and headers, for the size budget
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    job_id TEXT PRIMARY KEY,
-    status TEXT NOT NULL,
-    priority INTEGER NOT NULL,
-    seq INTEGER NOT NULL,
-    task_type TEXT NOT NULL,
-    model TEXT,
-    method TEXT NOT NULL,
-    target TEXT NOT NULL,
-    headers TEXT NOT NULL,
-    body BLOB NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    server_id TEXT,
-    dispatch TEXT,
-    lease_token TEXT,
-    lease_expires_at REAL,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    error TEXT,
-    callback_url TEXT,
-    result_status INTEGER,
-    result_headers TEXT,
-    result_body BLOB,
-    size INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (priority, seq) WHERE status = 'queued';
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_at);
-CREATE TABLE IF NOT EXISTS idempotency (
-    key TEXT PRIMARY KEY,
-    fingerprint TEXT NOT NULL,
-    job_id TEXT NOT NULL,
-    expires_at REAL NOT NULL
-);
-"""
-
-
-@dataclass(frozen=True)
-class Submitted:
-    """A submission's outcome: the job, and whether this submission made it (False: a repeat)."""
-
-    job: Job
-    created: bool
-
-
-@dataclass(frozen=True)
-class QueueCounts:
-    """The queue at a glance: jobs per status, queued per priority, and the oldest wait."""
-
-    by_status: dict[str, int]
-    queued_by_priority: dict[int, int]
-    oldest_queued_at: float | None
-    stored_bytes: int
 
 
 class _Pending:
@@ -120,16 +62,11 @@ class _Pending:
         self.error: Exception | None = None
 
 
-def _native_lock() -> Any:
-    """A lock that native threads can share: gevent's patched one cannot cross them."""
-    monkey = sys.modules.get("gevent.monkey")
-    if monkey is not None and monkey.is_module_patched("threading"):
-        return monkey.get_original("threading", "Lock")()
-    return threading.Lock()
-
-
-class SQLiteJobStore:
+class SQLiteJobStore(SQLiteFile):
     """Jobs in one SQLite file (WAL, synchronous=FULL): a 202 means the job is on disk."""
+
+    schema = SCHEMA
+    what = "job store"
 
     def __init__(
         self,
@@ -140,61 +77,16 @@ class SQLiteJobStore:
         queue_ttl: float = 86400.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.path = Path(path)
+        super().__init__(path)
         self.max_bytes = max_bytes
         self.idempotency_ttl = idempotency_ttl
         self.result_ttl = result_ttl
         self.queue_ttl = queue_ttl
         self.clock = clock
-        self._lock = _native_lock()
-        self._pending_lock = _native_lock()
+        self._pending_lock = native_lock()
         self._pending: list[_Pending] = []
-        self._db = self._open()
         self._bytes = int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM jobs").fetchone()[0])
         self._seq = int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0])
-
-    # -- opening ---------------------------------------------------------------------------
-
-    def _open(self) -> sqlite3.Connection:
-        try:
-            return self._connect()
-        except sqlite3.DatabaseError as exc:
-            target = aside_path(self.path)
-            os.replace(self.path, target)
-            log.error("job store %s is corrupt (%s); moved it to %s and started empty", self.path, exc, target)
-            return self._connect()
-
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=5.0, check_same_thread=False, isolation_level=None)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")  # an acknowledged job survives power loss, not only a crash
-            db.executescript(SCHEMA)
-            db.execute("SELECT COUNT(*) FROM jobs").fetchone()  # a corrupt file fails here, not later
-        except sqlite3.DatabaseError:
-            db.close()
-            raise
-        return db
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def _run(self, func: Callable[..., T], *args: Any) -> T:
-        """Run one operation under the store's lock, off gevent's event loop."""
-        return off_the_event_loop(self._locked, func, *args)
-
-    def _locked(self, func: Callable[..., T], *args: Any) -> T:
-        """`func` in one transaction: all of its changes are committed together, or none."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                result = func(*args)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-            return result
 
     # -- submitting ------------------------------------------------------------------------
 
@@ -295,7 +187,7 @@ class SQLiteJobStore:
 
     def _get(self, job_id: str) -> Job | None:
         row = self._db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        return None if row is None else _job(row)
+        return None if row is None else job_from_row(row)
 
     def position(self, job: Job) -> int | None:
         """1 for the next job to run, and so on; None once it is no longer queued."""
@@ -323,7 +215,7 @@ class SQLiteJobStore:
             rows = self._db.execute(
                 "SELECT * FROM jobs WHERE status = ? ORDER BY created_at DESC, seq DESC LIMIT ?", (status, limit)
             )
-        return [_job(row) for row in rows.fetchall()]
+        return [job_from_row(row) for row in rows.fetchall()]
 
     def counts(self) -> QueueCounts:
         """Jobs per status, queued jobs per priority, the oldest queued job's time."""
@@ -354,27 +246,93 @@ class SQLiteJobStore:
         `task_types` limits it to the routes or models a worker serves; `skip` leaves out job ids
         the caller already found no server for. The attempt is counted now.
         """
-        return self._run(self._claim, holder, dispatch, lease_seconds, tuple(task_types or ()), tuple(skip))
+        claimed = self.claim_many(holder, dispatch, lease_seconds, 1, task_types, skip=skip)
+        return claimed[0] if claimed else None
 
-    def _claim(
-        self, holder: str, dispatch: str, lease_seconds: float, task_types: tuple[str, ...], skip: tuple[str, ...]
-    ) -> Job | None:
+    def claim_many(
+        self,
+        holder: str,
+        dispatch: str,
+        lease_seconds: float,
+        limit: int,
+        task_types: Sequence[str] | None = None,
+        models: Sequence[str] = (),
+        skip: Iterable[str] = (),
+        max_bytes: int | None = None,
+    ) -> list[Job]:
+        """Take up to `limit` queued jobs in order, each with a lease token of its own.
+
+        A job matches when its task type is one of `task_types` or its model one of `models`
+        (neither given: any job). `max_bytes` bounds what the jobs hold together, so one answer
+        that carries them stays bounded; the first job is always taken.
+        """
+        return self._run(
+            self._claim_many,
+            holder,
+            dispatch,
+            lease_seconds,
+            limit,
+            tuple(task_types or ()),
+            tuple(models),
+            tuple(skip),
+            max_bytes,
+        )
+
+    def _claim_many(
+        self,
+        holder: str,
+        dispatch: str,
+        lease_seconds: float,
+        limit: int,
+        task_types: tuple[str, ...],
+        models: tuple[str, ...],
+        skip: tuple[str, ...],
+        max_bytes: int | None,
+    ) -> list[Job]:
         now = self.clock()
         where = "status = 'queued'"
         args: list[str] = []
+        matches = []
         if task_types:
-            where += f" AND task_type IN ({', '.join('?' * len(task_types))})"
+            matches.append(f"task_type IN ({', '.join('?' * len(task_types))})")
             args.extend(task_types)
+        if models:
+            matches.append(f"model IN ({', '.join('?' * len(models))})")
+            args.extend(models)
+        if matches:
+            where += f" AND ({' OR '.join(matches)})"
         if skip:
             where += f" AND job_id NOT IN ({', '.join('?' * len(skip))})"
             args.extend(skip)
-        row = self._db.execute(
-            f"UPDATE jobs SET {_CLAIMED}"
-            f" WHERE job_id = (SELECT job_id FROM jobs WHERE {where} ORDER BY priority, seq LIMIT 1)"
-            " RETURNING *",
-            (holder, dispatch, new_lease_token(), now + lease_seconds, now, *args),
-        ).fetchone()
-        return None if row is None else _job(row)
+        rows = self._db.execute(
+            f"SELECT job_id, size FROM jobs WHERE {where} ORDER BY priority, seq LIMIT ?", (*args, limit)
+        ).fetchall()
+        claimed: list[Job] = []
+        total = 0
+        for job_id, size in rows:
+            total += size
+            if claimed and max_bytes is not None and total > max_bytes:
+                break
+            row = self._db.execute(
+                f"UPDATE jobs SET {CLAIMED} WHERE job_id = ? RETURNING *",
+                (holder, dispatch, new_lease_token(), now + lease_seconds, now, job_id),
+            ).fetchone()
+            claimed.append(job_from_row(row))
+        return claimed
+
+    def holders(self, dispatch: str) -> dict[str, list[str]]:
+        """The running jobs of one dispatch kind, by the holder that runs them (ids only)."""
+        return self._run(self._holders, dispatch)
+
+    def _holders(self, dispatch: str) -> dict[str, list[str]]:
+        held: dict[str, list[str]] = {}
+        rows = self._db.execute(
+            "SELECT server_id, job_id FROM jobs WHERE status = 'running' AND dispatch = ? ORDER BY started_at, seq",
+            (dispatch,),
+        )
+        for holder, job_id in rows:
+            held.setdefault(holder, []).append(job_id)
+        return held
 
     def queued(self, limit: int = 200) -> list[Job]:
         """The next `limit` queued jobs, in the order they are to run."""
@@ -382,7 +340,7 @@ class SQLiteJobStore:
 
     def _queued(self, limit: int) -> list[Job]:
         rows = self._db.execute("SELECT * FROM jobs WHERE status = 'queued' ORDER BY priority, seq LIMIT ?", (limit,))
-        return [_job(row) for row in rows.fetchall()]
+        return [job_from_row(row) for row in rows.fetchall()]
 
     def claim_job(self, job_id: str, holder: str, dispatch: str, lease_seconds: float) -> Job | None:
         """Take one given job if it is still queued (None if another took it, or it was cancelled)."""
@@ -391,10 +349,10 @@ class SQLiteJobStore:
     def _claim_job(self, job_id: str, holder: str, dispatch: str, lease_seconds: float) -> Job | None:
         now = self.clock()
         row = self._db.execute(
-            f"UPDATE jobs SET {_CLAIMED} WHERE job_id = ? AND status = 'queued' RETURNING *",
+            f"UPDATE jobs SET {CLAIMED} WHERE job_id = ? AND status = 'queued' RETURNING *",
             (holder, dispatch, new_lease_token(), now + lease_seconds, now, job_id),
         ).fetchone()
-        return None if row is None else _job(row)
+        return None if row is None else job_from_row(row)
 
     def heartbeat(self, job_id: str, token: str, lease_seconds: float) -> Job:
         """Extend a running job's lease; StaleLease if `token` is not its current lease."""
@@ -416,7 +374,7 @@ class SQLiteJobStore:
         job = self._get(job_id)
         if job is None:
             raise JobNotFound(f"no job {job_id}")
-        if job.lease_token is None or not _same(job.lease_token, token):
+        if job.lease_token is None or not same(job.lease_token, token):
             raise StaleLease(f"job {job_id} is not leased with this token: its lease expired or moved on")
         if job.status not in (RUNNING, CANCELLED):
             raise StaleLease(f"job {job_id} is {job.status}: its lease is over")
@@ -426,11 +384,16 @@ class SQLiteJobStore:
         """Keep a running job's answer; StaleLease unless `token` is its current lease."""
         return self._run(self._finish, job_id, token, SUCCEEDED, None, result)
 
-    def fail(self, job_id: str, token: str, error: str, retry: bool, max_attempts: int) -> Job:
-        """End a running job's attempt: re-queued when `retry` and attempts are left, else failed."""
+    def fail(
+        self, job_id: str, token: str, error: str, retry: bool, max_attempts: int, result: JobResult | None = None
+    ) -> Job:
+        """End a running job's attempt: re-queued when `retry` and attempts are left, else failed.
+
+        A failed job keeps `result` (a server's 5xx answer, say) for the client to see.
+        """
         if retry:
-            return self._run(self._requeue, job_id, token, error, max_attempts, True)
-        return self._run(self._finish, job_id, token, FAILED, error, None)
+            return self._run(self._requeue, job_id, token, error, max_attempts, True, result)
+        return self._run(self._finish, job_id, token, FAILED, error, result)
 
     def release(self, job_id: str, token: str, error: str) -> Job:
         """Put a running job back in the queue, its attempt not counted: nothing reached a server."""
@@ -451,20 +414,23 @@ class SQLiteJobStore:
                 (result.status, headers, result.body, size_delta, job_id),
             )
         self._db.execute(
-            "UPDATE jobs SET status = ?, error = ?, finished_at = ?, lease_expires_at = NULL WHERE job_id = ?",
-            (status, error, now, job_id),
+            f"UPDATE jobs SET status = ?, error = ?, finished_at = ?, lease_expires_at = NULL, {CALLBACK_DUE}"
+            " WHERE job_id = ?",
+            (status, error, now, now, job_id),
         )
         self._bytes += size_delta
         done = self._get(job_id)
         assert done is not None
         return done
 
-    def _requeue(self, job_id: str, token: str, error: str, max_attempts: int, counted: bool) -> Job:
+    def _requeue(
+        self, job_id: str, token: str, error: str, max_attempts: int, counted: bool, result: JobResult | None = None
+    ) -> Job:
         job = self._held(job_id, token)
         if job.status != RUNNING:
             return job
         if counted and job.attempts >= max_attempts:
-            return self._finish(job_id, token, FAILED, f"{error} (after {job.attempts} attempts)", None)
+            return self._finish(job_id, token, FAILED, f"{error} (after {job.attempts} attempts)", result)
         self._db.execute(
             "UPDATE jobs SET status = 'queued', error = ?, server_id = NULL, dispatch = NULL, lease_token = NULL,"
             " lease_expires_at = NULL, attempts = attempts - ? WHERE job_id = ?",
@@ -483,9 +449,11 @@ class SQLiteJobStore:
         if job is None:
             raise JobNotFound(f"no job {job_id}")
         if job.status not in FINISHED:
+            now = self.clock()
             self._db.execute(
-                "UPDATE jobs SET status = 'cancelled', finished_at = ?, lease_expires_at = NULL WHERE job_id = ?",
-                (self.clock(), job_id),
+                f"UPDATE jobs SET status = 'cancelled', finished_at = ?, lease_expires_at = NULL, {CALLBACK_DUE}"
+                " WHERE job_id = ?",
+                (now, now, job_id),
             )
         after = self._get(job_id)
         assert after is not None
@@ -505,12 +473,46 @@ class SQLiteJobStore:
         self._db.execute(
             "UPDATE jobs SET status = 'queued', attempts = 0, error = NULL, server_id = NULL, dispatch = NULL,"
             " lease_token = NULL, lease_expires_at = NULL, started_at = NULL, finished_at = NULL, seq = ?,"
-            " created_at = ? WHERE job_id = ?",
+            " created_at = ?, callback_state = NULL, callback_due_at = NULL, callback_attempts = 0"
+            " WHERE job_id = ?",
             (self._seq, self.clock(), job_id),
         )
         back = self._get(job_id)
         assert back is not None
         return back
+
+    # -- callbacks -------------------------------------------------------------------------
+
+    def callbacks_due(self, limit: int = 50) -> list[Job]:
+        """Finished jobs whose callback is due now (first try, or a retry whose wait is over)."""
+        return self._run(self._callbacks_due, limit)
+
+    def _callbacks_due(self, limit: int) -> list[Job]:
+        rows = self._db.execute(
+            "SELECT * FROM jobs WHERE callback_state = 'pending' AND callback_due_at <= ?"
+            " ORDER BY callback_due_at LIMIT ?",
+            (self.clock(), limit),
+        )
+        return [job_from_row(row) for row in rows.fetchall()]
+
+    def callback_tried(self, job_id: str, error: str | None, backoff: float, max_attempts: int) -> tuple[str, float]:
+        """Record one delivery: delivered (no error), due again after a backoff, or failed for good.
+
+        The n-th retry waits `backoff` * 4^(n-1) s, at most an hour. Returns the state and the wait.
+        """
+        return self._run(self._callback_tried, job_id, error, backoff, max_attempts)
+
+    def _callback_tried(self, job_id: str, error: str | None, backoff: float, max_attempts: int) -> tuple[str, float]:
+        row = self._db.execute("SELECT callback_attempts FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        tried = (0 if row is None else int(row[0])) + 1
+        wait = min(CALLBACK_BACKOFF_CAP, backoff * 4 ** (tried - 1))
+        state = "delivered" if error is None else "failed" if tried >= max_attempts else "pending"
+        self._db.execute(
+            "UPDATE jobs SET callback_state = ?, callback_due_at = ?, callback_error = ?, callback_attempts = ?"
+            " WHERE job_id = ?",
+            (state, self.clock() + wait if state == "pending" else None, error, tried, job_id),
+        )
+        return state, wait
 
     # -- sweeps ----------------------------------------------------------------------------
 
@@ -545,9 +547,9 @@ class SQLiteJobStore:
     def _purge(self) -> tuple[int, int]:
         now = self.clock()
         expired = self._db.execute(
-            "UPDATE jobs SET status = 'expired', finished_at = ?,"
+            f"UPDATE jobs SET status = 'expired', finished_at = ?, {CALLBACK_DUE},"
             " error = 'no server took it within JOB_QUEUE_TTL' WHERE status = 'queued' AND created_at <= ?",
-            (now, now - self.queue_ttl),
+            (now, now, now - self.queue_ttl),
         ).rowcount
         finished = tuple(FINISHED)
         placeholders = ", ".join("?" * len(finished))
@@ -558,63 +560,3 @@ class SQLiteJobStore:
         self._db.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
         self._bytes -= sum(size for (size,) in freed)
         return expired, len(freed)
-
-
-def _same(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
-
-
-def _job(row: tuple[Any, ...]) -> Job:
-    (
-        job_id,
-        status,
-        priority,
-        seq,
-        task_type,
-        model,
-        method,
-        target,
-        headers,
-        body,
-        attempts,
-        server_id,
-        dispatch,
-        lease_token,
-        lease_expires_at,
-        created_at,
-        started_at,
-        finished_at,
-        error,
-        callback_url,
-        result_status,
-        result_headers,
-        result_body,
-        _size,
-    ) = row
-    result = None
-    if result_status is not None:
-        result = JobResult(result_status, _pairs(result_headers), bytes(result_body or b""))
-    return Job(
-        job_id=job_id,
-        status=status,
-        priority=priority,
-        seq=seq,
-        task_type=task_type,
-        model=model,
-        request=JobRequest(method, target, _pairs(headers), bytes(body)),
-        attempts=attempts,
-        server_id=server_id,
-        dispatch=dispatch,
-        lease_token=lease_token,
-        lease_expires_at=lease_expires_at,
-        created_at=created_at,
-        started_at=started_at,
-        finished_at=finished_at,
-        error=error,
-        callback_url=callback_url,
-        result=result,
-    )
-
-
-def _pairs(text: str) -> tuple[tuple[str, str], ...]:
-    return tuple((str(name), str(value)) for name, value in json.loads(text))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import socket
@@ -18,6 +19,8 @@ from gateway.config import Config
 from gateway.errors import error_response
 from gateway.fleet.health import LOCAL_ERRNOS
 from gateway.fleet.resources import GIB
+from gateway.jobs import intake
+from gateway.jobs.service import JobService
 from gateway.manager import BackendManager
 from gateway.observability.metrics import GatewayMetrics
 from gateway.proxy.body_limit import read_body
@@ -96,6 +99,8 @@ class Proxy:
         self.pools: dict[str, UpstreamPool] = {}  # one per base URL, looked up once a request
         self.task_routes = TaskRoutes(config.task_routes)
         self.retry_after = retry_after_seconds(config.health_check_interval)
+        self.jobs: JobService | None = None  # set by the jobs API: requests may become jobs
+        self.queue_when_offline = config.queue_when_offline
 
     def handle(self) -> Answer:
         """Proxy the current request."""
@@ -109,6 +114,10 @@ class Proxy:
             return error_response(400, str(exc))
         headers = upstream_headers()
         body = read_body(self.config.proxy_max_body_bytes, self.config.client_body_timeout)
+        if self.jobs is not None and intake.wanted(request.environ):
+            answer = self.as_job(target, headers, body)
+            if answer is not None:
+                return answer
         owned = self.affinity.first_owned(self.task_routes.candidates())
         if owned is not None:
             return self.forward_owned(*owned, target, body, headers)
@@ -116,7 +125,42 @@ class Proxy:
             session_key=request.headers.get(SESSION_HEADER) or None,
             required_bytes=None if required is None else int(required * GIB),
         )
-        return self.forward_routed(route, target, body, headers)
+        return self.forward_routed(route, target, body, headers, offline=self.offline(target, headers, body))
+
+    def as_job(self, target: str, headers: dict[str, str], body: bytes, model: str | None = None) -> Answer | None:
+        """The request as a job, when it asks to be one (`Prefer: respond-async`, an Idempotency-Key).
+
+        None when it does not (another preference, `return=minimal` say): it is proxied as ever.
+        """
+        assert self.jobs is not None
+        ask = intake.parse_ask(self.config.proxy_read_timeout)
+        if isinstance(ask, Response):
+            return ask
+        if not ask.respond_async and ask.idempotency_key is None:
+            return None
+        return intake.submit(self.jobs, ask, model or self.task_type(), model, target, headers, body)
+
+    def offline(
+        self, target: str, headers: dict[str, str], body: bytes, model: str | None = None
+    ) -> Callable[[NoServer], Answer] | None:
+        """Under QUEUE_WHEN_OFFLINE: what to answer, instead of a 503, when no server can take the request."""
+        if self.jobs is None or not self.queue_when_offline or not request.path.startswith(self.queue_when_offline):
+            return None
+        return functools.partial(self.queue_offline, target, headers, body, model)
+
+    def queue_offline(
+        self, target: str, headers: dict[str, str], body: bytes, model: str | None, exc: NoServer
+    ) -> Answer:
+        """A request no server can take now waits as a job, answered 202."""
+        assert self.jobs is not None
+        log.info("no server can take %s now (%s): queued as a job", request.path, exc.message)
+        ask = intake.Ask(respond_async=True, wait=0.0, idempotency_key=None)
+        return intake.submit(self.jobs, ask, model or self.task_type(), model, target, headers, body)
+
+    def task_type(self) -> str:
+        """What a pull worker asks for: the proxied prefix the request came under."""
+        path = request.path
+        return next((prefix for prefix in self.config.proxy_prefixes if path.startswith(prefix)), path)
 
     def forward_routed(
         self,
@@ -125,6 +169,7 @@ class Proxy:
         body: Body,
         headers: dict[str, str],
         render_error: ErrorRenderer | None = None,
+        offline: Callable[[NoServer], Answer] | None = None,
     ) -> Answer:
         """Send to the server chosen for `route`; on a connect failure try another, then the fallback.
 
@@ -137,6 +182,8 @@ class Proxy:
             try:
                 lease = self.manager.acquire(route, tried)
             except NoServer as exc:
+                if offline is not None and not tried:  # QUEUE_WHEN_OFFLINE: a job, not the fallback or a 503
+                    return offline(exc)
                 if tried and not exc.fallback_ok:
                     if route.model is not None:  # for an LLM client: its model's servers are down, come back later
                         message = f"every server with model {route.model!r} failed to connect: {', '.join(tried)}"
@@ -285,6 +332,10 @@ class Proxy:
             raise UpstreamFailed(exc.strerror or f"connection broken: {exc}", sent=True) from exc
         finally:  # every try's wait, a failed one's too: none of it is the gateway's own time
             environ[UPSTREAM_SECONDS] = environ.get(UPSTREAM_SECONDS, 0.0) + time.perf_counter() - started
+
+    def pool(self, base_url: str) -> UpstreamPool:
+        """The keep-alive pool for one server (jobs share the proxy's)."""
+        return self.pools.get(base_url) or self._new_pool(base_url)
 
     def _new_pool(self, base_url: str) -> UpstreamPool:
         """A keep-alive pool for one server; the oldest go when servers keep changing address."""

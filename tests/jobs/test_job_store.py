@@ -97,6 +97,21 @@ def test_a_claim_takes_only_the_task_types_asked_for_and_skips_what_it_is_told(s
     assert running.lease_token and running.lease_expires_at == store.clock() + 30
 
 
+def test_a_batch_claim_takes_up_to_its_limit_within_its_bytes_and_matches_routes_or_models(store):
+    big = [store.submit(new_job(b"x" * 10_000)).job.job_id for _ in range(3)]
+    chat = store.submit(new_job(task_type="llama3", model="llama3")).job.job_id
+    first = store.claim_many("W1", PULL, 30, 10, ["/api/"], max_bytes=15_000)
+    assert [job.job_id for job in first] == big[:1]  # the first always, however large; the second is over
+    second = store.claim_many("W1", PULL, 30, 1, ["/api/"], ["llama3"])
+    assert [job.job_id for job in second] == big[1:2]
+    third = store.claim_many("W1", PULL, 30, 10, models=["llama3"])
+    assert [job.job_id for job in third] == [chat]  # the model only: the /api/ job stays
+    assert len({job.lease_token for job in first + second + third}) == 3
+    assert store.holders(PULL) == {"W1": [big[0], big[1], chat]}
+    assert store.holders(PUSH) == {}
+    assert [job.job_id for job in store.claim_many("W2", PULL, 30, 10, ["/api/"], ["llama3"])] == big[2:]
+
+
 def test_one_key_with_one_request_is_one_job(store):
     first = store.submit(new_job(idempotency_key="k1", fingerprint="POST /api/enhance abc"))
     again = store.submit(new_job(idempotency_key="k1", fingerprint="POST /api/enhance abc"))

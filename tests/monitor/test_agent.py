@@ -266,10 +266,10 @@ class GatewayOnPort(LiveGateway):
         self.thread.start()
 
 
-class AgentProcess:
-    """`python -m resource_monitor --device gpu ... --register-to URL` over the fake pynvml, in its own session."""
+class MonitorProcess:
+    """`python -m resource_monitor --device gpu ...` over the fake pynvml, in its own session."""
 
-    def __init__(self, workdir: Path, gateway_url: str, *extra: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.monitor_port = free_port()
         self.monitor_url = f"http://127.0.0.1:{self.monitor_port}"
         self.log_path = workdir / f"agent-{self.monitor_port}.log"
@@ -283,8 +283,7 @@ class AgentProcess:
         command = [
             *(sys.executable, "-m", "resource_monitor", "--device", "gpu"),
             *("--host", "127.0.0.1", "--port", str(self.monitor_port)),
-            *("--register-to", gateway_url, "--server-id", "B1", "--service-port", "8000"),
-            *extra,
+            *args,
         ]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
@@ -305,6 +304,20 @@ class AgentProcess:
             self.process.wait(timeout=10)
             pytest.fail(f"the agent did not exit within {timeout} s after signal {sig}:\n{self.log()}")
 
+    def kill(self) -> None:
+        """SIGKILL it (by the PID we started) if it still runs, and reap it."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+class AgentProcess(MonitorProcess):
+    """The monitor with `--register-to URL`: it joins the fleet as B1, its service on port 8000."""
+
+    def __init__(self, workdir: Path, gateway_url: str, *extra: str, env: dict[str, str] | None = None) -> None:
+        joins = ("--register-to", gateway_url, "--server-id", "B1", "--service-port", "8000")
+        super().__init__(workdir, *joins, *extra, env=env)
+
 
 @pytest.fixture
 def agent_process(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
@@ -318,9 +331,7 @@ def agent_process(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
 
     yield start
     for process in started:
-        if process.process.poll() is None:
-            process.process.kill()
-            process.process.wait(timeout=10)
+        process.kill()
 
 
 def registered(gateway: LiveGateway, agent: AgentProcess, timeout: float = 15.0):

@@ -108,6 +108,7 @@ def test_no_server_and_fallback_are_counted(live_gateway, fake_servers, tmp_path
         backend_api_base=f"http://127.0.0.1:{fallback.port}",
         backend_servers_file=str(tmp_path / "other.json"),
         task_affinity_file=str(tmp_path / "other.db"),
+        job_store_file=str(tmp_path / "other-jobs.db"),
     )
     requests.get(with_fallback.url + "/api/echo", timeout=5)
     assert wait_until(lambda: value(scrape(with_fallback.url), "gateway_fallback_requests_total") == 1)

@@ -9,14 +9,17 @@ import threading
 import time
 from collections.abc import Callable
 
+from gateway.fleet.resources import GIB
 from gateway.jobs.records import PUSH, QUEUED, RUNNING, Job, JobRequest, JobResult
 from gateway.jobs.store import SQLiteJobStore
 from gateway.manager import BackendManager
+from gateway.proxy.forwarding import REQUIRED_MEMORY_HEADER
 from gateway.proxy.upstream import ClientLeft, ConnectFailed, IncompleteBody, UpstreamPool, UpstreamResponse
 from gateway.routing.admission import Lease, NoServer, RouteRequest
 
 log = logging.getLogger(__name__)
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+KEYS_LABEL = "idempotency-keys"  # a server's label: `kept` means a repeated key gets the first answer, not new work
 PEEK = 200  # queued jobs looked at per round: enough to find work for every free slot
 IDLE_ROUND = 1.0  # seconds between rounds when nothing wakes the dispatcher
 
@@ -118,14 +121,15 @@ class Dispatcher:
     def dispatch_round(self) -> int:
         """Start every queued job that a server can take now; how many were started."""
         started = 0
-        blocked: set[str | None] = set()  # models (None: any server) with no free slot this round
+        blocked: set[tuple[str | None, int | None]] = set()  # (model, GPU memory) that found no slot this round
         for job in self.store.queued(PEEK):
-            if job.model in blocked:
+            need = (job.model, required_bytes(job))
+            if need in blocked:
                 continue
             try:
-                lease = self.manager.acquire(RouteRequest(model=job.model), timeout=0)
+                lease = self.manager.acquire(RouteRequest(model=need[0], required_bytes=need[1]), timeout=0)
             except NoServer:
-                blocked.add(job.model)
+                blocked.add(need)
                 continue
             assert lease.server is not None  # the manager's leases always name a server
             claimed = self.store.claim_job(job.job_id, lease.server.server_id, PUSH, self.lease_seconds)
@@ -158,7 +162,8 @@ class Dispatcher:
             body = job.request.body
             if self.rename is not None and lease.actual_model is not None and lease.actual_model != job.model:
                 body = self.rename(job.request, lease.actual_model)
-            done = self._exchange(job, server.server_id, server.url, token, run, body)
+            repeatable = job.request.method in IDEMPOTENT_METHODS or keeps_keys(server.labels)
+            done = self._exchange(job, server.server_id, server.url, token, run, body, repeatable)
             if run.requeue and done.status == RUNNING:
                 done = self.store.release(job.job_id, token, "the gateway stopped while it ran")
         except Exception:
@@ -176,7 +181,8 @@ class Dispatcher:
         if done.finished and not (run.cancelled and not run.requeue):  # a cancel told its own end
             self.finished(done)
 
-    def _exchange(self, job: Job, server_id: str, url: str, token: str, run: Run, body: bytes) -> Job:
+    def _exchange(self, job: Job, server_id: str, url: str, token: str, run: Run, body: bytes, repeatable: bool) -> Job:
+        """Send the job; `repeatable` when a second try is safe (the method, or a server that keeps keys)."""
         request = job.request
         headers = dict(request.headers)
         headers["Idempotency-Key"] = job.job_id  # a backend that keeps keys can drop a repeat
@@ -192,14 +198,14 @@ class Dispatcher:
             self.manager.report_failure(server_id, url, reason)
             return self.store.release(job.job_id, token, f"{server_id}: {reason}")
         except OSError as exc:
-            return self._failed(job, server_id, token, f"{server_id}: {exc.strerror or exc}", sent=True)
+            return self._failed(job, server_id, token, f"{server_id}: {exc.strerror or exc}", repeatable)
         try:
             answer = self._read(upstream)
         except OSError as exc:
             upstream.close()
             if run.cancelled:
                 return self.store.get(job.job_id)
-            return self._failed(job, server_id, token, f"{server_id} broke off its answer: {exc}", sent=True)
+            return self._failed(job, server_id, token, f"{server_id} broke off its answer: {exc}", repeatable)
         upstream.release_conn()
         self.manager.report_result(server_id, upstream.status < 500, f"HTTP {upstream.status}")
         log.info(
@@ -208,8 +214,8 @@ class Dispatcher:
         )  # fmt: skip
         result = JobResult(upstream.status, tuple(upstream.headers.iteritems()), answer)
         if upstream.status >= 500:  # the server's own failure: its answer is kept, and tried again if safe
-            reason, retry = f"{server_id}: HTTP {upstream.status}", request.method in IDEMPOTENT_METHODS
-            return self.store.fail(job.job_id, token, reason, retry, self.max_attempts, result)
+            reason = f"{server_id}: HTTP {upstream.status}"
+            return self.store.fail(job.job_id, token, reason, repeatable, self.max_attempts, result)
         return self.store.succeed(job.job_id, token, result)
 
     def _read(self, upstream: UpstreamResponse) -> bytes:
@@ -224,8 +230,23 @@ class Dispatcher:
             raise IncompleteBody(None, f"it ended {upstream.length_remaining} bytes before its Content-Length")
         return b"".join(parts)
 
-    def _failed(self, job: Job, server_id: str, token: str, reason: str, sent: bool) -> Job:
+    def _failed(self, job: Job, server_id: str, token: str, reason: str, retry: bool) -> Job:
         """A failure after the request went out: tried again only where a repeat is safe."""
-        retry = job.request.method in IDEMPOTENT_METHODS or not sent
         log.warning("job %s failed on %s: %s (%s)", job.job_id, server_id, reason, "retried" if retry else "final")
         return self.store.fail(job.job_id, token, reason, retry=retry, max_attempts=self.max_attempts)
+
+
+def required_bytes(job: Job) -> int | None:
+    """The GPU memory the job's request asked for (X-Required-GPU-Memory-GB, checked when it came)."""
+    for name, value in job.request.headers:
+        if name.lower() == REQUIRED_MEMORY_HEADER.lower():
+            try:
+                return int(float(value) * GIB)
+            except ValueError:
+                return None
+    return None
+
+
+def keeps_keys(labels: dict[str, str]) -> bool:
+    """A server that declared it drops a repeated Idempotency-Key (label `idempotency-keys=kept`)."""
+    return labels.get(KEYS_LABEL) == "kept"

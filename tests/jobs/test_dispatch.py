@@ -122,3 +122,29 @@ def test_a_queued_job_that_is_cancelled_never_runs(jobs, fake_servers):
     later = submit(jobs)
     assert finished(jobs, later.job_id).status == SUCCEEDED
     assert all("cancelled" not in entry["query"] for entry in server.requests)
+
+
+def test_a_job_that_needs_gpu_memory_goes_only_where_it_fits(jobs, fake_servers):
+    import time
+
+    from gateway.fleet.resources import parse_reading
+    from tests.fleet.test_resources import report
+
+    small, large = fake_servers("B1"), fake_servers("B2")
+    for server_id, server, gpus in (("B1", small, ((24, 20),)), ("B2", large, ((80, 10),))):
+        monitor = f"http://127.0.0.1:{server.port}/monitor"
+        jobs.manager.register_server(server_id, "127.0.0.1", server.port, monitor_url=monitor)
+        jobs.manager.apply_readings([(server_id, monitor, parse_reading(report(gpus=gpus), time.monotonic()))])
+    request = JobRequest("GET", "/api/echo", (("X-Required-GPU-Memory-GB", "30"),), b"")
+    ids = [jobs.submit(NewJob(request, task_type="/api/")).job.job_id for _ in range(3)]
+    assert {finished(jobs, job_id).server_id for job_id in ids} == {"B2"}
+    assert not [r for r in small.requests if r["path"] == "/api/echo"]
+
+
+def test_a_post_is_tried_again_on_a_server_that_keeps_idempotency_keys(jobs, fake_servers):
+    server = fake_servers("B1")
+    jobs.manager.register_server("B1", "127.0.0.1", server.port, options={"labels": {"idempotency-keys": "kept"}})
+    job = submit(jobs, "POST", "/api/short-json", b"{}")
+    done = finished(jobs, job.job_id)
+    assert (done.status, done.attempts) == (FAILED, 3)  # a repeat is safe there: each try was a new chance
+    assert [r["path"] for r in server.requests].count("/api/short-json") == 3

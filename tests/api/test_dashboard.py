@@ -404,6 +404,81 @@ def test_the_data_charts_the_last_15_minutes_for_the_fleet_and_each_server(app, 
     assert set(quiet["rps"]) == {0.0} and set(quiet["error_rate"]) == {None} and set(quiet["p95_s"]) == {None}
 
 
+# -- the job queue and the pull workers -------------------------------------------------------
+
+ASYNC = {"Prefer": "respond-async"}
+WORKER = {"Authorization": f"Bearer {SECRET}"}  # WORKER_TOKEN unset: the webhook secret, as a Bearer token
+
+
+def submit(client, priority: str | None = None) -> str:
+    """Queue a job: no server is registered, so it waits."""
+    headers = ASYNC if priority is None else {**ASYNC, "X-Job-Priority": priority}
+    answer = client.post("/api/echo", data=b"hello", headers=headers)
+    assert answer.status_code == 202, answer.get_data(as_text=True)
+    return answer.get_json()["job_id"]
+
+
+def lease(client, worker_id: str = "W1", max_jobs: int = 1) -> list[dict]:
+    body = {"worker_id": worker_id, "routes": ["/api/"], "max_jobs": max_jobs}
+    answer = client.post("/workers/lease", json=body, headers=WORKER)
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    return answer.get_json()["jobs"]
+
+
+def test_with_no_jobs_the_queue_is_empty_and_there_are_no_workers(client):
+    log_in(client)
+    data = data_of(client)
+    assert data["jobs"] == {"queued": 0, "running": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "expired": 0,
+                            "queued_by_priority": [0] * 10, "oldest_wait_s": None}  # fmt: skip
+    assert data["workers"] == {"workers": [], "gone_after_seconds": 90.0}
+
+
+def test_the_data_counts_queued_jobs_per_priority_and_the_oldest_wait(app, client):
+    store = app.extensions["jobs"].store
+    real_clock = store.clock
+    store.clock = lambda: real_clock() - 120  # the first job was queued two minutes ago
+    submit(client)
+    store.clock = real_clock
+    submit(client), submit(client, "0"), submit(client, "9")
+    log_in(client)
+    jobs = data_of(client)["jobs"]
+    assert (jobs["queued"], jobs["running"], jobs["failed"]) == (4, 0, 0)
+    assert jobs["queued_by_priority"] == [1, 0, 0, 0, 0, 2, 0, 0, 0, 1]  # 5 when X-Job-Priority is absent
+    assert jobs["oldest_wait_s"] >= 120  # the oldest job's, not the newest's
+
+
+def test_the_data_counts_running_failed_and_cancelled_jobs_and_shows_each_worker(app, client):
+    first, second, third = submit(client), submit(client), submit(client)
+    leased = {job["job_id"]: job for job in lease(client, "W1", max_jobs=2)}
+    assert set(leased) == {first, second}
+    answer = {"lease_token": leased[first]["lease_token"], "error": "bad input", "retry": False}
+    failed = client.post(f"/jobs/{first}/fail", json=answer, headers=WORKER)
+    assert failed.get_json()["status"] == "failed"
+    assert client.delete(f"/jobs/{third}").status_code == 200
+    log_in(client)
+    data = data_of(client)
+    assert {name: data["jobs"][name] for name in ("queued", "running", "failed", "cancelled", "succeeded")} == {
+        "queued": 0, "running": 1, "failed": 1, "cancelled": 1, "succeeded": 0}  # fmt: skip
+    assert data["jobs"]["oldest_wait_s"] is None  # none queued: no wait, not a zero one
+    [worker] = data["workers"]["workers"]
+    assert (worker["worker_id"], worker["state"], worker["jobs"]) == ("W1", "active", [second])
+    assert (worker["routes"], worker["max_jobs"]) == (["/api/"], 2)
+    assert worker["last_seen_at"] == pytest.approx(time.time(), abs=60)  # a Unix time, not a monotonic one
+    admin = client.get("/admin/workers", headers=WORKER).get_json()["data"]  # the same list as the admin API's
+    assert admin == data["workers"]
+
+
+def test_a_silent_worker_shows_as_gone(app, client):
+    submit(client)
+    lease(client, "W1")
+    registry = app.extensions["jobs"].workers
+    real_clock = registry.clock
+    registry.clock = lambda: real_clock() + 91  # three 30 s lease periods of silence, and a second
+    log_in(client)
+    [worker] = data_of(client)["workers"]["workers"]
+    assert worker["state"] == "gone" and len(worker["jobs"]) == 1  # its lease runs out on its own, later
+
+
 # -- drain, enable and unregister from the page -------------------------------------------------
 
 

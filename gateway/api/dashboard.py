@@ -33,8 +33,8 @@ PAGE_POLICY = (  # the page's own inline script and style, its fetches of /dashb
     "default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; connect-src 'self'; "
     "img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
-PRIORITIES = range(10)  # X-Job-Priority: 0 runs first, 9 last
 DATA_POLICY = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+PRIORITIES = range(10)  # X-Job-Priority: 0 runs first, 9 last
 Args = ParamSpec("Args")
 
 

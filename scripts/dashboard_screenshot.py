@@ -2,7 +2,10 @@
 
 The charts need 15 minutes of traffic, which a screenshot cannot wait for: the script counts a
 made-up 15 minutes through the metrics' own request_done (the proxy's path into the ring buffer),
-on a clock set back 15 minutes, then sends real requests through the gateway.
+on a clock set back 15 minutes, then sends real requests through the gateway. The job queue is
+real too: jobs submitted over HTTP (the oldest on the job store's clock set back a few minutes),
+some run by the fake servers, one failed by a 500, a backlog for a model that only a pull worker
+serves, and that worker leasing two of them; a second worker last called ten minutes ago.
 
 Run it from the repository root:  .venv/bin/python scripts/dashboard_screenshot.py
 It needs selenium (requirements-dev.txt) and Debian's chromium and chromium-driver.
@@ -45,6 +48,8 @@ OPTIONS = {
     "gpu-d": {"models": ["qwen2.5:32b"], "priority": 2},
 }
 MONITOR_URL = "http://127.0.0.1:9/resources"  # never answers: readings are handed in below
+PULLED_MODEL = "llama3.1:405b"  # no registered server has it: its jobs wait for the pull worker
+BACKLOG = [0, 2, 2, 5, 5, 5, 5, 5, 7, 9]  # the priorities of the jobs queued for it
 
 
 def reading(total_gib: int, used_gib: int) -> object:
@@ -78,6 +83,40 @@ def replay_traffic(metrics: object, minutes: int = 15) -> None:
         history.clock = real_clock
 
 
+def worker_call(url: str, secret: str, worker_id: str, **ask: object) -> int:
+    """One lease as a pull worker does it, with the webhook secret as its Bearer token; how many jobs came."""
+    body = {"worker_id": worker_id, **ask}
+    answer = requests.post(url + "/workers/lease", json=body, headers={"Authorization": f"Bearer {secret}"}, timeout=5)
+    answer.raise_for_status()
+    return len(answer.json()["jobs"]) if answer.status_code == 200 else 0
+
+
+def queue_jobs(app: object, url: str, secret: str) -> None:
+    """Fill the job queue over HTTP: done jobs, a dead letter, a backlog, and workers to see it."""
+    service = app.extensions["jobs"]  # type: ignore[attr-defined]
+    registry, store = service.workers, service.store
+    real_registry_clock, real_store_clock = registry.clock, store.clock
+    registry.clock = lambda: real_registry_clock() - 600  # a home GPU that last called ten minutes ago
+    worker_call(url, secret, "home-rtx-4090", routes=["/api/"])
+    registry.clock = real_registry_clock
+    asynchronous = {"Prefer": "respond-async"}
+    for _ in range(6):
+        requests.post(url + "/api/enhance", json={"image": "..."}, headers=asynchronous, timeout=5)
+    requests.post(url + "/api/status-code?code=500", headers=asynchronous, timeout=5)  # a POST: failed at once
+    chat = {"model": PULLED_MODEL, "messages": [{"role": "user", "content": "Summarise this contract."}]}
+    try:
+        for n, priority in enumerate(BACKLOG):
+            store.clock = lambda n=n: real_store_clock() - 400 + 30 * n  # queued over the last few minutes
+            headers = {**asynchronous, "X-Job-Priority": str(priority)}
+            requests.post(url + "/v1/chat/completions", json=chat, headers=headers, timeout=5).raise_for_status()
+    finally:
+        store.clock = real_store_clock
+    worker_call(url, secret, "nat-gpu-7", models=[PULLED_MODEL], max_jobs=2)
+    deadline = time.monotonic() + 15
+    while store.counts().by_status["succeeded"] < 6 and time.monotonic() < deadline:
+        time.sleep(0.1)  # the fake servers run the /api/ jobs
+
+
 def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="dashboard-shot-"))
     secret = secrets.token_urlsafe(24)
@@ -107,6 +146,7 @@ def main() -> None:
         for _ in range(3):
             manager.run_health_sweep()
         manager.set_draining("gpu-c", True)
+        queue_jobs(app, url, secret)
         manager.apply_readings([(s.server_id, MONITOR_URL, reading(*FLEET[s.server_id])) for s in servers])
 
         options = webdriver.ChromeOptions()
@@ -125,6 +165,9 @@ def main() -> None:
         driver.find_element(By.CSS_SELECTOR, "form.login button").click()
         WebDriverWait(driver, 15).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#servers td.health")) == 4)
         WebDriverWait(driver, 15).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#charts .chart.p95_s path[d^=M]"))
+        WebDriverWait(driver, 15).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#workers td.state")) == 2)
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {**metrics, "height": height})  # the whole page
         time.sleep(1.5)  # let "since" tick past zero
         OUTPUT.parent.mkdir(exist_ok=True)
         driver.save_screenshot(str(OUTPUT))

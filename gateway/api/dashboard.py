@@ -16,8 +16,12 @@ from prometheus_client import Counter
 from gateway.api import admin
 from gateway.api.auth import admin_matches
 from gateway.api.dashboard_sessions import PREFIX, DashboardSessions, LiveSessions
+from gateway.api.jobs import jobs
+from gateway.api.workers import worker_list
 from gateway.errors import error_response
 from gateway.fleet.server import now_iso
+from gateway.jobs.records import STATUSES
+from gateway.jobs.store import SQLiteJobStore
 from gateway.observability.history import BUCKET_SECONDS, BUCKETS, FLEET, RequestHistory
 from gateway.proxy.forwarding import SESSION_COOKIE  # the proxy drops it from what it forwards
 
@@ -30,6 +34,7 @@ PAGE_POLICY = (  # the page's own inline script and style, its fetches of /dashb
     "img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
 DATA_POLICY = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+PRIORITIES = range(10)  # X-Job-Priority: 0 runs first, 9 last
 Args = ParamSpec("Args")
 
 
@@ -140,7 +145,7 @@ def operator_action(view: Callable[Args, Any]) -> Callable[Args, Any]:
 @bp.get("/data")
 @login_required
 def data() -> Response:
-    """Summary counters, the last sweep, the fleet's charts and one row per server, as the page shows them."""
+    """Summary counters, the last sweep, the charts, one row per server, the job queue and the pull workers."""
     manager = current_app.extensions["backend_manager"]
     metrics = current_app.extensions["metrics"]
     fleet = manager.get_status()
@@ -158,6 +163,8 @@ def data() -> Response:
         "last_sweep": manager.last_sweep or None,
         "charts": {"bucket_seconds": BUCKET_SECONDS, "buckets": BUCKETS, "fleet": history.charts(FLEET)},
         "servers": [server_row(server, served, history) for server in fleet["servers"]],
+        "jobs": queue_summary(jobs().store),
+        "workers": worker_list(),
     }
     return jsonify(success=True, data=reply)
 
@@ -221,6 +228,17 @@ def server_row(server: dict[str, Any], served: dict[str, float], history: Reques
         "models": server["served_models"],
         "charts": history.charts(server_id),
     }
+
+
+def queue_summary(store: SQLiteJobStore) -> dict[str, Any]:
+    """The jobs per status, the queued ones per priority (0 to 9), and how long the oldest has waited."""
+    counts = store.counts()
+    summary: dict[str, Any] = {status: counts.by_status[status] for status in STATUSES}
+    summary["queued_by_priority"] = [counts.queued_by_priority.get(priority, 0) for priority in PRIORITIES]
+    oldest = counts.oldest_queued_at
+    # The store's clock stamped the job; max() keeps a wall clock stepped back from showing a negative wait.
+    summary["oldest_wait_s"] = None if oldest is None else max(0.0, store.clock() - oldest)
+    return summary
 
 
 def init_app(app: Flask) -> None:

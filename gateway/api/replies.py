@@ -305,6 +305,25 @@ class DashboardServerSchema(Schema):
     charts = fields.Nested(ChartsSchema, required=True)
 
 
+class DashboardJobsSchema(Schema):
+    """The job queue at a glance: jobs per status in the store now, queued ones per priority, the oldest wait."""
+
+    queued = fields.Integer(required=True)
+    running = fields.Integer(required=True, metadata={"description": "on servers and pull workers now"})
+    succeeded = fields.Integer(required=True, metadata={"description": "finished jobs are kept JOB_RESULT_TTL"})
+    failed = fields.Integer(required=True, metadata={"description": "dead letters, kept for the operator to retry"})
+    cancelled = fields.Integer(required=True)
+    expired = fields.Integer(required=True)
+    queued_by_priority = fields.List(
+        fields.Integer(),
+        required=True,
+        metadata={"minItems": 10, "maxItems": 10, "description": "queued jobs at priority 0 (first) to 9, by index"},
+    )
+    oldest_wait_s = fields.Float(
+        **NULLABLE, metadata={"description": "seconds the oldest queued job has waited; null with none queued"}
+    )
+
+
 class DashboardSchema(Schema):
     """What the dashboard's page shows, and the token its actions send back."""
 
@@ -316,10 +335,12 @@ class DashboardSchema(Schema):
     last_sweep = fields.Nested(LastSweepSchema, **NULLABLE)
     charts = fields.Nested(DashboardChartsSchema, required=True)
     servers = fields.List(fields.Nested(DashboardServerSchema), required=True)
+    jobs = fields.Nested(DashboardJobsSchema, required=True)
+    workers = fields.Nested("WorkerListSchema", required=True, metadata={"description": "as GET /admin/workers"})
 
 
 class DashboardReplySchema(SuccessSchema):
-    """`GET /dashboard/data`: counters, the last sweep, charts and one row per server, for the dashboard's page."""
+    """`GET /dashboard/data`: counters, the last sweep, charts, servers, jobs and workers, for the dashboard's page."""
 
     data = fields.Nested(DashboardSchema, required=True)
 

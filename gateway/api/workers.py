@@ -167,10 +167,14 @@ def list_workers() -> Response:
     """Every pull worker: what it serves, when it was last heard from, the jobs it holds, active or gone."""
     if not admin_authorized():
         return admin_refusal()
+    return jsonify(success=True, data=worker_list())
+
+
+def worker_list() -> dict[str, Any]:
+    """The pull workers as /admin/workers and the dashboard list them, and how long before a silent one is gone."""
     service = jobs()
     workers = service.workers.describe(service.store.holders(PULL))
-    gone_after = GONE_AFTER_LEASES * service.lease_seconds
-    return jsonify(success=True, data={"workers": workers, "gone_after_seconds": gone_after})
+    return {"workers": workers, "gone_after_seconds": GONE_AFTER_LEASES * service.lease_seconds}
 
 
 def init_app(app: Flask) -> None:

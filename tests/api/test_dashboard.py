@@ -404,6 +404,81 @@ def test_the_data_charts_the_last_15_minutes_for_the_fleet_and_each_server(app, 
     assert set(quiet["rps"]) == {0.0} and set(quiet["error_rate"]) == {None} and set(quiet["p95_s"]) == {None}
 
 
+# -- the job queue and the pull workers -------------------------------------------------------
+
+ASYNC = {"Prefer": "respond-async"}
+WORKER = {"Authorization": f"Bearer {SECRET}"}  # WORKER_TOKEN unset: the webhook secret, as a Bearer token
+
+
+def submit(client, priority: str | None = None) -> str:
+    """Queue a job: no server is registered, so it waits."""
+    headers = ASYNC if priority is None else {**ASYNC, "X-Job-Priority": priority}
+    answer = client.post("/api/echo", data=b"hello", headers=headers)
+    assert answer.status_code == 202, answer.get_data(as_text=True)
+    return answer.get_json()["job_id"]
+
+
+def lease(client, worker_id: str = "W1", max_jobs: int = 1) -> list[dict]:
+    body = {"worker_id": worker_id, "routes": ["/api/"], "max_jobs": max_jobs}
+    answer = client.post("/workers/lease", json=body, headers=WORKER)
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    return answer.get_json()["jobs"]
+
+
+def test_with_no_jobs_the_queue_is_empty_and_there_are_no_workers(client):
+    log_in(client)
+    data = data_of(client)
+    assert data["jobs"] == {"queued": 0, "running": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "expired": 0,
+                            "queued_by_priority": [0] * 10, "oldest_wait_s": None}  # fmt: skip
+    assert data["workers"] == {"workers": [], "gone_after_seconds": 90.0}
+
+
+def test_the_data_counts_queued_jobs_per_priority_and_the_oldest_wait(app, client):
+    store = app.extensions["jobs"].store
+    real_clock = store.clock
+    store.clock = lambda: real_clock() - 120  # the first job was queued two minutes ago
+    submit(client)
+    store.clock = real_clock
+    submit(client), submit(client, "0"), submit(client, "9")
+    log_in(client)
+    jobs = data_of(client)["jobs"]
+    assert (jobs["queued"], jobs["running"], jobs["failed"]) == (4, 0, 0)
+    assert jobs["queued_by_priority"] == [1, 0, 0, 0, 0, 2, 0, 0, 0, 1]  # 5 when X-Job-Priority is absent
+    assert jobs["oldest_wait_s"] >= 120  # the oldest job's, not the newest's
+
+
+def test_the_data_counts_running_failed_and_cancelled_jobs_and_shows_each_worker(app, client):
+    first, second, third = submit(client), submit(client), submit(client)
+    leased = {job["job_id"]: job for job in lease(client, "W1", max_jobs=2)}
+    assert set(leased) == {first, second}
+    answer = {"lease_token": leased[first]["lease_token"], "error": "bad input", "retry": False}
+    failed = client.post(f"/jobs/{first}/fail", json=answer, headers=WORKER)
+    assert failed.get_json()["status"] == "failed"
+    assert client.delete(f"/jobs/{third}").status_code == 200
+    log_in(client)
+    data = data_of(client)
+    assert {name: data["jobs"][name] for name in ("queued", "running", "failed", "cancelled", "succeeded")} == {
+        "queued": 0, "running": 1, "failed": 1, "cancelled": 1, "succeeded": 0}  # fmt: skip
+    assert data["jobs"]["oldest_wait_s"] is None  # none queued: no wait, not a zero one
+    [worker] = data["workers"]["workers"]
+    assert (worker["worker_id"], worker["state"], worker["jobs"]) == ("W1", "active", [second])
+    assert (worker["routes"], worker["max_jobs"]) == (["/api/"], 2)
+    assert worker["last_seen_at"] == pytest.approx(time.time(), abs=60)  # a Unix time, not a monotonic one
+    admin = client.get("/admin/workers", headers=WORKER).get_json()["data"]  # the same list as the admin API's
+    assert admin == data["workers"]
+
+
+def test_a_silent_worker_shows_as_gone(app, client):
+    submit(client)
+    lease(client, "W1")
+    registry = app.extensions["jobs"].workers
+    real_clock = registry.clock
+    registry.clock = lambda: real_clock() + 91  # three 30 s lease periods of silence, and a second
+    log_in(client)
+    [worker] = data_of(client)["workers"]["workers"]
+    assert worker["state"] == "gone" and len(worker["jobs"]) == 1  # its lease runs out on its own, later
+
+
 # -- drain, enable and unregister from the page -------------------------------------------------
 
 
@@ -670,10 +745,64 @@ def test_the_browser_charts_requests_and_drains_a_server_after_a_confirming_clic
     assert browser.execute_script("return window.violations") == []
 
 
+def queue_jobs(gateway, *priorities: str) -> None:
+    """Queue one job per priority over HTTP: no server is registered, so each waits."""
+    for priority in priorities:
+        headers = {**ASYNC, "X-Job-Priority": priority}
+        assert requests.post(gateway.url + "/api/echo", data=b"x", headers=headers, timeout=5).status_code == 202
+
+
+def lease_over_http(gateway, worker_id: str, max_jobs: int = 1) -> list[dict]:
+    body = {"worker_id": worker_id, "routes": ["/api/"], "max_jobs": max_jobs}
+    answer = requests.post(gateway.url + "/workers/lease", json=body, headers=WORKER, timeout=5)
+    assert answer.status_code == 200, answer.text
+    return answer.json()["jobs"]
+
+
+def test_the_browser_shows_the_queue_and_a_worker_once_it_leases(browser, live_gateway):
+    from selenium.webdriver.common.by import By
+
+    gateway = live_gateway()
+    queue_jobs(gateway, "0", "5", "5")
+    wait = open_dashboard(browser, gateway)
+
+    def text(element_id: str) -> str:
+        return browser.find_element(By.ID, element_id).text
+
+    def at_priority(priority: int) -> str:
+        return browser.find_element(By.CSS_SELECTOR, f'#priorities [data-priority="{priority}"] .count').text
+
+    wait.until(lambda _: text("jobs_queued") == "3")
+    assert (text("jobs_running"), text("jobs_failed")) == ("0", "0")
+    assert [at_priority(p) for p in range(10)] == ["1", "0", "0", "0", "0", "2", "0", "0", "0", "0"]
+    assert re.fullmatch(r"\d+ (s|min|h|d)", text("jobs_oldest_wait"))
+    assert browser.find_element(By.ID, "no_workers").is_displayed()
+    assert not browser.find_element(By.ID, "workers").is_displayed()  # no made-up row: no table at all
+    browser.execute_script("window.sameDocument = true")
+
+    [leased] = lease_over_http(gateway, "gpu-pull-1")
+    row = '#workers tr[data-worker-id="gpu-pull-1"]'
+    wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, row))  # the page's own refresh, no reload
+    wait.until(lambda _: text("jobs_queued") == "2" and text("jobs_running") == "1")
+    assert at_priority(0) == "0"  # the lease took the priority-0 job first
+    cells = {
+        cell.get_attribute("data-label"): cell.text for cell in browser.find_elements(By.CSS_SELECTOR, row + " td")
+    }
+    assert cells["state"] == "active"
+    assert cells["jobs held"] == "1" and cells["serves"] == "/api/" and cells["max jobs"] == "1"
+    assert cells["last seen"].endswith(" ago")
+    assert not browser.find_element(By.ID, "no_workers").is_displayed()
+    assert browser.find_element(By.CSS_SELECTOR, row + " td.jobs").get_attribute("title") == leased["job_id"]
+    assert browser.execute_script("return window.sameDocument === true")
+    assert browser.execute_script("return window.violations") == []
+
+
 def test_at_700_px_wide_the_servers_fit_without_a_sideways_scrollbar(browser, live_gateway, fake_servers):
     gateway = live_gateway(health_check_interval=3600.0)
     servers = [fake_servers(f"gpu-server-{i:02d}") for i in range(1, 4)]
     long_models = {"models": [f"meta-llama/Meta-Llama-3.1-70B-Instruct-{n}" for n in range(4)], "max_concurrent": 8}
+    queue_jobs(gateway, "0", "3", "5", "9")  # before the servers join, or they would take every one
+    lease_over_http(gateway, "gpu-pull-worker-behind-nat-" + "x" * 37, max_jobs=2)  # the longest worker id
     for server in servers:
         gateway.manager.register_server(server.server_id, "127.0.0.1", server.port, options=long_models)
     servers[2].stop()
@@ -681,14 +810,18 @@ def test_at_700_px_wide_the_servers_fit_without_a_sideways_scrollbar(browser, li
         gateway.manager.run_health_sweep()
     wait = open_dashboard(browser, gateway, width=700)
     wait.until(lambda _: rows_shown(browser) == 3)
+    wait.until(lambda _: browser.execute_script("return document.querySelectorAll('#workers td.state').length") == 1)
     widths = browser.execute_script(
         "return [window.innerWidth, document.documentElement.scrollWidth,"
-        " document.getElementById('servers').scrollWidth, document.body.clientWidth]"
+        " document.getElementById('servers').scrollWidth, document.getElementById('workers').scrollWidth,"
+        " document.getElementById('jobs').scrollWidth, document.body.clientWidth]"
     )
-    inner, page, table, body = widths
+    inner, page, table, workers, jobs, body = widths
     assert inner == 700
     assert page <= inner, f"the page is {page} px wide in a {inner} px window"
     assert table <= body, f"the table is {table} px wide in a body of {body} px"
+    assert workers <= body, f"the workers' table is {workers} px wide in a body of {body} px"
+    assert jobs <= body, f"the jobs' panel is {jobs} px wide in a body of {body} px"
     assert browser.execute_script("return window.violations") == []
     ARTIFACTS.mkdir(exist_ok=True)
     assert browser.save_screenshot(str(ARTIFACTS / "dashboard-700px.png"))

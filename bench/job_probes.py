@@ -245,20 +245,21 @@ def memory_reading(gateway: Gateway, store: StoreReader) -> dict[str, int]:
     return {"rss": psutil.Process(worker).memory_info().rss, **store.sizes()}
 
 
-def memory_per_job(before: dict[str, int], after: dict[str, int], jobs: int) -> dict[str, Any]:
-    """What the queued jobs added, per job."""
+def memory_per_job(before: dict[str, int], after: dict[str, int], jobs: int, label: str) -> dict[str, Any]:
+    """What `jobs` queued jobs added since `before`, per job; `label` says when `after` was read."""
 
     def per_job(key: str) -> float | None:
         return round((after[key] - before[key]) / jobs, 1) if jobs else None
 
     return {
+        "label": label,
         "jobs": jobs,
         "rss_before_mib": round(before["rss"] / MIB, 1),
-        "rss_after_mib": round(after["rss"] / MIB, 1),
+        "rss_mib": round(after["rss"] / MIB, 1),
         "rss_bytes_per_job": per_job("rss"),
         "store_bytes_per_job": per_job("database"),
         "files_bytes_per_job": per_job("files"),
-        "store_mib_after": round(after["database"] / MIB, 2),
+        "store_mib": round(after["database"] / MIB, 2),
     }
 
 

@@ -46,7 +46,8 @@ bench-core: $(BIN)/.dev  ## the issue-2 figures: health sweep and rotation cost
 
 # Issue 6's suite, never part of `make test`: installs nginx and wrk when missing (apt-get), starts
 # and stops everything itself on 127.0.0.1, and writes bench/results.json, docs/benchmarks.md and
-# bench/results.png. `make bench BENCH_QUICK=1` is a short smoke run.
+# bench/results.png. `make bench BENCH_QUICK=1` is a short smoke run. One section again, the others
+# kept from the last run: `.venv/bin/python bench/run_suite.py --only jobs --keep-others`.
 .PHONY: bench
 $(BIN)/.bench: bench/requirements.txt $(BIN)/.runtime
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r bench/requirements.txt

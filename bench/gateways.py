@@ -35,13 +35,20 @@ class Gateway:
         """Its base URL."""
         return f"http://{HOST}:{self.port}"
 
-    def register(self, server_id: str, port: int, ip: str = HOST) -> dict[str, Any]:
-        """Register a server through `POST /webhook/register`; raise unless it answers 200."""
-        body = {"server_id": server_id, "ip": ip, "port": port, "secret": self.secret}
-        status, reply = post_json(HOST, self.port, "/webhook/register", body)
+    def register(self, server_id: str, port: int, ip: str = HOST, **options: Any) -> dict[str, Any]:
+        """Register a server through `POST /webhook/register` (with routing `options`); raise unless it answers 200."""
+        body = {"server_id": server_id, "ip": ip, "port": port, "secret": self.secret, **options}
+        return self._webhook("register", body)
+
+    def unregister(self, server_id: str) -> dict[str, Any]:
+        """Remove a server through `POST /webhook/unregister`; raise unless it answers 200."""
+        return self._webhook("unregister", {"server_id": server_id, "secret": self.secret})
+
+    def _webhook(self, action: str, body: dict[str, Any]) -> dict[str, Any]:
+        status, reply = post_json(HOST, self.port, f"/webhook/{action}", body)
         if status != 200:
-            raise ServiceFailed(f"registering {server_id} got HTTP {status}: {reply}")
-        return reply
+            raise ServiceFailed(f"{action} {body['server_id']} got HTTP {status}: {reply}")
+        return dict(reply)
 
     def register_stand_ins(self, ports: Sequence[int]) -> None:
         """Register S1, S2, ... at the stand-ins' ports."""
@@ -114,11 +121,18 @@ def wait_for_health(service: Service, port: int, timeout_s: float = 60.0) -> Non
     raise ServiceFailed(f"{service.name} did not answer /health within {timeout_s:g}s:\n{service.log_tail()}")
 
 
-def post_json(host: str, port: int, path: str, body: dict[str, Any], timeout_s: float = 10.0) -> tuple[int, Any]:
-    """POST a JSON body on a new connection; return the status and the decoded reply."""
+def post_json(
+    host: str,
+    port: int,
+    path: str,
+    body: dict[str, Any],
+    timeout_s: float = 10.0,
+    headers: Mapping[str, str] | None = None,
+) -> tuple[int, Any]:
+    """POST a JSON body (with any extra `headers`) on a new connection; return the status and the decoded reply."""
     connection = http.client.HTTPConnection(host, port, timeout=timeout_s)
     try:
-        connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json", **(headers or {})})
         response = connection.getresponse()
         raw = response.read()
     finally:

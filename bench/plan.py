@@ -27,6 +27,14 @@ class Plan:
     registration_fleet: int = 1000
     registration_clients: int = 8
     registration_deadline_s: float = 60.0
+    jobs_one_client: int = 1000  # submitted from 1 client; the rest of jobs_drain from jobs_clients
+    jobs_clients: int = 32
+    jobs_drain: int = 5000  # the backlog drained, and the synchronous requests it is compared with
+    jobs_servers: int = 3
+    jobs_slots_per_server: int = 11  # max_concurrent each: 33 in flight, as the 33 synchronous clients
+    jobs_first_dispatch_repeats: int = 5
+    jobs_lease_repeats: int = 10
+    jobs_deadline_s: float = 60.0  # for each batch of calls, and for the drain
 
 
 QUICK = Plan(
@@ -44,6 +52,11 @@ QUICK = Plan(
     routing_max_seconds=0.2,
     registration_fleet=200,
     registration_deadline_s=20.0,
+    jobs_one_client=200,
+    jobs_drain=1000,
+    jobs_first_dispatch_repeats=3,
+    jobs_lease_repeats=3,
+    jobs_deadline_s=20.0,
 )
 
 

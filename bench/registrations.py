@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from gateways import Gateway, start_gateway
+from http_load import JSON_HEADERS, Call, LoadRun, send_all
 from nginx_services import GET_PATH, STAND_INS, start_stand_ins
 from plan import Plan, say
 from processes import HOST, free_port
@@ -20,19 +19,11 @@ from wrk_load import run_wrk
 
 
 @dataclass
-class RegistrationRun:
+class RegistrationRun(LoadRun):
     """One phase of registrations: how many, how fast, and what failed."""
 
-    phase: str
-    fleet: int
-    clients: int
-    attempted: int
-    succeeded: int
-    seconds: float
-    per_s: float
-    latency_p50_ms: float
-    latency_p99_ms: float
-    failures: dict[str, int] = field(default_factory=dict)
+    phase: str = ""
+    fleet: int = 0
 
 
 def register_all(
@@ -44,78 +35,9 @@ def register_all(
     fleet: int,
 ) -> RegistrationRun:
     """POST every body to /webhook/register from `clients` threads on kept-alive connections."""
-    pending = iter(bodies)
-    pending_lock = threading.Lock()
-    latencies: list[float] = []
-    failures: dict[str, int] = {}
-    result_lock = threading.Lock()
-    stop_at = time.monotonic() + deadline_s
-
-    def next_body() -> dict[str, Any] | None:
-        with pending_lock:
-            return next(pending, None)
-
-    def record(latency_s: float | None, failure: str | None) -> None:
-        with result_lock:
-            if failure is None and latency_s is not None:
-                latencies.append(latency_s)
-            elif failure is not None:
-                failures[failure] = failures.get(failure, 0) + 1
-
-    def client() -> None:
-        connection = http.client.HTTPConnection(HOST, port, timeout=30)
-        try:
-            while time.monotonic() < stop_at and (body := next_body()) is not None:
-                latency, failure = post_once(connection, body)
-                record(latency, failure)
-                if failure is not None:  # start afresh: the connection may be broken
-                    connection.close()
-                    connection = http.client.HTTPConnection(HOST, port, timeout=30)
-        finally:
-            connection.close()
-
-    started = time.perf_counter()
-    workers = [threading.Thread(target=client, name=f"register-{n}", daemon=True) for n in range(clients)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(deadline_s + 35)
-    seconds = time.perf_counter() - started
-    latencies.sort()
-    return RegistrationRun(
-        phase=phase,
-        fleet=fleet,
-        clients=clients,
-        attempted=len(latencies) + sum(failures.values()),
-        succeeded=len(latencies),
-        seconds=round(seconds, 3),
-        per_s=round(len(latencies) / seconds, 1) if seconds else 0.0,
-        latency_p50_ms=round(percentile(latencies, 50) * 1000, 2),
-        latency_p99_ms=round(percentile(latencies, 99) * 1000, 2),
-        failures=failures,
-    )
-
-
-def post_once(connection: http.client.HTTPConnection, body: dict[str, Any]) -> tuple[float | None, str | None]:
-    """One registration; (seconds, None) on 200, else (None, a short reason)."""
-    started = time.perf_counter()
-    try:
-        connection.request("POST", "/webhook/register", json.dumps(body), {"Content-Type": "application/json"})
-        response = connection.getresponse()
-        response.read()
-    except (OSError, http.client.HTTPException) as exc:
-        return None, type(exc).__name__
-    if response.status != 200:
-        return None, f"HTTP {response.status}"
-    return time.perf_counter() - started, None
-
-
-def percentile(values: list[float], percent: float) -> float:
-    """The nearest-rank percentile of sorted `values`; nan when empty."""
-    if not values:
-        return float("nan")
-    rank = max(0, min(len(values) - 1, round(percent / 100 * len(values)) - 1))
-    return values[rank]
+    calls = (Call("POST", "/webhook/register", json.dumps(body).encode(), JSON_HEADERS) for body in bodies)
+    run = send_all(port, calls, clients, deadline_s)
+    return RegistrationRun(**asdict(run), phase=phase, fleet=fleet)
 
 
 def registration_bodies(secret: str, count: int, port_of: Callable[[int], int]) -> list[dict[str, Any]]:

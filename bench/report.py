@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from report_jobs import jobs_section
 from report_sections import (
     TARGETS,
     proxy_rows,
@@ -48,6 +49,7 @@ def render(results: dict[str, Any], plot_link: str | None = None) -> str:
         sweep_section(results.get("sweep")),
         routing_section(results.get("routing")),
         registrations_section(results.get("registrations")),
+        jobs_section(results.get("jobs")),
         _method(results),
     ]
     return "\n".join(part for part in parts if part).rstrip() + "\n"
@@ -77,7 +79,8 @@ def _header(results: dict[str, Any]) -> str:
         "",
         f"- **Run**: {meta.get('date', '?')}, commit `{git.get('commit', '?')[:12]}`{tree}; "
         f"`{meta.get('command', '?')}`{' via `make bench`' if meta.get('via_make') else ''}; "
-        f"the whole suite took **{meta.get('suite_wall_s', 0):.0f} s**.{quick}",
+        f"{'the whole suite would take about' if meta.get('kept') else 'the whole suite took'} "
+        f"**{meta.get('suite_wall_s', 0):.0f} s**.{quick}",
         f"- **Machine**: {machine.get('cpu_model', '?')}, {machine.get('cores', '?')} cores, "
         f"{machine.get('memory_gib', '?')} GiB, Linux {machine.get('kernel', '?')}, "
         f"Python {machine.get('python', '?')}",
@@ -88,6 +91,16 @@ def _header(results: dict[str, Any]) -> str:
         "Absolute figures drift from run to run on these shared 2-core machines: read the **ratios**, "
         "which come from one run with every configuration side by side.",
     ]
+    kept = meta.get("kept")
+    if kept:
+        lines += [
+            "",
+            f"> **Sections from two runs:** {', '.join(kept['sections'])} come from the run of {kept.get('date')} "
+            f"(commit `{(kept.get('git') or {}).get('commit', '?')[:12]}`, `{kept.get('command')}`, "
+            f"{kept.get('suite_wall_s', 0):.0f} s); {', '.join(kept.get('measured_now', []))} by this run, "
+            "which put them beside it (`--keep-others`). The suite's time above is an estimate: that run's, "
+            "with the re-measured sections' time replaced by this run's.",
+        ]
     if meta.get("note"):
         lines += ["", f"> **Note on this run:** {meta['note']}"]
     return "\n".join(lines) + "\n"
@@ -197,9 +210,10 @@ def plot(results: dict[str, Any], path: Path) -> bool:
         axes.grid(axis="y", which="both", alpha=0.3)
     throughput.legend()
     meta = results.get("meta", {})
-    figure.suptitle(
-        f"GPU gateway benchmark, {meta.get('date', '')}, commit {meta.get('git', {}).get('commit', '')[:12]}"
-    )
+    kept = meta.get("kept") or {}
+    measured = kept if "proxy" in kept.get("sections", []) else meta  # the run the proxy figures come from
+    commit = (measured.get("git") or {}).get("commit", "")
+    figure.suptitle(f"GPU gateway benchmark, {measured.get('date', '')}, commit {commit[:12]}")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -27,7 +27,7 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
-def _fixed(value: float | None) -> str:
+def ratio_text(value: float | None) -> str:
     """A ratio with three significant digits, trailing zeros kept (0.600, 57.7)."""
     return "-" if value is None else f"{value:#.3g}".rstrip(".")
 
@@ -38,7 +38,12 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
-def _failed(section: dict[str, Any] | None, title: str) -> str | None:
+def failure_list(failures: dict[str, int]) -> str:
+    """`3x HTTP 503, 1x timeout`; empty when nothing failed."""
+    return ", ".join(f"{n}x {reason}" for reason, n in failures.items())
+
+
+def failed_section(section: dict[str, Any] | None, title: str) -> str | None:
     if section is None:
         return f"## {title}\n\nNot run.\n"
     if "error" in section:
@@ -55,7 +60,7 @@ def proxy_rows(proxy: dict[str, Any] | None) -> dict[tuple[str, int], dict[str, 
 
 
 def proxy_section(proxy: dict[str, Any] | None, plot_link: str | None) -> str:
-    failed = _failed(proxy, "Proxying: throughput, latency, CPU")
+    failed = failed_section(proxy, "Proxying: throughput, latency, CPU")
     if failed or proxy is None:
         return failed or ""
     grouped = proxy_rows(proxy)
@@ -82,10 +87,10 @@ def proxy_section(proxy: dict[str, Any] | None, plot_link: str | None) -> str:
         ratios.append(
             (
                 f"{method} c={conns}",
-                _fixed(ratio(ours.get("requests_per_s"), naive.get("requests_per_s"))),
-                _fixed(ratio(ours.get("requests_per_s"), nginx.get("requests_per_s"))),
-                _fixed(ratio(ours.get("cpu_us_per_request"), naive.get("cpu_us_per_request"))),
-                _fixed(ratio(ours.get("cpu_us_per_request"), nginx.get("cpu_us_per_request"))),
+                ratio_text(ratio(ours.get("requests_per_s"), naive.get("requests_per_s"))),
+                ratio_text(ratio(ours.get("requests_per_s"), nginx.get("requests_per_s"))),
+                ratio_text(ratio(ours.get("cpu_us_per_request"), naive.get("cpu_us_per_request"))),
+                ratio_text(ratio(ours.get("cpu_us_per_request"), nginx.get("cpu_us_per_request"))),
             )
         )
     setup = proxy.get("setup", {})
@@ -146,7 +151,7 @@ def _gateway_log(proxy: dict[str, Any]) -> str:
 
 
 def streams_section(streams: dict[str, Any] | None) -> str:
-    failed = _failed(streams, "Streaming")
+    failed = failed_section(streams, "Streaming")
     if failed or streams is None:
         return failed or ""
     first = table(
@@ -187,7 +192,7 @@ def streams_section(streams: dict[str, Any] | None) -> str:
                 s["measured"].get("worker_fds"),
                 s.get("rss_per_stream_kib"),
                 s.get("rss_after_release_mib"),
-                ", ".join(f"{n}x {reason}" for reason, n in s.get("failures", {}).items()) or "",
+                failure_list(s.get("failures", {})),
             )
             for s in streams.get("hold_steps", [])
         ],
@@ -219,7 +224,7 @@ def streams_section(streams: dict[str, Any] | None) -> str:
 
 
 def sweep_section(sweep: dict[str, Any] | None) -> str:
-    failed = _failed(sweep, "Health sweep")
+    failed = failed_section(sweep, "Health sweep")
     if failed or sweep is None:
         return failed or ""
     setup = sweep.get("setup", {})
@@ -247,7 +252,7 @@ def sweep_section(sweep: dict[str, Any] | None) -> str:
 
 
 def routing_section(routing: dict[str, Any] | None) -> str:
-    failed = _failed(routing, "Routing decision")
+    failed = failed_section(routing, "Routing decision")
     if failed or routing is None:
         return failed or ""
     rows = [
@@ -265,7 +270,7 @@ def routing_section(routing: dict[str, Any] | None) -> str:
 
 
 def registrations_section(registrations: dict[str, Any] | None) -> str:
-    failed = _failed(registrations, "Durable registrations")
+    failed = failed_section(registrations, "Durable registrations")
     if failed or registrations is None:
         return failed or ""
     setup = registrations.get("setup", {})
@@ -278,7 +283,7 @@ def registrations_section(registrations: dict[str, Any] | None) -> str:
             p["latency_p50_ms"],
             p["latency_p99_ms"],
             p.get("gateway_cpu_ms_per_call"),
-            ", ".join(f"{n}x {reason}" for reason, n in p.get("failures", {}).items()),
+            failure_list(p.get("failures", {})),
         )
         for p in registrations.get("phases", [])
     ]
@@ -311,5 +316,5 @@ def _interference(found: dict[str, Any] | None) -> str:
         f"servers ({moves.get('succeeded', 0):,} moves at {moves.get('per_s', 0):.1f}/s). A save's JSON and fsyncs "
         f"run in gevent's thread pool, so proxied requests go on while the disk works; they share the one core "
         f"with the moves' own requests and each save's JSON of the whole fleet. Throughput alone / beside: "
-        f"**{_fixed(slowdown)}**.\n\n" + table(("proxy", "req/s", "p50 ms", "p99 ms", "max ms", "errors"), rows)
+        f"**{ratio_text(slowdown)}**.\n\n" + table(("proxy", "req/s", "p50 ms", "p99 ms", "max ms", "errors"), rows)
     )

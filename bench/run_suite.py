@@ -7,10 +7,13 @@ Everything runs on 127.0.0.1 and is started, measured and stopped (by PID) here:
   sweep          health sweep at 100, 1,000, 5,000 servers, 10% black-holed (bench/sweep_bench.py)
   routing        get_next_server and friends at 10, 1,000, 10,000 servers (bench/rotation_bench.py)
   registrations  durable registrations per second over HTTP at 1,000 servers
+  jobs           the durable job queue: submissions/s, first dispatch, drain vs synchronous, long-poll
+                 lease, memory per queued job (bench/jobs_bench.py)
 It writes bench/results.json, then bench/report.py renders docs/benchmarks.md and bench/results.png.
 
 Run:  make bench   (or make bench BENCH_QUICK=1)
-      .venv/bin/python bench/run_suite.py [--quick] [--only proxy,streams,...] [--out bench/results.json]
+      .venv/bin/python bench/run_suite.py [--quick] [--only proxy,streams,...] [--keep-others]
+          [--out bench/results.json]
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import jobs_bench
 import report
 import rotation_bench
 import sweep_bench
@@ -43,7 +47,7 @@ from registrations import bench_registrations
 from streams import bench_streams
 from wrk_load import LoadResult, run_wrk
 
-SECTIONS = ("proxy", "streams", "sweep", "routing", "registrations")
+SECTIONS = ("proxy", "streams", "sweep", "routing", "registrations", "jobs")
 
 # -- 1 and 2: proxying -------------------------------------------------------------------------
 
@@ -176,6 +180,7 @@ RUNNERS: dict[str, Callable[[Path, Plan], dict[str, Any]]] = {
     "sweep": bench_sweep,
     "routing": bench_routing,
     "registrations": bench_registrations,
+    "jobs": jobs_bench.bench_jobs,
 }
 
 
@@ -183,6 +188,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="a short smoke run (about a minute)")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"sections to run, of {','.join(SECTIONS)}")
+    parser.add_argument(
+        "--keep-others",
+        action="store_true",
+        help="with --only: keep the other sections' figures from the results already in --out",
+    )
     parser.add_argument("--out", type=Path, default=BENCH / "results.json", help="where results go")
     parser.add_argument("--markdown", type=Path, default=REPO / "docs" / "benchmarks.md", help="the rendered report")
     parser.add_argument("--plot", type=Path, default=BENCH / "results.png", help="the rendered plot")
@@ -199,8 +209,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def earlier_results(path: Path, quick: bool) -> dict[str, Any]:
+    """The results in `path`, for --keep-others; refused when they are missing or of the other kind of run."""
+    try:
+        earlier: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--keep-others: cannot read the earlier results in {path}: {exc}") from None
+    if bool(earlier.get("meta", {}).get("quick")) != quick:
+        raise SystemExit(f"--keep-others: {path} is {'not ' if quick else ''}a quick run, and this one would be")
+    return earlier
+
+
+def keep_others(results: dict[str, Any], earlier: dict[str, Any]) -> None:
+    """Carry the sections this run did not measure over from `earlier`, saying so in meta.
+
+    The suite's time becomes an estimate: the earlier run's, with the re-run sections' time replaced.
+    """
+    meta, kept_meta = results["meta"], earlier.get("meta", {})
+    kept = [name for name in SECTIONS if name in earlier and name not in results]
+    for name in kept:
+        results[name] = earlier[name]
+    rerun = [name for name in SECTIONS if name in results and name not in kept]
+    earlier_wall = sum(earlier.get(name, {}).get("wall_s", 0.0) for name in rerun)
+    meta["kept"] = {
+        "sections": kept,
+        "measured_now": rerun,
+        **{key: kept_meta.get(key) for key in ("date", "command", "git", "suite_wall_s")},
+    }
+    meta["suite_wall_s"] = round(
+        kept_meta.get("suite_wall_s", 0.0) - earlier_wall + sum(results[name]["wall_s"] for name in rerun), 1
+    )
+    say(f"kept {', '.join(kept) or 'nothing'} from the run of {kept_meta.get('date')}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    earlier = earlier_results(args.out, args.quick) if args.keep_others else None
     interrupt_on_sigterm()
     started, started_at = time.monotonic(), datetime.now(UTC)
     plan = QUICK if args.quick else Plan()
@@ -238,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             results[name]["wall_s"] = round(time.monotonic() - section_started, 1)
     results["meta"]["load_average_end"] = load_average()
     results["meta"]["suite_wall_s"] = round(time.monotonic() - started, 1)
+    if earlier is not None:
+        keep_others(results, earlier)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     say(f"\nwrote {args.out} after {results['meta']['suite_wall_s']:.0f}s")
     report.write(results, args.markdown, args.plot)

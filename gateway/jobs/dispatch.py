@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from gateway.fleet.resources import GIB
 from gateway.jobs.records import PUSH, QUEUED, RUNNING, Job, JobRequest, JobResult
+from gateway.jobs.rows import pairs
 from gateway.jobs.store import SQLiteJobStore
 from gateway.manager import BackendManager
 from gateway.proxy.forwarding import REQUIRED_MEMORY_HEADER
@@ -19,6 +20,7 @@ from gateway.routing.admission import Lease, NoServer, RouteRequest
 
 log = logging.getLogger(__name__)
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+MEMORY_HEADER = REQUIRED_MEMORY_HEADER.lower()
 KEYS_LABEL = "idempotency-keys"  # a server's label: `kept` means a repeated key gets the first answer, not new work
 PEEK = 200  # queued jobs looked at per round: enough to find work for every free slot
 IDLE_ROUND = 1.0  # seconds between rounds when nothing wakes the dispatcher
@@ -88,6 +90,9 @@ class Dispatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._runs: set[threading.Thread] = set()
+        self._full = False  # a full round is asked for
+        self._fresh: list[tuple[str, str | None, int | None]] = []  # jobs just queued: id, model, GPU memory
+        self._fresh_lock = threading.Lock()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="job-dispatch", daemon=True)
@@ -104,26 +109,50 @@ class Dispatcher:
         for thread in list(self._runs):
             thread.join(timeout=5)
 
-    def wake(self) -> None:
-        """Look at the queue now."""
+    def wake(self, job: Job | None = None) -> None:
+        """Look at the whole queue now; or, for a job just queued, at that job alone.
+
+        A submission needs no full round: every queued job older than it found no server at the
+        last round, and a slot that frees (a job's end, a server that comes) wakes a full one.
+        Under a burst of submissions, full rounds would read the queue's head once per job.
+        """
+        if job is None:
+            self._full = True
+        else:
+            with self._fresh_lock:
+                self._fresh.append((job.job_id, job.model, required_bytes(job.request.headers)))
         self._wake.set()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(IDLE_ROUND)
             self._wake.clear()
+            full, self._full = self._full, False
+            with self._fresh_lock:
+                fresh, self._fresh = self._fresh, []
             try:
-                self.dispatch_round()
+                if full or not fresh:  # not fresh: the round every second, which nothing else may do
+                    self.dispatch_round()
+                else:
+                    self.dispatch(fresh)
             except Exception:  # the loop must outlive any one round: a job stays queued, not lost
                 log.exception("job dispatch round failed; trying again")
                 self._stop.wait(IDLE_ROUND)
 
     def dispatch_round(self) -> int:
         """Start every queued job that a server can take now; how many were started."""
+        heads = [
+            (job_id, model, required_bytes(pairs(headers)) if MEMORY_HEADER in headers.lower() else None)
+            for job_id, model, headers in self.store.queue_heads(PEEK)
+        ]  # the headers parsed only where they hold the one that matters: most jobs' do not
+        return self.dispatch(heads)
+
+    def dispatch(self, heads: list[tuple[str, str | None, int | None]]) -> int:
+        """Start each of these queued jobs (id, model, GPU memory needed) that a server can take now, in order."""
         started = 0
         blocked: set[tuple[str | None, int | None]] = set()  # (model, GPU memory) that found no slot this round
-        for job in self.store.queued(PEEK):
-            need = (job.model, required_bytes(job))
+        for job_id, model, memory in heads:
+            need = (model, memory)
             if need in blocked:
                 continue
             try:
@@ -132,14 +161,14 @@ class Dispatcher:
                 blocked.add(need)
                 continue
             assert lease.server is not None  # the manager's leases always name a server
-            claimed = self.store.claim_job(job.job_id, lease.server.server_id, PUSH, self.lease_seconds)
+            claimed = self.store.claim_job(job_id, lease.server.server_id, PUSH, self.lease_seconds)
             if claimed is None:  # cancelled, or taken by a worker, since the peek
                 lease.release()
                 continue
             log.info("job %s dispatched to %s (attempt %d)", claimed.job_id, lease.server.server_id, claimed.attempts)
             if self.started is not None:
                 self.started(claimed)
-            thread = threading.Thread(target=self.run, args=(claimed, lease), name=f"job-{job.job_id[:8]}", daemon=True)
+            thread = threading.Thread(target=self.run, args=(claimed, lease), name=f"job-{job_id[:8]}", daemon=True)
             self._runs.add(thread)
             thread.start()
             started += 1
@@ -236,9 +265,9 @@ class Dispatcher:
         return self.store.fail(job.job_id, token, reason, retry=retry, max_attempts=self.max_attempts)
 
 
-def required_bytes(job: Job) -> int | None:
-    """The GPU memory the job's request asked for (X-Required-GPU-Memory-GB, checked when it came)."""
-    for name, value in job.request.headers:
+def required_bytes(headers: tuple[tuple[str, str], ...]) -> int | None:
+    """The GPU memory a job's request asked for (X-Required-GPU-Memory-GB, checked when it came)."""
+    for name, value in headers:
         if name.lower() == REQUIRED_MEMORY_HEADER.lower():
             try:
                 return int(float(value) * GIB)

@@ -107,12 +107,12 @@ def submit(
         return error_response(exc.status, str(exc))
     if job.status in FINISHED:
         return result_response(job)
-    return accepted(jobs, job)
+    return accepted(jobs, job, submitted.position if job is submitted.job else None)  # not after a wait
 
 
-def accepted(jobs: JobService, job: Job) -> Response:
+def accepted(jobs: JobService, job: Job, position: int | None = None) -> Response:
     """202 Accepted: the job is stored; Location says where its state and result will be."""
-    estimate = jobs.estimate(job)
+    estimate = jobs.estimate(job, position)
     body = {
         "success": True,
         "job_id": job.job_id,

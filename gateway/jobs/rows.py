@@ -71,6 +71,7 @@ class Submitted:
 
     job: Job
     created: bool
+    position: int | None = None  # its place in the queue at that moment, counted in the same transaction
 
 
 @dataclass(frozen=True)

@@ -109,7 +109,7 @@ class JobService:
             log.info("job %s queued (%s, priority %d)", job.job_id, job.task_type, job.priority)
             if self.metrics is not None:
                 self.metrics.submitted()
-            self.dispatcher.wake()
+            self.dispatcher.wake(submitted.job)
             self._requeued(submitted.job)
         return submitted
 
@@ -247,9 +247,10 @@ class JobService:
 
     # -- what a client is told -------------------------------------------------------------
 
-    def estimate(self, job: Job) -> Estimate:
-        """The job's place in the queue and a wait measured from run times and free slots."""
-        position = self.store.position(job)
+    def estimate(self, job: Job, position: int | None = None) -> Estimate:
+        """The job's place in the queue (asked of the store unless given) and a wait from run times and free slots."""
+        if position is None or job.status != QUEUED:
+            position = self.store.position(job)
         if position is None:
             return Estimate(None, None, f"the job is {job.status}")
         servers = [s for s in self.manager.list_servers() if s.is_healthy and not s.draining]

@@ -141,7 +141,8 @@ class SQLiteJobStore(SQLiteFile):
                     raise IdempotencyConflict("this Idempotency-Key was used for a different request")
                 job = self._get(row[1])
                 if job is not None:
-                    return Submitted(job, False)
+                    place = self._position(job.priority, job.seq) if job.status == QUEUED else None
+                    return Submitted(job, False, place)
         request = new.request
         headers = json.dumps(request.headers)
         size = ROW_OVERHEAD + len(request.body) + len(headers) + len(request.target)
@@ -174,7 +175,7 @@ class SQLiteJobStore(SQLiteFile):
         self._bytes += size
         job = self._get(new.job_id)
         assert job is not None  # inserted just now, in this transaction
-        return Submitted(job, True)
+        return Submitted(job, True, self._position(job.priority, job.seq))
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -333,6 +334,20 @@ class SQLiteJobStore(SQLiteFile):
         for holder, job_id in rows:
             held.setdefault(holder, []).append(job_id)
         return held
+
+    def queue_heads(self, limit: int = 200) -> list[tuple[str, str | None, str]]:
+        """The next `limit` queued jobs' ids, models and headers (JSON), in order: what routing needs.
+
+        The dispatcher looks at these every round; reading whole jobs (bodies too) would cost it,
+        and every submission waiting for the lock, far more.
+        """
+        return self._run(self._queue_heads, limit)
+
+    def _queue_heads(self, limit: int) -> list[tuple[str, str | None, str]]:
+        rows = self._db.execute(
+            "SELECT job_id, model, headers FROM jobs WHERE status = 'queued' ORDER BY priority, seq LIMIT ?", (limit,)
+        )
+        return [(str(job_id), model, str(headers)) for job_id, model, headers in rows.fetchall()]
 
     def queued(self, limit: int = 200) -> list[Job]:
         """The next `limit` queued jobs, in the order they are to run."""

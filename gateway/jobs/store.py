@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 from gateway.fleet.store import off_the_event_loop
 from gateway.jobs.records import (
@@ -48,6 +49,7 @@ from gateway.jobs.rows import (
 from gateway.jobs.sqlite import SQLiteFile, native_lock
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class _Pending:
@@ -87,6 +89,27 @@ class SQLiteJobStore(SQLiteFile):
         self._pending: list[_Pending] = []
         self._bytes = int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM jobs").fetchone()[0])
         self._seq = int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0])
+        # Queued jobs per priority, kept as they change (under the lock), so that a submission's
+        # place in the queue costs no count over the queue; counted again from the table at every
+        # purge (a minute), so that a mistake here could not last.
+        self._queued_counts: dict[int, int] = {}
+        self._recount()
+
+    def _recount(self) -> None:
+        rows = self._db.execute("SELECT priority, COUNT(*) FROM jobs WHERE status = 'queued' GROUP BY priority")
+        self._queued_counts = {int(priority): int(count) for priority, count in rows.fetchall()}
+
+    def _queued_changed(self, priority: int, delta: int) -> None:
+        self._queued_counts[priority] = self._queued_counts.get(priority, 0) + delta
+
+    def _locked(self, func: Callable[..., T], *args: Any) -> T:
+        """As SQLiteFile's, and what is kept in memory goes back too when the transaction does."""
+        kept = self._seq, self._bytes, dict(self._queued_counts)
+        try:
+            return super()._locked(func, *args)
+        except BaseException:
+            self._seq, self._bytes, self._queued_counts = kept
+            raise
 
     # -- submitting ------------------------------------------------------------------------
 
@@ -111,7 +134,7 @@ class SQLiteJobStore(SQLiteFile):
                 return
             with self._pending_lock:
                 batch, self._pending = self._pending, []
-            seq, stored = self._seq, self._bytes
+            seq, stored, queued = self._seq, self._bytes, dict(self._queued_counts)
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 for item in batch:
@@ -122,7 +145,7 @@ class SQLiteJobStore(SQLiteFile):
                 self._db.execute("COMMIT")
             except BaseException as exc:
                 self._db.execute("ROLLBACK")
-                self._seq, self._bytes = seq, stored
+                self._seq, self._bytes, self._queued_counts = seq, stored, queued
                 for item in batch:
                     item.outcome, item.error = None, exc if isinstance(exc, Exception) else RuntimeError(str(exc))
                     item.done = True
@@ -173,9 +196,13 @@ class SQLiteJobStore(SQLiteFile):
                 (new.idempotency_key, new.fingerprint, new.job_id, now + self.idempotency_ttl),
             )
         self._bytes += size
+        self._queued_changed(new.priority, 1)
         job = self._get(new.job_id)
         assert job is not None  # inserted just now, in this transaction
-        return Submitted(job, True, self._position(job.priority, job.seq))
+        place = sum(
+            count for priority, count in self._queued_counts.items() if priority <= new.priority
+        )  # the last in its own
+        return Submitted(job, True, place)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -319,6 +346,7 @@ class SQLiteJobStore(SQLiteFile):
                 (holder, dispatch, new_lease_token(), now + lease_seconds, now, job_id),
             ).fetchone()
             claimed.append(job_from_row(row))
+            self._queued_changed(claimed[-1].priority, -1)
         return claimed
 
     def holders(self, dispatch: str) -> dict[str, list[str]]:
@@ -367,7 +395,11 @@ class SQLiteJobStore(SQLiteFile):
             f"UPDATE jobs SET {CLAIMED} WHERE job_id = ? AND status = 'queued' RETURNING *",
             (holder, dispatch, new_lease_token(), now + lease_seconds, now, job_id),
         ).fetchone()
-        return None if row is None else job_from_row(row)
+        if row is None:
+            return None
+        job = job_from_row(row)
+        self._queued_changed(job.priority, -1)
+        return job
 
     def heartbeat(self, job_id: str, token: str, lease_seconds: float) -> Job:
         """Extend a running job's lease; StaleLease if `token` is not its current lease."""
@@ -451,6 +483,7 @@ class SQLiteJobStore(SQLiteFile):
             " lease_expires_at = NULL, attempts = attempts - ? WHERE job_id = ?",
             (error, 0 if counted else 1, job_id),
         )
+        self._queued_changed(job.priority, 1)
         back = self._get(job_id)
         assert back is not None
         return back
@@ -464,6 +497,8 @@ class SQLiteJobStore(SQLiteFile):
         if job is None:
             raise JobNotFound(f"no job {job_id}")
         if job.status not in FINISHED:
+            if job.status == QUEUED:
+                self._queued_changed(job.priority, -1)
             now = self.clock()
             self._db.execute(
                 f"UPDATE jobs SET status = 'cancelled', finished_at = ?, lease_expires_at = NULL, {CALLBACK_DUE}"
@@ -492,6 +527,7 @@ class SQLiteJobStore(SQLiteFile):
             " WHERE job_id = ?",
             (self._seq, self.clock(), job_id),
         )
+        self._queued_changed(job.priority, 1)
         back = self._get(job_id)
         assert back is not None
         return back
@@ -553,6 +589,7 @@ class SQLiteJobStore(SQLiteFile):
             " lease_token = NULL, lease_expires_at = NULL, error = 'the gateway restarted while it ran'"
             " WHERE status = 'running' AND dispatch = 'push'"
         )
+        self._recount()
         return cursor.rowcount
 
     def purge(self) -> tuple[int, int]:
@@ -574,4 +611,5 @@ class SQLiteJobStore(SQLiteFile):
         ).fetchall()
         self._db.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
         self._bytes -= sum(size for (size,) in freed)
+        self._recount()
         return expired, len(freed)

@@ -340,3 +340,22 @@ def test_an_acknowledged_job_survives_kill_9(tmp_path):
             assert store.get(job_id).status == QUEUED
     finally:
         store.close()
+
+
+def test_a_submissions_place_is_counted_right_through_every_change_of_the_queue(store, clock):
+    """The place a 202 tells is kept in memory: after claims, requeues, cancels, retries and expiry it still
+    matches the table, and a new job's place is one behind every queued job of its priority or a lower one."""
+    ids = [store.submit(new_job(priority=p)).job.job_id for p in (5, 5, 2, 9, 5, 0)]
+    claimed = store.claim("B1", PUSH, 30)
+    assert claimed is not None and claimed.lease_token
+    store.release(claimed.job_id, claimed.lease_token, "refused")  # back
+    taken = store.claim_many("W1", PULL, 30, 2)
+    store.cancel(ids[0])
+    store.fail(taken[0].job_id, taken[0].lease_token or "", "boom", retry=False, max_attempts=3)
+    store.retry(taken[0].job_id)
+    clock.now += 31
+    store.expire_leases(max_attempts=3)
+    for priority in range(10):
+        submitted = store.submit(new_job(priority=priority))
+        assert submitted.position == store.position(submitted.job)
+    assert store._queued_counts == {p: n for p, n in store.counts().queued_by_priority.items()}

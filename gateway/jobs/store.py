@@ -28,6 +28,7 @@ from gateway.jobs.records import (
     SUCCEEDED,
     IdempotencyConflict,
     Job,
+    JobError,
     JobNotFound,
     JobResult,
     NewJob,
@@ -53,14 +54,14 @@ T = TypeVar("T")
 
 
 class _Pending:
-    """One submission waiting for the next group commit."""
+    """One operation waiting for the next group commit: what to run, and what came of it."""
 
-    __slots__ = ("done", "error", "job", "now", "outcome")
+    __slots__ = ("args", "done", "error", "func", "outcome")
 
-    def __init__(self, job: NewJob, now: float) -> None:
-        self.job, self.now = job, now
+    def __init__(self, func: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.func, self.args = func, args
         self.done = False
-        self.outcome: Submitted | None = None
+        self.outcome: Any = None
         self.error: Exception | None = None
 
 
@@ -118,17 +119,26 @@ class SQLiteJobStore(SQLiteFile):
 
         Raises IdempotencyConflict for a key seen with another request, StoreFull over the budget.
         """
-        entry = _Pending(job, self.clock())
+        submitted: Submitted = self._batched(self._insert, job, self.clock())
+        return submitted
+
+    def _batched(self, func: Callable[..., T], *args: Any) -> T:
+        """Run `func(*args)` in the next group commit: the operations that wait together share one fsync.
+
+        Each runs in a savepoint of its own, so that one refused (a JobError: a stale lease, a full
+        store) leaves the others as they were; any other failure rolls the whole batch back.
+        """
+        entry = _Pending(func, args)
         with self._pending_lock:
             self._pending.append(entry)
         off_the_event_loop(self._commit_pending, entry)
         if entry.error is not None:
             raise entry.error
-        assert entry.outcome is not None  # every committed entry has one or the other
-        return entry.outcome
+        outcome: T = entry.outcome
+        return outcome
 
     def _commit_pending(self, entry: _Pending) -> None:
-        """Commit every submission waiting now, in one transaction: one fsync for all of them."""
+        """Commit every operation waiting now, in one transaction: one fsync for all of them."""
         with self._lock:
             if entry.done:  # the thread before this one committed it with its own batch
                 return
@@ -138,10 +148,13 @@ class SQLiteJobStore(SQLiteFile):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 for item in batch:
+                    self._db.execute("SAVEPOINT op")
                     try:
-                        item.outcome = self._insert(item.job, item.now)
-                    except (IdempotencyConflict, StoreFull) as exc:
+                        item.outcome = item.func(*item.args)
+                    except JobError as exc:
+                        self._db.execute("ROLLBACK TO op")
                         item.error = exc
+                    self._db.execute("RELEASE op")
                 self._db.execute("COMMIT")
             except BaseException as exc:
                 self._db.execute("ROLLBACK")
@@ -387,7 +400,7 @@ class SQLiteJobStore(SQLiteFile):
 
     def claim_job(self, job_id: str, holder: str, dispatch: str, lease_seconds: float) -> Job | None:
         """Take one given job if it is still queued (None if another took it, or it was cancelled)."""
-        return self._run(self._claim_job, job_id, holder, dispatch, lease_seconds)
+        return self._batched(self._claim_job, job_id, holder, dispatch, lease_seconds)
 
     def _claim_job(self, job_id: str, holder: str, dispatch: str, lease_seconds: float) -> Job | None:
         now = self.clock()
@@ -429,7 +442,7 @@ class SQLiteJobStore(SQLiteFile):
 
     def succeed(self, job_id: str, token: str, result: JobResult) -> Job:
         """Keep a running job's answer; StaleLease unless `token` is its current lease."""
-        return self._run(self._finish, job_id, token, SUCCEEDED, None, result)
+        return self._batched(self._finish, job_id, token, SUCCEEDED, None, result)
 
     def fail(
         self, job_id: str, token: str, error: str, retry: bool, max_attempts: int, result: JobResult | None = None
@@ -439,12 +452,12 @@ class SQLiteJobStore(SQLiteFile):
         A failed job keeps `result` (a server's 5xx answer, say) for the client to see.
         """
         if retry:
-            return self._run(self._requeue, job_id, token, error, max_attempts, True, result)
-        return self._run(self._finish, job_id, token, FAILED, error, result)
+            return self._batched(self._requeue, job_id, token, error, max_attempts, True, result)
+        return self._batched(self._finish, job_id, token, FAILED, error, result)
 
     def release(self, job_id: str, token: str, error: str) -> Job:
         """Put a running job back in the queue, its attempt not counted: nothing reached a server."""
-        return self._run(self._requeue, job_id, token, error, 0, False)
+        return self._batched(self._requeue, job_id, token, error, 0, False)
 
     def _finish(self, job_id: str, token: str, status: str, error: str | None, result: JobResult | None) -> Job:
         job = self._held(job_id, token)

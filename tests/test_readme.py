@@ -196,6 +196,23 @@ def make_run(checkout: Path, env: dict[str, str], *variables: str) -> Iterator[s
         assert wait_until(lambda: refuses(env["GATEWAY_BIND"]), timeout=30)
 
 
+def run_in_a_second_terminal(checkout: Path, env: dict[str, str], script: str, name: str) -> tuple[int, str]:
+    """`script` in bash beside `make run`, as a user's second terminal; its exit status and what it printed."""
+    output_path = checkout.parent / name  # a file, not a pipe: a fake server left running holds it open
+    with make_run(checkout, env), open(output_path, "wb") as out:
+        shell = subprocess.Popen(
+            ["bash", "-c", script], cwd=checkout, env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            shell.wait(timeout=60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(shell.pid, signal.SIGTERM)  # the shell and the fake servers it left in the background
+            shell.wait(timeout=30)
+    return shell.returncode, output_path.read_text()
+
+
 @pytest.mark.slow
 def test_the_readme_tour_runs_on_a_fresh_copy(checkout, newcomer_env):
     """`make run` in one terminal; every block after it, in order, in a second one."""
@@ -205,20 +222,8 @@ def test_the_readme_tour_runs_on_a_fresh_copy(checkout, newcomer_env):
     fake_port, sleeper_port = free_port(), free_port()
     script = "set -euo pipefail\n" + "\n".join(blocks[1:]).replace("9001", str(fake_port))
     script = script.replace("9002", str(sleeper_port))
-    output_path = checkout.parent / "tour.out"  # a file, not a pipe: the fake server left running holds it open
-    with make_run(checkout, newcomer_env), open(output_path, "wb") as out:
-        tour = subprocess.Popen(
-            ["bash", "-c", script], cwd=checkout, env=newcomer_env, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-        try:
-            tour.wait(timeout=60)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(tour.pid, signal.SIGTERM)  # the tour's shell and the fake server it left in the background
-            tour.wait(timeout=30)
-    output = output_path.read_text()
-    assert tour.returncode == 0, output
+    code, output = run_in_a_second_terminal(checkout, newcomer_env, script, "tour.out")
+    assert code == 0, output
     assert '"message":"server B4 registered"' in output
     assert re.search(r"^B4 .* healthy", output, flags=re.M), output  # the client's list
     assert "X-Backend-Server: B4" in output and '"status": "completed"' in output
@@ -259,20 +264,8 @@ def test_the_llm_page_runs_without_a_gpu_on_a_fresh_copy(checkout, newcomer_env)
     script = "set -euo pipefail\n" + "\n".join(blocks[1:])
     for port in ("11501", "11502", "11503"):
         script = script.replace(port, str(free_port()))
-    output_path = checkout.parent / "llm.out"
-    with make_run(checkout, newcomer_env), open(output_path, "wb") as out:
-        shell = subprocess.Popen(
-            ["bash", "-c", script], cwd=checkout, env=newcomer_env, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-        try:
-            shell.wait(timeout=60)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(shell.pid, signal.SIGTERM)  # the shell and the fake boxes it left in the background
-            shell.wait(timeout=30)
-    output = output_path.read_text()
-    assert shell.returncode == 0, output
+    code, output = run_in_a_second_terminal(checkout, newcomer_env, script, "llm.out")
+    assert code == 0, output
     assert '"server":"B2"' in output.replace(" ", "")  # /api/ps names the boxes
     assert "[B2 qwen2:7b 0]" in output and "[B3 llama3.1:8b-instruct-q4_K_M 0]" in output, output
     assert "data: [DONE]" in output and '"embeddings"' in output, output

@@ -54,6 +54,17 @@ def job_reply(job: Job) -> dict[str, object]:
     }
 
 
+def job_response(job: Job, status: int = 200) -> Response:
+    """The job's state; with `Retry-After` (from its estimated wait) while it has not finished."""
+    reply = job_reply(job)
+    response = jsonify(reply)
+    response.status_code = status
+    if not job.finished:
+        wait = reply["estimated_wait_seconds"]
+        response.headers["Retry-After"] = str(intake.retry_after(wait if isinstance(wait, int | float) else None))
+    return response
+
+
 def find(job_id: str) -> Job | Response:
     """The job, or a 404 that says there is none (an id that is not one of ours, too)."""
     if not JOB_ID.fullmatch(job_id):
@@ -70,10 +81,7 @@ def get_job(job_id: str) -> Response:
     job = find(job_id)
     if isinstance(job, Response):
         return job
-    response = jsonify(job_reply(job))
-    if not job.finished:
-        response.headers["Retry-After"] = str(intake.retry_after(jobs().estimate(job).seconds))
-    return response
+    return job_response(job)
 
 
 @bp.get("/jobs/<job_id>/result")
@@ -84,10 +92,7 @@ def get_result(job_id: str) -> Response:
         return job
     if job.finished:
         return intake.result_response(job)
-    response = jsonify(job_reply(job))
-    response.status_code = 202
-    response.headers["Retry-After"] = str(intake.retry_after(jobs().estimate(job).seconds))
-    return response
+    return job_response(job, 202)
 
 
 @bp.delete("/jobs/<job_id>")

@@ -114,13 +114,13 @@ class Proxy:
             return error_response(400, str(exc))
         headers = upstream_headers()
         body = read_body(self.config.proxy_max_body_bytes, self.config.client_body_timeout)
+        owned = self.affinity.first_owned(self.task_routes.candidates())
+        if owned is not None:  # a task's own request goes to its owner, now: no other server could answer it
+            return self.forward_owned(*owned, target, body, headers)
         if self.jobs is not None and intake.wanted(request.environ):
             answer = self.as_job(target, headers, body)
             if answer is not None:
                 return answer
-        owned = self.affinity.first_owned(self.task_routes.candidates())
-        if owned is not None:
-            return self.forward_owned(*owned, target, body, headers)
         route = RouteRequest(
             session_key=request.headers.get(SESSION_HEADER) or None,
             required_bytes=None if required is None else int(required * GIB),

@@ -265,3 +265,13 @@ def test_kill_9_with_a_thousand_queued_and_twenty_running_and_every_job_runs_onc
     assert set(server.runs) == set(running + queued)  # the key each job went with is its id
     assert set(server.runs.values()) == {1}  # and each one's work was done once
     session.close()
+
+
+def test_a_tasks_own_request_goes_to_its_owner_even_when_it_asks_to_be_a_job(live_gateway, fake_servers):
+    gateway = live_gateway()
+    register(gateway, fake_servers("B1"))
+    task_id = requests.post(gateway.url + "/api/enhance", json={}, timeout=5).json()["task_id"]  # B1 owns it
+    register(gateway, fake_servers("B2"))
+    for _ in range(3):
+        answer = requests.get(f"{gateway.url}/api/status/{task_id}", headers=ASYNC, timeout=5)
+        assert answer.status_code == 200 and answer.json()["server_id"] == "B1"  # not a job another server ran

@@ -882,6 +882,12 @@ def test_a_server_that_breaks_off_a_stream_has_failed_and_the_client_sees_a_cut(
     try:
         body = {"server_id": "B1", "ip": "127.0.0.1", "port": backend.port, "secret": SECRET}
         requests.post(gateway.url + "/webhook/register", json=body, timeout=5).raise_for_status()
+
+        def checked() -> bool:  # the check on registration has passed: it cannot reset the count below
+            listed = requests.get(gateway.url + "/webhook/servers", headers={"X-Webhook-Secret": SECRET}, timeout=5)
+            return listed.json()["data"]["servers"][0]["last_check_time"] is not None
+
+        assert wait_until(checked)
         connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
         connection.request("GET", "/api/stream")
         response = connection.getresponse()

@@ -390,14 +390,6 @@ class SQLiteJobStore(SQLiteFile):
         )
         return [(str(job_id), model, str(headers)) for job_id, model, headers in rows.fetchall()]
 
-    def queued(self, limit: int = 200) -> list[Job]:
-        """The next `limit` queued jobs, in the order they are to run."""
-        return self._run(self._queued, limit)
-
-    def _queued(self, limit: int) -> list[Job]:
-        rows = self._db.execute("SELECT * FROM jobs WHERE status = 'queued' ORDER BY priority, seq LIMIT ?", (limit,))
-        return [job_from_row(row) for row in rows.fetchall()]
-
     def claim_job(self, job_id: str, holder: str, dispatch: str, lease_seconds: float) -> Job | None:
         """Take one given job if it is still queued (None if another took it, or it was cancelled)."""
         return self._batched(self._claim_job, job_id, holder, dispatch, lease_seconds)

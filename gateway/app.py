@@ -15,6 +15,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from gateway import __version__, errors
 from gateway.api import admin, dashboard, jobs, llm, openapi, status, worker_socket, workers
 from gateway.api.webhook import register_webhook_routes
+from gateway.cluster.connection import Redis
 from gateway.config import Config, ConfigError, parse_bind
 from gateway.fleet.health import HealthChecker
 from gateway.fleet.model_discovery import ModelDiscoverer
@@ -38,6 +39,9 @@ def create_app(config: Config | None = None) -> Flask:
     app = Flask(__name__)
     app.config["GATEWAY"] = config
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the seed's field order
+    # REDIS_URL: the state every process and host shares lives there; None keeps it embedded.
+    shared = Redis(config.redis_url, config.redis_prefix, config.redis_timeout) if config.redis_url else None
+    app.extensions["redis"] = shared
 
     manager.configure(
         JsonFileStore(config.backend_servers_file),

@@ -35,6 +35,8 @@ SECRET_SETTINGS = {
     "worker_token": "WORKER_TOKEN",
 }
 
+HIDDEN_VALUES = {"REDIS_URL"}  # settings whose values an error message must not repeat
+
 
 class ConfigError(ValueError):
     """A setting is missing or has a bad value; the message names the variable."""
@@ -102,6 +104,11 @@ class Config:
     # Pull workers (docs/jobs.md, "Pull workers")
     worker_token: str = field(default="", repr=False)
     worker_max_long_polls: int = 1000
+    # Several processes and hosts (README, "More than one process or host")
+    redis_url: str = field(default="", repr=False)  # may hold a password
+    redis_prefix: str = "gpu-gateway:"
+    redis_timeout: float = 1.0
+    gateway_workers: int = 1
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
@@ -185,6 +192,10 @@ class Config:
             ),
             "worker_token": reader.optional_secret("WORKER_TOKEN"),
             "worker_max_long_polls": reader.get("WORKER_MAX_LONG_POLLS", cls.worker_max_long_polls, _integer(1)),
+            "redis_url": reader.get("REDIS_URL", "", _redis_url),
+            "redis_prefix": reader.get("REDIS_PREFIX", cls.redis_prefix, _redis_prefix),
+            "redis_timeout": reader.get("REDIS_TIMEOUT", cls.redis_timeout, _number(min_value=0.05)),
+            "gateway_workers": reader.get("GATEWAY_WORKERS", cls.gateway_workers, _integer(1)),
         }
         values.update(overrides)
         _check_secret_lengths(values)
@@ -203,6 +214,12 @@ class Config:
             raise ConfigError(
                 f"OUTLIER_MAX_EJECTION_SECONDS ({values['outlier_max_ejection_seconds']:g}) must be at least "
                 f"OUTLIER_BASE_EJECTION_SECONDS ({values['outlier_base_ejection_seconds']:g})."
+            )
+        if values["gateway_workers"] > 1 and not values["redis_url"]:
+            raise ConfigError(
+                f"GATEWAY_WORKERS={values['gateway_workers']} needs REDIS_URL: without Redis the fleet's file, the "
+                "job store and the health sweep have one owner, one process. Set REDIS_URL "
+                "(for example redis://127.0.0.1:6379/0), or GATEWAY_WORKERS=1."
             )
         return cls(**values)
 
@@ -228,7 +245,8 @@ class _Reader:
         try:
             return parse(raw.strip())
         except ValueError as exc:
-            raise ConfigError(f"{name}={raw!r} is not valid: {exc}") from None
+            shown = "(not shown: it may hold a password)" if name in HIDDEN_VALUES else repr(raw)
+            raise ConfigError(f"{name}={shown} is not valid: {exc}") from None
 
     def is_set(self, name: str) -> bool:
         """Whether `name` has a value, as `get` reads it: blank counts as unset."""
@@ -314,6 +332,26 @@ def _task_routes(raw: str) -> tuple[str, ...]:
         if not route.startswith("/") or segments.count("{task_id}") != 1 or route.count("{") != 1:
             raise ValueError(f"{route!r} must be a path starting with '/' with {{task_id}} as one whole segment")
     return routes
+
+
+def _redis_url(raw: str) -> str:
+    """redis://, rediss:// (TLS) or unix://; the password, if any, stays out of every message."""
+    parsed = urlsplit(raw.strip())
+    if parsed.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("expected redis://host:port/db, rediss://... (TLS) or unix:///path")
+    if parsed.scheme != "unix" and not parsed.hostname:
+        raise ValueError("the URL names no host")
+    try:
+        parsed.port  # noqa: B018  # raises on a bad port
+    except ValueError:
+        raise ValueError("the URL's port is not a number from 1 to 65535") from None
+    return raw.strip()
+
+
+def _redis_prefix(raw: str) -> str:
+    if not raw or len(raw) > 64 or any(c.isspace() or c in "{}*?[]" for c in raw):
+        raise ValueError("expected up to 64 characters, without spaces or any of {}*?[]")
+    return raw
 
 
 def _parse_base_url(raw: str) -> str:

@@ -8,6 +8,8 @@ from flask import Flask, Response, jsonify
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from gateway.cluster.connection import RedisUnavailable
+
 
 def error_response(status: int, message: str, errors: Any = None, headers: dict[str, str] | None = None) -> Response:
     """A JSON error reply."""
@@ -32,7 +34,14 @@ def handle_validation_error(exc: ValidationError) -> Response:
     return error_response(400, message, exc.messages)
 
 
+def handle_redis_unavailable(exc: RedisUnavailable) -> Response:
+    """Redis did not answer a change: 503 with Retry-After; nothing was changed, so the client tries again."""
+    message = "the shared state (Redis) is unreachable; nothing was changed: try again"
+    return error_response(503, message, {"redis": str(exc)}, {"Retry-After": exc.retry_after})
+
+
 def init_app(app: Flask) -> None:
     """Register the error handlers."""
     app.register_error_handler(HTTPException, handle_http_exception)
     app.register_error_handler(ValidationError, handle_validation_error)
+    app.register_error_handler(RedisUnavailable, handle_redis_unavailable)

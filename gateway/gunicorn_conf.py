@@ -1,6 +1,7 @@
 """gunicorn settings for the gateway: `gpu-gateway`, or `gunicorn -c deploy/gunicorn.conf.py app:app`.
 
-One worker process, because the JSON store and the health scheduler have one owner. It runs
+One worker process by default, because the JSON store and the health scheduler have one owner;
+GATEWAY_WORKERS runs more, which needs REDIS_URL (the state is shared there). Each runs
 gevent, so one process holds thousands of open connections (long image jobs, LLM streams)
 while it waits on GPU servers, instead of one OS thread each: gunicorn's gevent worker, in
 gateway/proxy/worker.py, sending each response's head with its first body bytes. gunicorn parses
@@ -21,7 +22,9 @@ def _connections() -> int:
 
 
 bind = os.environ.get("GATEWAY_BIND", "127.0.0.1:5000")
-workers = 1
+# More than one needs REDIS_URL; on_starting refuses a bad or lone value with the reason.
+_workers = os.environ.get("GATEWAY_WORKERS", "").strip()
+workers = int(_workers) if _workers.isdigit() and int(_workers) > 0 else 1
 worker_class = "gateway.proxy.worker.GeventWorker"  # gunicorn's gevent worker; see that module
 worker_connections = _connections()
 timeout = 60  # the gevent worker's heartbeat, not a request limit: streams may last longer

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from redis_process import RedisProcess
 from werkzeug.serving import make_server
 
 from demo.fake_gpu_server import FakeGPUServer
@@ -308,3 +309,11 @@ def fake_llm_servers() -> Iterator[Callable[..., object]]:
     for server in servers:
         if server.socket.fileno() != -1:
             server.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A real redis-server on a free port with its data in tmp_path; stopped by PID at the end."""
+    server = RedisProcess(tmp_path / "redis").start()
+    yield server
+    server.stop()

@@ -1,0 +1,1 @@
+"""Shared state on Redis (REDIS_URL): the connection, the leader lease, the slots held across processes."""

@@ -20,6 +20,7 @@ from gateway.config import Config, ConfigError, parse_bind
 from gateway.fleet.health import HealthChecker
 from gateway.fleet.model_discovery import ModelDiscoverer
 from gateway.fleet.monitor_reader import MonitorReader
+from gateway.fleet.redis_store import RedisFleetStore
 from gateway.fleet.store import JsonFileStore
 from gateway.manager import BackendManager, backend_manager
 from gateway.observability import logs, metrics
@@ -44,7 +45,7 @@ def create_app(config: Config | None = None) -> Flask:
     app.extensions["redis"] = shared
 
     manager.configure(
-        JsonFileStore(config.backend_servers_file),
+        RedisFleetStore(shared) if shared is not None else JsonFileStore(config.backend_servers_file),
         failure_threshold=config.health_check_failures,
         health_check_interval=config.health_check_interval,
         health_checker=HealthChecker(
@@ -61,6 +62,8 @@ def create_app(config: Config | None = None) -> Flask:
         config.outlier_consecutive_failures, config.outlier_base_ejection_seconds, config.outlier_max_ejection_seconds
     )
     manager.load()
+    if shared is not None:
+        manager.share(shared)
     app.extensions["backend_manager"] = manager
     errors.init_app(app)
     status.init_app(app, __version__)
@@ -86,6 +89,8 @@ def create_app(config: Config | None = None) -> Flask:
         manager.shutdown()
         app.extensions["jobs"].store.close()
         app.extensions["task_affinity"].close()
+        if shared is not None:
+            shared.close()
 
     app.extensions["gateway_shutdown"] = shutdown
     atexit.register(shutdown)

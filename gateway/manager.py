@@ -16,12 +16,16 @@ from collections.abc import Callable, Collection
 from dataclasses import replace
 from typing import Any, NamedTuple
 
+from gateway.cluster.connection import Redis, RedisUnavailable
+from gateway.cluster.leader import LeaderLease
 from gateway.fleet import records
+from gateway.fleet.follow import FleetFollower
 from gateway.fleet.health import HealthChecker, HealthResult, Target
 from gateway.fleet.model_discovery import ModelDiscoverer
 from gateway.fleet.monitor_reader import MonitorReader
 from gateway.fleet.records import Registrant, Registration, Transition
-from gateway.fleet.registry import Change, PersistError, Registry
+from gateway.fleet.redis_store import RedisFleetStore, Snapshot
+from gateway.fleet.registry import Change, PersistError, Registry, StaleCopy
 from gateway.fleet.resources import Reading
 from gateway.fleet.server import BackendServer, now_iso
 from gateway.fleet.store import JsonFileStore
@@ -49,7 +53,7 @@ class BackendManager:
 
     def __init__(
         self,
-        store: JsonFileStore | None = None,
+        store: JsonFileStore | RedisFleetStore | None = None,
         *,
         failure_threshold: int = 3,
         health_check_interval: float = 30.0,
@@ -69,11 +73,12 @@ class BackendManager:
         # Check a server at once when `register` adds it, moves it, or hears from it while it is
         # unhealthy (tests that do not look at health switch it off, as they set the sweep an hour apart).
         self.check_on_register = True
+        self.follower: FleetFollower | None = None  # Redis mode: keeps this copy up with the cluster's
         self.configure(store, failure_threshold, health_check_interval, health_checker)
 
     def configure(
         self,
-        store: JsonFileStore | None,
+        store: JsonFileStore | RedisFleetStore | None,
         failure_threshold: int = 3,
         health_check_interval: float = 30.0,
         health_checker: HealthChecker | None = None,
@@ -89,12 +94,12 @@ class BackendManager:
         self.model_discoverer = model_discoverer
 
     @property
-    def store(self) -> JsonFileStore | None:
+    def store(self) -> JsonFileStore | RedisFleetStore | None:
         """Where the server list is saved; None keeps it in memory."""
         return self.registry.store
 
     @store.setter
-    def store(self, store: JsonFileStore | None) -> None:
+    def store(self, store: JsonFileStore | RedisFleetStore | None) -> None:
         self.registry.store = store
 
     @property
@@ -259,6 +264,19 @@ class BackendManager:
         registrant: Registrant | None = None,
         check: bool = True,
     ) -> Registration:
+        """Add a server, or update one's address in place, if `registrant` may (see `_register`)."""
+        return self._retried(self._register, server_id, ip, port, monitor_url, options, registrant, check)
+
+    def _register(
+        self,
+        server_id: str,
+        ip: str,
+        port: int,
+        monitor_url: str | None,
+        options: dict[str, Any] | None,
+        registrant: Registrant | None,
+        check: bool,
+    ) -> Registration:
         """Add a server, or update one's address in place, if `registrant` may; FleetFull or TokenRefused if not.
 
         A new address resets the server's health (the seed's IP change). The same address
@@ -313,10 +331,13 @@ class BackendManager:
         self.registry.servers[server_id] = server  # a known key keeps its place in the order
         if existing is None or existing.monitor_url != server.monitor_url:
             self.registry.readings.forget(server_id)
-        return self.registry.changed()
+        return self.registry.changed(server_id)
 
     def unregister_server(self, server_id: str, registrant: Registrant | None = None) -> bool:
         """Remove a server; False when it was not registered, TokenRefused when `registrant` may not."""
+        return self._retried(self._unregister, server_id, registrant)
+
+    def _unregister(self, server_id: str, registrant: Registrant | None) -> bool:
         check = None if registrant is None else functools.partial(records.check_token, registrant=registrant)
         change = self.registry.remove(server_id, check)
         if change is None:
@@ -343,6 +364,11 @@ class BackendManager:
     def _modify(
         self, server_id: str, changes: dict[str, Any], by_operator: bool = False, what: str | None = None
     ) -> BackendServer | None:
+        return self._retried(self._modify_once, server_id, changes, by_operator, what)
+
+    def _modify_once(
+        self, server_id: str, changes: dict[str, Any], by_operator: bool, what: str | None
+    ) -> BackendServer | None:
         modified = self.registry.modify(server_id, changes, by_operator)
         if modified is None:
             return None
@@ -356,8 +382,11 @@ class BackendManager:
         """Count a failed connection from the proxy as a failed health check."""
         self.apply_health_results([HealthResult(server_id, url, False, f"proxy: {reason}")], checked=False)
 
-    def apply_health_results(self, results: list[HealthResult], checked: bool = True) -> None:
-        """Apply check results; a server re-registered since its check began is left alone."""
+    def apply_health_results(self, results: list[HealthResult], checked: bool = True, fence: str = "") -> None:
+        """Apply check results; a server re-registered since its check began is left alone.
+
+        In Redis mode `fence` is the leader's token, when the sweep is the leader's.
+        """
         now = now_iso()
         transitions: list[Transition] = []
         with self._lock:
@@ -377,14 +406,14 @@ class BackendManager:
                     transitions.append(transition)
             # Only a change of health must be durable at once (it changes routing after a
             # restart); a fail count on its way to the threshold goes out with the next save.
-            health_changed = any(t.healthy is not None for t in transitions)
-            version = self.registry.changed() if health_changed else None
+            health_changed = [t.server_id for t in transitions if t.healthy is not None]
+            version = self.registry.changed(*health_changed) if health_changed else None
         records.log_transitions(transitions, self.failure_threshold)
         if version is not None:
-            self.registry.try_persist(version)
+            self.registry.try_persist(version, fence)
 
-    def apply_readings(self, readings: list[tuple[str, str, Reading]]) -> None:
-        """Keep each (server_id, monitor_url, reading) whose server still has that monitor."""
+    def apply_readings(self, readings: list[tuple[str, str, Reading]], fence: str = "") -> None:
+        """Keep each (server_id, monitor_url, reading) whose server still has that monitor (shared after the sweep)."""
         self.registry.keep_readings(readings)
 
     def apply_discovered(self, found: list[tuple[str, str, list[str]]]) -> None:
@@ -413,8 +442,44 @@ class BackendManager:
         """Restore the fleet from the store, with its health state; it takes traffic at once."""
         if self.store is None:
             return
-        self.registry.load()
+        try:
+            self.registry.load()
+        except RedisUnavailable:
+            log.error("starting with no servers: Redis did not answer; the fleet loads as soon as it does")
         self.health_job.sync()
+
+    # -- Redis mode ----------------------------------------------------------------------
+
+    def share(self, redis: Redis) -> None:
+        """Follow the cluster's fleet in Redis, and take part in the leader election for the sweep; after `load`."""
+        store = self.store
+        assert isinstance(store, RedisFleetStore), "share() needs the Redis store configured"
+        # Renewed every quarter interval, a dead leader's lease runs out and is taken within one interval.
+        self.health_job.leader = LeaderLease(redis, ttl=0.75 * self.health_check_interval)
+        self.health_job.leader.start()
+        self.follower = FleetFollower(store, self._adopt)
+        self.follower.seen = self.registry.shared_version
+        self.follower.start()
+
+    def _adopt(self, snapshot: Snapshot) -> None:
+        """The follower's hook: take a newer fleet from Redis, and keep the sweep scheduled to match it."""
+        if self.registry.adopt(snapshot):
+            self.health_job.sync()
+
+    def _retried(self, change: Callable[..., Any], *args: Any) -> Any:
+        """Make a change; in Redis mode, one made on a record another process had changed is made again.
+
+        The second try starts from the newer record, so an operator's drain and a server's
+        heartbeat through two gateways both hold.
+        """
+        for attempt in range(3):
+            try:
+                return change(*args)
+            except StaleCopy:
+                if self.follower is None or attempt == 2:
+                    raise
+                self.follower.catch_up()
+        raise AssertionError("unreachable")
 
     # -- the health job ------------------------------------------------------------------
 
@@ -433,7 +498,11 @@ class BackendManager:
         return self.health_job.running
 
     def shutdown(self) -> None:
-        """Stop the scheduler and the checker's threads."""
+        """Stop the scheduler and the checker's threads; in Redis mode, give up the leader lease."""
+        if self.follower is not None:
+            self.follower.stop()
+        if self.health_job.leader is not None:
+            self.health_job.leader.stop()
         self.health_job.shutdown()
 
 

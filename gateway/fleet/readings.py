@@ -18,6 +18,20 @@ class Readings:
         """Make `reading` the server's latest."""
         self._latest[server_id] = reading
 
+    def keep_newer(self, server_id: str, reading: Reading) -> None:
+        """Make `reading` the server's latest unless the one kept is newer (Redis mode: another process's)."""
+        kept = self._latest.get(server_id)
+        if kept is None or kept.received < reading.received:
+            self._latest[server_id] = reading
+
+    def latest(self) -> dict[str, Reading]:
+        """Every server's latest reading (a copy of the map)."""
+        return dict(self._latest)
+
+    def server_ids(self) -> set[str]:
+        """The servers that have a reading."""
+        return set(self._latest)
+
     def forget(self, server_id: str) -> None:
         """Drop the server's reading: the server left, or its monitor changed."""
         self._latest.pop(server_id, None)

@@ -9,11 +9,13 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, NamedTuple
 
+from gateway.cluster.connection import RedisUnavailable
 from gateway.fleet.health import Target
 from gateway.fleet.model_discovery import DiscoveryTarget
 from gateway.fleet.monitor_reader import MonitorTarget
 from gateway.fleet.readings import Readings
 from gateway.fleet.records import declares, held_by_operator, holds
+from gateway.fleet.redis_store import Conflict, Fenced, RedisFleetStore, Snapshot
 from gateway.fleet.resources import Reading
 from gateway.fleet.server import BackendServer
 from gateway.fleet.store import JsonFileStore, off_the_event_loop
@@ -24,6 +26,10 @@ log = logging.getLogger(__name__)
 
 class PersistError(RuntimeError):
     """A change was made in memory but could not be saved."""
+
+
+class StaleCopy(PersistError):
+    """Redis holds a newer record than the one this process changed; catch up and make the change again."""
 
 
 class Change(NamedTuple):
@@ -48,15 +54,25 @@ class Registry:
         self._on_change = on_change
         self.servers: dict[str, BackendServer] = {}  # insertion order is registration order
         self.readings = Readings()
-        self.store: JsonFileStore | None = None
+        self.store: JsonFileStore | RedisFleetStore | None = None
         self.version = 0
         self._save_lock = threading.Lock()
         self._saved_version = 0
+        # Redis mode, under the lock: each record's revision there, the records changed here and not
+        # yet written (a snapshot never replaces those: the write, compared and set, decides), and
+        # the newest version this process wrote or adopted (an older snapshot is not adopted).
+        self._revs: dict[str, int] = {}
+        self._unsaved: dict[str, int] = {}  # server id -> the version of its last change not yet written
+        self._shared_version = 0
+        self.shared_sweep: dict[str, Any] = {}  # the leader's last sweep, as Redis has it
 
-    def changed(self) -> int:
-        """Under the lock: note a change, let the owner catch up, and return the new version."""
+    def changed(self, *server_ids: str) -> int:
+        """Under the lock: note a change (to these servers' records), let the owner catch up; the new version."""
         self._on_change()
         self.version += 1
+        if server_ids and isinstance(self.store, RedisFleetStore):  # the JSON file is written whole
+            for server_id in server_ids:
+                self._unsaved[server_id] = self.version
         return self.version
 
     def sweep_targets(self) -> SweepTargets:
@@ -94,7 +110,7 @@ class Registry:
                 ):
                     server.discovered_models = list(models)
                     changed.append(server_id)
-            return changed, self.changed() if changed else self.version
+            return changed, self.changed(*changed) if changed else self.version
 
     def modify(
         self, server_id: str, changes: dict[str, Any], by_operator: bool = False
@@ -113,7 +129,7 @@ class Registry:
                 return replace(existing), None  # nothing changes: nothing to write
             server = replace(existing, **changes)
             self.servers[server_id] = server
-            return replace(server), Change(self.changed(), server_id, server, existing)
+            return replace(server), Change(self.changed(server_id), server_id, server, existing)
 
     def remove(self, server_id: str, check: Callable[[BackendServer], None] | None = None) -> Change | None:
         """Take a server and its reading out; None when it was not registered.
@@ -128,11 +144,15 @@ class Registry:
             if removed is None:
                 return None
             self.readings.forget(server_id)
-            return Change(self.changed(), server_id, None, removed, order)
+            return Change(self.changed(server_id), server_id, None, removed, order)
 
     def load(self) -> None:
         """Replace the servers with the store's, health state and all; bad entries are set aside."""
         if self.store is None:
+            return
+        if isinstance(self.store, RedisFleetStore):
+            self.adopt(self.store.snapshot())
+            log.info("loaded %d servers from %s", len(self.servers), self.store.where)
             return
         servers, bad = {}, []
         for entry in self.store.load():
@@ -149,9 +169,15 @@ class Registry:
             self._saved_version = self.changed()
         log.info("loaded %d servers from %s", len(servers), self.store.path)
 
-    def persist(self, version: int) -> None:
-        """Save a state at least as new as `version`; writers that queue up share one save."""
+    def persist(self, version: int, fence: str = "") -> None:
+        """Save a state at least as new as `version`; writers that queue up share one save.
+
+        In Redis, `fence` (the leader's token) makes the writes the leader's: refused once another leads.
+        """
         if self.store is None:
+            return
+        if isinstance(self.store, RedisFleetStore):
+            self._persist_shared(self.store, version, fence)
             return
         with self._save_lock:
             if self._saved_version >= version:
@@ -166,22 +192,23 @@ class Registry:
                 raise PersistError(f"could not save the server list: {exc.strerror or exc}") from exc
             self._saved_version = snapshot_version
 
-    def try_persist(self, version: int) -> None:
+    def try_persist(self, version: int, fence: str = "") -> None:
         """Save if possible; a failure is logged, and the next save carries the change."""
-        with contextlib.suppress(PersistError):
-            self.persist(version)
+        with contextlib.suppress(PersistError, RedisUnavailable):
+            self.persist(version, fence)
 
     def persist_or_undo(self, change: Change) -> None:
         """Save a change; if that fails, undo it in memory too, so a retry starts afresh."""
         try:
             self.persist(change.version)
-        except PersistError:
+        except (PersistError, RedisUnavailable):
             with self._lock:
                 if self._saved_version >= change.version:
                     return  # another writer's later save already made this change durable
                 if self.servers.get(change.server_id) is change.placed:  # untouched since: safe to undo
                     self._restore(change)
                     self.changed()
+                    self._unsaved.pop(change.server_id, None)  # back as Redis has it: nothing to write
             raise
 
     def _restore(self, change: Change) -> None:
@@ -194,3 +221,111 @@ class Registry:
         if order is not None:  # servers registered meanwhile keep their places after the old ones
             old = [key for key in order if key in self.servers]
             self.servers = {key: self.servers[key] for key in old + [k for k in self.servers if k not in order]}
+
+    # -- Redis mode -------------------------------------------------------------------------
+
+    def _persist_shared(self, store: RedisFleetStore, version: int, fence: str) -> None:
+        """Write each record changed here since its last write, compared and set; remove those that went.
+
+        Raises StaleCopy, after writing the others and catching up, when another process had
+        changed a record first: the change made here is dropped, and its caller may make it again.
+        """
+        with self._save_lock:
+            if self._saved_version >= version:
+                return
+            with self._lock:
+                snapshot_version = self.version
+                writes = [
+                    (server_id, changed_at, server.to_entry() if server else None, self._revs.get(server_id, 0))
+                    for server_id, changed_at in self._unsaved.items()
+                    if (server := self.servers.get(server_id)) is not None or server_id in self._revs
+                ]
+            stale = []
+            for server_id, changed_at, entry, rev in writes:
+                try:
+                    new_rev = store.put(server_id, entry, rev, fence)
+                except Conflict:
+                    stale.append(server_id)
+                    new_rev = None
+                except Fenced:
+                    log.info("not writing the sweep's results: another gateway leads now")
+                    raise PersistError("another gateway leads the health sweep now") from None
+                with self._lock:
+                    if self._unsaved.get(server_id) == changed_at:  # not changed again meanwhile
+                        del self._unsaved[server_id]
+                    if new_rev is None:
+                        continue
+                    self._shared_version = max(self._shared_version, new_rev)
+                    if entry is None:
+                        self._revs.pop(server_id, None)
+                    else:
+                        self._revs[server_id] = new_rev
+            if stale:
+                self.adopt(store.snapshot())  # take the newer records in place of the ones changed here
+                raise StaleCopy(f"another gateway changed {', '.join(stale)} first")
+            self._saved_version = snapshot_version
+
+    def adopt(self, snapshot: Snapshot) -> bool:
+        """Take Redis's fleet as this process's copy, except the records changed here and not yet written.
+
+        Records whose revision this process has already stay as they are, with what only it
+        knows (fail counts on their way to the threshold, when each last took a request). False
+        when the snapshot is older than a write this process made: a later one carries that.
+        """
+        store = self.store
+        assert isinstance(store, RedisFleetStore)
+        with self._lock:
+            if snapshot.version < self._shared_version:
+                return False
+            servers: dict[str, BackendServer] = {}
+            for entry in snapshot.entries:
+                server_id = entry.get("server_id")
+                if not isinstance(server_id, str):
+                    continue
+                current = self.servers.get(server_id)
+                rev = snapshot.revs.get(server_id, 0)
+                if server_id in self._unsaved or (current is not None and self._revs.get(server_id) == rev):
+                    if current is not None:  # absent: removed here, the removal not yet written
+                        servers[server_id] = current
+                    continue
+                try:
+                    server = BackendServer.from_dict(entry)
+                except ValueError as exc:
+                    log.error("a fleet record in %s is not valid; left out: %s", store.where, exc)
+                    continue
+                if current is not None:
+                    server.last_used_time = current.last_used_time
+                servers[server_id] = server
+                self._revs[server_id] = rev
+            for server_id, server in self.servers.items():  # added here, not yet written
+                if server_id in self._unsaved and server_id not in servers:
+                    servers[server_id] = server
+            for server_id in [i for i in self._revs if i not in servers and i not in self._unsaved]:
+                del self._revs[server_id]
+            for server_id, reading in snapshot.readings.items():
+                if server_id in servers:
+                    self.readings.keep_newer(server_id, reading)
+            for server_id in self.readings.server_ids() - servers.keys():
+                self.readings.forget(server_id)
+            self._shared_version = snapshot.version
+            self.shared_sweep = snapshot.sweep
+            if list(servers) == list(self.servers) and all(servers[i] is self.servers[i] for i in servers):
+                return True  # nothing of the fleet changed (the readings may have): routing stays as it is
+            self.servers = servers
+            self.changed()
+        return True
+
+    @property
+    def shared_version(self) -> int:
+        """The newest fleet version this process wrote to Redis or adopted from it."""
+        return self._shared_version
+
+    def share_readings(self, sweep: dict[str, Any], fence: str) -> None:
+        """As the leader: put this process's fresh readings and the sweep's time where every process reads them."""
+        store = self.store
+        if not isinstance(store, RedisFleetStore):
+            return
+        with self._lock:
+            readings = self.readings.latest()
+        with contextlib.suppress(RedisUnavailable):
+            store.put_readings(readings, sweep, fence)

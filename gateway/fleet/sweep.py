@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from gateway.cluster.leader import LeaderLease
 from gateway.fleet.health import HealthChecker, HealthResult, Target
 from gateway.fleet.model_discovery import DiscoveryTarget, ModelDiscoverer
 from gateway.fleet.monitor_reader import MonitorReader, MonitorTarget
@@ -50,9 +51,9 @@ class FleetOwner(Protocol):
     health_check_interval: float
     observers: list[Any]
 
-    def apply_health_results(self, results: list[HealthResult], checked: bool = True) -> None: ...
+    def apply_health_results(self, results: list[HealthResult], checked: bool = True, fence: str = "") -> None: ...
 
-    def apply_readings(self, readings: list[tuple[str, str, Reading]]) -> None: ...
+    def apply_readings(self, readings: list[tuple[str, str, Reading]], fence: str = "") -> None: ...
 
     def apply_discovered(self, found: list[tuple[str, str, list[str]]]) -> None: ...
 
@@ -69,6 +70,7 @@ class HealthJob:
         self._waiting: dict[Target, None] = {}  # asked to be checked at once, in order; under the job's lock
         self._checking: set[Target] = set()  # being checked at once now
         self._checkers = 0  # threads running _check_waiting
+        self.leader: LeaderLease | None = None  # Redis mode: only the lease's holder sweeps the cluster
 
     @property
     def running(self) -> bool:
@@ -85,6 +87,11 @@ class HealthJob:
         owner = self._owner
         if owner.health_checker is None:
             return
+        fence = ""
+        if self.leader is not None:
+            fence = self.leader.token
+            if not fence:
+                return  # another process leads: it sweeps for the cluster, and this one reads the results
         started = datetime.now(UTC)
         try:
             targets = self._registry.sweep_targets()
@@ -92,9 +99,9 @@ class HealthJob:
             reading = reader.submit(targets.monitors) if reader is not None and targets.monitors else []
             discovering = discoverer.submit(targets.unlisted) if discoverer is not None and targets.unlisted else []
             results = owner.health_checker.check_all(targets.health)
-            owner.apply_health_results(results)
+            owner.apply_health_results(results, fence=fence)
             if reader is not None and reading:
-                owner.apply_readings(reader.collect(reading))
+                owner.apply_readings(reader.collect(reading), fence)
             if discoverer is not None and discovering:
                 owner.apply_discovered(discoverer.collect(discovering))
         except Exception:  # the job must survive anything, or health checking stops for good
@@ -105,6 +112,8 @@ class HealthJob:
             observer.health_checked(results, seconds)
         failed = sum(1 for result in results if not result.ok)
         self._last_sweep = {"time": started.isoformat(timespec="seconds"), "duration_s": seconds}
+        if self.leader is not None:
+            self._registry.share_readings(self._last_sweep, fence)
         health_log.info("health sweep: %d servers, %d failed, %.2fs", len(results), failed, seconds)
         performance_log.info(
             "health sweep", extra={"fields": {"servers": len(results), "failed": failed, "seconds": round(seconds, 3)}}

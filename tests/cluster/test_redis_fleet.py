@@ -7,8 +7,8 @@ import threading
 import pytest
 from conftest import SECRET, wait_until
 
-from gateway.fleet.redis_store import Conflict, RedisFleetStore
 from gateway.cluster.connection import Redis
+from gateway.fleet.redis_store import Conflict, RedisFleetStore
 
 
 def register(client, server_id="B1", port=8000, **extra):

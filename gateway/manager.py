@@ -8,6 +8,7 @@ makes the changes routing must know of, and fleet/records.py holds the rules for
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -186,6 +187,14 @@ class BackendManager:
         seconds = self.outliers.record_failure(server_id)
         if seconds is not None:
             health_log.warning("server %s ejected for %gs after consecutive failures: %s", server_id, seconds, detail)
+            self._share_ejection(server_id)
+
+    def _share_ejection(self, server_id: str) -> None:
+        """Redis mode: put a server's ejection, or its end, where every process sees it (never under the lock)."""
+        if isinstance(self.store, RedisFleetStore):
+            ends = self.outliers.ejection_ends(server_id)
+            with contextlib.suppress(RedisUnavailable):  # this process keeps it out regardless
+                self.store.put_ejection(server_id, *(ends or (None, 0)))
 
     # -- reading -------------------------------------------------------------------------
 
@@ -389,12 +398,14 @@ class BackendManager:
         """
         now = now_iso()
         transitions: list[Transition] = []
+        restored = []
         with self._lock:
             for result in results:
                 server = self.registry.servers.get(result.server_id)
                 if server is None or server.url != result.url:
                     continue
                 if checked and result.ok and self.outliers.restore(server.server_id):
+                    restored.append(server.server_id)
                     self.selector.came_back(server.server_id)
                     transitions.append(
                         Transition(server.server_id, None, "back from ejection: the health check passed")
@@ -411,6 +422,8 @@ class BackendManager:
         records.log_transitions(transitions, self.failure_threshold)
         if version is not None:
             self.registry.try_persist(version, fence)
+        for server_id in restored:
+            self._share_ejection(server_id)
 
     def apply_readings(self, readings: list[tuple[str, str, Reading]], fence: str = "") -> None:
         """Keep each (server_id, monitor_url, reading) whose server still has that monitor (shared after the sweep)."""
@@ -464,6 +477,7 @@ class BackendManager:
     def _adopt(self, snapshot: Snapshot) -> None:
         """The follower's hook: take a newer fleet from Redis, and keep the sweep scheduled to match it."""
         if self.registry.adopt(snapshot):
+            self.outliers.adopt(snapshot.ejections)
             self.health_job.sync()
 
     def _retried(self, change: Callable[..., Any], *args: Any) -> Any:

@@ -8,7 +8,7 @@ and publishes it, and every process reloads when the version it sees moves (flee
 A revision is the version the record was written at, so it never repeats, even after a removal.
 
 Keys, under REDIS_PREFIX: fleet:servers, fleet:revs, fleet:order, fleet:seq, fleet:version,
-fleet:readings, fleet:sweep, and the channel fleet:changed.
+fleet:readings, fleet:sweep, fleet:ejections, and the channel fleet:changed.
 """
 
 from __future__ import annotations
@@ -55,6 +55,18 @@ redis.call('PUBLISH', KEYS[4], version)
 return version
 """
 
+# An outlier ejection, seen by every process: ARGV[2] is its JSON, or '' when it ends.
+_EJECT = """
+if ARGV[2] == '' then
+  if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+else
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+local version = redis.call('INCR', KEYS[2])
+redis.call('PUBLISH', KEYS[3], version)
+return version
+"""
+
 
 class Conflict(RuntimeError):
     """Another process changed the record since this one read it; catch up and try again."""
@@ -72,6 +84,7 @@ class Snapshot(NamedTuple):
     revs: dict[str, int]
     readings: dict[str, Reading]
     sweep: dict[str, Any]
+    ejections: dict[str, tuple[float, int]]  # server id -> (ends, as a Unix time; ejections so far)
 
 
 class RedisFleetStore:
@@ -87,6 +100,8 @@ class RedisFleetStore:
         self._fence_key = fence_key or redis.key("leader")
         self._readings_key = redis.key("fleet:readings")
         self._sweep_key = redis.key("fleet:sweep")
+        self._ejections_key = redis.key("fleet:ejections")
+        self._eject = redis.client.register_script(_EJECT)
         self._put = redis.client.register_script(_PUT)
         self._put_readings = redis.client.register_script(_READINGS)
 
@@ -104,7 +119,10 @@ class RedisFleetStore:
         pipe.get(version_key)
         pipe.hgetall(self._readings_key)
         pipe.get(self._sweep_key)
-        raw, raw_revs, ids, raw_version, raw_readings, raw_sweep = self.redis.call("load the fleet", pipe.execute)
+        pipe.hgetall(self._ejections_key)
+        raw, raw_revs, ids, raw_version, raw_readings, raw_sweep, raw_ejections = self.redis.call(
+            "load the fleet", pipe.execute
+        )
         entries = []
         for server_id in (i.decode() for i in ids):
             text = raw.get(server_id.encode())
@@ -123,7 +141,21 @@ class RedisFleetStore:
             if reading is not None:
                 readings[key.decode()] = reading
         sweep = json.loads(raw_sweep) if raw_sweep else {}
-        return Snapshot(int(raw_version or 0), entries, revs, readings, sweep if isinstance(sweep, dict) else {})
+        ejections = {}
+        for key, value in raw_ejections.items():
+            try:
+                ends, count = json.loads(value)
+                ejections[key.decode()] = (float(ends), int(count))
+            except (ValueError, TypeError):
+                log.warning("an ejection in %s is not one this gateway reads; left out", self.where)
+        sweep = sweep if isinstance(sweep, dict) else {}
+        return Snapshot(int(raw_version or 0), entries, revs, readings, sweep, ejections)
+
+    def put_ejection(self, server_id: str, ends: float | None, ejections: int = 0) -> None:
+        """Share an outlier ejection that ends at `ends` (a Unix time); None ends it for every process."""
+        text = "" if ends is None else json.dumps([ends, ejections])
+        keys = [self._ejections_key, self.version_key, self.channel]
+        self.redis.call(f"share the ejection of {server_id}", self._eject, keys=keys, args=[server_id, text])
 
     def put(self, server_id: str, entry: dict[str, Any] | None, expected_rev: int, fence: str = "") -> int:
         """Write (or, with None, remove) one record if its revision is still `expected_rev` (0: absent).

@@ -101,6 +101,29 @@ class OutlierDetector:
             if record is not None and record.ejected_until is not None:
                 self._refresh_snapshot()
 
+    def ejection_ends(self, server_id: str) -> tuple[float, int] | None:
+        """When the server's ejection ends (a Unix time) and how many it has had; None when not ejected."""
+        with self._lock:
+            record = self._records.get(server_id)
+            if record is None or record.ejected_until is None:
+                return None
+            return time.time() + (record.ejected_until - self._clock()), record.ejections
+
+    def adopt(self, ejections: dict[str, tuple[float, int]]) -> None:
+        """Take the cluster's ejections (Redis mode): each server out until its Unix time, and no others."""
+        with self._lock:
+            now, wall = self._clock(), time.time()
+            for server_id, record in self._records.items():
+                if record.ejected_until is not None and server_id not in ejections:
+                    self._bring_back(record, now)  # another process's health check brought it back
+            for server_id, (ends, count) in ejections.items():
+                if ends <= wall:
+                    continue
+                record = self._records.setdefault(server_id, _Record())
+                record.ejected_until = now + (ends - wall)
+                record.ejections = max(record.ejections, count)
+            self._refresh_snapshot()
+
     def describe(self, server_id: str) -> dict[str, Any]:
         """Return the server's ejection state for status pages."""
         with self._lock:

@@ -8,6 +8,7 @@ import pytest
 from conftest import SECRET, wait_until
 
 from gateway.cluster.connection import Redis
+from gateway.fleet.health import HealthResult
 from gateway.fleet.redis_store import Conflict, RedisFleetStore
 
 
@@ -137,3 +138,19 @@ def test_while_redis_is_down_registrations_answer_503_and_routing_goes_on(pair, 
     assert wait_until(lambda: register(b.test_client(), "B2", 8001).status_code == 200, timeout=10)
     assert wait_until(lambda: ids(a) == ["B1", "B2"], timeout=5)
     assert b.extensions["redis"].up is True
+
+
+def test_an_ejection_at_one_gateway_holds_at_the_other_until_a_check_passes(make_app, redis_server):
+    a, b = (make_app(redis_url=redis_server.url, outlier_consecutive_failures=2) for _ in range(2))
+    manager_a, manager_b = a.extensions["backend_manager"], b.extensions["backend_manager"]
+    register(a.test_client(), "B1")
+    register(a.test_client(), "B2", 8001)
+    assert wait_until(lambda: ids(b) == ["B1", "B2"], timeout=2)
+    manager_a.report_result("B1", False, "502")
+    assert not manager_b.outliers.is_ejected("B1")
+    manager_a.report_result("B1", False, "502")
+    assert wait_until(lambda: manager_b.outliers.is_ejected("B1"), timeout=2)
+    assert {manager_b.get_next_server().server_id for _ in range(4)} == {"B2"}
+    server = manager_a.get_server("B1")
+    manager_a.apply_health_results([HealthResult("B1", server.url, True, "ok")])
+    assert wait_until(lambda: not manager_b.outliers.is_ejected("B1"), timeout=2)

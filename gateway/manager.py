@@ -474,6 +474,20 @@ class BackendManager:
         self.follower.seen = self.registry.shared_version
         self.follower.start()
 
+    def cluster_state(self) -> dict[str, Any]:
+        """Where the fleet is kept, and in Redis mode whether Redis answers and which process sweeps."""
+        store, leader = self.store, self.health_job.leader
+        if not isinstance(store, RedisFleetStore) or leader is None:
+            return {"store": "embedded", "path": str(store.path) if isinstance(store, JsonFileStore) else None}
+        return {
+            "store": "redis",
+            "redis": store.redis.where,
+            "redis_up": store.redis.up,
+            "fleet_version": self.registry.shared_version,
+            "sweep_leader": leader.holder(),
+            "leads_here": leader.is_leader,
+        }
+
     def _adopt(self, snapshot: Snapshot) -> None:
         """The follower's hook: take a newer fleet from Redis, and keep the sweep scheduled to match it."""
         if self.registry.adopt(snapshot):
@@ -503,8 +517,9 @@ class BackendManager:
 
     @property
     def last_sweep(self) -> dict[str, Any]:
-        """When the last sweep began and how long it took."""
-        return self.health_job.last_sweep
+        """When the last sweep began and how long it took (in Redis mode, the leader's, wherever it ran)."""
+        here, shared = self.health_job.last_sweep, self.registry.shared_sweep
+        return here if here.get("time", "") >= shared.get("time", "") else dict(shared)
 
     @property
     def health_check_running(self) -> bool:

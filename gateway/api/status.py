@@ -36,6 +36,7 @@ def status() -> Response:
             "last_sweep": manager.last_sweep or None,
         },
         "servers": {key: fleet[key] for key in ("total_servers", "healthy_servers", "unhealthy_servers")},
+        "state": manager.cluster_state(),
         "requests": {
             "total": sum(by_class.values()),
             "by_status_class": by_class,

@@ -21,7 +21,10 @@ from gateway.cluster.connection import Redis, RedisUnavailable
 log = logging.getLogger(__name__)
 
 _RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
 return 0
 """
 _RELEASE = """
@@ -63,7 +66,7 @@ class LeaderLease:
         started = time.monotonic()
         try:
             if self._token and self.redis.call(
-                "renew the leader lease", self._renew, [self.key], [self._token, ttl_ms]
+                "renew the leader lease", self._renew, [self.key, self.holder_key], [self._token, ttl_ms]
             ):
                 self._valid_until = started + 0.8 * self.ttl
                 return True
@@ -79,6 +82,14 @@ class LeaderLease:
         except RedisUnavailable:
             pass  # Redis logged it once; while it is down the lease runs out and nobody sweeps
         return self.is_leader
+
+    def holder(self) -> str | None:
+        """Which process leads now (host:pid), as Redis says; None when none does or Redis is down."""
+        try:
+            raw = self.redis.call("read the leader's name", self.redis.client.get, self.holder_key)
+        except RedisUnavailable:
+            return None
+        return raw.decode() if isinstance(raw, bytes) else None
 
     def start(self) -> None:
         """Try to lead now, then keep trying (or renewing) every third of the lease's time to live."""

@@ -154,3 +154,18 @@ def test_an_ejection_at_one_gateway_holds_at_the_other_until_a_check_passes(make
     server = manager_a.get_server("B1")
     manager_a.apply_health_results([HealthResult("B1", server.url, True, "ok")])
     assert wait_until(lambda: not manager_b.outliers.is_ejected("B1"), timeout=2)
+
+
+def test_status_says_where_the_fleet_is_and_who_sweeps(make_app, redis_server):
+    token = "admin-token-0123456789abcdef"
+    a, b = (make_app(redis_url=redis_server.url, admin_token=token) for _ in range(2))
+    states = [
+        app.test_client().get("/status", headers={"Authorization": f"Bearer {token}"}).get_json()["data"]["state"]
+        for app in (a, b)
+    ]
+    assert {state["store"] for state in states} == {"redis"}
+    assert sorted(state["leads_here"] for state in states) == [False, True]
+    assert states[0]["sweep_leader"] == states[1]["sweep_leader"] is not None
+    assert "@" not in states[0]["redis"]  # no password, were there one
+    embedded = make_app(admin_token=token).test_client().get("/status", headers={"Authorization": f"Bearer {token}"})
+    assert embedded.get_json()["data"]["state"]["store"] == "embedded"

@@ -17,6 +17,7 @@ RANKS = {
     "cli": 6,
     "cli_jobs": 6,
     "client": 6,
+    "migrate": 6,
 }  # the process and the operator's tool
 RANKS |= {"api": 5, "proxy": 4, "jobs": 4, "manager": 3, "routing": 2, "fleet": 1, "cluster": 0}
 SHARED = ("config", "errors", "observability")  # beside the wings: anyone may import them

@@ -1,0 +1,57 @@
+"""`gpu-gateway migrate --to-redis`: a one-process gateway's state, copied into a real Redis."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from conftest import ROOT, SECRET
+
+
+def migrate(tmp_path, redis_server, *args):
+    env = {
+        **os.environ,
+        "WEBHOOK_SECRET": SECRET,
+        "REDIS_URL": redis_server.url,
+        "BACKEND_SERVERS_FILE": str(tmp_path / "backend_servers.json"),
+        "TASK_AFFINITY_FILE": str(tmp_path / "task_affinity.db"),
+        "JOB_STORE_FILE": str(tmp_path / "jobs.db"),
+    }
+    command = [sys.executable, "-c", "from gateway.serve import main; main()", "migrate", "--to-redis", *args]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_the_servers_move_to_redis_with_their_state_and_twice_copies_nothing_twice(make_app, redis_server, tmp_path):
+    embedded = make_app()
+    manager = embedded.extensions["backend_manager"]
+    manager.register_server("B1", "127.0.0.1", 8001, options={"weight": 3})
+    manager.register_server("B2", "127.0.0.1", 8002)
+    manager.set_draining("B2", True)
+    embedded.extensions["gateway_shutdown"]()
+
+    dry = migrate(tmp_path, redis_server, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "would copy 2" in dry.stdout
+    assert make_app(redis_url=redis_server.url).extensions["backend_manager"].list_servers() == []
+
+    first = migrate(tmp_path, redis_server)
+    assert first.returncode == 0, first.stderr
+    assert "servers: copied 2" in first.stdout
+    shared = make_app(redis_url=redis_server.url).extensions["backend_manager"]
+    servers = {server.server_id: server for server in shared.list_servers()}
+    assert list(servers) == ["B1", "B2"]
+    assert (servers["B1"].weight, servers["B2"].draining) == (3, True)
+
+    again = migrate(tmp_path, redis_server)
+    assert "servers: copied 0" in again.stdout
+    assert "B1 is in Redis already" in again.stdout
+
+
+def test_it_needs_redis_url(tmp_path):
+    env = {**os.environ, "WEBHOOK_SECRET": SECRET}
+    env.pop("REDIS_URL", None)
+    command = [sys.executable, "-c", "from gateway.serve import main; main()", "migrate", "--to-redis"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "REDIS_URL" in result.stderr

@@ -77,11 +77,14 @@ class Fenced(RuntimeError):
 
 
 class Snapshot(NamedTuple):
-    """The fleet as Redis holds it at one version: entries in registration order, their revisions."""
+    """The fleet as Redis holds it at one version: each record's id, revision and JSON, in registration order.
+
+    The JSON is parsed by `entry()` only for records whose revision the reader lacks: a sweep's
+    readings move the version every interval, and most records are unchanged.
+    """
 
     version: int
-    entries: list[dict[str, Any]]
-    revs: dict[str, int]
+    records: list[tuple[str, int, bytes]]
     readings: dict[str, Reading]
     sweep: dict[str, Any]
     ejections: dict[str, tuple[float, int]]  # server id -> (ends, as a Unix time; ejections so far)
@@ -123,18 +126,8 @@ class RedisFleetStore:
         raw, raw_revs, ids, raw_version, raw_readings, raw_sweep, raw_ejections = self.redis.call(
             "load the fleet", pipe.execute
         )
-        entries = []
-        for server_id in (i.decode() for i in ids):
-            text = raw.get(server_id.encode())
-            try:
-                entry = json.loads(text) if text is not None else None
-            except ValueError:
-                entry = None
-            if not isinstance(entry, dict):
-                log.error("fleet record %r in %s is not a JSON object; left out", server_id, self.where)
-                continue
-            entries.append(entry)
         revs = {key.decode(): int(value) for key, value in raw_revs.items()}
+        records = [(i.decode(), revs.get(i.decode(), 0), raw[i]) for i in ids if i in raw]
         readings = {}
         for key, value in raw_readings.items():
             reading = _reading_from(value)
@@ -149,13 +142,24 @@ class RedisFleetStore:
             except (ValueError, TypeError):
                 log.warning("an ejection in %s is not one this gateway reads; left out", self.where)
         sweep = sweep if isinstance(sweep, dict) else {}
-        return Snapshot(int(raw_version or 0), entries, revs, readings, sweep, ejections)
+        return Snapshot(int(raw_version or 0), records, readings, sweep, ejections)
 
     def put_ejection(self, server_id: str, ends: float | None, ejections: int = 0) -> None:
         """Share an outlier ejection that ends at `ends` (a Unix time); None ends it for every process."""
         text = "" if ends is None else json.dumps([ends, ejections])
         keys = [self._ejections_key, self.version_key, self.channel]
         self.redis.call(f"share the ejection of {server_id}", self._eject, keys=keys, args=[server_id, text])
+
+    def entry(self, server_id: str, text: bytes) -> dict[str, Any] | None:
+        """A record's JSON as an object; None (logged) when it is not one."""
+        try:
+            entry = json.loads(text)
+        except ValueError:
+            entry = None
+        if not isinstance(entry, dict) or entry.get("server_id") != server_id:
+            log.error("fleet record %r in %s is not a JSON object of that server; left out", server_id, self.where)
+            return None
+        return entry
 
     def put(self, server_id: str, entry: dict[str, Any] | None, expected_rev: int, fence: str = "") -> int:
         """Write (or, with None, remove) one record if its revision is still `expected_rev` (0: absent).

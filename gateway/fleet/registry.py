@@ -278,16 +278,13 @@ class Registry:
             if snapshot.version < self._shared_version:
                 return False
             servers: dict[str, BackendServer] = {}
-            for entry in snapshot.entries:
-                server_id = entry.get("server_id")
-                if not isinstance(server_id, str):
-                    continue
+            for server_id, rev, text in snapshot.records:
                 current = self.servers.get(server_id)
-                rev = snapshot.revs.get(server_id, 0)
                 if server_id in self._unsaved or (current is not None and self._revs.get(server_id) == rev):
                     if current is not None:  # absent: removed here, the removal not yet written
                         servers[server_id] = current
                     continue
+                entry = store.entry(server_id, text)
                 try:
                     server = BackendServer.from_dict(entry)
                 except ValueError as exc:

@@ -105,7 +105,8 @@ def test_a_write_on_a_stale_revision_is_refused(redis_server):
         store.put("B1", {**entry, "port": 8002}, rev)
     with pytest.raises(Conflict):
         store.put("B1", entry, 0)  # a second "new" server of the same id
-    assert store.snapshot().entries[0]["port"] == 8001
+    [(server_id, _, text)] = store.snapshot().records
+    assert store.entry(server_id, text)["port"] == 8001
 
 
 def test_only_one_gateway_leads_the_sweep(pair):

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 from flask import Flask
@@ -64,6 +65,12 @@ def create_app(config: Config | None = None) -> Flask:
     manager.load()
     if shared is not None:
         manager.share(shared)
+        left_behind = Path(config.backend_servers_file)
+        if not manager.list_servers() and left_behind.is_file() and left_behind.stat().st_size > 3:  # not "[]\n"
+            log.warning(
+                "Redis holds no servers, but %s does; `gpu-gateway migrate --to-redis` copies them (and the jobs)",
+                config.backend_servers_file,
+            )
     app.extensions["backend_manager"] = manager
     errors.init_app(app)
     status.init_app(app, __version__)

@@ -76,3 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         redis.close()
     return 0
+
+
+if __name__ == "__main__":  # `.venv/bin/python -m gateway.migrate --to-redis` in a checkout
+    sys.exit(main())

@@ -53,7 +53,7 @@ $(BIN)/.bench: bench/requirements.txt $(BIN)/.runtime
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r bench/requirements.txt
 	touch $@
 
-bench: $(BIN)/.bench  ## the benchmark suite: ours beside nginx and a naive gateway (about 5 minutes)
+bench: $(BIN)/.bench  ## the benchmark suite: ours beside nginx and a naive gateway (about 7 minutes)
 	$(BIN)/python bench/run_suite.py $(if $(filter 1 yes true,$(BENCH_QUICK)),--quick)
 
 # The pinned files are generated, never edited by hand: requirements.txt from pyproject.toml's

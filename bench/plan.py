@@ -35,6 +35,12 @@ class Plan:
     jobs_first_dispatch_repeats: int = 5
     jobs_lease_repeats: int = 10
     jobs_deadline_s: float = 60.0  # for each batch of calls, and for the drain
+    scaleout_connections: tuple[int, ...] = (64, 256)
+    scaleout_rounds: tuple[int, ...] = (5, 3)  # interleaved rounds at each of scaleout_connections
+    scaleout_seconds: float = 4.0
+    scaleout_samples: int = 50  # registrations timed from gateway A to gateway B
+    scaleout_deadline_s: float = 5.0  # for each of them to show at B
+    scaleout_idle_s: float = 2.0  # the machine's busy cores read with ours idle, before and after the rounds
 
 
 QUICK = Plan(
@@ -57,6 +63,11 @@ QUICK = Plan(
     jobs_first_dispatch_repeats=3,
     jobs_lease_repeats=3,
     jobs_deadline_s=20.0,
+    scaleout_connections=(64,),
+    scaleout_rounds=(2,),
+    scaleout_seconds=2.0,
+    scaleout_samples=10,
+    scaleout_idle_s=1.0,
 )
 
 

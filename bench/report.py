@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from report_jobs import jobs_section
+from report_scaleout import scaleout_section
 from report_sections import (
     TARGETS,
     proxy_rows,
@@ -50,6 +51,7 @@ def render(results: dict[str, Any], plot_link: str | None = None) -> str:
         routing_section(results.get("routing")),
         registrations_section(results.get("registrations")),
         jobs_section(results.get("jobs")),
+        scaleout_section(results.get("scaleout")),
         _method(results),
     ]
     return "\n".join(part for part in parts if part).rstrip() + "\n"

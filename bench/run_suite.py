@@ -9,6 +9,8 @@ Everything runs on 127.0.0.1 and is started, measured and stopped (by PID) here:
   registrations  durable registrations per second over HTTP at 1,000 servers
   jobs           the durable job queue: submissions/s, first dispatch, drain vs synchronous, long-poll
                  lease, memory per queued job (bench/jobs_bench.py)
+  scaleout       Redis mode: CPU per request against embedded, 1 and 2 workers, a registration at one
+                 gateway routed at another (bench/scaleout_bench.py)
 It writes bench/results.json, then bench/report.py renders docs/benchmarks.md and bench/results.png.
 
 Run:  make bench   (or make bench BENCH_QUICK=1)
@@ -36,6 +38,7 @@ from typing import Any
 import jobs_bench
 import report
 import rotation_bench
+import scaleout_bench
 import sweep_bench
 from gateway_log import LogWatch
 from gateways import BENCH, REPO, start_gateway, start_naive_gateway
@@ -47,7 +50,7 @@ from registrations import bench_registrations
 from streams import bench_streams
 from wrk_load import LoadResult, run_wrk
 
-SECTIONS = ("proxy", "streams", "sweep", "routing", "registrations", "jobs")
+SECTIONS = ("proxy", "streams", "sweep", "routing", "registrations", "jobs", "scaleout")
 
 # -- 1 and 2: proxying -------------------------------------------------------------------------
 
@@ -181,6 +184,7 @@ RUNNERS: dict[str, Callable[[Path, Plan], dict[str, Any]]] = {
     "routing": bench_routing,
     "registrations": bench_registrations,
     "jobs": jobs_bench.bench_jobs,
+    "scaleout": scaleout_bench.bench_scaleout,
 }
 
 

@@ -264,7 +264,7 @@ class GatewayProcess:
             try:
                 if requests.get(self.url + "/health", timeout=1).status_code == 200:
                     return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # a timeout: the workers are still booting
                 time.sleep(0.1)
         raise RuntimeError(f"gateway did not become ready:\n{self.log()}")
 

@@ -57,7 +57,7 @@ def on_starting(server):
     except ConfigError as exc:
         sys.exit(f"gateway: {exc}")
     if server.cfg.workers > 1 and not os.environ.get("REDIS_URL"):  # --workers given on the command line
-        sys.exit(f"gateway: {server.cfg.workers} workers need REDIS_URL (see GATEWAY_WORKERS in docs/configuration.md)")
+        sys.exit(f"gateway: {server.cfg.workers} workers need REDIS_URL (docs/scale-out.md)")
     if server.cfg.workers > 1:
         share_metrics(server)
     # Each proxied request holds a client and a backend socket, plus idle pooled ones.

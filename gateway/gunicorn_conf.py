@@ -58,7 +58,7 @@ def on_starting(server):
         sys.exit(f"gateway: {exc}")
     if server.cfg.workers > 1 and not os.environ.get("REDIS_URL"):  # --workers given on the command line
         sys.exit(f"gateway: {server.cfg.workers} workers need REDIS_URL (docs/scale-out.md)")
-    if server.cfg.workers > 1:
+    if server.cfg.workers > 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         share_metrics(server)
     # Each proxied request holds a client and a backend socket, plus idle pooled ones.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -91,7 +91,7 @@ def share_metrics(server):
     else:
         path = _metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
-    server.log.info("%d workers share their metrics through %s", server.cfg.workers, path)
+    server.log.info("%d worker(s) share their metrics through %s", server.cfg.workers, path)
 
 
 def child_exit(server, worker):

@@ -71,8 +71,8 @@ class TwoWorkers:
         self.gateway, self.server, self.url = gateway, server, gateway.url
         self.workers = both_answering(gateway)
         log = gateway.log()
-        assert "2 workers share their metrics through " in log
-        self.metrics_dir = log.split("2 workers share their metrics through ", 1)[1].split()[0]
+        assert "2 worker(s) share their metrics through " in log
+        self.metrics_dir = log.split("2 worker(s) share their metrics through ", 1)[1].split()[0]
 
 
 @pytest.fixture
@@ -204,12 +204,22 @@ def test_the_operators_metrics_folder_is_emptied_of_old_counts_and_kept(gateway_
     (folder / "counter_99999.db").write_bytes(b"a previous run's counts")
     (folder / "README").write_text("not ours")
     gateway = gateway_process(REDIS_URL=redis_server.url, GATEWAY_WORKERS="2", PROMETHEUS_MULTIPROC_DIR=str(folder))
-    assert f"2 workers share their metrics through {folder}" in gateway.log()
+    assert f"2 worker(s) share their metrics through {folder}" in gateway.log()
     assert not (folder / "counter_99999.db").exists()
     for pid in both_answering(gateway):
         assert any(folder.glob(f"*_{pid}.db"))
     gateway.kill(signal.SIGTERM)
     assert (folder / "README").read_text() == "not ours"
+
+
+@pytest.mark.slow
+def test_one_worker_with_the_operators_folder_empties_it_too(gateway_process, tmp_path):
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    (folder / "histogram_99999.db").write_bytes(b"a previous run's counts")
+    gateway = gateway_process(PROMETHEUS_MULTIPROC_DIR=str(folder))
+    assert not (folder / "histogram_99999.db").exists()
+    assert answering_worker(scrape(gateway.url)) == workers_of(gateway, 1)[0]
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """gunicorn settings for the gateway: `gpu-gateway`, or `gunicorn -c deploy/gunicorn.conf.py app:app`.
 
 One worker process by default, because the JSON store and the health scheduler have one owner;
-GATEWAY_WORKERS runs more, which needs REDIS_URL (the state is shared there). Each runs
+GATEWAY_WORKERS runs more, which needs REDIS_URL (the state is shared there), and sums their
+metrics through files in PROMETHEUS_MULTIPROC_DIR (gateway/observability/multiprocess.py). Each runs
 gevent, so one process holds thousands of open connections (long image jobs, LLM streams)
 while it waits on GPU servers, instead of one OS thread each: gunicorn's gevent worker, in
 gateway/proxy/worker.py, sending each response's head with its first body bytes. gunicorn parses
@@ -10,8 +11,11 @@ requests with gunicorn_h1c (requirements-fast.txt) when it is installed.
 
 import importlib.util
 import os
+import re
 import resource
+import shutil
 import sys
+import tempfile
 
 
 def _connections() -> int:
@@ -44,7 +48,7 @@ control_socket_disable = True
 
 
 def on_starting(server):
-    """Refuse to start with a clear message when a setting is missing or bad; raise the fd limit."""
+    """Refuse to start with a clear message when a setting is missing or bad; raise the fd limit; share metrics."""
     from gateway.config import Config, ConfigError, parse_bind
 
     try:
@@ -52,6 +56,10 @@ def on_starting(server):
         parse_bind(bind)
     except ConfigError as exc:
         sys.exit(f"gateway: {exc}")
+    if server.cfg.workers > 1 and not os.environ.get("REDIS_URL"):  # --workers given on the command line
+        sys.exit(f"gateway: {server.cfg.workers} workers need REDIS_URL (docs/scale-out.md)")
+    if server.cfg.workers > 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        share_metrics(server)
     # Each proxied request holds a client and a backend socket, plus idle pooled ones.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = 4 * worker_connections + 256
@@ -60,6 +68,44 @@ def on_starting(server):
         resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
         server.log.info("raised the open-file limit from %d to %d", soft, new_soft)
     server.log.info("parsing requests with %s", request_parser(server.cfg.http_parser))
+
+
+# The folder gunicorn made for the workers' metric files, removed when the master exits.
+_metrics_dir: str | None = None
+_METRIC_FILE = re.compile(r"(counter|gauge_\w+|histogram|summary)_\d+\.db")
+
+
+def share_metrics(server):
+    """Give the workers a folder for their metric files, so that /metrics sums them all.
+
+    Set here, in the master before any worker forks and imports prometheus_client, which picks
+    its file-backed values from PROMETHEUS_MULTIPROC_DIR once, at import.
+    """
+    global _metrics_dir
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        # The operator's folder: a previous run's files would add its counts to this one's.
+        for name in os.listdir(path):
+            if _METRIC_FILE.fullmatch(name):
+                os.remove(os.path.join(path, name))
+    else:
+        path = _metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    server.log.info("%d worker(s) share their metrics through %s", server.cfg.workers, path)
+
+
+def child_exit(server, worker):
+    """A worker is gone: its in-flight requests stop counting; its counts stay in the sums."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    """Remove the metrics folder this master made."""
+    if _metrics_dir is not None:
+        shutil.rmtree(_metrics_dir, ignore_errors=True)
 
 
 def request_parser(setting: str) -> str:

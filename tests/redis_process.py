@@ -21,7 +21,7 @@ def _free_port() -> int:
 
 
 class RedisProcess:
-    """redis-server with an append-only file fsynced on every write, as deploy/redis.conf runs it."""
+    """redis-server with an append-only file fsynced on every write, as deploy/redis-gateway.conf runs it."""
 
     def __init__(self, folder: Path, port: int | None = None) -> None:
         if REDIS_SERVER is None:

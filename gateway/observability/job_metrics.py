@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from gateway.observability.multiprocess import values_registry
+
 SECONDS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 24 * 3600)
 
 
@@ -32,19 +34,20 @@ class JobMetrics:
     """What the job service tells: each job's outcome, its wait and run time, and expired leases."""
 
     def __init__(self, registry: CollectorRegistry, counts: Callable[[], Any]) -> None:
-        self.jobs = Counter("gateway_jobs", "Jobs by the status they reached", ["status"], registry=registry)
+        counted = values_registry(registry)  # none under several workers: the scrape sums their files
+        self.jobs = Counter("gateway_jobs", "Jobs by the status they reached", ["status"], registry=counted)
         self.wait = Histogram(
             "gateway_job_wait_seconds", "Time a job waited in the queue before it started",
-            buckets=SECONDS, registry=registry,
+            buckets=SECONDS, registry=counted,
         )  # fmt: skip
         self.run = Histogram(
             "gateway_job_run_seconds", "Time a job ran, from its start to its answer",
-            buckets=SECONDS, registry=registry,
+            buckets=SECONDS, registry=counted,
         )  # fmt: skip
         self.lease_expired = Counter(
-            "gateway_job_lease_expired", "Leases that ran out without a heartbeat", registry=registry
+            "gateway_job_lease_expired", "Leases that ran out without a heartbeat", registry=counted
         )
-        registry.register(QueueCollector(counts))
+        registry.register(QueueCollector(counts))  # read at scrape time from the store, never summed
 
     def submitted(self) -> None:
         self.jobs.labels("queued").inc()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from flask import Blueprint, Flask, Response, current_app, request
@@ -19,12 +19,16 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from gateway.errors import error_response
 from gateway.observability.history import LATENCY_BOUNDS, RequestHistory
+from gateway.observability.multiprocess import LeftServersFilter, WorkerCollector, multiprocess_dir, values_registry
 
 if TYPE_CHECKING:
+    from gateway.cluster.connection import Redis
     from gateway.fleet.health import HealthResult
     from gateway.manager import BackendManager
 
@@ -66,16 +70,44 @@ class FleetCollector(Collector):
         )
 
 
+class RedisCollector(Collector):
+    """Whether the last Redis call got through, read at scrape time."""
+
+    def __init__(self, shared: Redis) -> None:
+        self.shared = shared
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "gateway_redis_up",
+            "1 when the last Redis call got through, 0 when not",
+            value=1.0 if self.shared.up else 0.0,
+        )
+
+
 class GatewayMetrics:
-    """Every metric of one gateway, on its own registry (a fresh one per app, so per test)."""
+    """Every metric of one gateway, on its own registry (a fresh one per app, so per test).
+
+    Under several gunicorn workers (PROMETHEUS_MULTIPROC_DIR set), the counters, histograms and
+    the in-flight gauge live in the workers' files and a scrape sums them; the collectors that
+    read state at scrape time (the fleet, the queue, Redis) answer from the scraping worker.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        r = self.registry
-        # What the default registry has and a registry of our own lacks: memory, fds, CPU, GC.
-        ProcessCollector(registry=r)
-        PlatformCollector(registry=r)
-        GCCollector(registry=r)
+        shared_dir = multiprocess_dir()
+        self.multiprocess = shared_dir is not None
+        self._summed: LeftServersFilter | None = None
+        if shared_dir is None:
+            # What the default registry has and a registry of our own lacks: memory, fds, CPU, GC.
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+            GCCollector(registry=self.registry)
+        else:
+            self._summed = LeftServersFilter(MultiProcessCollector(None, shared_dir), self._kept_server)
+            self.registry.register(self._summed)
+            PlatformCollector(registry=self.registry)  # python_info: the same in every worker
+            self.registry.register(WorkerCollector())
+        r = values_registry(self.registry)  # none under several workers: the metrics below go to files
         self.requests = Counter(
             "gateway_requests", "Proxied requests by server, method and status class",
             ["server", "method", "status_class"], registry=r,
@@ -84,7 +116,10 @@ class GatewayMetrics:
             "gateway_request_duration_seconds", "Time to the last byte of a proxied request", ["server"],
             buckets=LATENCY_BOUNDS, registry=r,
         )  # fmt: skip
-        self.in_flight = Gauge("gateway_requests_in_flight", "Requests open to each server", ["server"], registry=r)
+        self.in_flight = Gauge(
+            "gateway_requests_in_flight", "Requests open to each server", ["server"], registry=r,
+            multiprocess_mode="livesum",  # the open requests of the workers alive now
+        )  # fmt: skip
         self.health_checks = Counter(
             "gateway_health_checks", "Health checks by server and result", ["server", "result"], registry=r
         )
@@ -136,8 +171,9 @@ class GatewayMetrics:
             self.retries,
             self.upstream_aborted,
         )
-        for metric in metrics:
-            metric.remove_by_labels({"server": server_id})
+        if not self.multiprocess:  # the workers' files keep a series: the scrape filters it out
+            for metric in metrics:
+                metric.remove_by_labels({"server": server_id})
         self._in_flight_children.pop(server_id, None)
         for key in [key for key in list(self._request_children) if key[0] == server_id]:  # list(): one step
             self._request_children.pop(key, None)
@@ -176,11 +212,20 @@ class GatewayMetrics:
         manager = getattr(self, "manager", None)
         return manager is None or manager.is_registered(server_id)
 
+    def _kept_server(self, server: str) -> bool:
+        return server in (NO_SERVER, "fallback") or self._still_registered(server)
+
+    def _request_families(self) -> Iterable[Metric]:
+        """gateway_requests as a scrape shows it: this process's, or every worker's summed."""
+        if self._summed is None:
+            return self.requests.collect()
+        return [family for family in self._summed.collect() if family.name == "gateway_requests"]
+
     def total_requests(self) -> tuple[dict[str, float], dict[str, float]]:
         """Requests so far by status class: those a server answered, and those none did (`server="none"`)."""
         proxied: dict[str, float] = {}
         not_proxied: dict[str, float] = {}
-        for family in self.requests.collect():
+        for family in self._request_families():
             for sample in family.samples:
                 if sample.name.endswith("_total"):
                     totals = not_proxied if sample.labels["server"] == NO_SERVER else proxied
@@ -208,6 +253,9 @@ def init_app(app: Flask, manager: BackendManager) -> GatewayMetrics:
     """Create the app's metrics, watch its manager and add /metrics."""
     metrics = GatewayMetrics()
     metrics.watch(manager)
+    shared: Redis | None = app.extensions.get("redis")
+    if shared is not None:
+        metrics.registry.register(RedisCollector(shared))
     app.extensions["metrics"] = metrics
     app.register_blueprint(bp)
     return metrics

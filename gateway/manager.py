@@ -16,6 +16,7 @@ from collections.abc import Callable, Collection
 from dataclasses import replace
 from typing import Any, NamedTuple
 
+from gateway.cluster.slots import SharedSlots
 from gateway.fleet import records
 from gateway.fleet.health import HealthChecker, HealthResult, Target
 from gateway.fleet.model_discovery import ModelDiscoverer
@@ -150,7 +151,18 @@ class BackendManager:
         """A slot on a given server, cap or not: a request for a task it owns must go there."""
         with self._lock:
             server = self.registry.servers.get(server_id)
-            return Lease(None, None, None) if server is None else self.admission.hold(replace(server))
+            lease = Lease(None, None, None) if server is None else self.admission.hold(replace(server))
+        self.admission.take_shared(lease)  # outside the lock; counted across processes, never refused
+        return lease
+
+    @property
+    def shared_slots(self) -> SharedSlots | None:
+        """Where max_concurrent is counted across processes (REDIS_URL); None counts in this one."""
+        return self.admission.shared_slots
+
+    @shared_slots.setter
+    def shared_slots(self, slots: SharedSlots | None) -> None:
+        self.admission.shared_slots = self.reports.shared_slots = slots
 
     @property
     def queue_length(self) -> int:
@@ -433,8 +445,10 @@ class BackendManager:
         return self.health_job.running
 
     def shutdown(self) -> None:
-        """Stop the scheduler and the checker's threads."""
+        """Stop the scheduler, the checker's threads and the shared slots' renewer."""
         self.health_job.shutdown()
+        if self.shared_slots is not None:
+            self.shared_slots.close()
 
 
 # The default instance the seed imports: `from backend_manager import backend_manager`.

@@ -373,7 +373,10 @@ class Proxy:
         try:
             response = self._respond(upstream, label, base_url, known_task)
         except BaseException:
-            done()
+            try:
+                upstream.close()  # no answer will read the rest, nor give the connection back
+            finally:
+                done()
             raise
         response.call_on_close(done)
         return response

@@ -17,6 +17,7 @@ from gateway import __version__, errors
 from gateway.api import admin, dashboard, jobs, llm, openapi, status, worker_socket, workers
 from gateway.api.webhook import register_webhook_routes
 from gateway.cluster.connection import Redis
+from gateway.cluster.slots import SharedSlots
 from gateway.config import Config, ConfigError, parse_bind
 from gateway.fleet.health import HealthChecker
 from gateway.fleet.model_discovery import ModelDiscoverer
@@ -63,6 +64,7 @@ def create_app(config: Config | None = None) -> Flask:
         config.outlier_consecutive_failures, config.outlier_base_ejection_seconds, config.outlier_max_ejection_seconds
     )
     manager.load()
+    manager.shared_slots = SharedSlots(shared) if shared is not None else None  # caps across processes
     if shared is not None:
         manager.share(shared)
         left_behind = Path(config.backend_servers_file)

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 from gateway.cluster.connection import Redis, RedisUnavailable
 from gateway.cluster.leader import LeaderLease
+from gateway.cluster.slots import SharedSlots
 from gateway.fleet import records
 from gateway.fleet.follow import FleetFollower
 from gateway.fleet.health import HealthChecker, HealthResult, Target
@@ -156,7 +157,18 @@ class BackendManager:
         """A slot on a given server, cap or not: a request for a task it owns must go there."""
         with self._lock:
             server = self.registry.servers.get(server_id)
-            return Lease(None, None, None) if server is None else self.admission.hold(replace(server))
+            lease = Lease(None, None, None) if server is None else self.admission.hold(replace(server))
+        self.admission.take_shared(lease)  # outside the lock; counted across processes, never refused
+        return lease
+
+    @property
+    def shared_slots(self) -> SharedSlots | None:
+        """Where max_concurrent is counted across processes (REDIS_URL); None counts in this one."""
+        return self.admission.shared_slots
+
+    @shared_slots.setter
+    def shared_slots(self, slots: SharedSlots | None) -> None:
+        self.admission.shared_slots = self.reports.shared_slots = slots
 
     @property
     def queue_length(self) -> int:
@@ -527,12 +539,14 @@ class BackendManager:
         return self.health_job.running
 
     def shutdown(self) -> None:
-        """Stop the scheduler and the checker's threads; in Redis mode, give up the leader lease."""
+        """Stop the scheduler, the checker's threads and the shared slots' renewer; give up the leader lease."""
         if self.follower is not None:
             self.follower.stop()
         if self.health_job.leader is not None:
             self.health_job.leader.stop()
         self.health_job.shutdown()
+        if self.shared_slots is not None:
+            self.shared_slots.close()
 
 
 # The default instance the seed imports: `from backend_manager import backend_manager`.

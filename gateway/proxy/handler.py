@@ -15,6 +15,7 @@ from typing import Any
 from flask import Response
 from prometheus_client import Gauge
 
+from gateway.cluster.connection import RedisUnavailable
 from gateway.config import Config
 from gateway.errors import error_response
 from gateway.fleet.health import LOCAL_ERRNOS
@@ -47,7 +48,7 @@ from gateway.proxy.upstream import (
     UpstreamResponse,
 )
 from gateway.routing.admission import Lease, NoServer, RouteRequest
-from gateway.routing.affinity import FALLBACK_OWNER, TaskAffinity
+from gateway.routing.affinity import FALLBACK_OWNER, TaskOwners
 
 Body = bytes | Callable[[Lease], bytes]  # the request body, or one made for the chosen server
 ErrorRenderer = Callable[[NoServer], Response]
@@ -89,9 +90,7 @@ def retry_after_seconds(health_check_interval: float) -> str:
 class Proxy:
     """Forwards requests to the fleet with failover, fallback and task affinity."""
 
-    def __init__(
-        self, config: Config, manager: BackendManager, affinity: TaskAffinity, metrics: GatewayMetrics
-    ) -> None:
+    def __init__(self, config: Config, manager: BackendManager, affinity: TaskOwners, metrics: GatewayMetrics) -> None:
         self.config = config
         self.manager = manager
         self.affinity = affinity
@@ -373,7 +372,10 @@ class Proxy:
         try:
             response = self._respond(upstream, label, base_url, known_task)
         except BaseException:
-            done()
+            try:
+                upstream.close()  # no answer will read the rest, nor give the connection back
+            finally:
+                done()
             raise
         response.call_on_close(done)
         return response
@@ -437,7 +439,7 @@ class Proxy:
             return  # nothing new, or an id that would capture the very path that made it
         try:
             recorded = self.affinity.record(task_id, owner)
-        except sqlite3.Error as exc:  # the reply still goes out; only later routing may suffer
+        except (sqlite3.Error, RedisUnavailable) as exc:  # the reply still goes out; only later routing may suffer
             log.error("could not record the owner of task %s (%s): %s", task_id, owner, exc)
             return
         if recorded:

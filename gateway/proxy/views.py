@@ -19,7 +19,8 @@ from gateway.proxy.current_request import request, serving
 from gateway.proxy.handler import METHODS, UPSTREAM_SECONDS, Answer, Proxy
 from gateway.proxy.relay import Body, Relay
 from gateway.proxy.upstream import ClientLeft
-from gateway.routing.affinity import TaskAffinity
+from gateway.routing.affinity import TaskAffinity, TaskOwners
+from gateway.routing.affinity_redis import RedisTaskAffinity
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("gateway.request")
@@ -111,7 +112,12 @@ def timing(response: Answer, seconds: float, upstream: float | None, body: float
 def init_app(app: Flask) -> None:
     """Create the app's Proxy and route each configured prefix to it."""
     config: Config = app.config["GATEWAY"]
-    affinity = TaskAffinity(config.task_affinity_file, ttl=config.task_affinity_ttl)
+    shared = app.extensions.get("redis")  # REDIS_URL: every process reads and records the same owners
+    affinity: TaskOwners = (
+        RedisTaskAffinity(shared, ttl=config.task_affinity_ttl)
+        if shared is not None
+        else TaskAffinity(config.task_affinity_file, ttl=config.task_affinity_ttl)
+    )
     app.extensions["task_affinity"] = affinity
     app.extensions["proxy"] = Proxy(config, app.extensions["backend_manager"], affinity, app.extensions["metrics"])
     # The raw target is checked and forwarded as sent, so Flask must not redirect or merge slashes.

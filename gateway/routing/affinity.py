@@ -8,6 +8,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Protocol
 
 from gateway.fleet.store import aside_path
 
@@ -15,6 +16,16 @@ log = logging.getLogger(__name__)
 
 FALLBACK_OWNER = "~fallback"  # tasks created by BACKEND_API_BASE; not a valid server_id
 MAX_TASK_ID_LENGTH = 128
+
+
+class TaskOwners(Protocol):
+    """What the proxy and the jobs ask of a task-affinity store: TaskAffinity, or RedisTaskAffinity."""
+
+    def record(self, task_id: str, server_id: str) -> bool: ...
+    def owner(self, task_id: str) -> str | None: ...
+    def first_owned(self, candidates: list[str]) -> tuple[str, str] | None: ...
+    def purge_expired(self) -> int: ...
+    def close(self) -> None: ...
 
 
 class TaskAffinity:

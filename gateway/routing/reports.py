@@ -8,6 +8,8 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.cluster.connection import RedisUnavailable
+from gateway.cluster.slots import SharedSlots
 from gateway.fleet.readings import Readings
 from gateway.fleet.server import BackendServer
 from gateway.routing.catalog import catalog, listed_names, model_key
@@ -33,16 +35,35 @@ class Reports:
     def __init__(self, lock: threading.Lock, view: Callable[[], FleetView]) -> None:
         self._lock = lock
         self._view = view  # called under the lock: the owner's parts as they are now
+        self.shared_slots: SharedSlots | None = None  # REDIS_URL: capped servers show the cluster's count too
 
     def servers(self) -> list[dict[str, Any]]:
         """Every server with its routing state: in flight, ejection, effective weight, models, resources."""
         with self._lock:
-            return _rows(self._view())
+            rows = _rows(self._view())
+        return self._with_cluster_counts(rows)
 
     def server(self, server_id: str) -> dict[str, Any] | None:
         """One server as `servers` shows it, or None."""
         with self._lock:
-            return next((row for row in _rows(self._view()) if row["server_id"] == server_id), None)
+            row = next((row for row in _rows(self._view()) if row["server_id"] == server_id), None)
+        return None if row is None else self._with_cluster_counts([row])[0]
+
+    def _with_cluster_counts(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Outside the lock, with shared slots: `cluster_in_flight`, every process's slots, on each capped server.
+
+        None where Redis did not answer, and on servers without a cap (nothing counts them there).
+        """
+        if self.shared_slots is None:
+            return rows
+        capped = [row["server_id"] for row in rows if row["max_concurrent"]]
+        try:
+            counts: dict[str, int] = self.shared_slots.counts(capped)
+        except RedisUnavailable:  # the report still shows what this process knows
+            counts = {}
+        for row in rows:
+            row["cluster_in_flight"] = counts.get(row["server_id"])
+        return rows
 
     def status(self, health_check_running: bool) -> dict[str, Any]:
         """The seed's `/webhook/servers` data: counts, job state and every server."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from collections.abc import Iterator
@@ -13,6 +12,9 @@ import pytest
 import requests
 from conftest import SECRET, wait_until
 from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.cluster.connection import Redis
+from gateway.fleet.redis_store import RedisFleetStore
 
 EACH = 20  # requests each worker serves while the other one is stopped
 
@@ -65,7 +67,7 @@ def both_answering(gateway) -> list[int]:
 
 
 class TwoWorkers:
-    """gunicorn with two workers and Redis, each worker loading server B1 from the state file."""
+    """gunicorn with two workers and Redis, each worker loading server B1 from Redis."""
 
     def __init__(self, gateway, server) -> None:
         self.gateway, self.server, self.url = gateway, server, gateway.url
@@ -78,9 +80,11 @@ class TwoWorkers:
 @pytest.fixture
 def two_workers(gateway_process, redis_server, fake_servers, tmp_path) -> Iterator[TwoWorkers]:
     server = fake_servers("B1")
-    # The fleet is not shared through Redis yet: each worker loads the one server from the file.
+    # The fleet is in Redis: each worker loads the one server from there as it starts.
     entry = {"server_id": "B1", "ip": "127.0.0.1", "port": server.port}
-    (tmp_path / "backend_servers.json").write_text(json.dumps([entry]))
+    shared = Redis(redis_server.url)
+    RedisFleetStore(shared).put("B1", entry, 0)
+    shared.close()
     gateway = gateway_process(REDIS_URL=redis_server.url, GATEWAY_WORKERS="2", HEALTH_CHECK_INTERVAL="3600")
     started = TwoWorkers(gateway, server)
     yield started
@@ -243,12 +247,11 @@ def test_redis_up_follows_the_last_call(make_app, redis_server):
     assert shared.ping()
     assert redis_up() == 1
     redis_server.kill()
-    assert redis_up() == 1  # the value is the last call's: none has failed yet
+    # The fleet's follower holds a subscription open, so the gauge falls as soon as Redis goes.
+    assert wait_until(lambda: redis_up() == 0, timeout=5)
     assert not shared.ping()
-    assert redis_up() == 0
     redis_server.start()
-    assert shared.ping()
-    assert redis_up() == 1
+    assert wait_until(lambda: redis_up() == 1, timeout=10)  # the follower reconnects by itself
 
 
 def test_embedded_mode_has_no_redis_up(client):

@@ -64,7 +64,8 @@ def create_app(config: Config | None = None) -> Flask:
         config.outlier_consecutive_failures, config.outlier_base_ejection_seconds, config.outlier_max_ejection_seconds
     )
     manager.load()
-    manager.shared_slots = SharedSlots(shared) if shared is not None else None  # caps across processes
+    # Caps across processes: a dead process's slots are free once their leases run out.
+    manager.shared_slots = SharedSlots(shared, config.slot_lease_seconds) if shared is not None else None
     if shared is not None:
         manager.share(shared)
         left_behind = Path(config.backend_servers_file)

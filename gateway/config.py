@@ -108,6 +108,7 @@ class Config:
     redis_url: str = field(default="", repr=False)  # may hold a password
     redis_prefix: str = "gpu-gateway:"
     redis_timeout: float = 1.0
+    slot_lease_seconds: float = 30.0
     gateway_workers: int = 1
 
     @classmethod
@@ -195,6 +196,7 @@ class Config:
             "redis_url": reader.get("REDIS_URL", "", _redis_url),
             "redis_prefix": reader.get("REDIS_PREFIX", cls.redis_prefix, _redis_prefix),
             "redis_timeout": reader.get("REDIS_TIMEOUT", cls.redis_timeout, _number(min_value=0.05)),
+            "slot_lease_seconds": reader.get("SLOT_LEASE_SECONDS", cls.slot_lease_seconds, _number(min_value=1)),
             "gateway_workers": reader.get("GATEWAY_WORKERS", cls.gateway_workers, _integer(1)),
         }
         values.update(overrides)

@@ -240,3 +240,45 @@ def test_the_pull_worker_settings():
     config = Config.from_env({**BASE, "WORKER_TOKEN": "w" * 16, "WORKER_MAX_LONG_POLLS": "5"})
     assert (config.worker_token, config.worker_max_long_polls) == ("w" * 16, 5)
     assert "w" * 16 not in repr(config)
+
+
+def test_the_redis_settings():
+    defaults = Config.from_env(BASE)
+    assert (defaults.redis_url, defaults.redis_prefix, defaults.gateway_workers) == ("", "gpu-gateway:", 1)
+    url = "rediss://:p4ssw0rd-very-secret@redis.internal:6380/2"
+    config = Config.from_env(
+        {**BASE, "REDIS_URL": url, "REDIS_PREFIX": "fleet-a:", "GATEWAY_WORKERS": "4", "SLOT_LEASE_SECONDS": "5"}
+    )
+    assert (config.redis_url, config.redis_prefix, config.gateway_workers) == (url, "fleet-a:", 4)
+    assert config.slot_lease_seconds == 5
+    assert "p4ssw0rd" not in repr(config)
+    assert Config.from_env({**BASE, "REDIS_URL": "unix:///run/redis.sock"}).redis_url == "unix:///run/redis.sock"
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://127.0.0.1:6379", "expected redis://"),
+        ("redis://", "names no host"),
+        ("redis://:hunter2-secret@127.0.0.1:99999/0", "port"),
+    ],
+)
+def test_a_bad_redis_url_is_refused_without_repeating_it(url, problem):
+    with pytest.raises(ConfigError) as error:
+        Config.from_env({**BASE, "REDIS_URL": url})
+    assert "REDIS_URL" in str(error.value) and problem in str(error.value)
+    assert url not in str(error.value) and "hunter2" not in str(error.value)
+
+
+@pytest.mark.parametrize("prefix", ["has space", "a{b}", "x*", "p" * 65])
+def test_a_bad_redis_prefix_is_refused(prefix):
+    with pytest.raises(ConfigError, match="REDIS_PREFIX"):
+        Config.from_env({**BASE, "REDIS_PREFIX": prefix})
+
+
+def test_more_than_one_worker_needs_redis():
+    with pytest.raises(ConfigError, match="GATEWAY_WORKERS=2 needs REDIS_URL"):
+        Config.from_env({**BASE, "GATEWAY_WORKERS": "2"})
+    assert (
+        Config.from_env({**BASE, "GATEWAY_WORKERS": "2", "REDIS_URL": "redis://127.0.0.1:6379/0"}).gateway_workers == 2
+    )

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
 from collections import Counter
 
 import pytest
+import redis
 import requests
 from conftest import SECRET, wait_until
+from counting_server import counting
 
 pytestmark = pytest.mark.slow
 INTERVAL = 1.0
@@ -93,6 +96,56 @@ def test_one_sweep_per_interval_across_the_cluster(cluster, fake_servers):
     time.sleep(10 * INTERVAL)
     calls = [health_calls(server) - n for server, n in zip(servers, before, strict=True)]
     assert all(9 <= n <= 11 for n in calls), calls  # one sweep, not four (two gateways, two workers each)
+
+
+@pytest.fixture
+def counting_server(fake_servers):
+    """B1, counting the /api/slow requests it works on at once."""
+    return counting(fake_servers("B1"))
+
+
+def slots_held(redis_server, server_id="B1"):
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        return client.zcount(f"gpu-gateway:slots:{server_id}", "-inf", "+inf")
+    finally:
+        client.close()
+
+
+def test_a_cap_holds_across_both_gateways_and_a_dead_ones_slots_come_free(cluster, counting_server, redis_server):
+    a, b = cluster(SLOT_LEASE_SECONDS="3"), cluster(SLOT_LEASE_SECONDS="3")
+    assert register(a, counting_server, max_concurrent=2).status_code == 200
+    assert wait_until(lambda: all(served_by(g) == "B1" for g in (a, b) for _ in range(4)), timeout=5)
+    statuses: Counter[int] = Counter()
+
+    def call(gateway):
+        with requests.Session() as session:
+            for _ in range(3):
+                statuses[session.get(gateway.url + "/api/slow?delay=0.3", timeout=60).status_code] += 1
+
+    threads = [threading.Thread(target=call, args=(gateway,)) for gateway in (a, b) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    assert statuses == {200: 30}
+    assert counting_server.most_at_once == 2  # ten clients over four processes, and never more than two at once
+    assert slots_held(redis_server) == 0
+
+    # A dies holding both slots: they are free once their leases run out, and B takes them.
+    def hold():
+        with contextlib.suppress(requests.ConnectionError):  # A is killed under it
+            requests.get(a.url + "/api/slow?delay=20", timeout=60)
+
+    holders = [threading.Thread(target=hold, daemon=True) for _ in range(2)]
+    for thread in holders:
+        thread.start()
+    assert wait_until(lambda: slots_held(redis_server) == 2, timeout=5)
+    a.kill(signal.SIGKILL)
+    assert wait_until(lambda: requests.get(b.url + "/api/slow?delay=0", timeout=30).status_code == 200, timeout=15)
+    assert slots_held(redis_server) == 0  # A's two leases ran out and went; B's own was released
+    for thread in holders:
+        thread.join(30)
 
 
 def test_kill_9_of_one_gateway_under_load(cluster, fake_servers):

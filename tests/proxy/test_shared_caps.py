@@ -2,45 +2,20 @@
 
 import contextlib
 import threading
-import time
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import redis
 import requests
+from counting_server import counting
 
-from demo.fake_gpu_server import Handler
 from gateway.proxy.handler import Proxy
 from gateway.proxy.upstream import UpstreamResponse
 from tests.conftest import wait_until
 
 
-class CountingHandler(Handler):
-    """The fake GPU server, counting the /api/slow requests it is working on at once."""
-
-    def route(self) -> None:
-        parts = urlsplit(self.path)
-        if not parts.path.startswith("/api/slow"):
-            return super().route()
-        delay = float(parse_qs(parts.query).get("delay", ["0.2"])[-1])
-        server = self.server
-        with server.count_lock:
-            server.working += 1
-            server.most_at_once = max(server.most_at_once, server.working)
-        try:
-            time.sleep(delay)
-        finally:
-            with server.count_lock:  # before the answer goes: the gateway frees its slot only after that
-                server.working -= 1
-        return self.send_json(200, {"slow": True})
-
-
 @pytest.fixture
 def counting_server(fake_servers):
-    server = fake_servers("B1")
-    server.RequestHandlerClass = CountingHandler
-    server.count_lock, server.working, server.most_at_once = threading.Lock(), 0, 0
-    return server
+    return counting(fake_servers("B1"))
 
 
 def redis_app(make_app, tmp_path, redis_server, name: str):

@@ -1,7 +1,8 @@
 """The Redis job store's state changes, each one Lua script: atomic for every process that shares Redis.
 
-Every script takes the jobs' key prefix as ARGV[1] and the time as ARGV[2] (empty: Redis's own
-clock, one clock for every host; a number: the store's test clock). The keys under the prefix:
+Its reads are in redis_reads.py; both run after PREAMBLE, the helpers they share. Every script
+takes the jobs' key prefix as ARGV[1] and the time as ARGV[2] (empty: Redis's own clock, one
+clock for every host; a number: the store's test clock). The keys under the prefix:
 
     job:<id>            a hash: the job's fields, as the SQLite table's columns (absent = NULL)
     queue               queued ids, scored priority * 2^48 + seq: the next job first
@@ -368,17 +369,6 @@ end
 return {state, num(wait)}
 """
 
-# ARGV[3]: limit. The leases past their expiry, with their tokens: {id, token, id, token, ...}.
-EXPIRED_LEASES = r"""
-local ids = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', num(NOW), 'LIMIT', 0, tonumber(ARGV[3]))
-local out = {}
-for _, id in ipairs(ids) do
-  out[#out + 1] = id
-  out[#out + 1] = redis.call('HGET', jkey(id), 'lease_token') or ''
-end
-return out
-"""
-
 # ARGV[3..]: queue TTL, result TTL, batch. Returns {expired, deleted}; a full batch: call again.
 PURGE = r"""
 local batch = tonumber(ARGV[5])
@@ -386,13 +376,18 @@ local expired, deleted = 0, 0
 local oldest = redis.call('ZRANGE', P .. 'status:queued', 0, batch - 1)
 for _, id in ipairs(oldest) do
   local job = load(id)
-  if tonumber(job.created_at) > NOW - tonumber(ARGV[3]) then break end
-  dequeue(id, job)
-  move(id, job, 'expired')
-  redis.call('HSET', jkey(id), 'finished_at', num(NOW), 'error', 'no server took it within JOB_QUEUE_TTL')
-  callback_due(id, job)
-  redis.call('ZADD', P .. 'finished', num(NOW), id)
-  expired = expired + 1
+  if not job then
+    redis.call('ZREM', P .. 'status:queued', id)
+  elseif tonumber(job.created_at) > NOW - tonumber(ARGV[3]) then
+    break
+  else
+    dequeue(id, job)
+    move(id, job, 'expired')
+    redis.call('HSET', jkey(id), 'finished_at', num(NOW), 'error', 'no server took it within JOB_QUEUE_TTL')
+    callback_due(id, job)
+    redis.call('ZADD', P .. 'finished', num(NOW), id)
+    expired = expired + 1
+  end
 end
 local old = redis.call('ZRANGEBYSCORE', P .. 'finished', '-inf', num(NOW - tonumber(ARGV[4])), 'LIMIT', 0, batch)
 for _, id in ipairs(old) do
@@ -410,60 +405,7 @@ end
 return {expired, deleted}
 """
 
-# Reads: one round trip each, and a consistent view.
-# ARGV[3..]: status ('' for all), limit.
-RECENT = r"""
-local index = ARGV[3] == '' and (P .. 'all') or (P .. 'status:' .. ARGV[3])
-local out = {}
-for _, id in ipairs(redis.call('ZREVRANGE', index, 0, tonumber(ARGV[4]) - 1)) do
-  local job = reply(id)
-  if #job > 0 then out[#out + 1] = job end
-end
-return out
-"""
-
-# ARGV[3..]: the statuses. Returns each one's count, then the queued per priority 0-9, the oldest
-# queued job's created_at (or false) and the bytes stored.
-COUNTS = r"""
-local out = {}
-for k = 3, #ARGV do out[#out + 1] = redis.call('ZCARD', P .. 'status:' .. ARGV[k]) end
-for priority = 0, 9 do
-  out[#out + 1] = redis.call('ZCOUNT', P .. 'queue', num(priority * SCALE), '(' .. num((priority + 1) * SCALE))
-end
-local oldest = redis.call('ZRANGE', P .. 'status:queued', 0, 0)
-out[#out + 1] = oldest[1] and redis.call('HGET', jkey(oldest[1]), 'created_at') or false
-out[#out + 1] = redis.call('GET', P .. 'bytes') or '0'
-return out
-"""
-
-# ARGV[3]: limit. {id, model or false, headers, ...} of the next queued jobs.
-QUEUE_HEADS = r"""
-local out = {}
-for _, id in ipairs(redis.call('ZRANGE', P .. 'queue', 0, tonumber(ARGV[3]) - 1)) do
-  local fields = redis.call('HMGET', jkey(id), 'model', 'headers')
-  out[#out + 1] = id
-  out[#out + 1] = fields[1]
-  out[#out + 1] = fields[2]
-end
-return out
-"""
-
-# ARGV[3]: dispatch. {holder, id, started_at, seq, ...} of the running jobs of that kind.
-HOLDERS = r"""
-local out = {}
-for _, id in ipairs(redis.call('ZRANGE', P .. 'leases', 0, -1)) do
-  local f = redis.call('HMGET', jkey(id), 'status', 'dispatch', 'server_id', 'started_at', 'seq')
-  if f[1] == 'running' and f[2] == ARGV[3] then
-    out[#out + 1] = f[3]
-    out[#out + 1] = id
-    out[#out + 1] = f[4]
-    out[#out + 1] = f[5]
-  end
-end
-return out
-"""
-
-SCRIPTS = {
+CHANGES = {
     "submit": SUBMIT,
     "claim_many": CLAIM_MANY,
     "claim_job": CLAIM_JOB,
@@ -474,10 +416,5 @@ SCRIPTS = {
     "retry": RETRY,
     "callbacks_due": CALLBACKS_DUE,
     "callback_tried": CALLBACK_TRIED,
-    "expired_leases": EXPIRED_LEASES,
     "purge": PURGE,
-    "recent": RECENT,
-    "counts": COUNTS,
-    "queue_heads": QUEUE_HEADS,
-    "holders": HOLDERS,
 }

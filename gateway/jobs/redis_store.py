@@ -35,7 +35,8 @@ from gateway.jobs.records import (
     StoreFull,
     new_lease_token,
 )
-from gateway.jobs.redis_scripts import PREAMBLE, SCRIPTS
+from gateway.jobs.redis_reads import READS
+from gateway.jobs.redis_scripts import CHANGES, PREAMBLE
 from gateway.jobs.rows import pairs
 
 REFUSALS: dict[str, type[JobError]] = {
@@ -72,7 +73,8 @@ class RedisJobStore:
         self._fixed_clock = clock is not None
         self.clock: Callable[[], float] = clock or time.time
         client = shared.client
-        self._scripts = {name: client.register_script(PREAMBLE + body) for name, body in SCRIPTS.items()}
+        scripts = {**CHANGES, **READS}
+        self._scripts = {name: client.register_script(PREAMBLE + body) for name, body in scripts.items()}
 
     def _run(self, what: str, name: str, *args: Any) -> Any:
         """Run one script; its refusal as the JobError it names, RedisUnavailable if Redis is away."""

@@ -152,9 +152,12 @@ def test_with_redis_away_every_job_call_is_a_503_with_retry_after(gateway_on_red
         assert answer.headers["Retry-After"] == "2"
         body = answer.json()
         assert body.get("success") is False or "error" in body  # the LLM routes answer in their API's shape
+    scraped = requests.get(gateway.url + "/metrics", timeout=5)  # what an outage looks like is still told
+    assert scraped.status_code == 200 and "gateway_jobs_queued" not in scraped.text
     redis_server.start()
     assert wait_until(lambda: gateway.app.extensions["jobs"].wakes.listening.is_set())
     assert job_state(gateway, job_id)["status"] == "queued"
+    assert "gateway_jobs_queued 1.0" in requests.get(gateway.url + "/metrics", timeout=5).text
     assert submit(gateway).status_code == 202
 
 

@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -101,7 +102,8 @@ def stream(port: int, count: int, threads: int) -> tuple[float, float]:
         submit = rate(count, threads, lambda i: client.xadd(key, {"body": BODY}))
 
         def claim(i: int) -> None:
-            for _, entries in client.xreadgroup("gateways", f"c{i % threads}", {key: ">"}, count=1):
+            read: Any = client.xreadgroup("gateways", f"c{i % threads}", {key: ">"}, count=1)  # [[key, [(id, fields)]]]
+            for _, entries in read:
                 for entry_id, _ in entries:
                     client.xack(key, "gateways", entry_id)
 

@@ -1,14 +1,15 @@
 """Jobs with REDIS_URL: two gateways in this process share one real redis-server, as two processes or hosts do.
 
 A job submitted at one is run by the other's pull worker or pushed by the other's dispatcher,
-also when the first is gone; a client waiting at one sees the other finish it; and with Redis
-away every job call is a 503 with Retry-After, never a 500.
+also when the first is gone; a client waiting at one sees the other finish it; with Redis away
+every job call is a 503 with Retry-After, never a 500; and gunicorn's two workers keep one queue.
 """
 
 from __future__ import annotations
 
 import base64
 import concurrent.futures
+import time
 
 import pytest
 import requests
@@ -205,3 +206,25 @@ def test_a_wake_reaches_every_other_process_and_after_an_outage_the_listener_is_
         there.stop()
         for connection in connections:
             connection.close()
+
+
+def test_under_gunicorn_two_workers_keep_one_queue_and_each_job_runs_once(gateway_process, redis_server):
+    gateway = gateway_process(REDIS_URL=redis_server.url, REDIS_PREFIX="test:", GATEWAY_WORKERS="2")
+    ids = [submit(gateway, f"/api/echo?n={n}").json()["job_id"] for n in range(20)]  # to either process
+    leased: list[dict] = []
+    deadline = time.monotonic() + 30
+    while len(leased) < 20 and time.monotonic() < deadline:  # each lease to either process, too
+        answer = requests.post(
+            gateway.url + "/workers/lease",
+            json={"worker_id": "W1", "routes": ["/api/"], "max_jobs": 3, "wait_seconds": 1},
+            headers=WORKER,
+            timeout=15,
+        )
+        if answer.status_code == 200:
+            leased.extend(answer.json()["jobs"])
+    assert sorted(job["job_id"] for job in leased) == sorted(ids)  # every job, each once
+    for job in leased:
+        answer = {"lease_token": job["lease_token"], "status": 200, "headers": [], "body": ""}
+        done = requests.post(f"{gateway.url}/jobs/{job['job_id']}/complete", json=answer, headers=WORKER, timeout=10)
+        assert done.status_code == 200, done.text
+    assert {job_state(gateway, job_id)["status"] for job_id in ids} == {"succeeded"}

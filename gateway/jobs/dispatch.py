@@ -162,8 +162,9 @@ class Dispatcher:
         for job_id, run in list(self.running.items()):
             try:
                 job = self.store.heartbeat(job_id, run.token, self.lease_seconds)
-            except JobError as exc:  # its lease ran out (Redis was away that long): it is queued again
-                log.warning("job %s: its lease could not be renewed (%s)", job_id, exc)
+            except JobError as exc:
+                if job_id in self.running:  # not a run that ended meanwhile: its lease ran out (Redis was away)
+                    log.warning("job %s: its lease could not be renewed (%s)", job_id, exc)
                 continue
             if job.status == CANCELLED and not run.cancelled:  # by a client of another process
                 run.cancel()

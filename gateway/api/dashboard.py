@@ -20,8 +20,8 @@ from gateway.api.jobs import jobs
 from gateway.api.workers import worker_list
 from gateway.errors import error_response
 from gateway.fleet.server import now_iso
+from gateway.jobs.interface import JobStore
 from gateway.jobs.records import STATUSES
-from gateway.jobs.store import SQLiteJobStore
 from gateway.observability.history import BUCKET_SECONDS, BUCKETS, FLEET, RequestHistory
 from gateway.proxy.forwarding import SESSION_COOKIE  # the proxy drops it from what it forwards
 
@@ -230,7 +230,7 @@ def server_row(server: dict[str, Any], served: dict[str, float], history: Reques
     }
 
 
-def queue_summary(store: SQLiteJobStore) -> dict[str, Any]:
+def queue_summary(store: JobStore) -> dict[str, Any]:
     """The jobs per status, the queued ones per priority (0 to 9), and how long the oldest has waited."""
     counts = store.counts()
     summary: dict[str, Any] = {status: counts.by_status[status] for status in STATUSES}

@@ -16,13 +16,17 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
 from gateway.api.auth import admin_authorized, admin_refusal
 from gateway.api.llm_request import parse_body
+from gateway.cluster.connection import Redis
 from gateway.config import Config
 from gateway.errors import error_response
 from gateway.jobs import intake
 from gateway.jobs.callbacks import CallbackSender
+from gateway.jobs.interface import JobStore
 from gateway.jobs.records import PULL, STATUSES, SUCCEEDED, Job, JobError, JobRequest
+from gateway.jobs.redis_store import RedisJobStore
 from gateway.jobs.service import JobService
 from gateway.jobs.store import SQLiteJobStore
+from gateway.jobs.wakes import JobWakes
 from gateway.observability.job_metrics import JobMetrics
 from gateway.proxy.forwarding import decoded, find_task_id
 from gateway.proxy.handler import Proxy
@@ -171,18 +175,32 @@ def renamed_body(job_request: JobRequest, model: str) -> bytes:
     return parse_body(job_request.body, path, content_type).renamed(model)
 
 
-def init_app(app: Flask) -> None:
-    """Open the job store, start dispatching, and let the proxy turn requests into jobs."""
-    config: Config = app.config["GATEWAY"]
-    proxy: Proxy = app.extensions["proxy"]
-    affinity: TaskAffinity = app.extensions["task_affinity"]
-    store = SQLiteJobStore(
+def open_store(config: Config, shared: Redis | None) -> JobStore:
+    """The jobs in Redis when the gateway has one (REDIS_URL), shared by every process; else in JOB_STORE_FILE."""
+    if shared is not None:
+        return RedisJobStore(
+            shared,
+            max_bytes=config.job_store_max_bytes,
+            idempotency_ttl=config.idempotency_ttl,
+            result_ttl=config.job_result_ttl,
+            queue_ttl=config.job_queue_ttl,
+        )
+    return SQLiteJobStore(
         Path(config.job_store_file),
         max_bytes=config.job_store_max_bytes,
         idempotency_ttl=config.idempotency_ttl,
         result_ttl=config.job_result_ttl,
         queue_ttl=config.job_queue_ttl,
     )
+
+
+def init_app(app: Flask) -> None:
+    """Open the job store, start dispatching, and let the proxy turn requests into jobs."""
+    config: Config = app.config["GATEWAY"]
+    proxy: Proxy = app.extensions["proxy"]
+    affinity: TaskAffinity = app.extensions["task_affinity"]
+    shared: Redis | None = app.extensions.get("redis")
+    store = open_store(config, shared)
     service = JobService(
         store,
         app.extensions["backend_manager"],
@@ -203,6 +221,7 @@ def init_app(app: Flask) -> None:
         if config.job_callback_secret
         else None,
         max_long_polls=config.worker_max_long_polls,
+        wakes=None if shared is None else JobWakes(shared),
     )
     app.extensions["jobs"] = service
     proxy.jobs = service

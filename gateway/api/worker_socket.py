@@ -25,6 +25,7 @@ from gateway.api.auth import worker_authorized, worker_refusal
 from gateway.api.jobs import jobs
 from gateway.api.schemas import LeaseSchema
 from gateway.api.workers import answer_limit, envelope
+from gateway.cluster.connection import RedisUnavailable
 from gateway.config import Config
 from gateway.errors import error_response
 from gateway.jobs.records import CANCELLED, JobError, JobResult
@@ -98,7 +99,7 @@ class WorkerSession:
             try:
                 ask = LeaseAsk(self.ask.worker_id, self.ask.routes, self.ask.models, room)
                 leased = self.service.lease(ask, renew_every, gone=self.closed.is_set)
-            except TooManyPolls:
+            except (TooManyPolls, RedisUnavailable):  # Redis's outage is logged once, by Redis.call
                 leased = []
                 self.closed.wait(1)
             for job in leased:
@@ -121,6 +122,8 @@ class WorkerSession:
             except JobError:  # its lease moved on (it ran out while the connection stalled)
                 self.forget(job_id)
                 continue
+            except RedisUnavailable:  # the next renewal tries again, within the lease
+                return
             if job.status == CANCELLED:
                 self.forget(job_id)
                 try:
@@ -160,7 +163,7 @@ class WorkerSession:
             result = parse_result(data.get("result"))
             self.forget(job_id)
             self.service.complete(job_id, token, result)
-        except (ValueError, JobError) as exc:
+        except (ValueError, JobError, RedisUnavailable) as exc:  # Redis away: not stored, the lease runs out
             self.ws.send(json.dumps({"type": "error", "error": str(exc)}))
 
     def release_all(self) -> None:
@@ -170,7 +173,7 @@ class WorkerSession:
         for job_id, token in held.items():
             try:
                 self.service.fail(job_id, token, f"worker {self.ask.worker_id} disconnected", retry=True)
-            except JobError:
+            except (JobError, RedisUnavailable):  # Redis away: its lease runs out instead
                 continue
             log.warning("job %s: worker %s disconnected while it ran; queued again", job_id, self.ask.worker_id)
 

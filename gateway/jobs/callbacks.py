@@ -22,9 +22,10 @@ from urllib.parse import urlsplit
 
 import requests
 
+from gateway.cluster.connection import RedisUnavailable
 from gateway.fleet.addresses import AddressError, Network, check_backend_address
+from gateway.jobs.interface import JobStore
 from gateway.jobs.records import Job
-from gateway.jobs.store import SQLiteJobStore
 
 log = logging.getLogger(__name__)
 TIMEOUT = 10.0  # seconds a receiver has to answer one delivery
@@ -88,7 +89,7 @@ class CallbackSender:
 
     def __init__(
         self,
-        store: SQLiteJobStore,
+        store: JobStore,
         secret: str,
         allowed_networks: Sequence[Network] = (),
         attempts: int = 8,
@@ -127,6 +128,8 @@ class CallbackSender:
                     if self._stop.is_set():
                         return
                     self.deliver(job)
+            except RedisUnavailable:  # logged once by Redis.call; the callbacks stay due
+                self._stop.wait(IDLE_ROUND)
             except Exception:  # the loop must outlive any one round: the callbacks stay due
                 log.exception("callback round failed; trying again")
                 self._stop.wait(IDLE_ROUND)

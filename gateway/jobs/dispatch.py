@@ -9,10 +9,11 @@ import threading
 import time
 from collections.abc import Callable
 
+from gateway.cluster.connection import RedisUnavailable
 from gateway.fleet.resources import GIB
-from gateway.jobs.records import PUSH, QUEUED, RUNNING, Job, JobRequest, JobResult
+from gateway.jobs.interface import JobStore
+from gateway.jobs.records import CANCELLED, PUSH, QUEUED, RUNNING, Job, JobError, JobRequest, JobResult
 from gateway.jobs.rows import pairs
-from gateway.jobs.store import SQLiteJobStore
 from gateway.manager import BackendManager
 from gateway.proxy.forwarding import REQUIRED_MEMORY_HEADER
 from gateway.proxy.upstream import ClientLeft, ConnectFailed, IncompleteBody, UpstreamPool, UpstreamResponse
@@ -24,6 +25,7 @@ MEMORY_HEADER = REQUIRED_MEMORY_HEADER.lower()
 KEYS_LABEL = "idempotency-keys"  # a server's label: `kept` means a repeated key gets the first answer, not new work
 PEEK = 200  # queued jobs looked at per round: enough to find work for every free slot
 IDLE_ROUND = 1.0  # seconds between rounds when nothing wakes the dispatcher
+KEEP_RETRY = 0.5  # seconds between tries to store a run's end while Redis is away
 
 
 class Run:
@@ -34,7 +36,8 @@ class Run:
     pair, and a cancel closes the other. Once the head is in, the answer itself is closed.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, token: str) -> None:
+        self.token = token  # the job's lease, renewed while it runs
         self.watched, self._cancel = socket.socketpair()
         self.upstream: UpstreamResponse | None = None
         self.cancelled = False
@@ -59,12 +62,14 @@ class Dispatcher:
     A round looks at the next queued jobs in order and takes a slot for each, without waiting;
     a job whose route has no free server stays queued, and the jobs behind it are still tried.
     Anything that may free a slot or bring a server (a submission, a finished job, a
-    registration, a recovery) wakes it; otherwise it looks again every second.
+    registration, a recovery) wakes it; otherwise it looks again every second. Every third of a
+    lease it renews the leases of the jobs it runs: a lease runs out only when its process died
+    (or lost Redis for that long), and then any process's sweep queues the job again.
     """
 
     def __init__(
         self,
-        store: SQLiteJobStore,
+        store: JobStore,
         manager: BackendManager,
         pool_for: Callable[[str], UpstreamPool],
         finished: Callable[[Job], None],
@@ -118,26 +123,51 @@ class Dispatcher:
         """
         if job is None:
             self._full = True
+            self._wake.set()
         else:
-            with self._fresh_lock:
-                self._fresh.append((job.job_id, job.model, required_bytes(job.request.headers)))
+            self.wake_fresh(job.job_id, job.model, required_bytes(job.request.headers))
+
+    def wake_fresh(self, job_id: str, model: str | None, memory: int | None) -> None:
+        """Look at one job just queued (here or, told through Redis, by another process)."""
+        with self._fresh_lock:
+            self._fresh.append((job_id, model, memory))
         self._wake.set()
 
     def _loop(self) -> None:
+        renew_every = self.lease_seconds / 3
+        next_renewal = time.monotonic() + renew_every
         while not self._stop.is_set():
-            self._wake.wait(IDLE_ROUND)
+            self._wake.wait(min(IDLE_ROUND, renew_every))
             self._wake.clear()
             full, self._full = self._full, False
             with self._fresh_lock:
                 fresh, self._fresh = self._fresh, []
             try:
+                if time.monotonic() >= next_renewal:
+                    next_renewal = time.monotonic() + renew_every
+                    self.renew()
                 if full or not fresh:  # not fresh: the round every second, which nothing else may do
                     self.dispatch_round()
                 else:
                     self.dispatch(fresh)
+            except RedisUnavailable:  # logged once by Redis.call; the jobs wait in Redis
+                self._full = True
+                self._stop.wait(IDLE_ROUND)
             except Exception:  # the loop must outlive any one round: a job stays queued, not lost
                 log.exception("job dispatch round failed; trying again")
                 self._stop.wait(IDLE_ROUND)
+
+    def renew(self) -> None:
+        """Extend the lease of every job running here; stop one that was cancelled elsewhere."""
+        for job_id, run in list(self.running.items()):
+            try:
+                job = self.store.heartbeat(job_id, run.token, self.lease_seconds)
+            except JobError as exc:
+                if job_id in self.running:  # not a run that ended meanwhile: its lease ran out (Redis was away)
+                    log.warning("job %s: its lease could not be renewed (%s)", job_id, exc)
+                continue
+            if job.status == CANCELLED and not run.cancelled:  # by a client of another process
+                run.cancel()
 
     def dispatch_round(self) -> int:
         """Start every queued job that a server can take now; how many were started."""
@@ -161,8 +191,12 @@ class Dispatcher:
                 blocked.add(need)
                 continue
             assert lease.server is not None  # the manager's leases always name a server
-            claimed = self.store.claim_job(job_id, lease.server.server_id, PUSH, self.lease_seconds)
-            if claimed is None:  # cancelled, or taken by a worker, since the peek
+            try:
+                claimed = self.store.claim_job(job_id, lease.server.server_id, PUSH, self.lease_seconds)
+            except BaseException:
+                lease.release()
+                raise
+            if claimed is None:  # cancelled, or taken by a worker or another process, since the peek
                 lease.release()
                 continue
             log.info("job %s dispatched to %s (attempt %d)", claimed.job_id, lease.server.server_id, claimed.attempts)
@@ -186,7 +220,8 @@ class Dispatcher:
         """Send one job's request, keep the answer, and free the slot, whatever happens."""
         assert lease.server is not None and job.lease_token is not None
         server, token = lease.server, job.lease_token
-        run = self.running[job.job_id] = Run()
+        run = self.running[job.job_id] = Run(token)
+        done: Job | None = None
         try:
             body = job.request.body
             if self.rename is not None and lease.actual_model is not None and lease.actual_model != job.model:
@@ -194,15 +229,22 @@ class Dispatcher:
             repeatable = job.request.method in IDEMPOTENT_METHODS or keeps_keys(server.labels)
             done = self._exchange(job, server.server_id, server.url, token, run, body, repeatable)
             if run.requeue and done.status == RUNNING:
-                done = self.store.release(job.job_id, token, "the gateway stopped while it ran")
+                done = self._keep(self.store.release, job.job_id, token, "the gateway stopped while it ran")
+        except (JobError, RedisUnavailable) as exc:  # its end could not be stored: its lease runs out instead
+            log.warning("job %s on %s: its end was not stored (%s); it is queued again when its lease runs out",
+                        job.job_id, server.server_id, exc)  # fmt: skip
         except Exception:
             log.exception("job %s on %s failed in the gateway", job.job_id, server.server_id)
-            done = self.store.fail(job.job_id, token, "internal error in the gateway", retry=False, max_attempts=1)
+            with contextlib.suppress(JobError, RedisUnavailable):
+                done = self.store.fail(job.job_id, token, "internal error in the gateway", retry=False, max_attempts=1)
         finally:
             self.running.pop(job.job_id, None)
             self._runs.discard(threading.current_thread())
             run.close()
             lease.release()
+        if done is None:
+            self.wake()
+            return
         if done.status != QUEUED:  # a slot is free: the next job may take it (a refused one waits a round)
             self.wake()
         elif self.requeued is not None:  # back in the queue: a pull worker may take it before the next round
@@ -221,11 +263,11 @@ class Dispatcher:
                 request.method, request.target, headers, body, run.watched
             )
         except ClientLeft:  # cancelled while it waited for the answer
-            return self.store.get(job.job_id)
+            return self._keep(self.store.get, job.job_id)
         except ConnectFailed as exc:  # nothing was sent: another server, or later, at no cost
             reason = exc.strerror or "cannot connect"
             self.manager.report_failure(server_id, url, reason)
-            return self.store.release(job.job_id, token, f"{server_id}: {reason}")
+            return self._keep(self.store.release, job.job_id, token, f"{server_id}: {reason}")
         except OSError as exc:
             return self._failed(job, server_id, token, f"{server_id}: {exc.strerror or exc}", repeatable)
         try:
@@ -233,7 +275,7 @@ class Dispatcher:
         except OSError as exc:
             upstream.close()
             if run.cancelled:
-                return self.store.get(job.job_id)
+                return self._keep(self.store.get, job.job_id)
             return self._failed(job, server_id, token, f"{server_id} broke off its answer: {exc}", repeatable)
         upstream.release_conn()
         self.manager.report_result(server_id, upstream.status < 500, f"HTTP {upstream.status}")
@@ -244,8 +286,19 @@ class Dispatcher:
         result = JobResult(upstream.status, tuple(upstream.headers.iteritems()), answer)
         if upstream.status >= 500:  # the server's own failure: its answer is kept, and tried again if safe
             reason = f"{server_id}: HTTP {upstream.status}"
-            return self.store.fail(job.job_id, token, reason, repeatable, self.max_attempts, result)
-        return self.store.succeed(job.job_id, token, result)
+            return self._keep(self.store.fail, job.job_id, token, reason, repeatable, self.max_attempts, result)
+        return self._keep(self.store.succeed, job.job_id, token, result)
+
+    def _keep(self, write: Callable[..., Job], *args: object) -> Job:
+        """A run's end stored, tried again while Redis is away, for up to a lease (then the job is the sweep's)."""
+        deadline = time.monotonic() + self.lease_seconds
+        while True:
+            try:
+                return write(*args)
+            except RedisUnavailable:
+                if time.monotonic() >= deadline or self._stop.is_set():
+                    raise
+                time.sleep(KEEP_RETRY)
 
     def _read(self, upstream: UpstreamResponse) -> bytes:
         """The whole answer, within the result limit; IncompleteBody if it was cut short."""
@@ -262,7 +315,7 @@ class Dispatcher:
     def _failed(self, job: Job, server_id: str, token: str, reason: str, retry: bool) -> Job:
         """A failure after the request went out: tried again only where a repeat is safe."""
         log.warning("job %s failed on %s: %s (%s)", job.job_id, server_id, reason, "retried" if retry else "final")
-        return self.store.fail(job.job_id, token, reason, retry=retry, max_attempts=self.max_attempts)
+        return self._keep(self.store.fail, job.job_id, token, reason, retry, self.max_attempts)
 
 
 def required_bytes(headers: tuple[tuple[str, str], ...]) -> int | None:

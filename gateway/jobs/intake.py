@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from flask import Response, jsonify
 
-from gateway.errors import error_response
+from gateway.cluster.connection import RedisUnavailable
+from gateway.errors import error_response, handle_redis_unavailable
 from gateway.jobs.records import DEFAULT_PRIORITY, FINISHED, Job, JobError, JobRequest, NewJob
 from gateway.jobs.service import JobService, fingerprint
 from gateway.proxy.current_request import request
@@ -100,14 +101,21 @@ def submit(
     )
     try:
         submitted = jobs.submit(new)
-        job = submitted.job
-        if ask.wait > 0 and job.status not in FINISHED:
-            job = jobs.wait(job.job_id, ask.wait)
     except JobError as exc:
         return error_response(exc.status, str(exc))
-    if job.status in FINISHED:
-        return result_response(job)
-    return accepted(jobs, job, submitted.position if job is submitted.job else None)  # not after a wait
+    except RedisUnavailable as exc:  # nothing was stored: a 503 the client may send again (not the proxy's 500)
+        return handle_redis_unavailable(exc)
+    job = submitted.job
+    try:
+        if ask.wait > 0 and job.status not in FINISHED:
+            job = jobs.wait(job.job_id, ask.wait)
+        if job.status in FINISHED:
+            return result_response(job)
+        return accepted(jobs, job, submitted.position if job is submitted.job else None)  # not after a wait
+    except JobError as exc:
+        return error_response(exc.status, str(exc))
+    except RedisUnavailable:  # Redis went while the client waited: the job is stored, so it is a 202 as submitted
+        return accepted(jobs, submitted.job, submitted.position)
 
 
 def accepted(jobs: JobService, job: Job, position: int | None = None) -> Response:

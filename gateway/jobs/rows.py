@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 import json
-from dataclasses import dataclass
 from typing import Any
 
 from gateway.jobs.records import Job, JobRequest, JobResult
@@ -19,8 +18,6 @@ CALLBACK_DUE = (
     "callback_state = CASE WHEN callback_url IS NULL THEN NULL ELSE 'pending' END,"
     " callback_due_at = CASE WHEN callback_url IS NULL THEN NULL ELSE ? END"
 )
-CALLBACK_BACKOFF_CAP = 3600.0  # the longest wait between two deliveries of one callback
-ROW_OVERHEAD = 512  # bytes a job costs beyond its bodies and headers, for the size budget
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -63,25 +60,6 @@ CREATE TABLE IF NOT EXISTS idempotency (
     expires_at REAL NOT NULL
 );
 """
-
-
-@dataclass(frozen=True)
-class Submitted:
-    """A submission's outcome: the job, and whether this submission made it (False: a repeat)."""
-
-    job: Job
-    created: bool
-    position: int | None = None  # its place in the queue at that moment, counted in the same transaction
-
-
-@dataclass(frozen=True)
-class QueueCounts:
-    """The queue at a glance: jobs per status, queued per priority, and the oldest wait."""
-
-    by_status: dict[str, int]
-    queued_by_priority: dict[int, int]
-    oldest_queued_at: float | None
-    stored_bytes: int
 
 
 def same(a: str, b: str) -> bool:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gateway.cluster.connection import RedisUnavailable
 from gateway.jobs.callbacks import CallbackSender, check_callback_url
-from gateway.jobs.dispatch import Dispatcher
-from gateway.jobs.records import FAILED, FINISHED, PULL, QUEUED, SUCCEEDED, Job, JobRequest, JobResult, NewJob
-from gateway.jobs.store import SQLiteJobStore, Submitted
+from gateway.jobs.dispatch import Dispatcher, required_bytes
+from gateway.jobs.interface import JobStore, Submitted
+from gateway.jobs.records import FAILED, FINISHED, PULL, QUEUED, RUNNING, SUCCEEDED, Job, JobRequest, JobResult, NewJob
+from gateway.jobs.wakes import WAKE_CANCEL, WAKE_FINISHED, WAKE_QUEUED, JobWakes, Wake
 from gateway.jobs.workers import LeaseAsk, WorkerRegistry
 from gateway.manager import BackendManager
 from gateway.observability.job_metrics import JobMetrics
@@ -21,6 +24,8 @@ log = logging.getLogger(__name__)
 SWEEP_SECONDS = 1.0  # how often expired leases are looked for
 PURGE_SECONDS = 60.0  # how often old jobs and keys are cleared
 RUN_TIME_WEIGHT = 0.2  # the newest run's share in a task type's average run time
+WAIT_POLL = 1.0  # with Redis, how often a waiting client's job is read again (a wake may be lost)
+POLL_RECHECK = 5.0  # with Redis, how often a long poll claims again (the same)
 
 
 def fingerprint(request: JobRequest) -> str:
@@ -38,11 +43,16 @@ class Estimate:
 
 
 class JobService:
-    """Owns the job store, the push dispatcher, the pull workers and the sweeps; views and the proxy call it."""
+    """Owns the job store, the push dispatcher, the pull workers and the sweeps; views and the proxy call it.
+
+    With `wakes` (Redis), what wakes this process's dispatcher, long polls and waiting clients is
+    told to every other process too, and theirs to this one: a job submitted anywhere is
+    dispatched by whichever process has a server or a worker for it.
+    """
 
     def __init__(
         self,
-        store: SQLiteJobStore,
+        store: JobStore,
         manager: BackendManager,
         pool_for: Callable[[str], UpstreamPool],
         lease_seconds: float = 30.0,
@@ -53,8 +63,10 @@ class JobService:
         rename: Callable[[JobRequest, str], bytes] | None = None,
         callbacks: CallbackSender | None = None,
         max_long_polls: int = 1000,
+        wakes: JobWakes | None = None,
     ) -> None:
         self.store = store
+        self.wakes = wakes
         self.callbacks = callbacks
         self.metrics = metrics
         self.manager = manager
@@ -74,7 +86,7 @@ class JobService:
             rename=rename,
             requeued=self._requeued,
         )
-        self.workers = WorkerRegistry(lease_seconds, max_long_polls)
+        self.workers = WorkerRegistry(lease_seconds, max_long_polls, recheck=None if wakes is None else POLL_RECHECK)
         self._run_seconds: dict[str, float] = {}  # task type -> average run time, from finished jobs
         self._waiters: dict[str, list[threading.Event]] = {}
         self._waiters_lock = threading.Lock()
@@ -86,6 +98,8 @@ class JobService:
         recovered = self.store.recover()
         if recovered:
             log.warning("%d pushed jobs were running when the gateway stopped: queued again", recovered)
+        if self.wakes is not None:
+            self.wakes.start(self._woken, self._reconnected)
         self.dispatcher.start()
         if self.callbacks is not None:
             self.callbacks.start()
@@ -94,6 +108,8 @@ class JobService:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.wakes is not None:
+            self.wakes.stop()
         self.dispatcher.stop()
         if self.callbacks is not None:
             self.callbacks.stop()
@@ -114,16 +130,23 @@ class JobService:
         return submitted
 
     def wait(self, job_id: str, seconds: float) -> Job:
-        """The job once it has finished, or as it stands after `seconds`."""
+        """The job once it has finished, or as it stands after `seconds`.
+
+        A finish here, or told by another process through Redis, wakes the wait at once; with
+        Redis the job is also read again every WAIT_POLL seconds, in case that message was lost.
+        """
         event = threading.Event()
+        deadline = time.monotonic() + seconds
         with self._waiters_lock:
             self._waiters.setdefault(job_id, []).append(event)
         try:
-            job = self.store.get(job_id)
-            if job.status not in FINISHED and seconds > 0:
-                event.wait(seconds)
+            while True:
+                event.clear()  # before the read: a finish after it still ends the wait
                 job = self.store.get(job_id)
-            return job
+                left = deadline - time.monotonic()
+                if job.status in FINISHED or left <= 0:
+                    return job
+                event.wait(left if self.wakes is None else min(left, WAIT_POLL))
         finally:
             with self._waiters_lock:
                 waiting = self._waiters.get(job_id, [])
@@ -137,7 +160,8 @@ class JobService:
         before, after = self.store.cancel(job_id)
         if before.status not in FINISHED:
             log.info("job %s cancelled (it was %s)", job_id, before.status)
-            self.dispatcher.cancel(job_id)
+            if not self.dispatcher.cancel(job_id) and before.status == RUNNING and self.wakes is not None:
+                self.wakes.publish(Wake(WAKE_CANCEL, job_id))  # it may run in another process
             self._finished(after)
         return after
 
@@ -204,8 +228,37 @@ class JobService:
             self.workers.heard_from(job.server_id, heartbeat)
 
     def _requeued(self, job: Job) -> None:
-        """A job is (back) in the queue: wake the long polls of the workers that take it."""
-        self.workers.notify(job)
+        """A job is (back) in the queue: wake the long polls of the workers that take it, here and elsewhere."""
+        self.workers.notify(job.task_type, job.model)
+        if self.wakes is not None:
+            memory = required_bytes(job.request.headers)
+            self.wakes.publish(Wake(WAKE_QUEUED, job.job_id, job.task_type, job.model, memory))
+
+    def _woken(self, wake: Wake) -> None:
+        """Another process queued, finished or cancelled a job."""
+        if wake.event == WAKE_QUEUED:
+            self.dispatcher.wake_fresh(wake.job_id, wake.model, wake.memory)
+            if wake.task_type is not None:
+                self.workers.notify(wake.task_type, wake.model)
+        elif wake.event == WAKE_FINISHED:
+            self._wake_waiters(wake.job_id)
+        elif wake.event == WAKE_CANCEL:
+            self.dispatcher.cancel(wake.job_id)
+
+    def _reconnected(self) -> None:
+        """Back on Redis after an outage, whose wakes were lost: look at the queue, every poll and every wait."""
+        self.dispatcher.wake()
+        self.workers.notify_all()
+        with self._waiters_lock:
+            waiting = [event for events in self._waiters.values() for event in events]
+        for event in waiting:
+            event.set()
+
+    def _wake_waiters(self, job_id: str) -> None:
+        with self._waiters_lock:
+            waiting = list(self._waiters.get(job_id, ()))
+        for event in waiting:
+            event.set()
 
     def _started(self, job: Job) -> None:
         """A job left the queue for a server."""
@@ -226,10 +279,9 @@ class JobService:
         else:
             log.info("job %s %s after %d attempts%s", job.job_id, job.status, job.attempts,
                      f": {job.error}" if job.error else "")  # fmt: skip
-        with self._waiters_lock:
-            waiting = list(self._waiters.get(job.job_id, ()))
-        for event in waiting:
-            event.set()
+        self._wake_waiters(job.job_id)
+        if self.wakes is not None:
+            self.wakes.publish(Wake(WAKE_FINISHED, job.job_id))
         if self.on_finished is not None:
             self.on_finished(job)
         if self.callbacks is not None and job.callback_url is not None:
@@ -290,5 +342,7 @@ class JobService:
                     if expired or deleted:
                         log.info("jobs: %d expired in the queue, %d old ones deleted", expired, deleted)
                 self.dispatcher.wake()  # a lease that expired put a job back
+            except RedisUnavailable:  # logged once by Redis.call; the next sweep catches up
+                pass
             except Exception:  # the sweep must go on; the next one catches what this one missed
                 log.exception("job sweep failed")

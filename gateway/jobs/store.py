@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from gateway.fleet.store import off_the_event_loop
+from gateway.jobs.interface import CALLBACK_BACKOFF_CAP, ROW_OVERHEAD, QueueCounts, Submitted
 from gateway.jobs.records import (
     CANCELLED,
     EXPIRED,
@@ -36,17 +37,7 @@ from gateway.jobs.records import (
     StoreFull,
     new_lease_token,
 )
-from gateway.jobs.rows import (
-    CALLBACK_BACKOFF_CAP,
-    CALLBACK_DUE,
-    CLAIMED,
-    ROW_OVERHEAD,
-    SCHEMA,
-    QueueCounts,
-    Submitted,
-    job_from_row,
-    same,
-)
+from gateway.jobs.rows import CALLBACK_DUE, CLAIMED, SCHEMA, job_from_row, same
 from gateway.jobs.sqlite import SQLiteFile, native_lock
 
 log = logging.getLogger(__name__)

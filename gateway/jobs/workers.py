@@ -29,9 +29,13 @@ class LeaseAsk:
 
     def wants(self, job: Job) -> bool:
         """Whether this worker serves `job` (a worker that names nothing serves every job)."""
+        return self.serves(job.task_type, job.model)
+
+    def serves(self, task_type: str, model: str | None) -> bool:
+        """Whether this worker serves jobs of this task type and model."""
         if not self.routes and not self.models:
             return True
-        return job.task_type in self.routes or (job.model is not None and job.model in self.models)
+        return task_type in self.routes or (model is not None and model in self.models)
 
 
 @dataclass
@@ -62,9 +66,16 @@ class _Poll:
 class WorkerRegistry:
     """The workers heard from, and the long polls waiting for jobs, woken as jobs are queued."""
 
-    def __init__(self, lease_seconds: float, max_polls: int = 1000, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        lease_seconds: float,
+        max_polls: int = 1000,
+        clock: Callable[[], float] = time.time,
+        recheck: float | None = None,
+    ) -> None:
         self.lease_seconds = lease_seconds
         self.max_polls = max_polls
+        self.recheck = recheck  # claim again this often while waiting (None: only when woken)
         self.clock = clock
         self._workers: dict[str, Worker] = {}
         self._polls: set[_Poll] = set()
@@ -96,18 +107,25 @@ class WorkerRegistry:
                 left = deadline - time.monotonic()
                 if jobs or left <= 0:
                     return jobs
-                waiting.event.wait(left)
+                waiting.event.wait(left if self.recheck is None else min(left, self.recheck))
         finally:
             with self._lock:
                 self._polls.discard(waiting)
                 worker.polling -= 1
                 worker.last_seen_at = self.clock()
 
-    def notify(self, job: Job) -> None:
-        """A job was queued: wake the long polls that would take it."""
+    def notify(self, task_type: str, model: str | None) -> None:
+        """A job of this task type and model was queued: wake the long polls that would take it."""
         with self._lock:
-            matching = [waiting for waiting in self._polls if waiting.ask.wants(job)]
+            matching = [waiting for waiting in self._polls if waiting.ask.serves(task_type, model)]
         for waiting in matching:
+            waiting.event.set()
+
+    def notify_all(self) -> None:
+        """Wake every long poll, to claim again."""
+        with self._lock:
+            polls = list(self._polls)
+        for waiting in polls:
             waiting.event.set()
 
     def heard_from(self, worker_id: str, heartbeat: bool = False) -> None:

@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from gateway.cluster.connection import RedisUnavailable
 from gateway.observability.multiprocess import values_registry
 
 SECONDS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 24 * 3600)
@@ -21,7 +22,10 @@ class QueueCollector(Collector):
         self.counts = counts  # the store's counts(): by_status, queued_by_priority
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        counts = self.counts()
+        try:
+            counts = self.counts()
+        except RedisUnavailable:  # the rest of /metrics still answers; gateway_redis_up says why these are missing
+            return
         yield GaugeMetricFamily("gateway_jobs_queued", "Jobs waiting in the queue", value=counts.by_status["queued"])
         yield GaugeMetricFamily("gateway_jobs_running", "Jobs running on a server", value=counts.by_status["running"])
         yield GaugeMetricFamily(

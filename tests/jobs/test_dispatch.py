@@ -1,4 +1,4 @@
-"""Push dispatch over real HTTP: a JobService, a real manager and fake GPU servers on 127.0.0.1."""
+"""Push dispatch over real HTTP: a JobService on each store, a real manager and fake GPU servers on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -8,31 +8,52 @@ import socket
 import pytest
 from conftest import wait_until
 
+from gateway.cluster.connection import Redis
 from gateway.fleet.store import JsonFileStore
 from gateway.jobs.records import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobRequest, NewJob
+from gateway.jobs.redis_store import RedisJobStore
 from gateway.jobs.service import JobService, fingerprint
 from gateway.jobs.store import SQLiteJobStore
 from gateway.manager import BackendManager
 from gateway.proxy.upstream import UpstreamPool
 
 
-@pytest.fixture
-def jobs(tmp_path):
-    manager = BackendManager(JsonFileStore(tmp_path / "servers.json"))
-    manager.load()
+@pytest.fixture(params=["sqlite", "redis"])
+def make_jobs(request, tmp_path):
+    """Build a started JobService on one kind of store (Redis on a real redis-server), stopped at the end."""
+    built: list[JobService] = []
     pools: dict[str, UpstreamPool] = {}
+    connections: list[Redis] = []
 
     def pool_for(url: str) -> UpstreamPool:
         return pools.setdefault(url, UpstreamPool(url, 8, 2.0, 10.0))
 
-    store = SQLiteJobStore(tmp_path / "jobs.db")
-    service = JobService(store, manager, pool_for, lease_seconds=30, max_attempts=3)
-    service.start()
-    yield service
-    service.stop()
-    store.close()
+    def build(lease_seconds: float = 30) -> JobService:
+        manager = BackendManager(JsonFileStore(tmp_path / f"servers-{len(built)}.json"))
+        manager.load()
+        if request.param == "sqlite":
+            store = SQLiteJobStore(tmp_path / f"jobs-{len(built)}.db")
+        else:
+            connections.append(Redis(request.getfixturevalue("redis_server").url))
+            store = RedisJobStore(connections[-1])
+        service = JobService(store, manager, pool_for, lease_seconds=lease_seconds, max_attempts=3)
+        service.start()
+        built.append(service)
+        return service
+
+    yield build
+    for service in built:
+        service.stop()
+        service.store.close()
     for pool in pools.values():
         pool.close()
+    for connection in connections:
+        connection.close()
+
+
+@pytest.fixture
+def jobs(make_jobs):
+    return make_jobs()
 
 
 def submit(jobs: JobService, method: str = "GET", target: str = "/api/echo", body: bytes = b"", **options):
@@ -148,3 +169,13 @@ def test_a_post_is_tried_again_on_a_server_that_keeps_idempotency_keys(jobs, fak
     done = finished(jobs, job.job_id)
     assert (done.status, done.attempts) == (FAILED, 3)  # a repeat is safe there: each try was a new chance
     assert [r["path"] for r in server.requests].count("/api/short-json") == 3
+
+
+def test_a_pushed_job_that_runs_past_its_lease_keeps_it_and_runs_once(make_jobs, fake_servers):
+    jobs = make_jobs(lease_seconds=1)  # the sweep looks every second: an unrenewed lease would run out mid-run
+    server = fake_servers("B1")
+    jobs.manager.register_server("B1", "127.0.0.1", server.port)
+    job = submit(jobs, "GET", "/api/slow?delay=3")
+    done = finished(jobs, job.job_id)
+    assert (done.status, done.attempts, done.error) == (SUCCEEDED, 1, None)
+    assert [r["path"] for r in server.requests].count("/api/slow") == 1

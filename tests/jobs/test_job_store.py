@@ -1,4 +1,8 @@
-"""The embedded job store on a real SQLite file: order, idempotency, leases, budget, crashes."""
+"""The job stores, each on the real thing (a SQLite file, a redis-server): order, idempotency, leases, budget, crashes.
+
+Every test that names `store` or `make_store` runs against both; the SQLite file's own matters
+(restart recovery, a corrupt file, kill -9) are at the end, and Redis's own in test_redis_job_store.py.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.cluster.connection import Redis
 from gateway.jobs.records import (
     CANCELLED,
     EXPIRED,
@@ -29,6 +34,7 @@ from gateway.jobs.records import (
     StaleLease,
     StoreFull,
 )
+from gateway.jobs.redis_store import RedisJobStore
 from gateway.jobs.store import SQLiteJobStore
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,11 +53,31 @@ def clock() -> Clock:
     return Clock()
 
 
+@pytest.fixture(params=["sqlite", "redis"])
+def make_store(request, tmp_path, clock):
+    """Build stores of one kind on the test clock (SQLite on tmp_path, Redis on a real redis-server)."""
+    built, connections = [], []
+
+    def build(**options):
+        if request.param == "sqlite":
+            made = SQLiteJobStore(tmp_path / "jobs.db", clock=clock, **options)
+        else:
+            server = request.getfixturevalue("redis_server")
+            connections.append(Redis(server.url, "test:"))
+            made = RedisJobStore(connections[-1], clock=clock, **options)
+        built.append(made)
+        return made
+
+    yield build
+    for made in built:
+        made.close()
+    for connection in connections:
+        connection.close()
+
+
 @pytest.fixture
-def store(tmp_path, clock):
-    jobs = SQLiteJobStore(tmp_path / "jobs.db", clock=clock)
-    yield jobs
-    jobs.close()
+def store(make_store):
+    return make_store()
 
 
 def new_job(body: bytes = b"{}", **options) -> NewJob:
@@ -127,13 +153,12 @@ def test_one_key_with_another_request_is_refused_and_stores_nothing(store):
     assert store.counts().by_status[QUEUED] == 1
 
 
-def test_a_key_is_forgotten_after_its_ttl(tmp_path, clock):
-    store = SQLiteJobStore(tmp_path / "jobs.db", idempotency_ttl=60, clock=clock)
+def test_a_key_is_forgotten_after_its_ttl(make_store, clock):
+    store = make_store(idempotency_ttl=60)
     first = store.submit(new_job(idempotency_key="k1", fingerprint="one"))
     clock.now += 61
     later = store.submit(new_job(idempotency_key="k1", fingerprint="two"))
     assert later.created and later.job.job_id != first.job.job_id
-    store.close()
 
 
 def test_twenty_concurrent_submissions_with_one_key_make_one_job(store):
@@ -172,14 +197,13 @@ def test_concurrent_submissions_are_all_kept(store):
     assert sorted({job.seq for job in store.recent(limit=1000)}) == list(range(1, 401))
 
 
-def test_over_the_budget_a_job_is_refused_with_507_and_nothing_is_stored(tmp_path, clock):
-    store = SQLiteJobStore(tmp_path / "jobs.db", max_bytes=4096, clock=clock)
+def test_over_the_budget_a_job_is_refused_with_507_and_nothing_is_stored(make_store):
+    store = make_store(max_bytes=4096)
     store.submit(new_job(b"x" * 2000))
     with pytest.raises(StoreFull) as full:
         store.submit(new_job(b"x" * 2000))
     assert full.value.status == 507
     assert store.counts().by_status[QUEUED] == 1
-    store.close()
 
 
 def test_a_heartbeat_extends_the_lease_and_a_stale_token_changes_nothing(store, clock):
@@ -269,6 +293,45 @@ def test_a_failed_job_can_be_queued_again(store):
         store.retry(job.job_id)  # queued: nothing to retry
 
 
+def test_old_queued_jobs_expire_and_old_results_go(make_store, clock):
+    store = make_store(queue_ttl=100, result_ttl=50)
+    store.submit(new_job(b"y" * 1000))
+    done = store.claim("B1", PUSH, 30)
+    waiting = store.submit(new_job()).job
+    assert done is not None and done.lease_token
+    store.succeed(done.job_id, done.lease_token, JobResult(200, (), b"z" * 1000))
+    stored = store.counts().stored_bytes
+    clock.now += 101
+    assert store.purge() == (1, 1)  # one expired, one (finished 101 s ago) deleted
+    assert store.get(waiting.job_id).status == EXPIRED
+    with pytest.raises(JobNotFound):
+        store.get(done.job_id)
+    assert store.counts().stored_bytes < stored - 2000
+
+
+def test_a_submissions_place_is_counted_right_through_every_change_of_the_queue(store, clock):
+    """The place a 202 tells is kept in memory: after claims, requeues, cancels, retries and expiry it still
+    matches the table, and a new job's place is one behind every queued job of its priority or a lower one."""
+    ids = [store.submit(new_job(priority=p)).job.job_id for p in (5, 5, 2, 9, 5, 0)]
+    claimed = store.claim("B1", PUSH, 30)
+    assert claimed is not None and claimed.lease_token
+    store.release(claimed.job_id, claimed.lease_token, "refused")  # back
+    taken = store.claim_many("W1", PULL, 30, 2)
+    store.cancel(ids[0])
+    store.fail(taken[0].job_id, taken[0].lease_token or "", "boom", retry=False, max_attempts=3)
+    store.retry(taken[0].job_id)
+    clock.now += 31
+    store.expire_leases(max_attempts=3)
+    for priority in range(10):
+        submitted = store.submit(new_job(priority=priority))
+        assert submitted.position == store.position(submitted.job)
+    if isinstance(store, SQLiteJobStore):  # its counts in memory match the table's
+        assert store._queued_counts == {p: n for p, n in store.counts().queued_by_priority.items()}
+
+
+# -- the SQLite file's own ------------------------------------------------------------------
+
+
 def test_after_a_restart_pushed_jobs_are_queued_again_and_pulled_ones_keep_their_lease(tmp_path, clock):
     path = tmp_path / "jobs.db"
     store = SQLiteJobStore(path, clock=clock)
@@ -285,23 +348,6 @@ def test_after_a_restart_pushed_jobs_are_queued_again_and_pulled_ones_keep_their
     new = reopened.submit(new_job()).job
     assert new.seq == 4  # the order goes on after the stored jobs
     reopened.close()
-
-
-def test_old_queued_jobs_expire_and_old_results_go(tmp_path, clock):
-    store = SQLiteJobStore(tmp_path / "jobs.db", queue_ttl=100, result_ttl=50, clock=clock)
-    store.submit(new_job(b"y" * 1000))
-    done = store.claim("B1", PUSH, 30)
-    waiting = store.submit(new_job()).job
-    assert done is not None and done.lease_token
-    store.succeed(done.job_id, done.lease_token, JobResult(200, (), b"z" * 1000))
-    stored = store.counts().stored_bytes
-    clock.now += 101
-    assert store.purge() == (1, 1)  # one expired, one (finished 101 s ago) deleted
-    assert store.get(waiting.job_id).status == EXPIRED
-    with pytest.raises(JobNotFound):
-        store.get(done.job_id)
-    assert store.counts().stored_bytes < stored - 2000
-    store.close()
 
 
 def test_a_corrupt_file_is_moved_aside(tmp_path, clock):
@@ -340,22 +386,3 @@ def test_an_acknowledged_job_survives_kill_9(tmp_path):
             assert store.get(job_id).status == QUEUED
     finally:
         store.close()
-
-
-def test_a_submissions_place_is_counted_right_through_every_change_of_the_queue(store, clock):
-    """The place a 202 tells is kept in memory: after claims, requeues, cancels, retries and expiry it still
-    matches the table, and a new job's place is one behind every queued job of its priority or a lower one."""
-    ids = [store.submit(new_job(priority=p)).job.job_id for p in (5, 5, 2, 9, 5, 0)]
-    claimed = store.claim("B1", PUSH, 30)
-    assert claimed is not None and claimed.lease_token
-    store.release(claimed.job_id, claimed.lease_token, "refused")  # back
-    taken = store.claim_many("W1", PULL, 30, 2)
-    store.cancel(ids[0])
-    store.fail(taken[0].job_id, taken[0].lease_token or "", "boom", retry=False, max_attempts=3)
-    store.retry(taken[0].job_id)
-    clock.now += 31
-    store.expire_leases(max_attempts=3)
-    for priority in range(10):
-        submitted = store.submit(new_job(priority=priority))
-        assert submitted.position == store.position(submitted.job)
-    assert store._queued_counts == {p: n for p, n in store.counts().queued_by_priority.items()}

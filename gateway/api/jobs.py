@@ -16,7 +16,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
 from gateway.api.auth import admin_authorized, admin_refusal
 from gateway.api.llm_request import parse_body
-from gateway.cluster.connection import Redis
+from gateway.cluster.connection import Redis, RedisUnavailable
 from gateway.config import Config
 from gateway.errors import error_response
 from gateway.jobs import intake
@@ -164,7 +164,7 @@ def remember_task(affinity: TaskAffinity, job: Job) -> None:
         return
     try:
         affinity.record(task_id, job.server_id)
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, RedisUnavailable) as exc:
         log.error("could not record the owner of task %s (%s): %s", task_id, job.server_id, exc)
 
 

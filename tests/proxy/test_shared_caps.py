@@ -2,6 +2,7 @@
 
 import contextlib
 import threading
+import time
 
 import pytest
 import redis
@@ -91,6 +92,11 @@ def test_a_request_to_a_server_without_a_cap_makes_no_redis_call(
     gateway = live_gateway(redis_app(make_app, tmp_path, redis_server, "plain"))
     plain, capped = fake_servers("B1"), fake_servers("B2")
     gateway.manager.register_server("B1", "127.0.0.1", plain.port)
+    # What polls Redis on its own (the fleet's follower, the job queue's rounds) is stopped: the
+    # count is then the requests' alone.
+    gateway.manager.follower.stop()
+    gateway.app.extensions["jobs"].stop()
+    time.sleep(1.5)  # their loops end within a poll (0.5 s) and a round (1 s)
     commands = CommandCounter(redis_server)
     try:
         before = commands()

@@ -19,6 +19,11 @@ from gateway.config import Config, ConfigError
 from gateway.fleet.redis_store import Conflict, RedisFleetStore
 from gateway.fleet.server import BackendServer
 from gateway.fleet.store import JsonFileStore
+from gateway.jobs.records import JobNotFound, NewJob
+from gateway.jobs.redis_store import RedisJobStore
+from gateway.jobs.store import SQLiteJobStore
+from gateway.routing.affinity import TaskAffinity
+from gateway.routing.affinity_redis import RedisTaskAffinity
 
 Say = Callable[[str], None]
 
@@ -49,7 +54,66 @@ def copy_servers(config: Config, redis: Redis, say: Say, dry_run: bool) -> int:
     return copied
 
 
-STEPS: list[Callable[[Config, Redis, Say, bool], int]] = [copy_servers]
+def copy_task_owners(config: Config, redis: Redis, say: Say, dry_run: bool) -> int:
+    """Copy the task owners not yet expired, each with the time it has left; an owner Redis has already stays."""
+    path = Path(config.task_affinity_file)
+    if not path.exists():
+        say(f"task owners: {path} does not exist; nothing to copy")
+        return 0
+    local = TaskAffinity(path, ttl=config.task_affinity_ttl)
+    try:
+        owners = local.live()
+    finally:
+        local.close()
+    copied = len(owners)
+    if not dry_run and owners:
+        shared = RedisTaskAffinity(redis, ttl=config.task_affinity_ttl)
+        pipe = redis.client.pipeline(transaction=False)
+        for task_id, server_id, seconds_left in owners:
+            pipe.set(shared.key(task_id), server_id, px=max(1, int(seconds_left * 1000)), nx=True)
+        copied = sum(1 for done in redis.call("copy the task owners", pipe.execute) if done)
+    say(f"task owners: {'would copy' if dry_run else 'copied'} {copied} from {path}")
+    return copied
+
+
+def copy_jobs(config: Config, redis: Redis, say: Say, dry_run: bool) -> int:
+    """Copy the queued and running jobs, with their Idempotency-Keys; a job Redis has already stays.
+
+    A job that was running goes back to the queue, as the one process's own restart would have
+    put it: that process is stopped, and its run with it.
+    """
+    path = Path(config.job_store_file)
+    if not path.exists():
+        say(f"jobs: {path} does not exist; nothing to copy")
+        return 0
+    local = SQLiteJobStore(path)
+    try:
+        unfinished = local.unfinished()
+    finally:
+        local.close()
+    shared = RedisJobStore(redis, max_bytes=config.job_store_max_bytes, idempotency_ttl=config.idempotency_ttl)
+    copied = 0
+    for job, key, fingerprint in unfinished:
+        try:
+            shared.get(job.job_id)
+        except JobNotFound:
+            pass
+        else:
+            say(f"jobs: {job.job_id} is in Redis already; kept Redis's")
+            continue
+        if not dry_run:
+            new = NewJob(
+                job.request, job.task_type, job.model, job.priority, key, fingerprint, job.callback_url, job.job_id
+            )
+            if not shared.submit(new).created:
+                say(f"jobs: {job.job_id}'s Idempotency-Key names another job in Redis; kept that one")
+                continue
+        copied += 1
+    say(f"jobs: {'would copy' if dry_run else 'copied'} {copied} queued or running from {path}")
+    return copied
+
+
+STEPS: list[Callable[[Config, Redis, Say, bool], int]] = [copy_servers, copy_task_owners, copy_jobs]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -240,6 +240,20 @@ class SQLiteJobStore(SQLiteFile):
             raise ValueError(f"unknown job status {status!r}: one of {', '.join(STATUSES)}")
         return self._run(self._list, status, limit)
 
+    def unfinished(self) -> list[tuple[Job, str | None, str]]:
+        """Every queued or running job, oldest first, with its Idempotency-Key and fingerprint (for a move to Redis)."""
+        return self._run(self._unfinished)
+
+    def _unfinished(self) -> list[tuple[Job, str | None, str]]:
+        rows = self._db.execute(
+            "SELECT * FROM jobs WHERE status IN ('queued', 'running') ORDER BY priority DESC, seq"
+        ).fetchall()
+        keys = {job_id: (key, fingerprint) for key, fingerprint, job_id, _ in self._db.execute(
+            "SELECT * FROM idempotency WHERE expires_at > ?", (self.clock(),)
+        )}  # fmt: skip
+        jobs = [job_from_row(row) for row in rows]
+        return [(job, *keys.get(job.job_id, (None, ""))) for job in jobs]
+
     def _list(self, status: str | None, limit: int) -> list[Job]:
         if status is None:
             rows = self._db.execute("SELECT * FROM jobs ORDER BY created_at DESC, seq DESC LIMIT ?", (limit,))

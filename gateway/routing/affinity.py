@@ -110,6 +110,15 @@ class TaskAffinity:
                 return name, owners[name]
         return None
 
+    def live(self) -> list[tuple[str, str, float]]:
+        """Every task owner not yet expired: (task id, server id, seconds left), for a move to Redis."""
+        now = time.time()
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT task_id, server_id, expires_at FROM task_owner WHERE expires_at > ?", (now,)
+            ).fetchall()
+        return [(task_id, server_id, expires_at - now) for task_id, server_id, expires_at in rows]
+
     def purge_expired(self) -> int:
         """Delete expired records; return how many went. Runs at start and then hourly."""
         self._next_purge = time.time() + 3600

@@ -48,6 +48,34 @@ def test_the_servers_move_to_redis_with_their_state_and_twice_copies_nothing_twi
     assert "B1 is in Redis already" in again.stdout
 
 
+def test_task_owners_and_unfinished_jobs_move_with_their_keys(make_app, redis_server, tmp_path):
+    embedded = make_app()
+    embedded.extensions["task_affinity"].record("task-1", "B1")
+    client = embedded.test_client()
+    queued = client.post(
+        "/api/enhance", data=b"cat", headers={"Prefer": "respond-async", "Idempotency-Key": "k-1"}
+    ).get_json()["job_id"]  # no server is up: it waits in the queue
+    other = client.post("/api/enhance", data=b"dog", headers={"Prefer": "respond-async"}).get_json()["job_id"]
+    embedded.extensions["gateway_shutdown"]()
+
+    result = migrate(tmp_path, redis_server)
+    assert result.returncode == 0, result.stderr
+    assert "task owners: copied 1" in result.stdout and "jobs: copied 2" in result.stdout
+
+    shared = make_app(redis_url=redis_server.url)
+    assert shared.extensions["task_affinity"].owner("task-1") == "B1"
+    store = shared.extensions["jobs"].store
+    assert {store.get(queued).status, store.get(other).status} == {"queued"}
+    assert store.get(queued).request.body == b"cat"
+    again = shared.test_client().post(
+        "/api/enhance", data=b"cat", headers={"Prefer": "respond-async", "Idempotency-Key": "k-1"}
+    )
+    assert again.get_json()["job_id"] == queued  # the key came along: a client's retry finds its job
+
+    twice = migrate(tmp_path, redis_server)
+    assert "jobs: copied 0" in twice.stdout and "task owners: copied 0" in twice.stdout
+
+
 def test_it_needs_redis_url(tmp_path):
     env = {**os.environ, "WEBHOOK_SECRET": SECRET}
     env.pop("REDIS_URL", None)

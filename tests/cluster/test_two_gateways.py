@@ -198,3 +198,24 @@ def test_a_redis_restart_is_recovered_from_by_itself(cluster, fake_servers, redi
     redis_server.start()
     assert wait_until(lambda: register(b, second).status_code == 200, timeout=15)
     assert wait_until(lambda: {served_by(a) for _ in range(8)} == {"B1", "B2"}, timeout=10)
+
+
+def test_jobs_acknowledged_by_a_dead_gateway_are_run_by_the_other(cluster, fake_servers):
+    a, b = cluster(), cluster()
+    with requests.Session() as session:
+        accepted = []
+        for n in range(20):  # no server is up: each waits in the queue, in Redis
+            reply = session.post(
+                a.url + "/api/enhance", data=f"image-{n}".encode(), headers={"Prefer": "respond-async"}, timeout=5
+            )
+            assert reply.status_code == 202, reply.text
+            accepted.append(reply.json()["job_id"])
+    a.kill(signal.SIGKILL)
+    server = fake_servers("B1", keep_keys=True)
+    assert register(b, server).status_code == 200
+
+    def finished():
+        return all(requests.get(f"{b.url}/jobs/{job}", timeout=5).json()["status"] == "succeeded" for job in accepted)
+
+    assert wait_until(finished, timeout=30)
+    assert len([r for r in server.requests if r["path"] == "/api/enhance"]) == 20  # each ran once

@@ -19,7 +19,8 @@ REDIS_SERVER = shutil.which("redis-server")
 
 
 @pytest.mark.skipif(NGINX is None or OPENSSL is None, reason="nginx or openssl is not installed")
-def test_nginx_accepts_the_two_host_file(tmp_path):
+@pytest.mark.parametrize("name", ["nginx-gateway.conf", "nginx-two-hosts.conf"])
+def test_nginx_accepts_the_shipped_file(tmp_path, name):
     # A throwaway certificate and log folder stand in for /etc/letsencrypt and /var/log/nginx.
     cert, key, logs = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "logs"
     logs.mkdir()
@@ -28,7 +29,7 @@ def test_nginx_accepts_the_two_host_file(tmp_path):
          "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
-    site = (DEPLOY / "nginx-two-hosts.conf").read_text()
+    site = (DEPLOY / name).read_text()
     site = site.replace("/etc/letsencrypt/live/gateway.example.com/fullchain.pem", str(cert))
     site = site.replace("/etc/letsencrypt/live/gateway.example.com/privkey.pem", str(key))
     site = site.replace("/var/log/nginx/", f"{logs}/")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -11,21 +12,33 @@ import time
 import pytest
 import redis
 from conftest import ROOT, free_port
+from redis_process import redis_server_binary
 
 DEPLOY = ROOT / "deploy"
-NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
-OPENSSL = shutil.which("openssl")
-REDIS_SERVER = shutil.which("redis-server")
+SBIN = "/usr/sbin:/usr/local/sbin:/usr/bin:/bin"
 
 
-@pytest.mark.skipif(NGINX is None or OPENSSL is None, reason="nginx or openssl is not installed")
+@pytest.fixture(scope="session")
+def nginx_and_openssl() -> tuple[str, str]:
+    """Debian's nginx and openssl, installed here with apt-get if missing and run as root (as CI is)."""
+    if not (shutil.which("nginx", path=SBIN) and shutil.which("openssl")):
+        if os.geteuid() != 0 or not shutil.which("apt-get"):
+            pytest.fail("nginx -t needs nginx and openssl: sudo apt-get install nginx openssl", pytrace=False)
+        subprocess.run(["apt-get", "update", "-qq"], check=True, timeout=600)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "nginx", "openssl"], check=True, timeout=900)
+    nginx, openssl = shutil.which("nginx", path=SBIN), shutil.which("openssl")
+    assert nginx and openssl, "nginx or openssl is missing even after apt-get install"
+    return nginx, openssl
+
+
 @pytest.mark.parametrize("name", ["nginx-gateway.conf", "nginx-two-hosts.conf"])
-def test_nginx_accepts_the_shipped_file(tmp_path, name):
+def test_nginx_accepts_the_shipped_file(tmp_path, name, nginx_and_openssl):
+    nginx, openssl = nginx_and_openssl
     # A throwaway certificate and log folder stand in for /etc/letsencrypt and /var/log/nginx.
     cert, key, logs = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "logs"
     logs.mkdir()
     subprocess.run(
-        [str(OPENSSL), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test",
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test",
          "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
@@ -38,7 +51,7 @@ def test_nginx_accepts_the_shipped_file(tmp_path, name):
     main = f"pid {tmp_path}/nginx.pid;\nerror_log {logs}/error.log;\nevents {{}}\n"
     (tmp_path / "nginx.conf").write_text(main + f"http {{ include {tmp_path}/site.conf; }}\n")
     checked = subprocess.run(
-        [str(NGINX), "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-e", str(logs / "error.log")],
+        [nginx, "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-e", str(logs / "error.log")],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert checked.returncode == 0, checked.stderr
@@ -53,7 +66,6 @@ def test_the_two_host_file_retries_only_what_was_never_sent():
     assert len(re.findall(r"^\s*server 10\.0\.0\.\d+:5000 max_fails=\d+", site, re.M)) == 2
 
 
-@pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 def test_redis_server_runs_with_the_gateway_config(tmp_path):
     config = (DEPLOY / "redis-gateway.conf").read_text()
     # redis-server enters `dir` as it reads it, before a --dir on the command line replaces it:
@@ -62,7 +74,7 @@ def test_redis_server_runs_with_the_gateway_config(tmp_path):
     (tmp_path / "redis.conf").write_text(re.sub(r"^dir .*$", "", config, flags=re.M))
     data, port = tmp_path / "data", free_port()
     data.mkdir()
-    args = [str(REDIS_SERVER), str(tmp_path / "redis.conf"), "--port", str(port), "--dir", str(data),
+    args = [redis_server_binary(), str(tmp_path / "redis.conf"), "--port", str(port), "--dir", str(data),
             "--bind", "127.0.0.1"]  # fmt: skip
     with open(tmp_path / "redis.log", "wb") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)

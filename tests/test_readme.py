@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import stat
@@ -270,3 +271,50 @@ def test_the_llm_page_runs_without_a_gpu_on_a_fresh_copy(checkout, newcomer_env)
     assert "[B2 qwen2:7b 0]" in output and "[B3 llama3.1:8b-instruct-q4_K_M 0]" in output, output
     assert "data: [DONE]" in output and '"embeddings"' in output, output
     assert output.count("model_not_found") >= 2, output  # whisper-1 and gpt-4o under /v1/
+
+
+@pytest.mark.slow
+def test_more_than_one_process_or_host_runs_on_a_fresh_copy(checkout, newcomer_env):
+    """Redis and the migration, gateway A (two workers) in one terminal, B in another, the checks in a third."""
+    redis_block, first, second, checks = shell_blocks(section(checkout / "README.md", "More than one process or host"))
+    redis_port, a_port, b_port, fake_port = (str(free_port()) for _ in range(4))
+
+    def ported(text: str) -> str:
+        for old, new in (("6380", redis_port), (":5001", f":{b_port}"), (":5000", f":{a_port}"), ("9003", fake_port)):
+            text = text.replace(old, new)
+        return text
+
+    def gateway_env(line: str) -> dict[str, str]:
+        *assignments, make, target = shlex.split(ported(line.strip()))
+        assert (make, target) == ("make", "run")
+        return {**newcomer_env, "GATEWAY_BIND": f"127.0.0.1:{a_port}", **dict(a.split("=", 1) for a in assignments)}
+
+    started = subprocess.run(
+        ["bash", "-c", "set -euo pipefail\n" + ported(redis_block)], cwd=checkout, env=newcomer_env,
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    redis_pid = int((checkout / ".redis/redis.pid").read_text())
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert "servers: " in started.stdout and "jobs: " in started.stdout  # the migration said what it did
+        with make_run(checkout, gateway_env(first)), make_run(checkout, gateway_env(second)):
+            env = {**newcomer_env, "WEBHOOK_SECRET": (checkout / ".webhook_secret").read_text().strip()}
+            output_path = checkout.parent / "scale-out.out"  # a file: the fake server left running holds it open
+            with open(output_path, "wb") as out:
+                shell = subprocess.Popen(
+                    ["bash", "-c", "set -euo pipefail\n" + ported(checks)], cwd=checkout, env=env,
+                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                )  # fmt: skip
+            try:
+                shell.wait(timeout=60)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(shell.pid, signal.SIGTERM)  # the shell and the fake server it left running
+                shell.wait(timeout=30)
+            output = output_path.read_text()
+            assert shell.returncode == 0, output
+            assert "X-Backend-Server: B6" in output
+            assert "'store': 'redis'" in output and "'sweep_leader': '" in output, output
+    finally:
+        os.kill(redis_pid, signal.SIGTERM)
+    assert wait_until(lambda: refuses(f"127.0.0.1:{fake_port}"))

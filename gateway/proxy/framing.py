@@ -104,6 +104,11 @@ class AnswerReader:
         answer.keep_alive = parser.should_keep_alive()  # type: ignore[union-attr]
         if answer.to_head or status in NO_BODY_STATUSES:
             answer.no_body = answer.complete = True
+            if answer.to_head or status == 304:
+                # The head describes a body that is not sent. A careless server sends it anyway,
+                # and perhaps after the head, too late for the check before reuse to see it: the
+                # next request on the connection would read it as its own answer. Never pooled.
+                answer.keep_alive = False
         else:
             answer.frame()
 

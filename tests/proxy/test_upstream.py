@@ -6,6 +6,7 @@ import contextlib
 import http.server
 import socket
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable
 
@@ -412,6 +413,53 @@ def test_a_body_sent_on_head_never_reaches_the_next_client(gateway_process, care
         victim = requests.get(gateway.url + "/api/echo", headers={"X-User": "bob"}, timeout=5)
         assert (victim.status_code, victim.text) == (200, "hello bob")
         assert "X-Forged" not in victim.headers
+
+
+class LateCarelessHandler(CarelessHandler):
+    """A body where none may be (HEAD, 304), sent a while after the head, as a busy server's thread may."""
+
+    def do_HEAD(self) -> None:
+        self.send_late(200)
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/api/not-modified"):
+            return self.send_late(304)
+        return super().do_GET()
+
+    def send_late(self, status: int) -> None:
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+        body = query.get("msg", [""])[0].encode("latin-1")
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.flush()
+        time.sleep(0.3)  # the gateway has the whole head, and its next request, by then
+        self.wfile.write(body)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("status", ["head", "304"])
+def test_a_body_sent_late_after_a_bodiless_head_never_reaches_the_next_client(gateway_process, status):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LateCarelessHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        gateway = gateway_process()
+        body = {"server_id": "B1", "ip": "127.0.0.1", "port": server.server_port, "secret": SECRET}
+        requests.post(gateway.url + "/webhook/register", json=body, timeout=5).raise_for_status()
+        forged = b"HTTP/1.1 200 OK\r\nContent-Length: 22\r\nX-Forged: yes\r\n\r\nalice's private answer"
+        if status == "head":
+            assert requests.head(gateway.url + "/api/echo", params={"msg": forged.decode()}, timeout=5).ok
+        else:  # a 304, its body sent late: the same doubt
+            assert (
+                requests.get(gateway.url + "/api/not-modified", params={"msg": forged.decode()}, timeout=5).status_code
+                == 304
+            )
+        victim = requests.get(gateway.url + "/api/echo", headers={"X-User": "bob"}, timeout=5)
+        assert (victim.status_code, victim.text) == (200, "hello bob")
+        assert "X-Forged" not in victim.headers
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def answering(reply: bytes) -> Callable[[socket.socket], None]:

@@ -78,6 +78,9 @@ class ServerRowSchema(AddressSchema, ServerOptionsSchema):
     draining = fields.Boolean(required=True)
     discovered_models = fields.List(fields.String(), required=True)
     in_flight = fields.Integer(required=True)
+    cluster_in_flight = fields.Integer(
+        allow_none=True, metadata={"description": "Redis mode, capped servers: slots held by every gateway process"}
+    )
     ejected = fields.Boolean(required=True)
     ejection_seconds_left = fields.Float(**NULLABLE)
     effective_weight = fields.Float(required=True)
@@ -220,6 +223,20 @@ class HealthJobSchema(Schema):
     last_sweep = fields.Dict(**NULLABLE, metadata={"description": "time and duration_s of the latest sweep"})
 
 
+class StateSchema(Schema):
+    """Where the fleet is kept; in Redis mode, whether Redis answers and which process sweeps."""
+
+    store = fields.String(required=True, metadata={"description": "embedded or redis"})
+    path = fields.String(allow_none=True, metadata={"description": "embedded: the servers file"})
+    redis = fields.String(metadata={"description": "redis: host:port/db, never the password"})
+    redis_up = fields.Boolean(metadata={"description": "redis: whether the last call got through"})
+    fleet_version = fields.Integer(metadata={"description": "redis: the fleet version this process has"})
+    sweep_leader = fields.String(
+        allow_none=True, metadata={"description": "redis: host:pid of the process that sweeps"}
+    )
+    leads_here = fields.Boolean(metadata={"description": "redis: whether this process sweeps"})
+
+
 class StatusSchema(Schema):
     """Version, uptime, policy, the health job, server counts and request totals."""
 
@@ -228,6 +245,7 @@ class StatusSchema(Schema):
     routing_policy = fields.String(required=True)
     health_check = fields.Nested(HealthJobSchema, required=True)
     servers = fields.Dict(keys=fields.String(), values=fields.Integer(), required=True)
+    state = fields.Nested(StateSchema, required=True)
     requests = fields.Dict(required=True, metadata={"description": "total, and by_status_class ('2xx': n, ...)"})
 
 

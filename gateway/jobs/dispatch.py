@@ -12,7 +12,17 @@ from collections.abc import Callable
 from gateway.cluster.connection import RedisUnavailable
 from gateway.fleet.resources import GIB
 from gateway.jobs.interface import JobStore
-from gateway.jobs.records import CANCELLED, PUSH, QUEUED, RUNNING, Job, JobError, JobRequest, JobResult
+from gateway.jobs.records import (
+    CANCELLED,
+    DEFAULT_PRIORITY,
+    PUSH,
+    QUEUED,
+    RUNNING,
+    Job,
+    JobError,
+    JobRequest,
+    JobResult,
+)
 from gateway.jobs.rows import pairs
 from gateway.manager import BackendManager
 from gateway.proxy.forwarding import REQUIRED_MEMORY_HEADER
@@ -96,7 +106,8 @@ class Dispatcher:
         self._thread: threading.Thread | None = None
         self._runs: set[threading.Thread] = set()
         self._full = False  # a full round is asked for
-        self._fresh: list[tuple[str, str | None, int | None]] = []  # jobs just queued: id, model, GPU memory
+        # Jobs just queued: priority, id, model, GPU memory.
+        self._fresh: list[tuple[int, str, str | None, int | None]] = []
         self._fresh_lock = threading.Lock()
 
     def start(self) -> None:
@@ -125,12 +136,12 @@ class Dispatcher:
             self._full = True
             self._wake.set()
         else:
-            self.wake_fresh(job.job_id, job.model, required_bytes(job.request.headers))
+            self.wake_fresh(job.job_id, job.model, required_bytes(job.request.headers), job.priority)
 
-    def wake_fresh(self, job_id: str, model: str | None, memory: int | None) -> None:
+    def wake_fresh(self, job_id: str, model: str | None, memory: int | None, priority: int = DEFAULT_PRIORITY) -> None:
         """Look at one job just queued (here or, told through Redis, by another process)."""
         with self._fresh_lock:
-            self._fresh.append((job_id, model, memory))
+            self._fresh.append((priority, job_id, model, memory))
         self._wake.set()
 
     def _loop(self) -> None:
@@ -148,8 +159,8 @@ class Dispatcher:
                     self.renew()
                 if full or not fresh:  # not fresh: the round every second, which nothing else may do
                     self.dispatch_round()
-                else:
-                    self.dispatch(fresh)
+                else:  # by priority: a server that came meanwhile takes the first of them, as a round would
+                    self.dispatch([(job_id, model, memory) for _, job_id, model, memory in sorted(fresh, key=_first)])
             except RedisUnavailable:  # logged once by Redis.call; the jobs wait in Redis
                 self._full = True
                 self._stop.wait(IDLE_ROUND)
@@ -332,3 +343,8 @@ def required_bytes(headers: tuple[tuple[str, str], ...]) -> int | None:
 def keeps_keys(labels: dict[str, str]) -> bool:
     """A server that declared it drops a repeated Idempotency-Key (label `idempotency-keys=kept`)."""
     return labels.get(KEYS_LABEL) == "kept"
+
+
+def _first(fresh: tuple[int, str, str | None, int | None]) -> int:
+    """A fresh job's priority: 0 runs first (sorted() keeps their order within one)."""
+    return fresh[0]

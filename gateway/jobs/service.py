@@ -232,12 +232,12 @@ class JobService:
         self.workers.notify(job.task_type, job.model)
         if self.wakes is not None:
             memory = required_bytes(job.request.headers)
-            self.wakes.publish(Wake(WAKE_QUEUED, job.job_id, job.task_type, job.model, memory))
+            self.wakes.publish(Wake(WAKE_QUEUED, job.job_id, job.task_type, job.model, memory, job.priority))
 
     def _woken(self, wake: Wake) -> None:
         """Another process queued, finished or cancelled a job."""
         if wake.event == WAKE_QUEUED:
-            self.dispatcher.wake_fresh(wake.job_id, wake.model, wake.memory)
+            self.dispatcher.wake_fresh(wake.job_id, wake.model, wake.memory, wake.priority)
             if wake.task_type is not None:
                 self.workers.notify(wake.task_type, wake.model)
         elif wake.event == WAKE_FINISHED:

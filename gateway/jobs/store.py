@@ -246,7 +246,7 @@ class SQLiteJobStore(SQLiteFile):
 
     def _unfinished(self) -> list[tuple[Job, str | None, str]]:
         rows = self._db.execute(
-            "SELECT * FROM jobs WHERE status IN ('queued', 'running') ORDER BY priority DESC, seq"
+            "SELECT * FROM jobs WHERE status IN ('queued', 'running') ORDER BY priority, seq"
         ).fetchall()
         keys = {job_id: (key, fingerprint) for key, fingerprint, job_id, _ in self._db.execute(
             "SELECT * FROM idempotency WHERE expires_at > ?", (self.clock(),)

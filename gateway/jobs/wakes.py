@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.cluster.connection import Redis, RedisUnavailable
+from gateway.jobs.records import DEFAULT_PRIORITY
 
 log = logging.getLogger(__name__)
 WAKE_QUEUED, WAKE_FINISHED, WAKE_CANCEL = "queued", "finished", "cancel"
@@ -35,6 +36,7 @@ class Wake:
     task_type: str | None = None
     model: str | None = None
     memory: int | None = None  # the GPU memory its request asks for, in bytes
+    priority: int = DEFAULT_PRIORITY  # a queued job's: the dispatcher looks at fresh jobs in that order
 
 
 class JobWakes:
@@ -64,7 +66,7 @@ class JobWakes:
         """Tell the other processes; a wake Redis did not take is dropped (their rounds catch it)."""
         message = json.dumps(
             {"o": self.origin, "e": wake.event, "j": wake.job_id, "t": wake.task_type, "m": wake.model,
-             "b": wake.memory},
+             "b": wake.memory, "p": wake.priority},
             separators=(",", ":"),
         )  # fmt: skip
         with contextlib.suppress(RedisUnavailable):
@@ -105,7 +107,8 @@ class JobWakes:
             fields = json.loads(data)
             if fields["o"] == self.origin:
                 return None
-            return Wake(fields["e"], fields["j"], fields.get("t"), fields.get("m"), fields.get("b"))
+            priority = fields.get("p", DEFAULT_PRIORITY)
+            return Wake(fields["e"], fields["j"], fields.get("t"), fields.get("m"), fields.get("b"), int(priority))
         except (ValueError, KeyError, TypeError):
             log.warning("a job wake that could not be read was dropped: %r", data[:200])
             return None

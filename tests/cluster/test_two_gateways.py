@@ -65,11 +65,13 @@ def test_a_registration_at_one_gateway_routes_at_the_other(cluster, fake_servers
 
 
 def test_the_rotation_is_balanced_across_gateways_and_workers(cluster, fake_servers):
-    a, b = cluster(), cluster()
+    # Sweeps 5 s apart: a check that a loaded machine times out cannot flip a server mid-count.
+    a, b = cluster(HEALTH_CHECK_INTERVAL="5"), cluster(HEALTH_CHECK_INTERVAL="5")
     servers = [fake_servers(f"B{n}") for n in (1, 2, 3)]
     for server in servers:
         assert register(a, server).status_code == 200
-    assert wait_until(lambda: all(served_by(g) is not None for g in (a, b) for _ in range(4)), timeout=5)
+    everyone = {"B1", "B2", "B3"}
+    assert wait_until(lambda: all({served_by(g) for _ in range(12)} == everyone for g in (a, b)), timeout=10)
     for server in servers:
         server.requests.clear()
     sessions = [requests.Session() for _ in range(4)]  # kept-alive connections land on either worker

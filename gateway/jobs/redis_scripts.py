@@ -291,12 +291,7 @@ if not job then return redis.error_reply('NOTFOUND no job ' .. id) end
 local before = reply(id)
 if not FINISHED[job.status] then
   if job.status == 'queued' then dequeue(id, job) end
-  move(id, job, 'cancelled')
-  redis.call('HSET', jkey(id), 'finished_at', num(NOW))
-  redis.call('HDEL', jkey(id), 'lease_expires_at')
-  redis.call('ZREM', P .. 'leases', id)
-  callback_due(id, job)
-  redis.call('ZADD', P .. 'finished', num(NOW), id)
+  finish(id, job, 'cancelled', job.error, false)  -- the error of an attempt before, if any, is kept
 end
 return {before, reply(id)}
 """

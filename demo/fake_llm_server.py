@@ -28,10 +28,10 @@ from urllib.parse import parse_qs, urlsplit
 
 if __package__:  # imported as demo.fake_llm_server (tests)
     from demo.fake_gpu_server import KillableHTTPServer, register_and_serve, require_secret
-    from demo.prompt_cache import PromptCache
+    from demo.prompt_cache import PromptCache, SimulatedPrefill
 else:  # run as a script: demo/ is on sys.path
     from fake_gpu_server import KillableHTTPServer, register_and_serve, require_secret  # type: ignore[no-redef]
-    from prompt_cache import PromptCache  # type: ignore[no-redef]
+    from prompt_cache import PromptCache, SimulatedPrefill  # type: ignore[no-redef]
 
 EMBEDDING_SIZE = 8
 CACHE_HEADER = "X-Cache-Hit-Blocks"  # on a generation's answer: the prompt's leading blocks the box had cached
@@ -54,6 +54,7 @@ class FakeLLMServer(KillableHTTPServer):
         version: str = "0.6.5",
         listing_gate: threading.Event | None = None,
         cold_ms_per_block: float = 0.0,
+        prefill_slots: int = 0,
         cache_blocks: int = 10_000,
         cache_block_chars: int = 256,
     ) -> None:
@@ -66,9 +67,9 @@ class FakeLLMServer(KillableHTTPServer):
         self.loaded = list(self.models if loaded is None else loaded)  # what /api/ps says is in memory
         self.version = version  # what /api/version says
         self.listing_gate = listing_gate  # when set, /api/ps and /api/version wait here: a box that hangs
-        # A simulated KV prefix cache: a generation waits this long for each prompt block it has not seen.
-        self.cold_ms_per_block = cold_ms_per_block
+        # A simulated KV prefix cache: a generation waits cold_ms_per_block for each prompt block it had not seen.
         self.cache = PromptCache(cache_block_chars, cache_blocks)
+        self.prefill = SimulatedPrefill(self.cache, cold_ms_per_block, prefill_slots)
         self.healthy = True
         self.requests: list[dict[str, Any]] = []
         self.aborted_streams = 0
@@ -208,17 +209,9 @@ class LLMHandler(BaseHTTPRequestHandler):
 
     # -- generation, streamed or not -----------------------------------------------------
 
-    def prefill(self, body: dict[str, Any], model: str) -> None:
-        """Look the prompt up in the simulated cache, and take `cold_ms_per_block` for each block not in it."""
-        found = self.server.cache.serve(model, body)
-        self.cache_hits = found.hit_blocks
-        cold = found.blocks - found.hit_blocks
-        if self.server.cold_ms_per_block and cold:
-            time.sleep(self.server.cold_ms_per_block * cold / 1000)
-
     def ollama_generate(self, body: dict[str, Any], model: str) -> None:
         chat = self.path.split("?", 1)[0] == "/api/chat"
-        self.prefill(body, model)
+        self.cache_hits = self.server.prefill.run(model, body)
 
         def piece(text: str, done: bool) -> dict[str, Any]:
             content = {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
@@ -238,7 +231,7 @@ class LLMHandler(BaseHTTPRequestHandler):
     def openai_generate(self, body: dict[str, Any], model: str) -> None:
         chat = self.path.split("?", 1)[0] == "/v1/chat/completions"
         kind = "chat.completion" if chat else "text_completion"
-        self.prefill(body, model)
+        self.cache_hits = self.server.prefill.run(model, body)
         ident = f"cmpl-{self.server.server_id}-{time.monotonic_ns()}"
 
         def choice(text: str, finish: str | None, streamed: bool) -> dict[str, Any]:
@@ -389,14 +382,15 @@ def main() -> None:
     parser.add_argument(
         "--cold-ms-per-block", type=float, default=0.0, help="ms a generation waits per prompt block not in its cache"
     )
+    parser.add_argument("--prefill-slots", type=int, default=0, help="prefills at once, the rest queue (0: no limit)")
     parser.add_argument("--cache-blocks", type=int, default=10_000, help="prompt blocks its simulated cache keeps")
     parser.add_argument("--cache-block-chars", type=int, default=256, help="characters in a block of the cache")
     parser.add_argument("--register-to", metavar="GATEWAY_URL")
     args = parser.parse_args()
     require_secret(parser, args.register_to)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    cache = {"cold_ms_per_block": args.cold_ms_per_block, "cache_blocks": args.cache_blocks}
-    cache["cache_block_chars"] = args.cache_block_chars
+    cache = {"cold_ms_per_block": args.cold_ms_per_block, "prefill_slots": args.prefill_slots}
+    cache |= {"cache_blocks": args.cache_blocks, "cache_block_chars": args.cache_block_chars}
     server = FakeLLMServer(args.server_id, models, args.host, args.port, args.chunks, args.chunk_delay, **cache)
     print(f"fake LLM server {args.server_id} on http://{args.host}:{server.port} with {', '.join(models)}", flush=True)
     body: dict[str, Any] = {"server_id": args.server_id, "ip": args.host, "port": server.port}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -85,6 +86,32 @@ class PromptCache:
                 "capacity_blocks": self.capacity,
                 "block_chars": self.block_chars,
             }
+
+
+class SimulatedPrefill:
+    """A box's prefill: the prompt looked up in its cache, then `cold_ms_per_block` for each block it lacked.
+
+    With `slots`, at most that many prefills wait at once and the rest queue, as on a GPU whose
+    prefill throughput is fixed; 0 lets every request wait on its own.
+    """
+
+    def __init__(self, cache: PromptCache, cold_ms_per_block: float = 0.0, slots: int = 0) -> None:
+        self.cache = cache
+        self.cold_ms_per_block = cold_ms_per_block
+        self.slots = threading.BoundedSemaphore(slots) if slots else None
+
+    def run(self, model: str, body: dict[str, Any]) -> int:
+        """Prefill one prompt; the leading blocks that were cached."""
+        found = self.cache.serve(model, body)
+        cold = found.blocks - found.hit_blocks
+        if not self.cold_ms_per_block or not cold:
+            return found.hit_blocks
+        if self.slots is None:
+            time.sleep(self.cold_ms_per_block * cold / 1000)
+            return found.hit_blocks
+        with self.slots:
+            time.sleep(self.cold_ms_per_block * cold / 1000)
+        return found.hit_blocks
 
 
 def rendered(body: dict[str, Any], limit: int) -> str:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
+import threading
 from types import SimpleNamespace
 
 import pytest
 import requests
 
-from demo import fake_llm_server
+from demo import prompt_cache
 from demo.prompt_cache import PromptCache
 
 SYSTEM = {"role": "system", "content": "You answer questions about the gateway. " * 20}  # 820 characters
@@ -68,8 +68,8 @@ def test_a_box_says_its_hits_in_a_header_and_counts_them_in_stats(fake_llm_serve
 
 def test_a_cold_block_costs_cold_ms_per_block_and_a_cached_one_nothing(fake_llm_servers, monkeypatch):
     slept: list[float] = []
-    clock = SimpleNamespace(sleep=slept.append, time=time.time, monotonic_ns=time.monotonic_ns)
-    monkeypatch.setattr(fake_llm_server, "time", clock)
+    clock = SimpleNamespace(sleep=slept.append)
+    monkeypatch.setattr(prompt_cache, "time", clock)
     box = fake_llm_servers("B1", models=["m"], cold_ms_per_block=5.0)
     body = {"model": "m", "prompt": "p" * 256 * 6, "stream": False}  # 6 blocks, and the end-of-prompt mark
     requests.post(box.url + "/v1/completions", json=body, timeout=5)
@@ -80,7 +80,28 @@ def test_a_cold_block_costs_cold_ms_per_block_and_a_cached_one_nothing(fake_llm_
 
 def test_with_no_cold_cost_a_box_never_waits(fake_llm_servers, monkeypatch):
     slept: list[float] = []
-    monkeypatch.setattr(fake_llm_server, "time", SimpleNamespace(sleep=slept.append, time=time.time))
+    monkeypatch.setattr(prompt_cache, "time", SimpleNamespace(sleep=slept.append))
     box = fake_llm_servers("B1", models=["m"])
     requests.post(box.url + "/api/generate", json={"model": "m", "prompt": "p" * 2000, "stream": False}, timeout=5)
     assert slept == []
+
+
+def test_with_prefill_slots_cold_prefills_queue_for_them(fake_llm_servers):
+    box = fake_llm_servers("B1", models=["m"], cold_ms_per_block=1.0, prefill_slots=1)
+    slots = box.prefill.slots
+    assert slots is not None
+    slots.acquire()  # the box's one slot, busy
+    answered = threading.Event()
+
+    def send() -> None:
+        requests.post(box.url + "/v1/completions", json={"model": "m", "prompt": "p" * 600}, timeout=10)
+        answered.set()
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    try:
+        assert not answered.wait(0.3)  # its 2 cold blocks wait for the slot
+    finally:
+        slots.release()
+    assert answered.wait(10)
+    sender.join(10)

@@ -114,6 +114,7 @@ class PrefixTable:
         self.max_entries = max_entries
         self.load_bound = load_bound
         self._holders: OrderedDict[int, tuple[str, ...]] = OrderedDict()
+        self._alone: dict[str, tuple[str]] = {}  # one ("B1",) shared by every block B1 alone holds: 48 bytes less each
 
     def __len__(self) -> int:
         return len(self._holders)
@@ -154,7 +155,10 @@ class PrefixTable:
         for block_hash in hashes:
             found = table.get(block_hash)
             if found is None:
-                table[block_hash] = (server_id,)
+                alone = self._alone.get(server_id)
+                if alone is None:
+                    alone = self._alone[server_id] = (server_id,)
+                table[block_hash] = alone
                 continue
             table.move_to_end(block_hash)
             if found[0] != server_id:

@@ -35,6 +35,7 @@ from processes import HOST, Service, free_port, interrupt_on_sigterm
 
 sys.path.insert(0, str(REPO))  # the gateway's own modules, for the in-process figures
 
+from demo.prompt_cache import PromptCache
 from gateway.routing.policies import Candidate
 from gateway.routing.prefix import TABLE_SIZE, PrefixTable, prefix_hashes
 
@@ -72,6 +73,7 @@ def converse(
 ) -> None:
     """One client: conversation `number`'s turns, one after the other, on one kept-alive connection."""
     rng = random.Random(1000 + number)
+    ideal = PromptCache()  # one box that saw every turn: the most any routing can hit
     messages = [{"role": "system", "content": system_prompt(number, plan.prefix_system_chars)}]
     connection = http.client.HTTPConnection(HOST, port, timeout=30)
     try:
@@ -80,7 +82,8 @@ def converse(
                 return
             messages.append({"role": "user", "content": words(rng, plan.prefix_user_chars)})
             body = json.dumps({"model": MODEL, "messages": messages, "stream": False})
-            sample: dict[str, Any] = {"conversation": number, "turn": turn}
+            found = ideal.serve(MODEL, {"messages": messages})
+            sample: dict[str, Any] = {"conversation": number, "turn": turn, "ideal_hits": found.hit_blocks}
             started = time.perf_counter()
             try:
                 connection.request("POST", "/v1/chat/completions", body, JSON_HEADERS)
@@ -191,6 +194,7 @@ def summarize(
         homes.setdefault(sample["conversation"], set()).add(sample["server"])
     hits = sum(s["hit_blocks"] for s in stats)
     blocks = hits + sum(s["miss_blocks"] for s in stats)
+    ideal = sum(s["ideal_hits"] for s in answered)
     return {
         "policy": policy,
         "requests": len(samples),
@@ -199,6 +203,8 @@ def summarize(
         "hit_blocks": hits,
         "prompt_blocks": blocks,
         "hit_rate": round(hits / blocks, 4) if blocks else 0.0,
+        "ideal_hit_blocks": ideal,
+        "ideal_hit_rate": round(ideal / blocks, 4) if blocks else 0.0,
         "requests_with_hits": sum(s["requests_with_hits"] for s in stats),
         "p50_ms": round(percentile(latencies, 50) * 1000, 2),
         "p95_ms": round(percentile(latencies, 95) * 1000, 2),
@@ -289,12 +295,14 @@ def pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
     latencies = sorted(value for run in runs for value in run["latencies_ms"])
     answered = sum(run["answered"] for run in runs)
     hits, blocks = sum(run["hit_blocks"] for run in runs), sum(run["prompt_blocks"] for run in runs)
+    ideal = sum(run["ideal_hit_blocks"] for run in runs)
     cpu = [run["gateway_cpu_us_per_request"] * run["answered"] for run in runs if run["gateway_cpu_us_per_request"]]
     return {
         "runs": len(runs),
         "requests": sum(run["requests"] for run in runs),
         "answered": answered,
         "hit_rate": round(hits / blocks, 4) if blocks else 0.0,
+        "ideal_hit_rate": round(ideal / blocks, 4) if blocks else 0.0,
         "requests_with_hits": sum(run["requests_with_hits"] for run in runs),
         "p50_ms": round(percentile(latencies, 50), 2),
         "p95_ms": round(percentile(latencies, 95), 2),

@@ -35,6 +35,7 @@ def _pooled(prefix: dict[str, Any]) -> str:
             f"`{policy}`",
             p.get("answered"),
             p.get("hit_rate"),
+            p.get("ideal_hit_rate"),
             p.get("requests_with_hits"),
             p.get("p50_ms"),
             p.get("p95_ms"),
@@ -49,6 +50,7 @@ def _pooled(prefix: dict[str, Any]) -> str:
         "policy",
         "answered",
         "cache hit rate (blocks)",
+        "ideal",
         "requests with a hit",
         "p50 ms",
         "p95 ms",
@@ -60,8 +62,10 @@ def _pooled(prefix: dict[str, Any]) -> str:
     return (
         "### round_robin against prefix, every run pooled\n\n"
         "The hit rate is the boxes' own count: the prompt blocks they found cached over all the blocks they "
-        "were sent. Latency is each request's, at its client, pooled over the runs (later turns: the median of "
-        "each run's median, first turns left out, which are cold under both). Boxes per conversation: how many "
+        "were sent; ideal is what one box that saw every turn of a conversation would have hit (each turn's new "
+        "blocks are cold whatever the routing). Latency is each request's, at its client, pooled over the runs "
+        "(later turns: the median of each run's median, first turns left out, which are cold under both). Boxes "
+        "per conversation: how many "
         "boxes served one conversation's turns, on average (1.0: it never moved).\n\n"
         + table(header, rows)
         + "\nround_robin / prefix: p50 **"

@@ -66,7 +66,9 @@ def _pooled(prefix: dict[str, Any]) -> str:
         "blocks are cold whatever the routing). Latency is each request's, at its client, pooled over the runs "
         "(later turns: the median of each run's median, first turns left out, which are cold under both). Boxes "
         "per conversation: how many "
-        "boxes served one conversation's turns, on average (1.0: it never moved).\n\n"
+        "boxes served one conversation's turns, on average (1.0: it never moved). Gateway CPU is the gateway "
+        "process tree's over the run, per request answered; the clock tick is 10 ms, so a run's figure carries "
+        "about ±60 µs.\n\n"
         + table(header, rows)
         + "\nround_robin / prefix: p50 **"
         + ratio_text(ratios.get("p50_round_robin_over_prefix"))

@@ -41,6 +41,16 @@ class Plan:
     scaleout_samples: int = 50  # registrations timed from gateway A to gateway B
     scaleout_deadline_s: float = 5.0  # for each of them to show at B
     scaleout_idle_s: float = 2.0  # the machine's busy cores read with ours idle, before and after the rounds
+    prefix_conversations: int = 20
+    prefix_turns: int = 8
+    prefix_servers: int = 3
+    prefix_rounds: int = 2  # round_robin then prefix, each on fresh boxes, this many times
+    prefix_system_chars: int = 3000  # each conversation's own system prompt
+    prefix_user_chars: int = 300  # each user message
+    prefix_answer_tokens: int = 8  # the fake's answer: about 20 characters a token
+    prefix_cold_ms_per_block: float = 4.0  # a 256-character block (about 64 tokens) at 16k tokens/s of prefill
+    prefix_deadline_s: float = 60.0  # for each run's conversations
+    prefix_cost_repeats: int = 2000  # hashes and choices timed in process
 
 
 QUICK = Plan(
@@ -68,6 +78,9 @@ QUICK = Plan(
     scaleout_seconds=2.0,
     scaleout_samples=10,
     scaleout_idle_s=1.0,
+    prefix_turns=4,
+    prefix_rounds=1,
+    prefix_cost_repeats=200,
 )
 
 

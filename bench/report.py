@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from report_jobs import jobs_section
+from report_prefix import prefix_section
 from report_scaleout import scaleout_section
 from report_sections import (
     TARGETS,
@@ -52,6 +53,7 @@ def render(results: dict[str, Any], plot_link: str | None = None) -> str:
         registrations_section(results.get("registrations")),
         jobs_section(results.get("jobs")),
         scaleout_section(results.get("scaleout")),
+        prefix_section(results.get("prefix")),
         _method(results),
     ]
     return "\n".join(part for part in parts if part).rstrip() + "\n"

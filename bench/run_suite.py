@@ -11,6 +11,8 @@ Everything runs on 127.0.0.1 and is started, measured and stopped (by PID) here:
                  lease, memory per queued job (bench/jobs_bench.py)
   scaleout       Redis mode: CPU per request against embedded, 1 and 2 workers, a registration at one
                  gateway routed at another (bench/scaleout_bench.py)
+  prefix         ROUTING_POLICY=prefix against round_robin: 20 conversations over 3 fake LLM boxes with a
+                 simulated KV cache; hit rate, latency, the table's memory (bench/prefix_bench.py)
 It writes bench/results.json, then bench/report.py renders docs/benchmarks.md and bench/results.png.
 
 Run:  make bench   (or make bench BENCH_QUICK=1)
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import jobs_bench
+import prefix_bench
 import report
 import rotation_bench
 import scaleout_bench
@@ -50,7 +53,7 @@ from registrations import bench_registrations
 from streams import bench_streams
 from wrk_load import LoadResult, run_wrk
 
-SECTIONS = ("proxy", "streams", "sweep", "routing", "registrations", "jobs", "scaleout")
+SECTIONS = ("proxy", "streams", "sweep", "routing", "registrations", "jobs", "scaleout", "prefix")
 
 # -- 1 and 2: proxying -------------------------------------------------------------------------
 
@@ -185,6 +188,7 @@ RUNNERS: dict[str, Callable[[Path, Plan], dict[str, Any]]] = {
     "registrations": bench_registrations,
     "jobs": jobs_bench.bench_jobs,
     "scaleout": scaleout_bench.bench_scaleout,
+    "prefix": prefix_bench.bench_prefix,
 }
 
 

@@ -1,7 +1,10 @@
 r"""A small real LLM-server stand-in speaking the Ollama and OpenAI APIs, streams included.
 
 Every answer names the server and the model it received, so a test (or you) can see where a
-request went and which model name reached the server. Run a fake Ollama box:
+request went and which model name reached the server. A generation's prompt goes through a
+simulated KV prefix cache (demo/prompt_cache.py): its answer says in X-Cache-Hit-Blocks how many
+leading blocks were cached, GET /_stats counts them, and --cold-ms-per-block makes a box slower
+for each block it had not seen. Run a fake Ollama box:
 
     python demo/fake_llm_server.py --server-id B1 --port 11434 --models llama3:8b,qwen2:7b \
         --register-to http://127.0.0.1:5000    (the secret comes from WEBHOOK_SECRET)
@@ -25,10 +28,13 @@ from urllib.parse import parse_qs, urlsplit
 
 if __package__:  # imported as demo.fake_llm_server (tests)
     from demo.fake_gpu_server import KillableHTTPServer, register_and_serve, require_secret
+    from demo.prompt_cache import PromptCache, SimulatedPrefill
 else:  # run as a script: demo/ is on sys.path
     from fake_gpu_server import KillableHTTPServer, register_and_serve, require_secret  # type: ignore[no-redef]
+    from prompt_cache import PromptCache, SimulatedPrefill  # type: ignore[no-redef]
 
 EMBEDDING_SIZE = 8
+CACHE_HEADER = "X-Cache-Hit-Blocks"  # on a generation's answer: the prompt's leading blocks the box had cached
 STREAM_ABORTED = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 
 
@@ -47,6 +53,10 @@ class FakeLLMServer(KillableHTTPServer):
         loaded: list[str] | None = None,
         version: str = "0.6.5",
         listing_gate: threading.Event | None = None,
+        cold_ms_per_block: float = 0.0,
+        prefill_slots: int = 0,
+        cache_blocks: int = 10_000,
+        cache_block_chars: int = 256,
     ) -> None:
         super().__init__((host, port), LLMHandler)
         self.server_id = server_id
@@ -57,6 +67,9 @@ class FakeLLMServer(KillableHTTPServer):
         self.loaded = list(self.models if loaded is None else loaded)  # what /api/ps says is in memory
         self.version = version  # what /api/version says
         self.listing_gate = listing_gate  # when set, /api/ps and /api/version wait here: a box that hangs
+        # A simulated KV prefix cache: a generation waits cold_ms_per_block for each prompt block it had not seen.
+        self.cache = PromptCache(cache_block_chars, cache_blocks)
+        self.prefill = SimulatedPrefill(self.cache, cold_ms_per_block, prefill_slots)
         self.healthy = True
         self.requests: list[dict[str, Any]] = []
         self.aborted_streams = 0
@@ -106,6 +119,7 @@ class LLMHandler(BaseHTTPRequestHandler):
     do_POST = do_GET
 
     def route(self) -> None:
+        self.cache_hits: int | None = None  # this request's, for CACHE_HEADER (a connection carries many)
         parts = urlsplit(self.path)
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
@@ -129,6 +143,8 @@ class LLMHandler(BaseHTTPRequestHandler):
         openai = parts.path.startswith("/v1/")
         if parts.path == "/health":
             return self.send_json(200 if self.server.healthy else 503, {"status": "ok"})
+        if self.command == "GET" and parts.path == "/_stats":  # the simulated cache's counts
+            return self.send_json(200, self.server.cache.stats())
         if self.command == "GET" and parts.path in ("/api/tags", "/v1/models"):
             return self.send_json(200, self.list_models(openai))
         if self.command == "GET" and parts.path in ("/api/ps", "/api/version"):
@@ -195,6 +211,7 @@ class LLMHandler(BaseHTTPRequestHandler):
 
     def ollama_generate(self, body: dict[str, Any], model: str) -> None:
         chat = self.path.split("?", 1)[0] == "/api/chat"
+        self.cache_hits = self.server.prefill.run(model, body)
 
         def piece(text: str, done: bool) -> dict[str, Any]:
             content = {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
@@ -214,6 +231,7 @@ class LLMHandler(BaseHTTPRequestHandler):
     def openai_generate(self, body: dict[str, Any], model: str) -> None:
         chat = self.path.split("?", 1)[0] == "/v1/chat/completions"
         kind = "chat.completion" if chat else "text_completion"
+        self.cache_hits = self.server.prefill.run(model, body)
         ident = f"cmpl-{self.server.server_id}-{time.monotonic_ns()}"
 
         def choice(text: str, finish: str | None, streamed: bool) -> dict[str, Any]:
@@ -247,6 +265,8 @@ class LLMHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Transfer-Encoding", "chunked")
         self.send_header("X-Served-By", self.server.server_id)
+        if self.cache_hits is not None:
+            self.send_header(CACHE_HEADER, str(self.cache_hits))
         self.end_headers()
         try:
             for index, piece in enumerate(pieces):
@@ -273,6 +293,8 @@ class LLMHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.send_header("X-Served-By", self.server.server_id)
+        if self.cache_hits is not None:
+            self.send_header(CACHE_HEADER, str(self.cache_hits))
         self.end_headers()
         self.wfile.write(data)
 
@@ -357,11 +379,19 @@ def main() -> None:
     parser.add_argument("--no-register-models", action="store_true", help="register no models: let discovery find them")
     parser.add_argument("--chunks", type=int, default=5, help="tokens in each answer")
     parser.add_argument("--chunk-delay", type=float, default=0.2, help="seconds between streamed tokens")
+    parser.add_argument(
+        "--cold-ms-per-block", type=float, default=0.0, help="ms a generation waits per prompt block not in its cache"
+    )
+    parser.add_argument("--prefill-slots", type=int, default=0, help="prefills at once, the rest queue (0: no limit)")
+    parser.add_argument("--cache-blocks", type=int, default=10_000, help="prompt blocks its simulated cache keeps")
+    parser.add_argument("--cache-block-chars", type=int, default=256, help="characters in a block of the cache")
     parser.add_argument("--register-to", metavar="GATEWAY_URL")
     args = parser.parse_args()
     require_secret(parser, args.register_to)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    server = FakeLLMServer(args.server_id, models, args.host, args.port, args.chunks, args.chunk_delay)
+    cache = {"cold_ms_per_block": args.cold_ms_per_block, "prefill_slots": args.prefill_slots}
+    cache |= {"cache_blocks": args.cache_blocks, "cache_block_chars": args.cache_block_chars}
+    server = FakeLLMServer(args.server_id, models, args.host, args.port, args.chunks, args.chunk_delay, **cache)
     print(f"fake LLM server {args.server_id} on http://{args.host}:{server.port} with {', '.join(models)}", flush=True)
     body: dict[str, Any] = {"server_id": args.server_id, "ip": args.host, "port": server.port}
     if not args.no_register_models:

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 from gateway.fleet.resources import DEFAULT_WEIGHTS, parse_weights
 
 T = TypeVar("T")
-ROUTING_POLICIES = ("round_robin", "least_connections", "least_load")
+ROUTING_POLICIES = ("round_robin", "least_connections", "least_load", "prefix")
 MODEL_DISCOVERY_MODES = ("auto", "ollama", "openai", "off")
 MAX_DASHBOARD_SESSION_HOURS = 168.0  # a week; a login used to last 31 days
 REGISTRATION_BINDINGS = ("off", "token")
@@ -76,6 +76,10 @@ class Config:
     metrics_token: str = field(default="", repr=False)
     routing_policy: str = "round_robin"
     load_score_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+    # ROUTING_POLICY=prefix (docs/llm.md, "Prefix-aware routing")
+    prefix_block_size: int = 256
+    prefix_max_blocks: int = 32
+    prefix_load_bound: float = 1.25
     admin_token: str = field(default="", repr=False)
     queue_timeout: float = 30.0
     queue_max_size: int = 100
@@ -155,6 +159,9 @@ class Config:
             "metrics_token": reader.get("METRICS_TOKEN", "", _nonempty),
             "routing_policy": reader.get("ROUTING_POLICY", cls.routing_policy, _policy),
             "load_score_weights": reader.get("LOAD_SCORE_WEIGHTS", dict(DEFAULT_WEIGHTS), parse_weights),
+            "prefix_block_size": reader.get("PREFIX_BLOCK_SIZE", cls.prefix_block_size, _integer(16, 65536)),
+            "prefix_max_blocks": reader.get("PREFIX_MAX_BLOCKS", cls.prefix_max_blocks, _integer(1, 256)),
+            "prefix_load_bound": reader.get("PREFIX_LOAD_BOUND", cls.prefix_load_bound, _number(min_value=1)),
             "admin_token": reader.optional_secret("ADMIN_TOKEN"),
             "queue_timeout": reader.get("QUEUE_TIMEOUT", cls.queue_timeout, _number(min_value=0)),
             "queue_max_size": reader.get("QUEUE_MAX_SIZE", cls.queue_max_size, _integer(0)),
@@ -284,7 +291,7 @@ def _number(min_value: float) -> Callable[[str], float]:
     return parse
 
 
-def _integer(min_value: int) -> Callable[[str], int]:
+def _integer(min_value: int, max_value: int | None = None) -> Callable[[str], int]:
     def parse(raw: str) -> int:
         try:
             value = int(raw)
@@ -292,6 +299,8 @@ def _integer(min_value: int) -> Callable[[str], int]:
             raise ValueError("expected an integer") from None
         if value < min_value:
             raise ValueError(f"expected an integer of at least {min_value}")
+        if max_value is not None and value > max_value:
+            raise ValueError(f"expected an integer from {min_value} to {max_value}")
         return value
 
     return parse

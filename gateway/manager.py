@@ -106,7 +106,7 @@ class BackendManager:
 
     @property
     def routing_policy(self) -> str:
-        """round_robin, least_connections or least_load."""
+        """round_robin, least_connections, least_load or prefix."""
         return self.selector.policy
 
     @routing_policy.setter

@@ -282,3 +282,37 @@ def test_more_than_one_worker_needs_redis():
     assert (
         Config.from_env({**BASE, "GATEWAY_WORKERS": "2", "REDIS_URL": "redis://127.0.0.1:6379/0"}).gateway_workers == 2
     )
+
+
+def test_the_prefix_routing_settings():
+    config = Config.from_env(BASE)
+    assert (config.prefix_block_size, config.prefix_max_blocks, config.prefix_load_bound) == (256, 32, 1.25)
+    env = {"ROUTING_POLICY": "prefix", "PREFIX_BLOCK_SIZE": "128", "PREFIX_MAX_BLOCKS": "64", "PREFIX_LOAD_BOUND": "1"}
+    config = Config.from_env({**BASE, **env})
+    assert config.routing_policy == "prefix"
+    assert (config.prefix_block_size, config.prefix_max_blocks, config.prefix_load_bound) == (128, 64, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "problem"),
+    [
+        ("ROUTING_POLICY", "prefixed", "expected one of round_robin, least_connections, least_load, prefix"),
+        ("PREFIX_BLOCK_SIZE", "8", "expected an integer of at least 16"),
+        ("PREFIX_BLOCK_SIZE", "100000", "expected an integer from 16 to 65536"),
+        ("PREFIX_BLOCK_SIZE", "2.5", "expected an integer"),
+        ("PREFIX_MAX_BLOCKS", "0", "expected an integer of at least 1"),
+        ("PREFIX_MAX_BLOCKS", "257", "expected an integer from 1 to 256"),
+        ("PREFIX_LOAD_BOUND", "0.9", "expected a finite number of at least 1"),
+        ("PREFIX_LOAD_BOUND", "inf", "expected a finite number of at least 1"),
+    ],
+)
+def test_a_bad_prefix_setting_names_the_variable(name, value, problem):
+    with pytest.raises(ConfigError, match=name) as info:
+        Config.from_env({**BASE, name: value})
+    assert problem in str(info.value)
+
+
+def test_the_load_bound_reaches_the_selector(make_app):
+    app = make_app(routing_policy="prefix", prefix_load_bound=2.0)
+    manager = app.extensions["backend_manager"]
+    assert (manager.routing_policy, manager.selector.prefix.load_bound) == ("prefix", 2.0)

@@ -27,6 +27,7 @@ from gateway.proxy.handler import SESSION_HEADER, Body, Proxy
 from gateway.proxy.relay import Relay
 from gateway.proxy.views import as_response, observe
 from gateway.routing.catalog import model_key
+from gateway.routing.prefix import PROMPT_PATHS, prefix_hashes
 
 OPENAI_PREFIX = "/v1/"
 # Named in /openapi.json; any other POST under /v1/ that names a model is routed the same way.
@@ -109,6 +110,7 @@ def route_by_model(dialect: Dialect) -> Response:
         model=body.model,
         session_key=request.headers.get(SESSION_HEADER) or body.user,
         required_bytes=None if required is None else int(required * GIB),
+        prefix=prompt_prefix(config, body),
     )
     answer = proxy.forward_routed(
         route,
@@ -124,6 +126,13 @@ def route_by_model(dialect: Dialect) -> Response:
     if (body.stream or open_ended) and response.status_code < 300:
         response.headers.update(STREAM_HEADERS)
     return in_dialect(response, dialect)
+
+
+def prompt_prefix(config: Config, body: ModelRequest) -> tuple[int, ...]:
+    """ROUTING_POLICY=prefix: the hashes of the prompt's first blocks, from the body parsed for its model."""
+    if config.routing_policy != "prefix" or body.payload is None or request.path not in PROMPT_PATHS:
+        return ()
+    return prefix_hashes(body.model, body.payload, config.prefix_block_size, config.prefix_max_blocks)
 
 
 def llm_target(dialect: Dialect) -> str:

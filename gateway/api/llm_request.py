@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from werkzeug.http import parse_options_header
 from werkzeug.sansio.multipart import Epilogue, Event, Field, File, MultipartDecoder, NeedData
@@ -39,6 +40,7 @@ class ModelRequest:
     stream: bool
     renamed: Callable[[str], bytes]  # the body as sent, but naming the server's own name for the model
     user: str | None = None  # OpenAI's `user`: one conversation, kept on one server
+    payload: dict[str, Any] | None = field(default=None, repr=False)  # the parsed JSON object; None for a form
 
 
 def parse_body(raw: bytes, path: str, content_type: str) -> ModelRequest:
@@ -76,7 +78,7 @@ def parse_json(raw: bytes, path: str) -> ModelRequest:
         except UnicodeEncodeError:  # a lone surrogate ("\ud800" in the client's JSON) has no UTF-8
             return json.dumps(document, separators=(",", ":")).encode()  # so it stays escaped, as sent
 
-    return ModelRequest(model, streams, renamed, user if isinstance(user, str) and user else None)
+    return ModelRequest(model, streams, renamed, user if isinstance(user, str) and user else None, payload)
 
 
 def parse_form(raw: bytes, content_type: str) -> ModelRequest:

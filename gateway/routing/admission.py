@@ -29,6 +29,7 @@ class RouteRequest:
     model: str | None = None  # the model it names, as the client spelled it
     session_key: str | None = None  # requests with one key go to one server while it can take them
     required_bytes: int | None = None  # GPU memory the request needs free
+    prefix: tuple[int, ...] = ()  # ROUTING_POLICY=prefix: its prompt's chained block hashes (routing/prefix.py)
 
     @property
     def plain(self) -> bool:

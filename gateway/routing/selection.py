@@ -22,6 +22,7 @@ from gateway.routing.policies import (
     choose_sticky,
     slow_start_weight,
 )
+from gateway.routing.prefix import PrefixTable
 
 
 class Selector:
@@ -33,6 +34,7 @@ class Selector:
         self.policy = "round_robin"
         self.load_weights: dict[str, float] = dict(DEFAULT_WEIGHTS)
         self.slow_start_seconds = 0.0
+        self.prefix = PrefixTable()  # ROUTING_POLICY=prefix: who served each recent prompt prefix last
         self.served: dict[str, dict[str, str]] = {}  # server_id -> model key -> its actual name
         self._uniform = True  # equal weights and tiers, no caps, nobody draining: plain rotation will do
         self._back_since: dict[str, float] = {}  # when each server came back, for slow start
@@ -71,7 +73,9 @@ class Selector:
         readings: Mapping[str, Reading],
     ) -> tuple[str, str | None]:
         """The chosen server's id and its name for the requested model; NoServer when none can take it."""
-        if route.plain and self.policy == "round_robin" and self._uniform and not ejected and not self._ramping():
+        # ROUTING_POLICY=prefix routes plain requests as round_robin does, by this same O(1) path.
+        rotating = self.policy == "round_robin" or self.policy == "prefix"
+        if route.plain and rotating and self._uniform and not ejected and not self._ramping():
             server_id = self.rotation.choose(exclude)  # the O(1) path every plain request takes
             if server_id is None:
                 raise NoServer(503, "no_server", "no healthy GPU server is available", fallback_ok=True)
@@ -125,6 +129,9 @@ class Selector:
         candidates = [Candidate(s.server_id, self._weight(s, now), in_flight.get(s.server_id, 0)) for s in tier]
         if route.session_key is not None:
             chosen = choose_sticky(route.session_key, candidates)
+        elif route.prefix and self.policy == "prefix":  # a holder of its longest known prefix, else round-robin
+            holders = self.prefix.choose(route.prefix, candidates)
+            chosen = holders[0].server_id if len(holders) == 1 else self._rotate(holders or candidates, servers)
         elif self.policy == "least_connections":
             chosen = choose_least_connections(candidates, self.swrr)
         else:
@@ -132,6 +139,8 @@ class Selector:
                 candidates = self._least_loaded(candidates, readings)
             chosen = self._rotate(candidates, servers)
         assert chosen is not None  # candidates is never empty here
+        if route.prefix:
+            self.prefix.record(route.prefix, chosen)
         return chosen
 
     def _rotate(self, candidates: list[Candidate], servers: Mapping[str, BackendServer]) -> str | None:

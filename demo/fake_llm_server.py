@@ -47,6 +47,7 @@ class FakeLLMServer(KillableHTTPServer):
         loaded: list[str] | None = None,
         version: str = "0.6.5",
         listing_gate: threading.Event | None = None,
+        vram: dict[str, int] | None = None,
     ) -> None:
         super().__init__((host, port), LLMHandler)
         self.server_id = server_id
@@ -55,6 +56,7 @@ class FakeLLMServer(KillableHTTPServer):
         self.chunk_delay = chunk_delay
         self.gate = gate  # when set, every stream waits here after its first chunk
         self.loaded = list(self.models if loaded is None else loaded)  # what /api/ps says is in memory
+        self.vram = dict(vram or {})  # /api/ps's size_vram of a loaded model, in bytes; 1 when not given
         self.version = version  # what /api/version says
         self.listing_gate = listing_gate  # when set, /api/ps and /api/version wait here: a box that hangs
         self.healthy = True
@@ -163,7 +165,15 @@ class LLMHandler(BaseHTTPRequestHandler):
         """Ollama's /api/ps: the models loaded in memory."""
         until = "2099-01-01T00:00:00Z"
         entries = [
-            {"name": m, "model": m, "size": 1, "digest": digest(m), "details": {}, "expires_at": until, "size_vram": 1}
+            {
+                "name": m,
+                "model": m,
+                "size": self.server.vram.get(m, 1),
+                "digest": digest(m),
+                "details": {},
+                "expires_at": until,
+                "size_vram": self.server.vram.get(m, 1),
+            }
             for m in self.server.loaded
         ]
         return {"models": entries}
@@ -355,13 +365,15 @@ def main() -> None:
     parser.add_argument("--models", default="llama3:8b", help="comma-separated model names it serves")
     parser.add_argument("--model-map", type=parse_model_map, default={}, help="virtual=actual,... to register")
     parser.add_argument("--no-register-models", action="store_true", help="register no models: let discovery find them")
+    parser.add_argument("--loaded", help="comma-separated models GET /api/ps says are in memory (default: all)")
     parser.add_argument("--chunks", type=int, default=5, help="tokens in each answer")
     parser.add_argument("--chunk-delay", type=float, default=0.2, help="seconds between streamed tokens")
     parser.add_argument("--register-to", metavar="GATEWAY_URL")
     args = parser.parse_args()
     require_secret(parser, args.register_to)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    server = FakeLLMServer(args.server_id, models, args.host, args.port, args.chunks, args.chunk_delay)
+    loaded = None if args.loaded is None else [m.strip() for m in args.loaded.split(",") if m.strip()]
+    server = FakeLLMServer(args.server_id, models, args.host, args.port, args.chunks, args.chunk_delay, loaded=loaded)
     print(f"fake LLM server {args.server_id} on http://{args.host}:{server.port} with {', '.join(models)}", flush=True)
     body: dict[str, Any] = {"server_id": args.server_id, "ip": args.host, "port": server.port}
     if not args.no_register_models:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from gateway.fleet.model_memory import parse_model_memory
 from gateway.fleet.resources import DEFAULT_WEIGHTS, parse_weights
 
 T = TypeVar("T")
@@ -76,6 +77,7 @@ class Config:
     metrics_token: str = field(default="", repr=False)
     routing_policy: str = "round_robin"
     load_score_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+    model_memory_gb: dict[str, float] = field(default_factory=dict)  # model -> GB a request for it needs free
     admin_token: str = field(default="", repr=False)
     queue_timeout: float = 30.0
     queue_max_size: int = 100
@@ -155,6 +157,7 @@ class Config:
             "metrics_token": reader.get("METRICS_TOKEN", "", _nonempty),
             "routing_policy": reader.get("ROUTING_POLICY", cls.routing_policy, _policy),
             "load_score_weights": reader.get("LOAD_SCORE_WEIGHTS", dict(DEFAULT_WEIGHTS), parse_weights),
+            "model_memory_gb": reader.get("MODEL_MEMORY_GB", dict[str, float](), parse_model_memory),
             "admin_token": reader.optional_secret("ADMIN_TOKEN"),
             "queue_timeout": reader.get("QUEUE_TIMEOUT", cls.queue_timeout, _number(min_value=0)),
             "queue_max_size": reader.get("QUEUE_MAX_SIZE", cls.queue_max_size, _integer(0)),

@@ -1,4 +1,5 @@
-"""Finding the models of servers that registered none: Ollama's /api/tags, OpenAI's /v1/models."""
+"""Finding the models of servers that registered none (Ollama's /api/tags, OpenAI's /v1/models), and what
+Ollama servers have loaded (/api/ps)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard, TypeVar
 
 import urllib3
 
@@ -21,6 +22,9 @@ MAX_NAME_LENGTH = 200
 READ_CHUNK = 64 * 1024
 # Identity only: a compressed listing could inflate far past the size cap before it is checked.
 REQUEST_HEADERS = {"Accept": "application/json", "Accept-Encoding": "identity"}
+READS_OLLAMA = ("auto", "ollama")  # the modes that ask servers with models what they have in memory
+T = TypeVar("T")
+Loaded = list[tuple[str, int]]  # (model name, size_vram) of each model in a server's memory
 
 
 @dataclass(frozen=True)
@@ -74,8 +78,27 @@ class ModelDiscoverer:
         listed = self.ask(target, "/v1/models", openai_names)
         return listed if listed is not None else tags
 
-    def ask(self, target: DiscoveryTarget, path: str, names_of: Callable[[Any], list[str] | None]) -> list[str] | None:
-        """GET one listing and read the names from it; None (logged) when that fails."""
+    def submit_loaded(self, targets: list[DiscoveryTarget]) -> list[tuple[DiscoveryTarget, Future[Loaded | None]]]:
+        """Start asking each target what it has in memory (GET /api/ps) when the mode reads Ollama; else none."""
+        if self.mode not in READS_OLLAMA:
+            return []
+        try:
+            return [(target, self._executor.submit(self.ask, target, "/api/ps", ollama_loaded)) for target in targets]
+        except RuntimeError:  # shut down: the gateway is stopping
+            return []
+
+    def collect_loaded(
+        self, pending: list[tuple[DiscoveryTarget, Future[Loaded | None]]]
+    ) -> list[tuple[str, str, Loaded | None]]:
+        """Every target asked, as (server_id, url, loaded); None where no usable answer came by the deadline."""
+        wait([future for _, future in pending], timeout=2 * self.timeout)
+        return [
+            (target.server_id, target.url, future.result() if future.done() and not future.exception() else None)
+            for target, future in pending
+        ]
+
+    def ask(self, target: DiscoveryTarget, path: str, names_of: Callable[[Any], T | None]) -> T | None:
+        """GET one listing and read it with `names_of`; None (logged) when that fails."""
         body = self.fetch(target, path)
         if body is None:
             return None
@@ -152,6 +175,23 @@ def ollama_names(document: Any) -> list[str] | None:
     return valid_names(entry.get("name") or entry.get("model") for entry in entries if isinstance(entry, dict))
 
 
+def ollama_loaded(document: Any) -> Loaded | None:
+    """(name, size_vram) of each model in Ollama's /api/ps answer, `{"models": [...]}`; None when it is not one."""
+    entries = document.get("models") if isinstance(document, dict) else None
+    if not isinstance(entries, list):
+        return None
+    loaded: dict[str, int] = {}
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        name, size = entry.get("name") or entry.get("model"), entry.get("size_vram")
+        if is_model_name(name) and name not in loaded:
+            loaded[name] = size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else 0
+            if len(loaded) == MAX_MODELS:
+                break
+    return list(loaded.items())
+
+
 def openai_names(document: Any) -> list[str] | None:
     """Names from OpenAI's {"data": [{"id": ...}]}."""
     entries = document.get("data") if isinstance(document, dict) else None
@@ -171,7 +211,7 @@ def valid_names(candidates: Any) -> list[str]:
     return list(names)
 
 
-def is_model_name(name: Any) -> bool:
+def is_model_name(name: Any) -> TypeGuard[str]:
     """A string of 1-200 printable characters with no whitespace."""
     return (
         isinstance(name, str)

@@ -423,6 +423,10 @@ def test_every_option_can_be_set(client, manager, registered):
         "models": ["a", "b"],
         "model_map": {"qwen3": "qwen3:14b"},
         "labels": {"zone": ""},
+        "model_memory_gb": {"qwen3:14b": 100_000, "a": 0.5},
+        "type": "cpu",
+        "description": "d" * 1000,
+        "skip_resource_check": True,
     }
 
     response = client.patch("/admin/servers/B1", json=options, headers=ADMIN_AUTH)

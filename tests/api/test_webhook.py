@@ -1172,6 +1172,17 @@ def test_registering_again_with_one_option_changes_only_it(client, manager):
         ("models", "qwen3"),
         ("model_map", {"qwen3": ""}),
         ("labels", {"gpu": 1}),
+        ("model_memory_gb", {"qwen3:14b": 0}),
+        ("model_memory_gb", {"qwen3:14b": "24"}),
+        ("model_memory_gb", {"qwen3:14b": False}),
+        ("model_memory_gb", {"bad name": 24}),
+        ("model_memory_gb", ["qwen3:14b", 24]),
+        ("type", "tpu"),
+        ("type", 1),
+        ("description", "d" * 1001),
+        ("description", ["d"]),
+        ("skip_resource_check", 1),
+        ("skip_resource_check", "false"),
     ],
 )
 def test_register_refuses_a_bad_option(client, app, registered, option, value):

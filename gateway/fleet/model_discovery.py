@@ -3,6 +3,7 @@ Ollama servers have loaded (/api/ps)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -83,36 +84,44 @@ class ModelDiscoverer:
         if self.mode not in READS_OLLAMA:
             return []
         try:
-            return [(target, self._executor.submit(self.ask, target, "/api/ps", ollama_loaded)) for target in targets]
+            # Quiet: a box that speaks only OpenAI's API answers 404 at every sweep, and that is no news.
+            ask = functools.partial(self.ask, path="/api/ps", names_of=ollama_loaded, level=logging.DEBUG)
+            return [(target, self._executor.submit(ask, target)) for target in targets]
         except RuntimeError:  # shut down: the gateway is stopping
             return []
 
     def collect_loaded(
         self, pending: list[tuple[DiscoveryTarget, Future[Loaded | None]]]
     ) -> list[tuple[str, str, Loaded | None]]:
-        """Every target asked, as (server_id, url, loaded); None where no usable answer came by the deadline."""
+        """The targets whose question ended by the deadline, as (server_id, url, loaded); None: no usable answer.
+
+        One still waiting for a thread, or still asking, is left out: what it has loaded stays as known.
+        """
         wait([future for _, future in pending], timeout=2 * self.timeout)
         return [
-            (target.server_id, target.url, future.result() if future.done() and not future.exception() else None)
+            (target.server_id, target.url, None if future.exception() else future.result())
             for target, future in pending
+            if future.done() and not future.cancelled()
         ]
 
-    def ask(self, target: DiscoveryTarget, path: str, names_of: Callable[[Any], T | None]) -> T | None:
-        """GET one listing and read it with `names_of`; None (logged) when that fails."""
-        body = self.fetch(target, path)
+    def ask(
+        self, target: DiscoveryTarget, path: str, names_of: Callable[[Any], T | None], level: int = logging.INFO
+    ) -> T | None:
+        """GET one listing and read it with `names_of`; None (logged at `level`) when that fails."""
+        body = self.fetch(target, path, level)
         if body is None:
             return None
         try:
             document = json.loads(body)
         except (ValueError, RecursionError) as exc:
-            log.info("models of %s: %s%s is not JSON: %s", target.server_id, target.url, path, exc)
+            log.log(level, "models of %s: %s%s is not JSON: %s", target.server_id, target.url, path, exc)
             return None
         names = names_of(document)
         if names is None:
-            log.info("models of %s: %s%s does not list models", target.server_id, target.url, path)
+            log.log(level, "models of %s: %s%s does not list models", target.server_id, target.url, path)
         return names
 
-    def fetch(self, target: DiscoveryTarget, path: str) -> bytes | None:
+    def fetch(self, target: DiscoveryTarget, path: str, level: int = logging.INFO) -> bytes | None:
         """The body of a 200 answer to GET url+path, read whole within the timeout and size cap, or None."""
         deadline = time.monotonic() + self.timeout
         body = None
@@ -128,7 +137,14 @@ class ModelDiscoverer:
             )
             try:
                 if response.status != 200:
-                    log.info("models of %s: %s%s answered HTTP %s", target.server_id, target.url, path, response.status)
+                    log.log(
+                        level,
+                        "models of %s: %s%s answered HTTP %s",
+                        target.server_id,
+                        target.url,
+                        path,
+                        response.status,
+                    )
                     return None
                 body = read_bounded(response, deadline)
             finally:
@@ -137,13 +153,13 @@ class ModelDiscoverer:
                 else:  # only a connection read to its end may be reused
                     response.close()
         except urllib3.exceptions.HTTPError as exc:
-            log.info("models of %s: %s%s unreachable: %s", target.server_id, target.url, path, exc)
+            log.log(level, "models of %s: %s%s unreachable: %s", target.server_id, target.url, path, exc)
             return None
         except TimeoutError:
-            log.info("models of %s: %s%s took over %gs", target.server_id, target.url, path, self.timeout)
+            log.log(level, "models of %s: %s%s took over %gs", target.server_id, target.url, path, self.timeout)
             return None
         except OverflowError:
-            log.info("models of %s: %s%s is over %d bytes", target.server_id, target.url, path, MAX_LISTING_BYTES)
+            log.log(level, "models of %s: %s%s is over %d bytes", target.server_id, target.url, path, MAX_LISTING_BYTES)
             return None
         return body
 

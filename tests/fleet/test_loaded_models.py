@@ -89,6 +89,19 @@ def test_a_server_that_is_not_ollama_gives_no_answer(discoverer):
         vllm.server_close()
 
 
+def test_a_question_that_has_not_ended_by_the_deadline_is_left_out(fake_llm_servers):
+    hung = fake_llm_servers("B1", models=["a:1"], listing_gate=threading.Event())  # /api/ps never answers
+    one_at_a_time = ModelDiscoverer("auto", timeout=0.5, concurrency=1)
+    try:
+        targets = [DiscoveryTarget(f"S{i}", hung.url) for i in range(3)]
+        found = one_at_a_time.collect_loaded(one_at_a_time.submit_loaded(targets))
+    finally:
+        one_at_a_time.close()
+    # S0 gave up after its timeout (nothing known loaded); S2 was still waiting for the one thread.
+    assert found[0] == ("S0", hung.url, None)
+    assert "S2" not in [server_id for server_id, _, _ in found]
+
+
 @pytest.mark.parametrize(
     ("document", "expected"),
     [

@@ -57,6 +57,7 @@ class FakeLLMServer(KillableHTTPServer):
         prefill_slots: int = 0,
         cache_blocks: int = 10_000,
         cache_block_chars: int = 256,
+        vram: dict[str, int] | None = None,
     ) -> None:
         super().__init__((host, port), LLMHandler)
         self.server_id = server_id
@@ -65,6 +66,7 @@ class FakeLLMServer(KillableHTTPServer):
         self.chunk_delay = chunk_delay
         self.gate = gate  # when set, every stream waits here after its first chunk
         self.loaded = list(self.models if loaded is None else loaded)  # what /api/ps says is in memory
+        self.vram = dict(vram or {})  # /api/ps's size_vram of a loaded model, in bytes; 1 when not given
         self.version = version  # what /api/version says
         self.listing_gate = listing_gate  # when set, /api/ps and /api/version wait here: a box that hangs
         # A simulated KV prefix cache: a generation waits cold_ms_per_block for each prompt block it had not seen.
@@ -179,7 +181,15 @@ class LLMHandler(BaseHTTPRequestHandler):
         """Ollama's /api/ps: the models loaded in memory."""
         until = "2099-01-01T00:00:00Z"
         entries = [
-            {"name": m, "model": m, "size": 1, "digest": digest(m), "details": {}, "expires_at": until, "size_vram": 1}
+            {
+                "name": m,
+                "model": m,
+                "size": self.server.vram.get(m, 1),
+                "digest": digest(m),
+                "details": {},
+                "expires_at": until,
+                "size_vram": self.server.vram.get(m, 1),
+            }
             for m in self.server.loaded
         ]
         return {"models": entries}
@@ -377,6 +387,7 @@ def main() -> None:
     parser.add_argument("--models", default="llama3:8b", help="comma-separated model names it serves")
     parser.add_argument("--model-map", type=parse_model_map, default={}, help="virtual=actual,... to register")
     parser.add_argument("--no-register-models", action="store_true", help="register no models: let discovery find them")
+    parser.add_argument("--loaded", help="comma-separated models GET /api/ps says are in memory (default: all)")
     parser.add_argument("--chunks", type=int, default=5, help="tokens in each answer")
     parser.add_argument("--chunk-delay", type=float, default=0.2, help="seconds between streamed tokens")
     parser.add_argument(
@@ -391,7 +402,10 @@ def main() -> None:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     cache = {"cold_ms_per_block": args.cold_ms_per_block, "prefill_slots": args.prefill_slots}
     cache |= {"cache_blocks": args.cache_blocks, "cache_block_chars": args.cache_block_chars}
-    server = FakeLLMServer(args.server_id, models, args.host, args.port, args.chunks, args.chunk_delay, **cache)
+    loaded = None if args.loaded is None else [m.strip() for m in args.loaded.split(",") if m.strip()]
+    server = FakeLLMServer(
+        args.server_id, models, args.host, args.port, args.chunks, args.chunk_delay, loaded=loaded, **cache
+    )
     print(f"fake LLM server {args.server_id} on http://{args.host}:{server.port} with {', '.join(models)}", flush=True)
     body: dict[str, Any] = {"server_id": args.server_id, "ip": args.host, "port": server.port}
     if not args.no_register_models:

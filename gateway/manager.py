@@ -181,7 +181,11 @@ class BackendManager:
 
     def _take(self, route: RouteRequest, exclude: Collection[str]) -> tuple[BackendServer, str | None]:
         """Under the lock: the Selector's choice for `route`, stamped as used, as a copy; and the model's name."""
-        fresh = route.required_bytes is not None or self.routing_policy == "least_load"
+        fresh = (
+            route.required_bytes is not None
+            or self.routing_policy == "least_load"
+            or (route.model is not None and self.selector.placement.has_needs)
+        )
         readings = self.registry.readings.fresh(self.stale_after) if fresh else {}
         servers = self.registry.servers
         server_id, actual_model = self.selector.choose(
@@ -248,6 +252,18 @@ class BackendManager:
     def rankings(self) -> list[dict[str, Any]]:
         """Healthy and unhealthy servers by load score, lowest first; those without a fresh reading last."""
         return self.reports.rankings()
+
+    def resource_cache(self) -> dict[str, Any]:
+        """Each monitored server's reading: its age, fresh or stale, and the routing decisions that read it."""
+        return self.reports.resource_cache()
+
+    def clear_resource_cache(self) -> tuple[int, list[str]]:
+        """Drop every reading and read every monitor again now, in the background: how many went, the ids asked."""
+        with self._lock:
+            cleared = self.registry.readings.clear()
+            self.selector.placement.hits.clear()
+        log.info("resource cache cleared: %d readings dropped", cleared)
+        return cleared, self.health_job.read_monitors_soon()
 
     def get_status(self) -> dict[str, Any]:
         """The seed's `/webhook/servers` data: counts, job state and every server."""
@@ -446,6 +462,13 @@ class BackendManager:
         changed, version = self.registry.discover(found)
         if changed:
             log.info("models discovered on %s", ", ".join(changed))
+            self.registry.try_persist(version)
+
+    def apply_loaded(self, found: list[tuple[str, str, list[tuple[str, int]] | None]]) -> None:
+        """Keep what each (server_id, url) has in memory, as its /api/ps said (None: it did not answer)."""
+        changed, version = self.registry.keep_loaded(found)
+        if changed:
+            log.debug("loaded models changed on %s", ", ".join(changed))
             self.registry.try_persist(version)
 
     def _changed(self) -> None:

@@ -317,3 +317,19 @@ def redis_server(tmp_path: Path) -> Iterator[RedisProcess]:
     server = RedisProcess(tmp_path / "redis").start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def fake_monitors() -> Iterator[Callable[..., object]]:
+    """Start resource monitor stand-ins (tests/fake_monitor.py) serving a given /resources; stopped at the end."""
+    from fake_monitor import FakeMonitor  # here, so this fixture is all that was added
+
+    monitors: list[FakeMonitor] = []
+
+    def start(document: dict) -> FakeMonitor:
+        monitors.append(FakeMonitor(document))
+        return monitors[-1]
+
+    yield start
+    for monitor in monitors:
+        monitor.stop()

@@ -409,6 +409,10 @@ def test_register_sends_the_routing_options(live_gateway):
         "models": ["a", "b:7b"],
         "model_map": {"v": "b:7b", "w": "a"},
         "labels": {"zone": "eu", "spare": ""},
+        "model_memory_gb": {},
+        "type": "gpu",
+        "description": "",
+        "skip_resource_check": False,
     }
 
 

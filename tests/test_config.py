@@ -316,3 +316,41 @@ def test_the_load_bound_reaches_the_selector(make_app):
     app = make_app(routing_policy="prefix", prefix_load_bound=2.0)
     manager = app.extensions["backend_manager"]
     assert (manager.routing_policy, manager.selector.prefix.load_bound) == ("prefix", 2.0)
+
+
+@pytest.mark.parametrize(
+    ("raw", "parsed"),
+    [
+        (None, {}),
+        ("qwen3:14b=24", {"qwen3:14b": 24.0}),
+        ("qwen3:14b=24,llama3:8b=8", {"qwen3:14b": 24.0, "llama3:8b": 8.0}),
+        (" qwen3:14b = 24 , llama3:8b=7.5 ,", {"qwen3:14b": 24.0, "llama3:8b": 7.5}),
+        ("hf.co/org/model:Q4_K_M=0.5", {"hf.co/org/model:Q4_K_M": 0.5}),
+        ("odd=name=3", {"odd=name": 3.0}),  # the last '=' splits: a name may hold one
+    ],
+)
+def test_model_memory_is_parsed(raw, parsed):
+    env = BASE if raw is None else {**BASE, "MODEL_MEMORY_GB": raw}
+    assert Config.from_env(env).model_memory_gb == parsed
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        ("qwen3:14b", "model=GB pairs"),
+        ("=24", "model=GB pairs"),
+        ("has space=24", "model=GB pairs"),
+        ("qwen3:14b=big", "not a number"),
+        ("qwen3:14b=0", "above 0"),
+        ("qwen3:14b=-4", "above 0"),
+        ("qwen3:14b=nan", "above 0"),
+        ("qwen3:14b=inf", "above 0"),
+        ("qwen3:14b=100001", "at most 100000"),
+        ("llama3=8,llama3:latest=9", "given twice"),
+        (",,", "model=GB pairs"),
+    ],
+)
+def test_a_bad_model_memory_names_the_variable_and_the_problem(raw, problem):
+    with pytest.raises(ConfigError, match="MODEL_MEMORY_GB") as refused:
+        Config.from_env({**BASE, "MODEL_MEMORY_GB": raw})
+    assert problem in str(refused.value)

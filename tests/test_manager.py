@@ -65,6 +65,11 @@ def test_register_is_saved_before_it_returns(tmp_path):
             "labels": {},
             "draining": False,
             "discovered_models": [],
+            "loaded_models": [],
+            "model_memory_gb": {},
+            "type": "gpu",
+            "description": "",
+            "skip_resource_check": False,
             "operator_options": [],
         }
     ]

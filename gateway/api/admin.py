@@ -1,4 +1,4 @@
-"""Operator endpoints under /admin/: the fleet, one server's options, draining, priority tiers.
+"""Operator endpoints under /admin/: the fleet, one server's options, draining, priority tiers, the readings.
 
 The credential comes in a header, never in the URL or the body: ADMIN_TOKEN as a Bearer
 token, or the webhook secret while ADMIN_TOKEN is unset (see auth.admin_authorized).
@@ -179,6 +179,20 @@ def rankings() -> Response:
         success=True,
         data={"weights": config.load_score_weights, "policy": config.routing_policy, "servers": manager().rankings()},
     )
+
+
+@bp.get("/resource-cache/stats")
+def resource_cache_stats() -> Response:
+    """The monitors' readings routing holds: each one's age, fresh or stale, and how many decisions read it."""
+    return jsonify(success=True, data=manager().resource_cache())
+
+
+@bp.post("/resource-cache/clear")
+def resource_cache_clear() -> tuple[Response, int]:
+    """Drop every reading and read every monitor again now, in the background (202)."""
+    cleared, asked = manager().clear_resource_cache()
+    message = f"{cleared} readings dropped; reading {len(asked)} monitors again now"
+    return jsonify(success=True, message=message, data={"cleared": cleared, "reading": asked}), 202
 
 
 def init_app(app: Flask) -> None:

@@ -226,6 +226,7 @@ def server_row(server: dict[str, Any], served: dict[str, float], history: Reques
         "ejected": server["ejected"],
         "ejection_seconds_left": server["ejection_seconds_left"],
         "models": server["served_models"],
+        "loaded_models": [model["name"] for model in server["loaded_models"]],
         "charts": history.charts(server_id),
     }
 

@@ -22,6 +22,7 @@ from gateway.api import admin, dashboard, jobs, llm, replies, status, webhook, w
 from gateway.api.schemas import (
     NAME_PATTERN,
     Count,
+    Gigabytes,
     JobAnswerSchema,
     JobFailureSchema,
     LeaseSchema,
@@ -34,6 +35,7 @@ from gateway.api.schemas import (
     ServerIdSchema,
     ServerOptionsSchema,
 )
+from gateway.fleet.model_memory import MAX_MODEL_GB
 from gateway.observability import metrics
 from gateway.proxy import views
 from gateway.proxy.forwarding import SESSION_COOKIE
@@ -286,6 +288,18 @@ OPERATIONS: dict[Callable[..., Any], dict[str, dict[str, Any]]] = {
     admin.priority_check: {"get": admin_operation(replies.PriorityCheckReplySchema)},
     admin.priority_overview: {"get": admin_operation(replies.PriorityOverviewReplySchema)},
     admin.rankings: {"get": admin_operation(replies.RankingsReplySchema)},
+    admin.resource_cache_stats: {"get": admin_operation(replies.ResourceCacheReplySchema)},
+    admin.resource_cache_clear: {
+        "post": {
+            **admin_operation(replies.ResourceCacheClearedReplySchema),
+            "responses": {
+                "202": reply(
+                    replies.ResourceCacheClearedReplySchema, "The readings are dropped; the monitors are read."
+                ),
+                "401": ERROR_RESPONSES[401][0],
+            },
+        }
+    },
     status.health: {"get": operation("status", OPEN, reply(replies.HealthSchema))},
     status.status: {"get": operation("status", ADMIN, reply(replies.StatusReplySchema), 401)},
     metrics.scrape: {
@@ -410,6 +424,8 @@ def field_properties(self: Any, field: fields.Field, ret: dict[str, Any], **kwar
         found = {"minimum": 1, "maximum": 65535, "description": f"{WHOLE_NUMBER}, or a string of its digits"}
     elif isinstance(field, Count):
         found = {"minimum": field.low, "maximum": field.high, "description": WHOLE_NUMBER}
+    elif isinstance(field, Gigabytes):
+        found = {"exclusiveMinimum": 0, "maximum": MAX_MODEL_GB}
     elif isinstance(field, Seconds):
         found = {"minimum": field.low, "maximum": field.high}
     elif isinstance(field, Name):  # its check is in code, not a Regexp validator apispec could read

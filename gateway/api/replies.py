@@ -63,6 +63,16 @@ class UnregisterReplySchema(SuccessSchema):
     server_id = fields.String(required=True)
 
 
+class LoadedModelSchema(Schema):
+    """A model in a server's memory, as its Ollama GET /api/ps said during the sweep."""
+
+    name = fields.String(required=True)
+    size_vram = fields.Integer(required=True, metadata={"description": "bytes of GPU memory it holds"})
+    read_at = fields.String(
+        required=True, metadata={"description": "the sweep that first read it loaded at this size (ISO 8601)"}
+    )
+
+
 class ServerRowSchema(AddressSchema, ServerOptionsSchema):
     """One server as the gateway shows it: the seed's fields, its options and its routing state."""
 
@@ -77,6 +87,11 @@ class ServerRowSchema(AddressSchema, ServerOptionsSchema):
     )
     draining = fields.Boolean(required=True)
     discovered_models = fields.List(fields.String(), required=True)
+    loaded_models = fields.List(
+        fields.Nested(LoadedModelSchema),
+        required=True,
+        metadata={"description": "in memory now (Ollama's /api/ps, read by the sweep): preferred for their model"},
+    )
     in_flight = fields.Integer(required=True)
     cluster_in_flight = fields.Integer(
         allow_none=True, metadata={"description": "Redis mode, capped servers: slots held by every gateway process"}
@@ -207,6 +222,51 @@ class RankingsReplySchema(SuccessSchema):
     data = fields.Nested(RankingsSchema, required=True)
 
 
+class ResourceCacheRowSchema(Schema):
+    """One server's reading, as routing holds it."""
+
+    server_id = fields.String(required=True)
+    monitor_url = fields.String(**NULLABLE)
+    state = fields.String(
+        required=True,
+        metadata={"enum": ["fresh", "stale", "none"], "description": "none: no reading (yet, or since a clear)"},
+    )
+    age_s = fields.Float(**NULLABLE)
+    hits = fields.Integer(
+        required=True, metadata={"description": "routing decisions that read it since the last clear, this process"}
+    )
+    skip_resource_check = fields.Boolean(required=True)
+    resources = fields.Dict(**NULLABLE, metadata={"description": "the reading, as GET /admin/servers shows it"})
+
+
+class ResourceCacheSchema(Schema):
+    """Counts over the readings, and each server's."""
+
+    stale_after_s = fields.Float(required=True, metadata={"description": "three HEALTH_CHECK_INTERVALs"})
+    readings = fields.Integer(required=True)
+    fresh = fields.Integer(required=True)
+    stale = fields.Integer(required=True)
+    hits = fields.Integer(required=True)
+    servers = fields.List(fields.Nested(ResourceCacheRowSchema), required=True)
+
+
+class ResourceCacheReplySchema(SuccessSchema):
+    """`GET /admin/resource-cache/stats`."""
+
+    data = fields.Nested(ResourceCacheSchema, required=True)
+
+
+class ResourceCacheClearedSchema(Schema):
+    cleared = fields.Integer(required=True, metadata={"description": "readings dropped"})
+    reading = fields.List(fields.String(), required=True, metadata={"description": "servers whose monitor is read"})
+
+
+class ResourceCacheClearedReplySchema(SuccessSchema):
+    """`POST /admin/resource-cache/clear`: 202, the monitors are being read."""
+
+    data = fields.Nested(ResourceCacheClearedSchema, required=True)
+
+
 class HealthSchema(Schema):
     """`GET /health`: the gateway itself is serving."""
 
@@ -320,6 +380,7 @@ class DashboardServerSchema(Schema):
     ejected = fields.Boolean(required=True)
     ejection_seconds_left = fields.Float(**NULLABLE)
     models = fields.List(fields.String(), required=True)
+    loaded_models = fields.List(fields.String(), required=True, metadata={"description": "in its memory now"})
     charts = fields.Nested(ChartsSchema, required=True)
 
 

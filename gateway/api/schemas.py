@@ -13,6 +13,7 @@ from marshmallow import INCLUDE, Schema, ValidationError, fields, post_load, val
 
 from gateway.fleet import addresses
 from gateway.fleet.addresses import SERVER_ID_PATTERN, Network
+from gateway.fleet.model_memory import DEVICE_TYPES, MAX_DESCRIPTION, MAX_MODEL_GB, is_gigabytes
 from gateway.fleet.server import is_text, server_url
 
 # \x85 and \ufeff spelled out: Python's \s has the first and lacks the second, JSON Schema's (ECMA 262)
@@ -67,6 +68,24 @@ class Text(fields.String):
         return text
 
 
+class Flag(fields.Boolean):
+    """JSON true or false, nothing else (not 1, not "yes")."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ValidationError("must be true or false.")
+        return value
+
+
+class Gigabytes(fields.Float):
+    """A JSON number of GB above 0 and at most MAX_MODEL_GB; booleans and strings are refused."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> float:
+        if not is_gigabytes(value):
+            raise ValidationError(f"must be a number of GB above 0 and at most {MAX_MODEL_GB}.")
+        return value  # an int stays an int, as the client wrote it
+
+
 class Secret(fields.String):
     """The shared secret; accepted in the body and never echoed back."""
 
@@ -96,12 +115,27 @@ class ServerOptionsSchema(Schema):
         keys=Name(), values=Name(), validate=validate.Length(max=MAX_ITEMS, error="may hold at most {max} names.")
     )
     labels = fields.Dict(keys=Name(), values=Text(validate=validate.Length(max=200)), validate=validate.Length(max=64))
+    # Seed 001's fields (docs/servers.md, "What a server may declare")
+    model_memory_gb = fields.Dict(
+        keys=Name(),
+        values=Gigabytes(),
+        validate=validate.Length(max=MAX_ITEMS, error="may hold at most {max} names."),
+        metadata={"description": "model name -> the GB of free memory a request for it needs on this server"},
+    )
+    type = fields.String(
+        validate=validate.OneOf([*DEVICE_TYPES, *(kind.upper() for kind in DEVICE_TYPES)]),
+        metadata={"description": "cpu or gpu (seed 001's CPU and GPU are taken too, and kept in lower case)"},
+    )
+    description = Text(validate=validate.Length(max=MAX_DESCRIPTION))
+    skip_resource_check = Flag(metadata={"description": "true: never filtered by the resource monitor's readings"})
 
     @post_load
     def unique_models(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        """Drop repeated model names, keeping the first of each."""
+        """Drop repeated model names, keeping the first of each; `type` in lower case."""
         if "models" in data:
             data["models"] = list(dict.fromkeys(data["models"]))
+        if "type" in data:
+            data["type"] = data["type"].lower()
         return data
 
 
@@ -200,15 +234,6 @@ class Seconds(fields.Float):
         if isinstance(value, bool) or not isinstance(value, int | float) or not self.low <= value <= self.high:
             raise ValidationError(f"must be a number of seconds from {self.low:g} to {self.high:g}.")
         return float(value)
-
-
-class Flag(fields.Boolean):
-    """JSON true or false, nothing else (not 1, not "yes")."""
-
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
-        if not isinstance(value, bool):
-            raise ValidationError("must be true or false.")
-        return value
 
 
 class HeaderPair(fields.Field[tuple[str, str]]):

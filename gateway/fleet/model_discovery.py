@@ -1,14 +1,16 @@
-"""Finding the models of servers that registered none: Ollama's /api/tags, OpenAI's /v1/models."""
+"""Finding the models of servers that registered none (Ollama's /api/tags, OpenAI's /v1/models), and what
+Ollama servers have loaded (/api/ps)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard, TypeVar
 
 import urllib3
 
@@ -21,6 +23,9 @@ MAX_NAME_LENGTH = 200
 READ_CHUNK = 64 * 1024
 # Identity only: a compressed listing could inflate far past the size cap before it is checked.
 REQUEST_HEADERS = {"Accept": "application/json", "Accept-Encoding": "identity"}
+READS_OLLAMA = ("auto", "ollama")  # the modes that ask servers with models what they have in memory
+T = TypeVar("T")
+Loaded = list[tuple[str, int]]  # (model name, size_vram) of each model in a server's memory
 
 
 @dataclass(frozen=True)
@@ -74,22 +79,49 @@ class ModelDiscoverer:
         listed = self.ask(target, "/v1/models", openai_names)
         return listed if listed is not None else tags
 
-    def ask(self, target: DiscoveryTarget, path: str, names_of: Callable[[Any], list[str] | None]) -> list[str] | None:
-        """GET one listing and read the names from it; None (logged) when that fails."""
-        body = self.fetch(target, path)
+    def submit_loaded(self, targets: list[DiscoveryTarget]) -> list[tuple[DiscoveryTarget, Future[Loaded | None]]]:
+        """Start asking each target what it has in memory (GET /api/ps) when the mode reads Ollama; else none."""
+        if self.mode not in READS_OLLAMA:
+            return []
+        try:
+            # Quiet: a box that speaks only OpenAI's API answers 404 at every sweep, and that is no news.
+            ask = functools.partial(self.ask, path="/api/ps", names_of=ollama_loaded, level=logging.DEBUG)
+            return [(target, self._executor.submit(ask, target)) for target in targets]
+        except RuntimeError:  # shut down: the gateway is stopping
+            return []
+
+    def collect_loaded(
+        self, pending: list[tuple[DiscoveryTarget, Future[Loaded | None]]]
+    ) -> list[tuple[str, str, Loaded | None]]:
+        """The targets whose question ended by the deadline, as (server_id, url, loaded); None: no usable answer.
+
+        One still waiting for a thread, or still asking, is left out: what it has loaded stays as known.
+        """
+        wait([future for _, future in pending], timeout=2 * self.timeout)
+        return [
+            (target.server_id, target.url, None if future.exception() else future.result())
+            for target, future in pending
+            if future.done() and not future.cancelled()
+        ]
+
+    def ask(
+        self, target: DiscoveryTarget, path: str, names_of: Callable[[Any], T | None], level: int = logging.INFO
+    ) -> T | None:
+        """GET one listing and read it with `names_of`; None (logged at `level`) when that fails."""
+        body = self.fetch(target, path, level)
         if body is None:
             return None
         try:
             document = json.loads(body)
         except (ValueError, RecursionError) as exc:
-            log.info("models of %s: %s%s is not JSON: %s", target.server_id, target.url, path, exc)
+            log.log(level, "models of %s: %s%s is not JSON: %s", target.server_id, target.url, path, exc)
             return None
         names = names_of(document)
         if names is None:
-            log.info("models of %s: %s%s does not list models", target.server_id, target.url, path)
+            log.log(level, "models of %s: %s%s does not list models", target.server_id, target.url, path)
         return names
 
-    def fetch(self, target: DiscoveryTarget, path: str) -> bytes | None:
+    def fetch(self, target: DiscoveryTarget, path: str, level: int = logging.INFO) -> bytes | None:
         """The body of a 200 answer to GET url+path, read whole within the timeout and size cap, or None."""
         deadline = time.monotonic() + self.timeout
         body = None
@@ -105,7 +137,14 @@ class ModelDiscoverer:
             )
             try:
                 if response.status != 200:
-                    log.info("models of %s: %s%s answered HTTP %s", target.server_id, target.url, path, response.status)
+                    log.log(
+                        level,
+                        "models of %s: %s%s answered HTTP %s",
+                        target.server_id,
+                        target.url,
+                        path,
+                        response.status,
+                    )
                     return None
                 body = read_bounded(response, deadline)
             finally:
@@ -114,13 +153,13 @@ class ModelDiscoverer:
                 else:  # only a connection read to its end may be reused
                     response.close()
         except urllib3.exceptions.HTTPError as exc:
-            log.info("models of %s: %s%s unreachable: %s", target.server_id, target.url, path, exc)
+            log.log(level, "models of %s: %s%s unreachable: %s", target.server_id, target.url, path, exc)
             return None
         except TimeoutError:
-            log.info("models of %s: %s%s took over %gs", target.server_id, target.url, path, self.timeout)
+            log.log(level, "models of %s: %s%s took over %gs", target.server_id, target.url, path, self.timeout)
             return None
         except OverflowError:
-            log.info("models of %s: %s%s is over %d bytes", target.server_id, target.url, path, MAX_LISTING_BYTES)
+            log.log(level, "models of %s: %s%s is over %d bytes", target.server_id, target.url, path, MAX_LISTING_BYTES)
             return None
         return body
 
@@ -152,6 +191,23 @@ def ollama_names(document: Any) -> list[str] | None:
     return valid_names(entry.get("name") or entry.get("model") for entry in entries if isinstance(entry, dict))
 
 
+def ollama_loaded(document: Any) -> Loaded | None:
+    """(name, size_vram) of each model in Ollama's /api/ps answer, `{"models": [...]}`; None when it is not one."""
+    entries = document.get("models") if isinstance(document, dict) else None
+    if not isinstance(entries, list):
+        return None
+    loaded: dict[str, int] = {}
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        name, size = entry.get("name") or entry.get("model"), entry.get("size_vram")
+        if is_model_name(name) and name not in loaded:
+            loaded[name] = size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else 0
+            if len(loaded) == MAX_MODELS:
+                break
+    return list(loaded.items())
+
+
 def openai_names(document: Any) -> list[str] | None:
     """Names from OpenAI's {"data": [{"id": ...}]}."""
     entries = document.get("data") if isinstance(document, dict) else None
@@ -171,7 +227,7 @@ def valid_names(candidates: Any) -> list[str]:
     return list(names)
 
 
-def is_model_name(name: Any) -> bool:
+def is_model_name(name: Any) -> TypeGuard[str]:
     """A string of 1-200 printable characters with no whitespace."""
     return (
         isinstance(name, str)

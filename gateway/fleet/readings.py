@@ -32,6 +32,12 @@ class Readings:
         """The servers that have a reading."""
         return set(self._latest)
 
+    def clear(self) -> int:
+        """Drop every reading (POST /admin/resource-cache/clear); how many there were."""
+        count = len(self._latest)
+        self._latest.clear()
+        return count
+
     def forget(self, server_id: str) -> None:
         """Drop the server's reading: the server left, or its monitor changed."""
         self._latest.pop(server_id, None)

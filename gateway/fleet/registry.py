@@ -12,12 +12,13 @@ from typing import Any, NamedTuple
 from gateway.cluster.connection import RedisUnavailable
 from gateway.fleet.health import Target
 from gateway.fleet.model_discovery import DiscoveryTarget
+from gateway.fleet.model_memory import still_loaded
 from gateway.fleet.monitor_reader import MonitorTarget
 from gateway.fleet.readings import Readings
 from gateway.fleet.records import declares, held_by_operator, holds
 from gateway.fleet.redis_store import Conflict, Fenced, RedisFleetStore, Snapshot
 from gateway.fleet.resources import Reading
-from gateway.fleet.server import BackendServer
+from gateway.fleet.server import BackendServer, now_iso
 from gateway.fleet.store import JsonFileStore, off_the_event_loop
 from gateway.fleet.sweep import SweepTargets
 
@@ -83,7 +84,13 @@ class Registry:
                 [Target(s.server_id, s.url) for s in servers],
                 [MonitorTarget(s.server_id, s.monitor_url) for s in servers if s.monitor_url],
                 [DiscoveryTarget(s.server_id, s.url) for s in servers if not declares(s)],
+                [DiscoveryTarget(s.server_id, s.url) for s in servers if declares(s) or s.discovered_models],
             )
+
+    def monitor_targets(self) -> list[MonitorTarget]:
+        """Every server's monitor, to be read now (POST /admin/resource-cache/clear)."""
+        with self._lock:
+            return [MonitorTarget(s.server_id, s.monitor_url) for s in self.servers.values() if s.monitor_url]
 
     def keep_readings(self, readings: list[tuple[str, str, Reading]]) -> None:
         """Keep each (server_id, monitor_url, reading) whose server still has that monitor."""
@@ -109,6 +116,25 @@ class Registry:
                     and server.discovered_models != models
                 ):
                     server.discovered_models = list(models)
+                    changed.append(server_id)
+            return changed, self.changed(*changed) if changed else self.version
+
+    def keep_loaded(self, found: list[tuple[str, str, list[tuple[str, int]] | None]]) -> tuple[list[str], int]:
+        """Keep what each (server_id, url, loaded) has in memory, if still at that url; None: unknown, so none.
+
+        A model read again at the same size keeps its entry and time, so an unchanged list writes
+        nothing. Returns the ids whose loaded models changed, and the version that holds them.
+        """
+        now = now_iso()
+        with self._lock:
+            changed = []
+            for server_id, url, read in found:
+                server = self.servers.get(server_id)
+                if server is None or server.url != url:
+                    continue
+                loaded = still_loaded(server.loaded_models, read or [], now)
+                if loaded != server.loaded_models:
+                    server.loaded_models = loaded
                     changed.append(server_id)
             return changed, self.changed(*changed) if changed else self.version
 

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gateway.fleet.addresses import SERVER_ID_PATTERN, AddressError, check_backend_address, checked_monitor_url
+from gateway.fleet.model_memory import DEVICE_TYPES, MAX_DESCRIPTION, LoadedModel, is_need_map, loaded_from
 from gateway.fleet.tokens import HASH_PATTERN
 
 
@@ -52,6 +53,12 @@ class BackendServer:
     labels: dict[str, str] = field(default_factory=dict)
     draining: bool = False  # takes no new work; its tasks still reach it
     discovered_models: list[str] = field(default_factory=list)  # found by the health sweep
+    loaded_models: list[LoadedModel] = field(default_factory=list)  # in its memory: the sweep's GET /api/ps
+    # Seed 001's fields (docs/servers.md): what a model needs here, the kind of box, a note, and readings ignored.
+    model_memory_gb: dict[str, float] = field(default_factory=dict)  # model name -> GB it needs free here
+    type: str = "gpu"  # cpu or gpu
+    description: str = ""
+    skip_resource_check: bool = False  # never filtered by monitor readings
     operator_options: list[str] = field(default_factory=list)  # set through /admin: registrations keep them
     token_hash: str | None = field(default=None, repr=False)  # REGISTRATION_BINDING=token: its token's hash
 
@@ -65,6 +72,8 @@ class BackendServer:
         entry["models"], entry["discovered_models"] = list(self.models), list(self.discovered_models)
         entry["operator_options"] = list(self.operator_options)
         entry["model_map"], entry["labels"] = dict(self.model_map), dict(self.labels)
+        entry["loaded_models"] = [model.as_dict() for model in self.loaded_models]
+        entry["model_memory_gb"] = dict(self.model_memory_gb)
         entry["token_bound"] = self.token_hash is not None
         return entry
 
@@ -105,6 +114,7 @@ class BackendServer:
             last_error=_optional_str(entry.get("last_error")),
             draining=entry.get("draining", False) is True,
             discovered_models=_strings(entry.get("discovered_models", [])),
+            loaded_models=loaded_from(entry.get("loaded_models")),
             operator_options=[name for name in OPTION_NAMES if name in _strings(entry.get("operator_options", []))],
             token_hash=_checked_token_hash(server_id, entry.get("token_hash")),
             **{name: entry[name] for name in OPTION_NAMES if name in entry},
@@ -123,7 +133,20 @@ class BackendServer:
             value = getattr(self, name)
             if not isinstance(value, dict) or not all(is_text(x) for pair in value.items() for x in pair):
                 raise ValueError(f"entry {self.server_id!r} has a bad {name}: {value!r:.200}")
+        self._check_seed_001_options()
         return self
+
+    def _check_seed_001_options(self) -> None:
+        """ValueError naming the first of model_memory_gb, type, description, skip_resource_check that is bad."""
+        checks = {
+            "model_memory_gb": is_need_map(self.model_memory_gb),
+            "type": self.type in DEVICE_TYPES,
+            "description": is_text(self.description) and len(self.description) <= MAX_DESCRIPTION,
+            "skip_resource_check": isinstance(self.skip_resource_check, bool),
+        }
+        for name, good in checks.items():
+            if not good:
+                raise ValueError(f"entry {self.server_id!r} has a bad {name}: {getattr(self, name)!r:.200}")
 
     def options(self) -> dict[str, Any]:
         """The routing options an operator may set."""
@@ -132,7 +155,8 @@ class BackendServer:
 
 FIELD_NAMES = tuple(f.name for f in fields(BackendServer))
 SHOWN_NAMES = tuple(name for name in FIELD_NAMES if name != "token_hash")
-OPTION_NAMES = ("weight", "priority", "max_concurrent", "models", "model_map", "labels")
+SEED_001_OPTIONS = ("model_memory_gb", "type", "description", "skip_resource_check")
+OPTION_NAMES = ("weight", "priority", "max_concurrent", "models", "model_map", "labels", *SEED_001_OPTIONS)
 
 
 def _checked_addresses(server_id: str, ip: Any, monitor_url: Any) -> tuple[str, str | None]:

@@ -35,11 +35,12 @@ MAX_CHECKERS_NOW = 4
 
 
 class SweepTargets(NamedTuple):
-    """What one sweep asks: every server's health, the monitors, and the servers that list no models."""
+    """What one sweep asks: every server's health, the monitors, the servers that list no models, and those that do."""
 
     health: list[Target]
     monitors: list[MonitorTarget]
     unlisted: list[DiscoveryTarget]
+    listed: list[DiscoveryTarget]  # asked what they have in memory (Ollama's /api/ps), by MODEL_DISCOVERY
 
 
 class FleetOwner(Protocol):
@@ -57,6 +58,8 @@ class FleetOwner(Protocol):
 
     def apply_discovered(self, found: list[tuple[str, str, list[str]]]) -> None: ...
 
+    def apply_loaded(self, found: list[tuple[str, str, list[tuple[str, int]] | None]]) -> None: ...
+
 
 class HealthJob:
     """Schedules the sweep while the registry has servers, runs it, and remembers the last one."""
@@ -70,6 +73,8 @@ class HealthJob:
         self._waiting: dict[Target, None] = {}  # asked to be checked at once, in order; under the job's lock
         self._checking: set[Target] = set()  # being checked at once now
         self._checkers = 0  # threads running _check_waiting
+        self._monitors_asked: list[MonitorTarget] | None = None  # read_monitors_soon's latest ask, under the lock
+        self._reading_monitors = False  # a thread runs _read_monitors
         self.leader: LeaderLease | None = None  # Redis mode: only the lease's holder sweeps the cluster
 
     @property
@@ -98,12 +103,15 @@ class HealthJob:
             reader, discoverer = owner.monitor_reader, owner.model_discoverer
             reading = reader.submit(targets.monitors) if reader is not None and targets.monitors else []
             discovering = discoverer.submit(targets.unlisted) if discoverer is not None and targets.unlisted else []
+            loading = discoverer.submit_loaded(targets.listed) if discoverer is not None and targets.listed else []
             results = owner.health_checker.check_all(targets.health)
             owner.apply_health_results(results, fence=fence)
             if reader is not None and reading:
                 owner.apply_readings(reader.collect(reading), fence)
             if discoverer is not None and discovering:
                 owner.apply_discovered(discoverer.collect(discovering))
+            if discoverer is not None and loading:
+                owner.apply_loaded(discoverer.collect_loaded(loading))
         except Exception:  # the job must survive anything, or health checking stops for good
             log.exception("health sweep failed")
             return
@@ -150,6 +158,41 @@ class HealthJob:
             with self._lock:
                 self._checkers -= 1
             log.warning("could not start a health check at once: %s; the next sweep will check", exc)
+
+    def read_monitors_soon(self) -> list[str]:
+        """Read every monitor now, in the background, and keep the readings; the ids asked. Returns at once.
+
+        An ask made while a read runs is read once that one ends (with the fleet as it is then).
+        """
+        reader = self._owner.monitor_reader
+        targets = self._registry.monitor_targets() if reader is not None else []
+        if not targets:
+            return []
+        with self._lock:
+            self._monitors_asked = targets
+            start, self._reading_monitors = not self._reading_monitors, True
+        if start:
+            try:
+                threading.Thread(target=self._read_monitors, name="monitor-read-now", daemon=True).start()
+            except RuntimeError as exc:  # no thread to be had: the next sweep reads them
+                with self._lock:
+                    self._reading_monitors = False
+                log.warning("could not read the monitors at once: %s; the next sweep will", exc)
+        return [target.server_id for target in targets]
+
+    def _read_monitors(self) -> None:
+        """A reader thread: read the monitors asked for, until no ask is left."""
+        while True:
+            with self._lock:
+                targets, self._monitors_asked = self._monitors_asked, None
+                reader = self._owner.monitor_reader
+                if not targets or reader is None:
+                    self._reading_monitors = False
+                    return
+            try:
+                self._owner.apply_readings(reader.collect(reader.submit(targets)))
+            except Exception:  # the thread must end cleanly whatever happens; the sweep reads them again
+                log.exception("reading the monitors at once failed")
 
     def _check_waiting(self) -> None:
         """A checker thread: check the waiting targets, in parallel, until none is left for it.

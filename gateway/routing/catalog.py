@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from gateway.fleet.model_memory import model_key
 from gateway.fleet.server import BackendServer
 
-
-def model_key(name: str) -> str:
-    """The name models are matched by: Ollama's `llama3` is `llama3:latest`."""
-    return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
+__all__ = ["catalog", "listed_names", "model_key", "served_models"]
 
 
 def served_models(server: BackendServer) -> dict[str, str]:

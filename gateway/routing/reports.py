@@ -123,6 +123,22 @@ class Reports:
                 tier["models"] = list(catalog(s for s in fleet.servers.values() if s.priority == priority))
         return {"tiers": list(tiers.values())}
 
+    def resource_cache(self) -> dict[str, Any]:
+        """The monitors' readings as routing holds them: each one's age, fresh or stale, and its hits."""
+        now = time.monotonic()
+        with self._lock:
+            fleet = self._view()
+            rows = _cache_rows(fleet, now)
+        states = [row["state"] for row in rows]
+        return {
+            "stale_after_s": fleet.stale_after,
+            "readings": len(states) - states.count("none"),
+            "fresh": states.count("fresh"),
+            "stale": states.count("stale"),
+            "hits": sum(row["hits"] for row in rows),
+            "servers": rows,
+        }
+
     def rankings(self) -> list[dict[str, Any]]:
         """Healthy and unhealthy servers by load score, lowest first; those without a fresh reading last."""
         now = time.monotonic()
@@ -141,6 +157,28 @@ class Reports:
                 for server in fleet.servers.values()
             ]
         return sorted(rows, key=lambda row: (row["score"] is None, row["score"] or 0.0))
+
+
+def _cache_rows(fleet: FleetView, now: float) -> list[dict[str, Any]]:
+    """Under the lock: each server with a monitor or a reading, as GET /admin/resource-cache/stats shows it."""
+    hits, rows = fleet.selector.placement.hits, []
+    for server in fleet.servers.values():
+        summary = fleet.readings.summary(server.server_id, now, fleet.stale_after)
+        if summary is None and not server.monitor_url:
+            continue
+        state = "none" if summary is None else "stale" if summary["stale"] else "fresh"
+        rows.append(
+            {
+                "server_id": server.server_id,
+                "monitor_url": server.monitor_url,
+                "state": state,
+                "age_s": None if summary is None else summary["age_s"],
+                "hits": hits.get(server.server_id, 0),
+                "skip_resource_check": server.skip_resource_check,
+                "resources": summary,
+            }
+        )
+    return rows
 
 
 def _rows(fleet: FleetView) -> list[dict[str, Any]]:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import time
 from collections.abc import Collection, Mapping
 
-from gateway.fleet.resources import DEFAULT_WEIGHTS, GIB, Reading
+from gateway.fleet.resources import DEFAULT_WEIGHTS, Reading
 from gateway.fleet.server import BackendServer
 from gateway.routing.admission import NoServer, RouteRequest
 from gateway.routing.catalog import model_key, served_models
+from gateway.routing.placement import Placement
 from gateway.routing.policies import (
     Candidate,
     SequentialRotation,
@@ -36,6 +37,7 @@ class Selector:
         self.slow_start_seconds = 0.0
         self.prefix = PrefixTable()  # ROUTING_POLICY=prefix: who served each recent prompt prefix last
         self.served: dict[str, dict[str, str]] = {}  # server_id -> model key -> its actual name
+        self.placement = Placement()  # memory needs, loaded models, skip_resource_check
         self._uniform = True  # equal weights and tiers, no caps, nobody draining: plain rotation will do
         self._back_since: dict[str, float] = {}  # when each server came back, for slow start
         self._ramp_until = 0.0
@@ -50,6 +52,7 @@ class Selector:
             for s in servers
         )
         self.swrr.forget(self.served)
+        self.placement.rebuild(servers)
         self._back_since = {k: v for k, v in self._back_since.items() if k in self.served}
 
     def came_back(self, server_id: str) -> None:
@@ -91,12 +94,14 @@ class Selector:
                     503, "model_unavailable", f"every server with model {route.model!r} is down, draining or ejected"
                 )
             raise NoServer(503, "no_server", "no healthy GPU server is available", fallback_ok=True)
-        if route.required_bytes is not None:
-            up = _fitting(up, readings, route.required_bytes)
+        if route.required_bytes is not None or (route.model is not None and self.placement.has_needs):
+            up = self.placement.place(up, route, actual, readings)
         free = [s for s in up if not s.max_concurrent or in_flight.get(s.server_id, 0) < s.max_concurrent]
         if not free:
             raise NoServer(503, "at_capacity", "every server that can take this request is at its max_concurrent")
         tier = best_tier(free, lambda s: s.priority)
+        if route.model is not None and self.placement.loaded:  # within the tier: where the model is loaded
+            tier = self.placement.prefer_loaded(tier, route.model, actual)
         server_id = self._apply_policy(tier, route, servers, in_flight, readings)
         return server_id, actual.get(server_id)
 
@@ -158,8 +163,9 @@ class Selector:
         }
         if not scores:
             return candidates
-        best = min(scores.values())
-        return [c for c in candidates if scores.get(c.server_id) == best]
+        self.placement.count_hits(scores)
+        best, skips = min(scores.values()), self.placement.skips  # skip_resource_check: in, whatever its reading
+        return [c for c in candidates if scores.get(c.server_id) == best or c.server_id in skips]
 
     def _weight(self, server: BackendServer, now: float) -> float:
         back = self._back_since.get(server.server_id)
@@ -167,14 +173,3 @@ class Selector:
 
     def _ramping(self) -> bool:
         return self.slow_start_seconds > 0 and time.monotonic() < self._ramp_until
-
-
-def _fitting(servers: list[BackendServer], readings: Mapping[str, Reading], required: int) -> list[BackendServer]:
-    """Servers whose fresh reading shows `required` bytes usable; else those of unknown capacity."""
-    fits = [s for s in servers if s.server_id in readings and readings[s.server_id].fits(required)]
-    fits = fits or [s for s in servers if s.server_id not in readings]
-    if not fits:
-        raise NoServer(
-            503, "no_fit", f"no healthy server has {required / GIB:g} GB of GPU memory free under its threshold"
-        )
-    return fits

@@ -423,6 +423,10 @@ def test_every_option_can_be_set(client, manager, registered):
         "models": ["a", "b"],
         "model_map": {"qwen3": "qwen3:14b"},
         "labels": {"zone": ""},
+        "model_memory_gb": {"qwen3:14b": 100_000, "a": 0.5},
+        "type": "cpu",
+        "description": "d" * 1000,
+        "skip_resource_check": True,
     }
 
     response = client.patch("/admin/servers/B1", json=options, headers=ADMIN_AUTH)
@@ -450,7 +454,31 @@ BAD_OPTIONS = [
         pytest.param({"labels": v}, "labels", id=f"labels-{str(v)[:20]}")
         for v in ({"k": 5}, {"": "v"}, {"k": "v" * 201}, ["k"], None, {f"k{i}": "v" for i in range(65)})
     ],
+    *[
+        pytest.param({"model_memory_gb": v}, "model_memory_gb", id=f"model-memory-gb-{str(v)[:20]}")
+        for v in (
+            {"m": 0},
+            {"m": -1},
+            {"m": 100_001},
+            {"m": "24"},
+            {"m": True},
+            {"m": None},
+            {"a b": 1},
+            {"": 1},
+            [24],
+            24,
+            None,
+            {f"m{i}": 1 for i in range(257)},
+        )
+    ],
+    *[pytest.param({"type": v}, "type", id=f"type-{v!r}") for v in ("tpu", "Gpu", "", 1, None, ["gpu"])],
+    *[pytest.param({"description": v}, "description", id=f"description-{str(v)[:8]}") for v in ("d" * 1001, 5, None)],
+    *[
+        pytest.param({"skip_resource_check": v}, "skip_resource_check", id=f"skip-resource-check-{v!r}")
+        for v in (1, 0, "true", "yes", None)
+    ],
     *[pytest.param({name: 1}, name, id=f"unknown-{name}") for name in ("ip", "port", "server_id", "draining", "x")],
+    *[pytest.param({name: []}, name, id=f"not-an-option-{name}") for name in ("loaded_models", "discovered_models")],
     pytest.param({"secret": SECRET}, "secret", id="secret"),
     pytest.param({"weight": 5, "nope": 1}, "nope", id="good-and-unknown"),
 ]

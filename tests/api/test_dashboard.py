@@ -367,6 +367,18 @@ def test_a_row_shows_models_in_flight_against_the_cap_ejection_and_draining(clie
     assert (rows["B1"]["draining"], rows["B2"]["draining"]) == (False, True)
 
 
+def test_a_row_shows_the_models_its_server_has_loaded(client, manager):
+    manager.register_server("B1", "127.0.0.1", 9001, options={"models": ["llama3", "qwen2"]})
+    manager.register_server("B2", "127.0.0.1", 9002, options={"models": ["llama3"]})
+    manager.apply_loaded([("B1", "http://127.0.0.1:9001", [("qwen2:latest", 5 * GIB)])])
+    log_in(client)
+
+    rows = rows_of(client)
+
+    assert (rows["B1"]["loaded_models"], rows["B2"]["loaded_models"]) == (["qwen2:latest"], [])
+    assert "loaded_models" in client.get("/dashboard").get_data(as_text=True)  # the page shows them
+
+
 def test_a_row_says_why_its_server_is_unhealthy_and_the_data_when_the_last_sweep_was(client, manager, fake_servers):
     up, down = fake_servers("B1"), fake_servers("B2")
     for server in (up, down):

@@ -131,6 +131,11 @@ def test_registered_server_is_listed_with_the_seed_fields(client):
         "labels": {},
         "draining": False,
         "discovered_models": [],
+        "loaded_models": [],
+        "model_memory_gb": {},
+        "type": "gpu",
+        "description": "",
+        "skip_resource_check": False,
         "operator_options": [],
         "token_bound": False,
         "in_flight": 0,
@@ -1104,8 +1109,23 @@ OPTIONS = {
     "models": ["qwen3:14b"],
     "model_map": {"qwen3": "qwen3:14b"},
     "labels": {"gpu": "a100"},
+    "model_memory_gb": {"qwen3:14b": 24, "llama3": 7.5},
+    "type": "cpu",
+    "description": "the spare box under the desk",
+    "skip_resource_check": True,
 }
-DEFAULT_OPTIONS = {"weight": 1, "priority": 1, "max_concurrent": 0, "models": [], "model_map": {}, "labels": {}}
+DEFAULT_OPTIONS = {
+    "weight": 1,
+    "priority": 1,
+    "max_concurrent": 0,
+    "models": [],
+    "model_map": {},
+    "labels": {},
+    "model_memory_gb": {},
+    "type": "gpu",
+    "description": "",
+    "skip_resource_check": False,
+}
 
 
 def test_register_reply_carries_the_options(client):
@@ -1152,6 +1172,17 @@ def test_registering_again_with_one_option_changes_only_it(client, manager):
         ("models", "qwen3"),
         ("model_map", {"qwen3": ""}),
         ("labels", {"gpu": 1}),
+        ("model_memory_gb", {"qwen3:14b": 0}),
+        ("model_memory_gb", {"qwen3:14b": "24"}),
+        ("model_memory_gb", {"qwen3:14b": False}),
+        ("model_memory_gb", {"bad name": 24}),
+        ("model_memory_gb", ["qwen3:14b", 24]),
+        ("type", "tpu"),
+        ("type", 1),
+        ("description", "d" * 1001),
+        ("description", ["d"]),
+        ("skip_resource_check", 1),
+        ("skip_resource_check", "false"),
     ],
 )
 def test_register_refuses_a_bad_option(client, app, registered, option, value):

@@ -108,6 +108,10 @@ def test_draining_and_options_survive_a_restart(tmp_path):
         "models": ["llama3"],
         "model_map": {},
         "labels": {"zone": "a"},
+        "model_memory_gb": {},
+        "type": "gpu",
+        "description": "",
+        "skip_resource_check": False,
     }
     assert server.draining
 

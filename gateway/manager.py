@@ -249,6 +249,11 @@ class BackendManager:
         """Healthy and unhealthy servers by load score, lowest first; those without a fresh reading last."""
         return self.reports.rankings()
 
+    def fresh_readings(self) -> dict[str, Reading]:
+        """Each server's latest monitor reading that is young enough to route by (see `stale_after`)."""
+        with self._lock:
+            return self.registry.readings.fresh(self.stale_after)
+
     def get_status(self) -> dict[str, Any]:
         """The seed's `/webhook/servers` data: counts, job state and every server."""
         return self.reports.status(self.health_check_running)

@@ -96,6 +96,7 @@ class ServerOptionsSchema(Schema):
         keys=Name(), values=Name(), validate=validate.Length(max=MAX_ITEMS, error="may hold at most {max} names.")
     )
     labels = fields.Dict(keys=Name(), values=Text(validate=validate.Length(max=200)), validate=validate.Length(max=64))
+    max_allocations = Count(0, 1_000_000)  # allocations it may hold (docs/allocations.md); 0: no limit
 
     @post_load
     def unique_models(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:

@@ -49,7 +49,8 @@ class BackendServer:
     max_concurrent: int = 0  # in-flight requests it may hold; 0 means unlimited
     models: list[str] = field(default_factory=list)  # model names it serves, as registered
     model_map: dict[str, str] = field(default_factory=dict)  # virtual model name -> its actual name
-    labels: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)  # "location" serves the allocations' location strategy
+    max_allocations: int = 0  # allocations (docs/allocations.md) it may hold; 0 means unlimited
     draining: bool = False  # takes no new work; its tasks still reach it
     discovered_models: list[str] = field(default_factory=list)  # found by the health sweep
     operator_options: list[str] = field(default_factory=list)  # set through /admin: registrations keep them
@@ -112,9 +113,9 @@ class BackendServer:
 
     def checked(self) -> BackendServer:
         """Self, after checking the routing options read from the state file; ValueError if bad."""
-        for name in ("weight", "priority", "max_concurrent"):
+        for name in ("weight", "priority", "max_concurrent", "max_allocations"):
             value = getattr(self, name)
-            low = 0 if name == "max_concurrent" else 1
+            low = 0 if name in ("max_concurrent", "max_allocations") else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"entry {self.server_id!r} has a bad {name}: {value!r}")
         if _strings(self.models) != self.models:
@@ -132,7 +133,7 @@ class BackendServer:
 
 FIELD_NAMES = tuple(f.name for f in fields(BackendServer))
 SHOWN_NAMES = tuple(name for name in FIELD_NAMES if name != "token_hash")
-OPTION_NAMES = ("weight", "priority", "max_concurrent", "models", "model_map", "labels")
+OPTION_NAMES = ("weight", "priority", "max_concurrent", "models", "model_map", "labels", "max_allocations")
 
 
 def _checked_addresses(server_id: str, ip: Any, monitor_url: Any) -> tuple[str, str | None]:

@@ -409,6 +409,7 @@ def test_register_sends_the_routing_options(live_gateway):
         "models": ["a", "b:7b"],
         "model_map": {"v": "b:7b", "w": "a"},
         "labels": {"zone": "eu", "spare": ""},
+        "max_allocations": 0,
     }
 
 

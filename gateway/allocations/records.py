@@ -118,6 +118,12 @@ class UnknownKey(AllocationError):
     status = 404
 
 
+class Moving(AllocationError):
+    """Another move of the key is under way (in this process or another)."""
+
+    status = 409
+
+
 class Refused(AllocationError):
     """ALLOCATION_MIGRATE_URL refused the move (or did not answer in time): the key stayed."""
 

@@ -8,6 +8,7 @@ happens when ALLOCATION_MIGRATE_URL is set.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Collection
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -19,6 +20,7 @@ from gateway.allocations.records import (
     Allocation,
     AllocationError,
     Move,
+    Moving,
     NoRoom,
     Refused,
     UnknownKey,
@@ -233,7 +235,7 @@ class AllocationService:
         key = allocation.key
         token = self.store.claim(key, self.claim_seconds)
         if token is None:
-            raise AllocationError(f"allocation {key} is being moved already; try again", status=409)
+            raise Moving(f"allocation {key} is being moved already; try again")
         try:
             current = self.store.get(key)
             if current is None:
@@ -340,7 +342,20 @@ class AllocationService:
         if server is not None and down_for(server) < self.failover_seconds:
             return Routed(None, f"server {server.server_id}, which holds allocation {key}, is unhealthy")
         why = "is no longer registered" if server is None else f"has been unhealthy for over {self.failover_seconds:g}s"
-        return Routed(self.relocate(allocation, f"server {allocation.server_id} {why}").server_id)
+        try:
+            return Routed(self.relocate(allocation, f"server {allocation.server_id} {why}").server_id)
+        except Moving:  # the failover watcher (or another request) is moving it: follow it there
+            return Routed(self._moved_from(allocation))
+
+    def _moved_from(self, allocation: Allocation) -> str:
+        """Where a key another move is taking off its server ends up, waiting as long as that move may take."""
+        deadline = time.monotonic() + self.claim_seconds - CLAIM_SECONDS + 1.0
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            current = self.get(allocation.key)
+            if current.server_id != allocation.server_id:
+                return current.server_id
+        raise Moving(f"allocation {allocation.key} is being moved off {allocation.server_id}; try again")
 
 
 def _capacity(places: list[Place], server_id: str) -> int:

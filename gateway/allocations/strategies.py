@@ -93,6 +93,8 @@ def choose(
     """The server `strategy` picks among `places` for a new key; NoRoom when none may take it."""
     scored = scores(places, weights)
     candidates = list(places)
+    if not candidates:
+        raise NoRoom("no healthy server is taking keys: every one is down or draining, or none is registered")
     if strategy == "location":
         candidates = [p for p in candidates if p.location == location]
         if not candidates:

@@ -129,6 +129,7 @@ def test_registered_server_is_listed_with_the_seed_fields(client):
         "models": [],
         "model_map": {},
         "labels": {},
+        "max_allocations": 0,
         "draining": False,
         "discovered_models": [],
         "operator_options": [],
@@ -1104,8 +1105,17 @@ OPTIONS = {
     "models": ["qwen3:14b"],
     "model_map": {"qwen3": "qwen3:14b"},
     "labels": {"gpu": "a100"},
+    "max_allocations": 12,
 }
-DEFAULT_OPTIONS = {"weight": 1, "priority": 1, "max_concurrent": 0, "models": [], "model_map": {}, "labels": {}}
+DEFAULT_OPTIONS = {
+    "weight": 1,
+    "priority": 1,
+    "max_concurrent": 0,
+    "models": [],
+    "model_map": {},
+    "labels": {},
+    "max_allocations": 0,
+}
 
 
 def test_register_reply_carries_the_options(client):

@@ -228,6 +228,7 @@ class StatusSchema(Schema):
     routing_policy = fields.String(required=True)
     health_check = fields.Nested(HealthJobSchema, required=True)
     servers = fields.Dict(keys=fields.String(), values=fields.Integer(), required=True)
+    state = fields.Dict(required=True, metadata={"description": "where the fleet is kept; in Redis mode, who sweeps"})
     requests = fields.Dict(required=True, metadata={"description": "total, and by_status_class ('2xx': n, ...)"})
 
 

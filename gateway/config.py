@@ -35,7 +35,7 @@ SECRET_SETTINGS = {
     "worker_token": "WORKER_TOKEN",
 }
 
-HIDDEN_VALUES = {"REDIS_URL"}  # settings whose values an error message must not repeat
+HIDDEN_VALUES = {"REDIS_URL", "ALLOCATION_MIGRATE_URL"}  # values an error must not repeat: they may hold a secret
 
 
 class ConfigError(ValueError):

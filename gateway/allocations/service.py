@@ -261,8 +261,12 @@ class AllocationService:
             self.store.unclaim(key, token)
 
     def _urls(self, from_id: str, to_id: str) -> dict[str, str | None]:
-        servers = {server_id: self.manager.get_server(server_id) for server_id in (from_id, to_id)}
-        return {end: None if (s := servers[sid]) is None else s.url for end, sid in (("from", from_id), ("to", to_id))}
+        """The base URLs of a move's two servers, for its announcement (None for one that left)."""
+        urls: dict[str, str | None] = {}
+        for end, server_id in (("from", from_id), ("to", to_id)):
+            server = self.manager.get_server(server_id)
+            urls[end] = None if server is None else server.url
+        return urls
 
     # -- rebalancing -------------------------------------------------------------------------
 

@@ -68,6 +68,7 @@ def gateway_env(folder: Path, port: int, secret: str, extra: Mapping[str, str] |
         BACKEND_SERVERS_FILE=str(folder / "backend_servers.json"),
         TASK_AFFINITY_FILE=str(folder / "task_affinity.db"),
         JOB_STORE_FILE=str(folder / "jobs.db"),
+        ALLOCATION_STORE_FILE=str(folder / "allocations.db"),
         GATEWAY_BIND=f"{HOST}:{port}",
         LOG_LEVEL="INFO",
     )

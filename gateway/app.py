@@ -14,7 +14,7 @@ from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from gateway import __version__, errors
-from gateway.api import admin, dashboard, jobs, llm, openapi, status, worker_socket, workers
+from gateway.api import admin, allocations, dashboard, jobs, llm, openapi, status, worker_socket, workers
 from gateway.api.webhook import register_webhook_routes
 from gateway.cluster.connection import Redis
 from gateway.cluster.slots import SharedSlots
@@ -88,6 +88,7 @@ def create_app(config: Config | None = None) -> Flask:
     workers.init_app(app)  # after the jobs: the pull workers' endpoints call the JobService
     worker_socket.init_app(app)
     llm.init_app(app)
+    allocations.init_app(app)  # after the proxy: it routes X-Allocation-Key there
     openapi.init_app(app)  # after every route: it describes them
     app.wsgi_app = views.FastPath(app, app.wsgi_app)  # type: ignore[method-assign]  # after every route
     if config.client_max_connections:  # inside ProxyFix: it counts the client's address, not a proxy's
@@ -99,6 +100,8 @@ def create_app(config: Config | None = None) -> Flask:
     def shutdown() -> None:
         app.extensions["jobs"].stop()
         manager.shutdown()
+        app.extensions["allocation_failover"].stop()
+        app.extensions["allocations"].close()
         app.extensions["jobs"].store.close()
         app.extensions["task_affinity"].close()
         if shared is not None:

@@ -36,7 +36,7 @@ SECRET_SETTINGS = {
     "worker_token": "WORKER_TOKEN",
 }
 
-HIDDEN_VALUES = {"REDIS_URL"}  # settings whose values an error message must not repeat
+HIDDEN_VALUES = {"REDIS_URL", "ALLOCATION_MIGRATE_URL"}  # values an error must not repeat: they may hold a secret
 
 
 class ConfigError(ValueError):
@@ -116,6 +116,11 @@ class Config:
     redis_timeout: float = 1.0
     slot_lease_seconds: float = 30.0
     gateway_workers: int = 1
+    # Allocations: long-lived keys pinned to servers (docs/allocations.md)
+    allocation_store_file: str = "allocations.db"
+    allocation_migrate_url: str = ""
+    allocation_migrate_timeout: float = 10.0
+    allocation_failover_seconds: float = 300.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
@@ -208,6 +213,14 @@ class Config:
             "redis_timeout": reader.get("REDIS_TIMEOUT", cls.redis_timeout, _number(min_value=0.05)),
             "slot_lease_seconds": reader.get("SLOT_LEASE_SECONDS", cls.slot_lease_seconds, _number(min_value=1)),
             "gateway_workers": reader.get("GATEWAY_WORKERS", cls.gateway_workers, _integer(1)),
+            "allocation_store_file": reader.get("ALLOCATION_STORE_FILE", cls.allocation_store_file, _nonempty),
+            "allocation_migrate_url": reader.get("ALLOCATION_MIGRATE_URL", "", _webhook_url),
+            "allocation_migrate_timeout": reader.get(
+                "ALLOCATION_MIGRATE_TIMEOUT", cls.allocation_migrate_timeout, _number(min_value=0.1)
+            ),
+            "allocation_failover_seconds": reader.get(
+                "ALLOCATION_FAILOVER_SECONDS", cls.allocation_failover_seconds, _number(min_value=0)
+            ),
         }
         values.update(overrides)
         _check_secret_lengths(values)
@@ -226,6 +239,11 @@ class Config:
             raise ConfigError(
                 f"OUTLIER_MAX_EJECTION_SECONDS ({values['outlier_max_ejection_seconds']:g}) must be at least "
                 f"OUTLIER_BASE_EJECTION_SECONDS ({values['outlier_base_ejection_seconds']:g})."
+            )
+        if values["allocation_migrate_url"] and not values["job_callback_secret"]:
+            raise ConfigError(
+                "ALLOCATION_MIGRATE_URL needs JOB_CALLBACK_SECRET: each move is announced signed with it, as the"
+                " job callbacks are, so that the receiver can tell the gateway's announcements from anyone's."
             )
         if values["gateway_workers"] > 1 and not values["redis_url"]:
             raise ConfigError(
@@ -360,6 +378,20 @@ def _redis_url(raw: str) -> str:
     except ValueError:
         raise ValueError("the URL's port is not a number from 1 to 65535") from None
     return raw.strip()
+
+
+def _webhook_url(raw: str) -> str:
+    """An http(s) URL with a host and no credentials in it (they would be logged)."""
+    parsed = urlsplit(raw)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError("expected an http:// or https:// URL with a host")
+    if parsed.username or parsed.password:
+        raise ValueError("a URL may not carry credentials: the signature says who sends")
+    try:
+        parsed.port  # noqa: B018  # a bad port raises here
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
+    return raw
 
 
 def _redis_prefix(raw: str) -> str:

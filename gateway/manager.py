@@ -265,6 +265,11 @@ class BackendManager:
         log.info("resource cache cleared: %d readings dropped", cleared)
         return cleared, self.health_job.read_monitors_soon()
 
+    def fresh_readings(self) -> dict[str, Reading]:
+        """Each server's latest monitor reading that is young enough to route by (see `stale_after`)."""
+        with self._lock:
+            return self.registry.readings.fresh(self.stale_after)
+
     def get_status(self) -> dict[str, Any]:
         """The seed's `/webhook/servers` data: counts, job state and every server."""
         return self.reports.status(self.health_check_running)

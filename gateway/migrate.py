@@ -1,10 +1,11 @@
 """`gpu-gateway migrate --to-redis`: copy one process's embedded state into Redis, to run several.
 
 It reads the settings as the gateway does (REDIS_URL, REDIS_PREFIX, BACKEND_SERVERS_FILE,
-TASK_AFFINITY_FILE, JOB_STORE_FILE) and copies the servers, the task owners and the jobs not
-yet finished. What Redis already holds is kept: a server registered there since is newer than
-the file. Stop the one-process gateway first, so that nothing changes in the files meanwhile;
-running it twice copies nothing twice.
+TASK_AFFINITY_FILE, JOB_STORE_FILE, ALLOCATION_STORE_FILE) and copies the servers, the task
+owners, the jobs not yet finished, and the allocations with their history. What Redis already
+holds is kept: a server registered there since is newer than the file. Stop the one-process
+gateway first, so that nothing changes in the files meanwhile; running it twice copies nothing
+twice.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from gateway.allocations.redis_store import RedisAllocationStore
+from gateway.allocations.store import SQLiteAllocationStore
 from gateway.cluster.connection import Redis, RedisUnavailable
 from gateway.config import Config, ConfigError
 from gateway.fleet.redis_store import Conflict, RedisFleetStore
@@ -114,7 +117,30 @@ def copy_jobs(config: Config, redis: Redis, say: Say, dry_run: bool) -> int:
     return copied
 
 
-STEPS: list[Callable[[Config, Redis, Say, bool], int]] = [copy_servers, copy_task_owners, copy_jobs]
+def copy_allocations(config: Config, redis: Redis, say: Say, dry_run: bool) -> int:
+    """Copy every allocation, with its history, as it is; a key Redis holds already keeps Redis's place."""
+    path = Path(config.allocation_store_file)
+    if not path.exists():
+        say(f"allocations: {path} does not exist; nothing to copy")
+        return 0
+    local = SQLiteAllocationStore(path)
+    try:
+        kept = list(local.everything())
+    finally:
+        local.close()
+    shared, copied = RedisAllocationStore(redis), 0
+    for allocation, history in kept:
+        if dry_run:
+            copied += shared.get(allocation.key) is None
+        elif shared.adopt(allocation, history):
+            copied += 1
+        else:
+            say(f"allocations: {allocation.key} is in Redis already; kept Redis's")
+    say(f"allocations: {'would copy' if dry_run else 'copied'} {copied} from {path}")
+    return copied
+
+
+STEPS: list[Callable[[Config, Redis, Say, bool], int]] = [copy_servers, copy_task_owners, copy_jobs, copy_allocations]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -125,6 +125,7 @@ def main() -> None:
         backend_servers_file=str(workdir / "backend_servers.json"),
         task_affinity_file=str(workdir / "task_affinity.db"),
         job_store_file=str(workdir / "jobs.db"),
+        allocation_store_file=str(workdir / "allocations.db"),
         health_check_interval=3600.0,
         health_check_timeout=1.0,
     )

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 . scripts/ensure-secret.sh
 DEMO_DIR="${DEMO_DIR:-.demo}"
 mkdir -p "$DEMO_DIR"
-export BACKEND_SERVERS_FILE="$DEMO_DIR/backend_servers.json" TASK_AFFINITY_FILE="$DEMO_DIR/task_affinity.db" JOB_STORE_FILE="$DEMO_DIR/jobs.db"
+export BACKEND_SERVERS_FILE="$DEMO_DIR/backend_servers.json" TASK_AFFINITY_FILE="$DEMO_DIR/task_affinity.db" JOB_STORE_FILE="$DEMO_DIR/jobs.db" ALLOCATION_STORE_FILE="$DEMO_DIR/allocations.db"
 export HEALTH_CHECK_INTERVAL="${HEALTH_CHECK_INTERVAL:-5}" HEALTH_CHECK_TIMEOUT="${HEALTH_CHECK_TIMEOUT:-2}"
 GATEWAY="http://$GATEWAY_BIND"
 rm -f "$BACKEND_SERVERS_FILE"

@@ -87,6 +87,7 @@ def make_config(tmp_path: Path) -> Callable[..., Config]:
             "backend_servers_file": str(tmp_path / "backend_servers.json"),
             "task_affinity_file": str(tmp_path / "task_affinity.db"),
             "job_store_file": str(tmp_path / "jobs.db"),
+            "allocation_store_file": str(tmp_path / "allocations.db"),
             "health_check_interval": 3600.0,  # tests that want the job lower it
             "health_check_timeout": 1.0,
             "proxy_connect_timeout": 2.0,
@@ -245,6 +246,7 @@ class GatewayProcess:
         full_env.setdefault("BACKEND_SERVERS_FILE", str(workdir / "backend_servers.json"))
         full_env.setdefault("TASK_AFFINITY_FILE", str(workdir / "task_affinity.db"))
         full_env.setdefault("JOB_STORE_FILE", str(workdir / "jobs.db"))
+        full_env.setdefault("ALLOCATION_STORE_FILE", str(workdir / "allocations.db"))
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "deploy/gunicorn.conf.py"), "app:app"],

@@ -120,6 +120,7 @@ def test_seed_imports_share_the_default_manager(tmp_path):
             "BACKEND_SERVERS_FILE": str(tmp_path / "b.json"),
             "TASK_AFFINITY_FILE": str(tmp_path / "t.db"),
             "JOB_STORE_FILE": str(tmp_path / "j.db"),
+            "ALLOCATION_STORE_FILE": str(tmp_path / "a.db"),
         },
         capture_output=True,
         text=True,
@@ -166,6 +167,7 @@ def test_python_app_py_serves(tmp_path):
         "BACKEND_SERVERS_FILE": str(tmp_path / "b.json"),
         "TASK_AFFINITY_FILE": str(tmp_path / "t.db"),
         "JOB_STORE_FILE": str(tmp_path / "j.db"),
+        "ALLOCATION_STORE_FILE": str(tmp_path / "a.db"),
     }
     process = subprocess.Popen(
         [sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

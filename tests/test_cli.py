@@ -413,6 +413,7 @@ def test_register_sends_the_routing_options(live_gateway):
         "type": "gpu",
         "description": "",
         "skip_resource_check": False,
+        "max_allocations": 0,
     }
 
 

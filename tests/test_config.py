@@ -354,3 +354,49 @@ def test_a_bad_model_memory_names_the_variable_and_the_problem(raw, problem):
     with pytest.raises(ConfigError, match="MODEL_MEMORY_GB") as refused:
         Config.from_env({**BASE, "MODEL_MEMORY_GB": raw})
     assert problem in str(refused.value)
+
+
+# -- allocations (docs/allocations.md) ---------------------------------------------------------
+
+SIGNER = {"JOB_CALLBACK_SECRET": "callback-secret-0123456789"}
+
+
+def test_the_allocation_settings():
+    defaults = Config.from_env(BASE)
+    assert (defaults.allocation_store_file, defaults.allocation_migrate_url) == ("allocations.db", "")
+    assert (defaults.allocation_migrate_timeout, defaults.allocation_failover_seconds) == (10.0, 300.0)
+    config = Config.from_env(
+        {
+            **BASE,
+            **SIGNER,
+            "ALLOCATION_STORE_FILE": "/var/lib/g/allocations.db",
+            "ALLOCATION_MIGRATE_URL": "https://app.example/hooks/allocations",
+            "ALLOCATION_MIGRATE_TIMEOUT": "2.5",
+            "ALLOCATION_FAILOVER_SECONDS": "0",
+        }
+    )
+    assert config.allocation_store_file == "/var/lib/g/allocations.db"
+    assert config.allocation_migrate_url == "https://app.example/hooks/allocations"
+    assert (config.allocation_migrate_timeout, config.allocation_failover_seconds) == (2.5, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("ALLOCATION_MIGRATE_URL", "ftp://app.example/x"),
+        ("ALLOCATION_MIGRATE_URL", "http://"),
+        ("ALLOCATION_MIGRATE_URL", "http://user:pw@app.example/x"),
+        ("ALLOCATION_MIGRATE_URL", "http://app.example:99999/x"),
+        ("ALLOCATION_MIGRATE_TIMEOUT", "0"),
+        ("ALLOCATION_FAILOVER_SECONDS", "-1"),
+        ("ALLOCATION_FAILOVER_SECONDS", "soon"),
+    ],
+)
+def test_a_bad_allocation_setting_names_itself(name, value):
+    with pytest.raises(ConfigError, match=name):
+        Config.from_env({**BASE, **SIGNER, name: value})
+
+
+def test_the_migrate_webhook_needs_the_signing_secret():
+    with pytest.raises(ConfigError, match="ALLOCATION_MIGRATE_URL needs JOB_CALLBACK_SECRET"):
+        Config.from_env({**BASE, "ALLOCATION_MIGRATE_URL": "http://127.0.0.1:9000/hooks"})

@@ -19,7 +19,7 @@ RANKS = {
     "client": 6,
     "migrate": 6,
 }  # the process and the operator's tool
-RANKS |= {"api": 5, "proxy": 4, "jobs": 4, "manager": 3, "routing": 2, "fleet": 1, "cluster": 0}
+RANKS |= {"api": 5, "proxy": 4, "jobs": 4, "allocations": 4, "manager": 3, "routing": 2, "fleet": 1, "cluster": 0}
 SHARED = ("config", "errors", "observability")  # beside the wings: anyone may import them
 
 

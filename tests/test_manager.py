@@ -63,6 +63,7 @@ def test_register_is_saved_before_it_returns(tmp_path):
             "models": [],
             "model_map": {},
             "labels": {},
+            "max_allocations": 0,
             "draining": False,
             "discovered_models": [],
             "loaded_models": [],

@@ -18,7 +18,20 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, Flask, Response, current_app
 from marshmallow import fields
 
-from gateway.api import admin, dashboard, jobs, llm, replies, status, webhook, worker_socket, workers
+from gateway.api import (
+    admin,
+    allocation_replies,
+    allocation_schemas,
+    allocations,
+    dashboard,
+    jobs,
+    llm,
+    replies,
+    status,
+    webhook,
+    worker_socket,
+    workers,
+)
 from gateway.api.schemas import (
     NAME_PATTERN,
     Count,
@@ -116,6 +129,11 @@ ERROR_RESPONSES = {
 # Errors that share a status with one above but mean something else.
 OTHER_ERRORS = {
     "TooManyPolls": "WORKER_MAX_LONG_POLLS long polls are open; try again after Retry-After seconds.",
+    "NoRoom": "No server that may take the key (healthy, not draining, at its location) has room; try again"
+    " after Retry-After seconds. Also 503 when Redis does not answer.",
+    "NoAllocation": "No allocation has that key.",
+    "MoveConflict": "The server is unhealthy, draining or full, or the key is being moved already.",
+    "MoveRefused": "ALLOCATION_MIGRATE_URL refused the move, or did not answer in time: the key stayed.",
     "StaleLease": "The lease token is not the job's current one: its lease ran out and moved on. Nothing changed.",
 }
 
@@ -201,7 +219,9 @@ def proxied_operations() -> dict[str, dict[str, Any]]:
         "description": "Forwarded to the next healthy server, path, query, body and headers as sent. When no"
         " server can take it the gateway answers 502, 503 or 504 in its error shape. With `Prefer:"
         " respond-async` (or an `Idempotency-Key`) it is stored as a job and answered 202, or 400 for a bad"
-        " job header, 422 for a key reused with another request, 507 when the job store is full (docs/jobs.md).",
+        " job header, 422 for a key reused with another request, 507 when the job store is full (docs/jobs.md)."
+        " With `X-Allocation-Key` it goes to that key's server, or is answered 503 while the server is down"
+        " and the key cannot move (docs/allocations.md).",
     }
     return {
         method: {**described, **({"requestBody": body} if method in ("post", "put", "patch") else {})}
@@ -364,6 +384,74 @@ OPERATIONS: dict[Callable[..., Any], dict[str, dict[str, Any]]] = {
     workers.complete: {"post": held_job_operation(JobAnswerSchema)},
     workers.fail: {"post": held_job_operation(JobFailureSchema)},
     workers.list_workers: {"get": admin_operation(replies.WorkerListReplySchema)},
+}
+
+
+def allocation_operation(ok: Any, *errors: str, **extra: Any) -> dict[str, Any]:
+    """An /allocations operation: the admin credential, a 401 without it, and its own refusals by name."""
+    described = operation("allocations", ADMIN, reply(ok), 401, **extra)
+    for named in errors:
+        status = {"NoRoom": 503, "NoAllocation": 404, "MoveConflict": 409, "MoveRefused": 502}.get(named)
+        described["responses"][str(status or named)] = named if status else ERROR_RESPONSES[int(named)][0]
+    return described
+
+
+def query(schema: Any) -> list[dict[str, Any]]:
+    """A query string's parameters, from a schema's fields."""
+    return [{"in": "query", "schema": schema}]
+
+
+PLACED = allocation_replies.PlacementReplySchema
+OPERATIONS |= {
+    allocations.allocate: {
+        "post": {
+            **allocation_operation(
+                PLACED, "400", "413", "NoRoom", requestBody=json_body(allocation_schemas.AllocateSchema)
+            ),
+            "responses": {
+                "200": reply(PLACED, "The key was allocated already: where it is."),
+                "201": reply(PLACED, "The key is allocated: the server chosen, its load score, and why."),
+                **{code: ERROR_RESPONSES[int(code)][0] for code in ("400", "401", "413")},
+                "503": "NoRoom",
+            },
+        }
+    },
+    allocations.list_allocations: {
+        "get": allocation_operation(
+            allocation_replies.AllocationListReplySchema,
+            "400",
+            parameters=query(allocation_schemas.ListQuerySchema),
+        )
+    },
+    allocations.history: {
+        "get": allocation_operation(
+            allocation_replies.HistoryReplySchema, "400", parameters=query(allocation_schemas.HistoryQuerySchema)
+        )
+    },
+    allocations.rebalance: {
+        "post": {
+            **allocation_operation(allocation_replies.RebalanceReplySchema, "400", "413"),
+            "requestBody": {
+                "required": False,
+                "content": {JSON: {"schema": allocation_schemas.RebalanceRequestSchema}},
+            },
+        }
+    },
+    allocations.get_allocation: {"get": allocation_operation(allocation_replies.AllocationReplySchema, "NoAllocation")},
+    allocations.release_allocation: {
+        "delete": allocation_operation(allocation_replies.AllocationReplySchema, "NoAllocation")
+    },
+    allocations.move_allocation: {
+        "post": allocation_operation(
+            PLACED,
+            "400",
+            "413",
+            "NoAllocation",
+            "MoveConflict",
+            "MoveRefused",
+            requestBody=json_body(allocation_schemas.MoveRequestSchema),
+        )
+    },
 }
 
 

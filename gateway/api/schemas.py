@@ -128,6 +128,7 @@ class ServerOptionsSchema(Schema):
     )
     description = Text(validate=validate.Length(max=MAX_DESCRIPTION))
     skip_resource_check = Flag(metadata={"description": "true: never filtered by the resource monitor's readings"})
+    max_allocations = Count(0, 1_000_000)  # allocations it may hold (docs/allocations.md); 0: no limit
 
     @post_load
     def unique_models(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:

@@ -50,7 +50,8 @@ class BackendServer:
     max_concurrent: int = 0  # in-flight requests it may hold; 0 means unlimited
     models: list[str] = field(default_factory=list)  # model names it serves, as registered
     model_map: dict[str, str] = field(default_factory=dict)  # virtual model name -> its actual name
-    labels: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)  # "location" serves the allocations' location strategy
+    max_allocations: int = 0  # allocations (docs/allocations.md) it may hold; 0 means unlimited
     draining: bool = False  # takes no new work; its tasks still reach it
     discovered_models: list[str] = field(default_factory=list)  # found by the health sweep
     loaded_models: list[LoadedModel] = field(default_factory=list)  # in its memory: the sweep's GET /api/ps
@@ -122,9 +123,9 @@ class BackendServer:
 
     def checked(self) -> BackendServer:
         """Self, after checking the routing options read from the state file; ValueError if bad."""
-        for name in ("weight", "priority", "max_concurrent"):
+        for name in ("weight", "priority", "max_concurrent", "max_allocations"):
             value = getattr(self, name)
-            low = 0 if name == "max_concurrent" else 1
+            low = 0 if name in ("max_concurrent", "max_allocations") else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"entry {self.server_id!r} has a bad {name}: {value!r}")
         if _strings(self.models) != self.models:
@@ -156,7 +157,16 @@ class BackendServer:
 FIELD_NAMES = tuple(f.name for f in fields(BackendServer))
 SHOWN_NAMES = tuple(name for name in FIELD_NAMES if name != "token_hash")
 SEED_001_OPTIONS = ("model_memory_gb", "type", "description", "skip_resource_check")
-OPTION_NAMES = ("weight", "priority", "max_concurrent", "models", "model_map", "labels", *SEED_001_OPTIONS)
+OPTION_NAMES = (
+    "weight",
+    "priority",
+    "max_concurrent",
+    "models",
+    "model_map",
+    "labels",
+    *SEED_001_OPTIONS,
+    "max_allocations",
+)
 
 
 def _checked_addresses(server_id: str, ip: Any, monitor_url: Any) -> tuple[str, str | None]:

@@ -10,11 +10,12 @@ import socket
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Response
 from prometheus_client import Gauge
 
+from gateway.allocations.records import AllocationError, key_problem
 from gateway.cluster.connection import RedisUnavailable
 from gateway.config import Config
 from gateway.errors import error_response
@@ -50,6 +51,9 @@ from gateway.proxy.upstream import (
 from gateway.routing.admission import Lease, NoServer, RouteRequest
 from gateway.routing.affinity import FALLBACK_OWNER, TaskOwners
 
+if TYPE_CHECKING:
+    from gateway.allocations.service import AllocationService
+
 Body = bytes | Callable[[Lease], bytes]  # the request body, or one made for the chosen server
 ErrorRenderer = Callable[[NoServer], Response]
 Answer = Response | Relay  # a server's answer passed on is a Relay; the gateway's own are Responses
@@ -61,6 +65,7 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRAC
 STREAM_CHUNK = 64 * 1024
 MAX_POOLS = 1024
 SESSION_HEADER = "X-Session-Key"  # requests with one key go to one server while it can take them
+ALLOCATION_HEADER = "X-Allocation-Key"  # requests with an allocated key go to its server (docs/allocations.md)
 UPSTREAM_SECONDS = "gateway.upstream_seconds"  # the environ key: time spent waiting on servers, summed
 
 
@@ -99,6 +104,7 @@ class Proxy:
         self.task_routes = TaskRoutes(config.task_routes)
         self.retry_after = retry_after_seconds(config.health_check_interval)
         self.jobs: JobService | None = None  # set by the jobs API: requests may become jobs
+        self.allocations: AllocationService | None = None  # set by the allocations API: X-Allocation-Key
         self.queue_when_offline = config.queue_when_offline
 
     def handle(self) -> Answer:
@@ -116,6 +122,11 @@ class Proxy:
         owned = self.affinity.first_owned(self.task_routes.candidates())
         if owned is not None:  # a task's own request goes to its owner, now: no other server could answer it
             return self.forward_owned(*owned, target, body, headers)
+        key = request.headers.get(ALLOCATION_HEADER)
+        if key and self.allocations is not None:  # before the jobs: a pinned key's work runs on its server
+            answer = self.forward_allocated(key, target, body, headers)
+            if answer is not None:
+                return answer
         if self.jobs is not None and intake.wanted(request.environ):
             answer = self.as_job(target, headers, body)
             if answer is not None:
@@ -229,12 +240,41 @@ class Proxy:
             if not self.config.backend_api_base:
                 return self.unavailable(f"task {task_id} belongs to the fallback backend, which is not configured")
             return self.forward_to(self.config.backend_api_base, FALLBACK_OWNER, target, body, headers, task_id)
+        return self.forward_pinned(owner, f"which owns task {task_id}", target, body, headers, task_id)
+
+    def forward_allocated(self, key: str, target: str, body: bytes, headers: dict[str, str]) -> Answer | None:
+        """Send a request for an allocated key to the key's server (failed over first when it is gone).
+
+        None for a key with no allocation, or when the store cannot be read: it is routed as any
+        request is, as a task id the gateway does not know is.
+        """
+        assert self.allocations is not None
+        problem = key_problem(key)
+        if problem is not None:
+            return error_response(400, f"{ALLOCATION_HEADER}: {problem}")
+        try:
+            routed = self.allocations.route(key)
+        except AllocationError as exc:  # its server is gone and no other could take it, or the move was refused
+            return self.unavailable(f"allocation {key}: {exc.message}")
+        except (sqlite3.Error, RedisUnavailable) as exc:
+            log.error("could not look up allocation %s (%s): routed as any request", key, exc)
+            return None
+        if routed.refusal is not None:
+            return self.unavailable(routed.refusal)
+        if routed.server_id is None:
+            return None
+        return self.forward_pinned(routed.server_id, f"which holds allocation {key}", target, body, headers)
+
+    def forward_pinned(
+        self, owner: str, whose: str, target: str, body: bytes, headers: dict[str, str], known_task: str = ""
+    ) -> Answer:
+        """Send a request to the one server that must take it (`whose` says why), cap or not, and nowhere else."""
         lease = self.manager.hold(owner)  # a drained or capped owner still serves its own tasks
         server = lease.server
         if server is None or not server.is_healthy:
             lease.release()
             state = "is no longer registered" if server is None else "is unhealthy"
-            return self.unavailable(f"server {owner}, which owns task {task_id}, {state}")
+            return self.unavailable(f"server {owner}, {whose}, {state}")
         try:
             upstream, in_flight = self.send(server.url, owner, target, body, headers)
         except UpstreamFailed as exc:
@@ -244,11 +284,11 @@ class Proxy:
             if exc.sent:
                 return upstream_error(owner, exc)
             self.manager.report_failure(owner, server.url, str(exc))
-            return self.unavailable(f"server {owner}, which owns task {task_id}, is unreachable: {exc}")
+            return self.unavailable(f"server {owner}, {whose}, is unreachable: {exc}")
         except BaseException:
             lease.release()
             raise
-        return self.respond(upstream, in_flight, owner, server.url, known_task=task_id, release=lease.release)
+        return self.respond(upstream, in_flight, owner, server.url, known_task=known_task, release=lease.release)
 
     def forward_fallback(
         self,

@@ -427,6 +427,7 @@ def test_every_option_can_be_set(client, manager, registered):
         "type": "cpu",
         "description": "d" * 1000,
         "skip_resource_check": True,
+        "max_allocations": 1_000_000,
     }
 
     response = client.patch("/admin/servers/B1", json=options, headers=ADMIN_AUTH)
@@ -441,6 +442,10 @@ BAD_OPTIONS = [
     *[
         pytest.param({"max_concurrent": v}, "max_concurrent", id=f"max-concurrent-{v!r}")
         for v in (-1, 100_001, "0", True, None)
+    ],
+    *[
+        pytest.param({"max_allocations": v}, "max_allocations", id=f"max-allocations-{v!r}")
+        for v in (-1, 1_000_001, "0", True, 1.5, None)
     ],
     *[
         pytest.param({"models": v}, "models", id=f"models-{v!r}")

@@ -129,6 +129,7 @@ def test_registered_server_is_listed_with_the_seed_fields(client):
         "models": [],
         "model_map": {},
         "labels": {},
+        "max_allocations": 0,
         "draining": False,
         "discovered_models": [],
         "loaded_models": [],
@@ -1113,6 +1114,7 @@ OPTIONS = {
     "type": "cpu",
     "description": "the spare box under the desk",
     "skip_resource_check": True,
+    "max_allocations": 12,
 }
 DEFAULT_OPTIONS = {
     "weight": 1,
@@ -1125,6 +1127,7 @@ DEFAULT_OPTIONS = {
     "type": "gpu",
     "description": "",
     "skip_resource_check": False,
+    "max_allocations": 0,
 }
 
 

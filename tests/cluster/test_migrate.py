@@ -17,6 +17,7 @@ def migrate(tmp_path, redis_server, *args):
         "BACKEND_SERVERS_FILE": str(tmp_path / "backend_servers.json"),
         "TASK_AFFINITY_FILE": str(tmp_path / "task_affinity.db"),
         "JOB_STORE_FILE": str(tmp_path / "jobs.db"),
+        "ALLOCATION_STORE_FILE": str(tmp_path / "allocations.db"),
     }
     command = [sys.executable, "-c", "from gateway.serve import main; main()", "migrate", "--to-redis", *args]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
@@ -74,6 +75,35 @@ def test_task_owners_and_unfinished_jobs_move_with_their_keys(make_app, redis_se
 
     twice = migrate(tmp_path, redis_server)
     assert "jobs: copied 0" in twice.stdout and "task owners: copied 0" in twice.stdout
+
+
+def test_allocations_move_with_their_history_and_twice_copies_nothing_twice(make_app, redis_server, tmp_path):
+    admin = {"X-Webhook-Secret": SECRET}
+    embedded = make_app()
+    embedded.extensions["backend_manager"].register_server("B1", "127.0.0.1", 8001, options={"max_allocations": 5})
+    embedded.extensions["backend_manager"].register_server("B2", "127.0.0.1", 8002)
+    client = embedded.test_client()
+    client.post("/allocations", json={"key": "conv-1", "strategy": "isolation", "group": "g"}, headers=admin)
+    client.post("/allocations", json={"key": "conv-2", "strategy": "isolation", "group": "g"}, headers=admin)
+    client.post("/allocations/conv-1/move", json={"server_id": "B2"}, headers=admin)
+    embedded.extensions["gateway_shutdown"]()
+
+    assert "allocations: would copy 2" in migrate(tmp_path, redis_server, "--dry-run").stdout
+    result = migrate(tmp_path, redis_server)
+    assert result.returncode == 0, result.stderr
+    assert "allocations: copied 2" in result.stdout
+
+    shared_app = make_app(redis_url=redis_server.url)
+    shared = shared_app.test_client()
+    assert shared.get("/allocations/conv-1", headers=admin).get_json()["data"]["server_id"] == "B2"
+    moves = shared.get("/allocations/history?key=conv-1", headers=admin).get_json()["data"]["history"]
+    assert [(m["type"], m["server_id"]) for m in moves] == [("initial", "B1"), ("manual", "B2")]
+    listed = shared.get("/allocations", headers=admin).get_json()["data"]
+    assert listed["counts"] == {"B2": 2}  # conv-2 went to B2 (isolation), and conv-1 was moved beside it
+    assert shared_app.extensions["allocations"].store.group_counts("g") == {"B2": 2}  # what isolation reads
+
+    again = migrate(tmp_path, redis_server)
+    assert "allocations: copied 0" in again.stdout and "conv-1 is in Redis already" in again.stdout
 
 
 def test_it_needs_redis_url(tmp_path):

@@ -239,6 +239,8 @@ config = Config.from_env(
     {"WEBHOOK_SECRET": "s" * 24},
     backend_servers_file=workdir + "/servers.json",
     task_affinity_file=workdir + "/tasks.db",
+    job_store_file=workdir + "/jobs.db",
+    allocation_store_file=workdir + "/allocations.db",
     health_check_interval=3600.0,
     health_check_timeout=1.0,
 )

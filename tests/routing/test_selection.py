@@ -97,7 +97,16 @@ def test_a_drained_server_takes_no_new_work_but_keeps_its_tasks(tmp_path):
 
 def test_draining_and_options_survive_a_restart(tmp_path):
     manager = make_manager(tmp_path)
-    add(manager, "B1", weight=3, priority=2, max_concurrent=4, models=["llama3"], labels={"zone": "a"})
+    add(
+        manager,
+        "B1",
+        weight=3,
+        priority=2,
+        max_concurrent=4,
+        models=["llama3"],
+        labels={"zone": "a"},
+        max_allocations=5,
+    )
     manager.set_draining("B1", True)
 
     (server,) = make_manager(tmp_path).list_servers()
@@ -112,6 +121,7 @@ def test_draining_and_options_survive_a_restart(tmp_path):
         "type": "gpu",
         "description": "",
         "skip_resource_check": False,
+        "max_allocations": 5,
     }
     assert server.draining
 

@@ -219,6 +219,7 @@ def test_the_readme_tour_runs_on_a_fresh_copy(checkout, newcomer_env):
     """`make run` in one terminal; every block after it, in order, in a second one."""
     blocks = shell_blocks(section(checkout / "README.md", "A five-minute tour"))
     blocks += shell_blocks(section(checkout / "README.md", "A GPU that sleeps"))  # after the tour, as a user goes on
+    blocks += shell_blocks(section(checkout / "README.md", "Where each request fits"))
     assert blocks[0].strip().startswith("make run")
     fake_port, sleeper_port = free_port(), free_port()
     script = "set -euo pipefail\n" + "\n".join(blocks[1:]).replace("9001", str(fake_port))
@@ -233,6 +234,12 @@ def test_the_readme_tour_runs_on_a_fresh_copy(checkout, newcomer_env):
         '"status":"queued","position":1,"estimated_wait_seconds":null' in output and "no GPU server is online" in output
     ), output
     assert '"server_id": "B5"' in output and '"task_id"' in output, output
+    # Where each request fits: a key pinned to B5 and routed there; a model's need declared on it.
+    pinned = output.split('"message":"key user-42 allocated to B5"', 1)
+    assert len(pinned) == 2, output
+    assert "X-Backend-Server: B5" in pinned[1] and '"type":"initial","server_id":"B5"' in pinned[1], output
+    assert '"message":"rebalance would move 0 keys"' in output and '"dry_run":true' in output, output
+    assert "{'qwen3:14b': 24} []" in output and '"stale_after_s":' in output, output
     assert wait_until(lambda: refuses(f"127.0.0.1:{fake_port}"))
     assert wait_until(lambda: refuses(f"127.0.0.1:{sleeper_port}"))
 

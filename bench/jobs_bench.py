@@ -12,11 +12,8 @@ Run:  .venv/bin/python bench/jobs_bench.py [--quick] [--json-out FILE]
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,8 +32,8 @@ from job_probes import (
     time_leases,
     top_up,
 )
-from plan import QUICK, Plan, say
-from processes import Service, free_port, interrupt_on_sigterm
+from plan import Plan, ratio, run_alone, say, say_aims
+from processes import Service, free_port
 from store_reader import StoreReader
 
 FAKE = str(REPO / "demo" / "fake_gpu_server.py")
@@ -80,7 +77,7 @@ def bench_jobs(folder: Path, plan: Plan) -> dict[str, Any]:
         "first_dispatch": first,
         "drain": drained,
         "synchronous": sync,
-        "drain_over_sync": _ratio(drained["jobs_per_s"], sync["per_s"]),
+        "drain_over_sync": ratio(drained["jobs_per_s"], sync["per_s"]),
     }
     results["aims"] = aims(results)
     return results
@@ -137,28 +134,5 @@ def aims(results: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    return round(numerator / denominator, 3) if numerator and denominator else None
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="small counts: about 15 s instead of 35")
-    parser.add_argument("--json-out", type=Path, help="write the figures here as JSON")
-    args = parser.parse_args(argv)
-    interrupt_on_sigterm()
-    with tempfile.TemporaryDirectory(prefix="gateway-jobs-bench-") as temp:
-        results = bench_jobs(Path(temp), QUICK if args.quick else Plan())
-    if args.json_out:
-        args.json_out.write_text(json.dumps(results, indent=2) + "\n")
-    for aim in results["aims"]:
-        say(f"{'met   ' if aim['met'] else 'MISSED'} {aim['aim']}: {aim['figure']}")
-    return 0
-
-
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; every process the bench started has been stopped", file=sys.stderr)
-        sys.exit(130)
+    run_alone(__doc__, bench_jobs, "jobs", "small counts: about 15 s instead of 35", say_aims)

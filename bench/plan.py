@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -87,3 +94,41 @@ QUICK = Plan(
 def say(message: str) -> None:
     """Progress on stdout, flushed: make shows it as it happens."""
     print(message, flush=True)
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """numerator / denominator to 3 places; None when either is missing or zero."""
+    return round(numerator / denominator, 3) if numerator and denominator else None
+
+
+def run_alone(
+    doc: str | None,
+    bench: Callable[[Path, Plan], dict[str, Any]],
+    name: str,
+    quick_help: str,
+    show: Callable[[dict[str, Any]], None],
+) -> None:
+    """One section's own command line: --quick, --json-out; exits 130 on Ctrl-C, every process stopped."""
+    from processes import interrupt_on_sigterm  # here: the suite imports plan before anything starts
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0] if doc else None)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--json-out", type=Path, help="write the figures here as JSON")
+    args = parser.parse_args()
+    interrupt_on_sigterm()
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"gateway-{name}-bench-") as temp:
+            results = bench(Path(temp), QUICK if args.quick else Plan())
+    except KeyboardInterrupt:
+        print("interrupted; every process the bench started has been stopped", file=sys.stderr)
+        sys.exit(130)
+    if args.json_out:
+        args.json_out.write_text(json.dumps(results, indent=2) + "\n")
+    show(results)
+    sys.exit(0)
+
+
+def say_aims(results: dict[str, Any]) -> None:
+    """Each aim of a section, met or missed, with its figure."""
+    for aim in results["aims"]:
+        say(f"{'met   ' if aim['met'] else 'MISSED'} {aim['aim']}: {aim['figure']}")

@@ -15,13 +15,11 @@ Run:  .venv/bin/python bench/prefix_bench.py [--quick] [--json-out FILE]
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import http.client
 import json
 import random
 import sys
-import tempfile
 import threading
 import time
 import tracemalloc
@@ -30,8 +28,8 @@ from typing import Any
 
 from gateways import REPO, Gateway, start_gateway
 from http_load import JSON_HEADERS, percentile
-from plan import QUICK, Plan, say
-from processes import HOST, Service, free_port, interrupt_on_sigterm
+from plan import Plan, ratio, run_alone, say
+from processes import HOST, Service, free_port
 
 sys.path.insert(0, str(REPO))  # the gateway's own modules, for the in-process figures
 
@@ -331,27 +329,11 @@ def setup(plan: Plan) -> dict[str, Any]:
     }
 
 
-def ratio(numerator: float | None, denominator: float | None) -> float | None:
-    return round(numerator / denominator, 3) if numerator and denominator else None
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="fewer turns, one round")
-    parser.add_argument("--json-out", type=Path, help="write the figures here as JSON")
-    args = parser.parse_args(argv)
-    interrupt_on_sigterm()
-    with tempfile.TemporaryDirectory(prefix="gateway-prefix-bench-") as temp:
-        results = bench_prefix(Path(temp), QUICK if args.quick else Plan())
-    if args.json_out:
-        args.json_out.write_text(json.dumps(results, indent=2) + "\n")
-    say(json.dumps(results["ratios"], indent=2))
-    return 0
-
-
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; every process the bench started has been stopped", file=sys.stderr)
-        sys.exit(130)
+    run_alone(
+        __doc__,
+        bench_prefix,
+        "prefix",
+        "fewer turns, one round",
+        lambda results: say(json.dumps(results["ratios"], indent=2)),
+    )

@@ -11,21 +11,17 @@ Run:  .venv/bin/python bench/scaleout_bench.py [--quick] [--json-out FILE]
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import shlex
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from gateways import Gateway, start_gateway
 from nginx_services import GET_PATH, STAND_INS, start_stand_ins
-from plan import QUICK, Plan, say
-from processes import Service, ServiceFailed, free_port, interrupt_on_sigterm
+from plan import Plan, ratio, run_alone, say, say_aims
+from processes import Service, ServiceFailed, free_port
 from scaleout_probes import (
     REDIS_PERSISTENCE,
     Meters,
@@ -158,10 +154,6 @@ def _median(values: list[float]) -> float | None:
     return round(statistics.median(values), 2) if values else None
 
 
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    return round(numerator / denominator, 3) if numerator and denominator else None
-
-
 def cpu_comparison(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians of CPU µs per request at CPU_CONNECTIONS, and Redis mode over embedded."""
     picked = [run for run in runs if run["connections"] == CPU_CONNECTIONS]
@@ -180,8 +172,8 @@ def cpu_comparison(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "redis_server_us": redis_server,
         "embedded_rounds": values("embedded", "cpu_us_per_request"),
         "redis_rounds": values("redis-1w", "cpu_us_per_request"),
-        "ratio": _ratio(redis, embedded),
-        "ratio_with_redis_server": _ratio(with_server, embedded),
+        "ratio": ratio(redis, embedded),
+        "ratio_with_redis_server": ratio(with_server, embedded),
     }
 
 
@@ -207,7 +199,7 @@ def throughput_comparison(runs: list[dict[str, Any]], plan: Plan) -> list[dict[s
             row[f"{key}_errors"] = sum(run["errors"] for run in found)
         # Per round, then the median: each pair ran back to back, under the same outside load.
         pairs = zip(picked["redis-1w"], picked["redis-2w"], strict=False)
-        row["round_ratios"] = [_ratio(two["requests_per_s"], one["requests_per_s"]) for one, two in pairs]
+        row["round_ratios"] = [ratio(two["requests_per_s"], one["requests_per_s"]) for one, two in pairs]
         row["ratio"] = _median([value for value in row["round_ratios"] if value is not None])
         rows.append(row)
     return rows
@@ -244,24 +236,5 @@ def aims(results: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="short runs and few samples")
-    parser.add_argument("--json-out", type=Path, help="write the figures here as JSON")
-    args = parser.parse_args(argv)
-    interrupt_on_sigterm()
-    with tempfile.TemporaryDirectory(prefix="gateway-scaleout-bench-") as temp:
-        results = bench_scaleout(Path(temp), QUICK if args.quick else Plan())
-    if args.json_out:
-        args.json_out.write_text(json.dumps(results, indent=2) + "\n")
-    for aim in results["aims"]:
-        say(f"{'met   ' if aim['met'] else 'MISSED'} {aim['aim']}: {aim['figure']}")
-    return 0
-
-
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; every process the bench started has been stopped", file=sys.stderr)
-        sys.exit(130)
+    run_alone(__doc__, bench_scaleout, "scaleout", "short runs and few samples", say_aims)

@@ -24,6 +24,7 @@ from resource_monitor.settings import DEFAULT_PORTS, DEVICE_TYPES, Settings, Set
 log = logging.getLogger("resource_monitor")
 
 SERVER_ID_PATTERN = re.compile(r"\A[A-Za-z0-9_.-]{1,64}\Z")  # as the gateway accepts it
+SIGNAL_CHECK_SECONDS = 0.5  # how long a SIGTERM may wait for the main thread to notice it
 
 EPILOG = """\b
 Settings from the environment (the seed's config.yaml keys):
@@ -240,7 +241,10 @@ def main(
             puller = PullAgent(**pull_options)
         puller.start()
         log.info("pulling jobs from %s for %s", puller.gateway_url, puller.forward_to)
-    stop.wait()
+    # A timed wait: a signal the kernel hands to another thread only sets a flag, which the main
+    # thread reads when it next runs; blocked for good in an untimed wait, it would never stop.
+    while not stop.wait(SIGNAL_CHECK_SECONDS):
+        pass
     log.info("stopping")
     if puller is not None:
         puller.stop()  # its jobs go back to the queue at once, for another worker

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -28,6 +30,7 @@ from resource_monitor.agent import Refused, RegistrationAgent, detect_advertise_
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKES = ROOT / "tests" / "fakes"
+TGKILL = {"x86_64": 234, "aarch64": 131}  # the tgkill system call's number, by machine
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
@@ -304,6 +307,23 @@ class MonitorProcess:
             self.process.wait(timeout=10)
             pytest.fail(f"the agent did not exit within {timeout} s after signal {sig}:\n{self.log()}")
 
+    def signal_a_thread(self, sig: int) -> None:
+        """Send `sig` to one of its threads other than the main one (tgkill), as the kernel may choose to."""
+        pid = self.process.pid
+        others = sorted(int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid)
+        assert others, "the monitor has no thread besides its main one"
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syscall(TGKILL[platform.machine()], pid, others[0], sig) != 0:
+            raise OSError(ctypes.get_errno(), "tgkill failed")
+
+    def exit_status(self, timeout: float = 20) -> int:
+        """Wait for it to exit by itself, signalled already; fail (and kill it) past the deadline."""
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"the agent did not exit within {timeout} s:\n{self.log()}")
+
     def kill(self) -> None:
         """SIGKILL it (by the PID we started) if it still runs, and reap it."""
         if self.process.poll() is None:
@@ -391,6 +411,18 @@ def test_a_signal_unregisters_and_exits_0(live_gateway, agent_process, sig):
     assert "unregistered B1" in agent.log()
     with pytest.raises(requests.ConnectionError):
         requests.get(agent.monitor_url + "/health", timeout=2)
+
+
+@pytest.mark.skipif(platform.machine() not in TGKILL, reason="tgkill's number is known for x86_64 and aarch64")
+def test_a_sigterm_the_kernel_hands_to_another_thread_still_stops_it(live_gateway, agent_process):
+    """A process-wide signal may land on any thread; the main one must still see it and stop."""
+    gateway = live_gateway()
+    agent = agent_process(gateway.url)
+    registered(gateway, agent)
+    agent.signal_a_thread(signal.SIGTERM)
+    assert agent.exit_status() == 0
+    assert gateway.manager.get_server("B1") is None
+    assert "unregistered B1" in agent.log()
 
 
 def test_a_bound_host_keeps_its_token_in_the_state_folder_and_leaves_with_it(live_gateway, agent_process, tmp_path):

@@ -237,6 +237,11 @@ class BackendManager:
         """One server as `describe_servers` shows it, or None."""
         return self.reports.server(server_id)
 
+    def model_name_on(self, server_id: str, model: str) -> str | None:
+        """The server's own name for `model` when routing by model could send it there, else None."""
+        with self._lock:
+            return self.selector.name_on(self.registry.servers, server_id, model)
+
     def model_catalog(self) -> dict[str, list[str]]:
         """Model name -> ids of the servers that can take work for it now (healthy, not draining)."""
         return self.reports.model_catalog()

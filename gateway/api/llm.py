@@ -1,7 +1,8 @@
 """The LLM-serving routes: OpenAI and Ollama APIs, each request routed by the model it names.
 
 A request goes to a server that has its model (under the server's own name for it, when a
-`model_map` says so), streams back chunk by chunk, and fails over before the first byte.
+`model_map` says so), streams back chunk by chunk, and fails over before the first byte. One
+with an allocated `X-Allocation-Key` goes to that key's server, which must serve the model.
 Errors come in the shape the client's API uses, never as a 500.
 """
 
@@ -23,7 +24,7 @@ from gateway.jobs import intake
 from gateway.manager import BackendManager, Lease, NoServer, RouteRequest
 from gateway.proxy.body_limit import read_body
 from gateway.proxy.forwarding import BadTarget, request_target, required_gpu_memory, upstream_headers
-from gateway.proxy.handler import SESSION_HEADER, Body, Proxy
+from gateway.proxy.handler import SESSION_HEADER, Answer, Body, Proxy
 from gateway.proxy.relay import Relay
 from gateway.proxy.views import as_response, observe
 from gateway.routing.catalog import model_key
@@ -102,17 +103,40 @@ def route_by_model(dialect: Dialect) -> Response:
         return dialect.error(413, f"the request body is over the limit of {config.proxy_max_body_bytes} bytes")
     proxy: Proxy = current_app.extensions["proxy"]
     headers = upstream_headers()
-    if proxy.jobs is not None and intake.wanted(request.environ):  # a job, run by a server with the model
-        job = proxy.as_job(target, headers, raw, model=body.model)
-        if job is not None:
-            return in_dialect(as_response(job), dialect)
+    # An allocated X-Allocation-Key goes to its key's server at once, as on the proxy: before the jobs.
+    answer = proxy.forward_allocated(target, body_for(raw, body), headers, model=body.model)
+    if answer is None:
+        if proxy.jobs is not None and intake.wanted(request.environ):  # a job, run by a server with the model
+            job = proxy.as_job(target, headers, raw, model=body.model)
+            if job is not None:
+                return in_dialect(as_response(job), dialect)
+        answer = forward_by_model(proxy, config, dialect, target, headers, raw, body, required)
+    # A form does not say whether it asked for a stream, so an answer of no known length counts as one.
+    open_ended = isinstance(answer, Relay) and not isinstance(answer.body, bytes) and answer.body.open_ended
+    response = as_response(answer)
+    if (body.stream or open_ended) and response.status_code < 300:
+        response.headers.update(STREAM_HEADERS)
+    return in_dialect(response, dialect)
+
+
+def forward_by_model(
+    proxy: Proxy,
+    config: Config,
+    dialect: Dialect,
+    target: str,
+    headers: dict[str, str],
+    raw: bytes,
+    body: ModelRequest,
+    required: float | None,
+) -> Answer:
+    """Send the request to a server the routing picks for its model, session key, memory need and prompt."""
     route = RouteRequest(
         model=body.model,
         session_key=request.headers.get(SESSION_HEADER) or body.user,
         required_bytes=None if required is None else int(required * GIB),
         prefix=prompt_prefix(config, body),
     )
-    answer = proxy.forward_routed(
+    return proxy.forward_routed(
         route,
         target,
         body_for(raw, body),
@@ -120,12 +144,6 @@ def route_by_model(dialect: Dialect) -> Response:
         lambda exc: no_server(dialect, exc),
         offline=proxy.offline(target, headers, raw, body.model),
     )
-    # A form does not say whether it asked for a stream, so an answer of no known length counts as one.
-    open_ended = isinstance(answer, Relay) and not isinstance(answer.body, bytes) and answer.body.open_ended
-    response = as_response(answer)
-    if (body.stream or open_ended) and response.status_code < 300:
-        response.headers.update(STREAM_HEADERS)
-    return in_dialect(response, dialect)
 
 
 def prompt_prefix(config: Config, body: ModelRequest) -> tuple[int, ...]:

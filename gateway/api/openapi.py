@@ -178,7 +178,9 @@ def llm_operation(summary: str, openai: bool) -> dict[str, Any]:
         "responses": PASSED_THROUGH,
         "description": "Routed to a server that has the model; its answer streams back as sent. The gateway's"
         " own errors (400 for a body without a model, 404 for an unknown model, 413, 502, 503, 504) come"
-        " in this API's error shape.",
+        " in this API's error shape. With an allocated `X-Allocation-Key` it goes to that key's server and"
+        " nowhere else: 409 when that server does not serve the model, 503 while it is down and the key"
+        " cannot move, 400 for a malformed key (docs/allocations.md).",
     }
 
 

@@ -122,11 +122,9 @@ class Proxy:
         owned = self.affinity.first_owned(self.task_routes.candidates())
         if owned is not None:  # a task's own request goes to its owner, now: no other server could answer it
             return self.forward_owned(*owned, target, body, headers)
-        key = request.headers.get(ALLOCATION_HEADER)
-        if key and self.allocations is not None:  # before the jobs: a pinned key's work runs on its server
-            answer = self.forward_allocated(key, target, body, headers)
-            if answer is not None:
-                return answer
+        answer = self.forward_allocated(target, body, headers)  # before the jobs: a pinned key's work runs there
+        if answer is not None:
+            return answer
         if self.jobs is not None and intake.wanted(request.environ):
             answer = self.as_job(target, headers, body)
             if answer is not None:
@@ -242,13 +240,17 @@ class Proxy:
             return self.forward_to(self.config.backend_api_base, FALLBACK_OWNER, target, body, headers, task_id)
         return self.forward_pinned(owner, f"which owns task {task_id}", target, body, headers, task_id)
 
-    def forward_allocated(self, key: str, target: str, body: bytes, headers: dict[str, str]) -> Answer | None:
-        """Send a request for an allocated key to the key's server (failed over first when it is gone).
+    def forward_allocated(
+        self, target: str, body: Body, headers: dict[str, str], model: str | None = None
+    ) -> Answer | None:
+        """Send a request with an allocated X-Allocation-Key to the key's server, and nowhere else.
 
-        None for a key with no allocation, or when the store cannot be read: it is routed as any
-        request is, as a task id the gateway does not know is.
+        None when it has no key, or a key with no allocation: it is routed as any request. With
+        `model` (an LLM route's), the server must be one routing by model could pick for it, or a 409.
         """
-        assert self.allocations is not None
+        key = request.headers.get(ALLOCATION_HEADER)
+        if not key or self.allocations is None:
+            return None
         problem = key_problem(key)
         if problem is not None:
             return error_response(400, f"{ALLOCATION_HEADER}: {problem}")
@@ -263,7 +265,14 @@ class Proxy:
             return self.unavailable(routed.refusal)
         if routed.server_id is None:
             return None
-        return self.forward_pinned(routed.server_id, f"which holds allocation {key}", target, body, headers)
+        server_id, actual_model = routed.server_id, None
+        if model is not None:
+            actual_model = self.manager.model_name_on(server_id, model)
+            if actual_model is None:  # never silently elsewhere: the key's state is on its server
+                message = f"allocation {key} is on server {server_id}, which does not serve model {model!r}"
+                return error_response(409, message)
+        payload = _payload(body, Lease(None, None, actual_model))  # a model_map name renamed for that server
+        return self.forward_pinned(server_id, f"which holds allocation {key}", target, payload, headers)
 
     def forward_pinned(
         self, owner: str, whose: str, target: str, body: bytes, headers: dict[str, str], known_task: str = ""

@@ -122,6 +122,16 @@ class Selector:
             raise NoServer(404, "model_not_found", f"model {model!r} is not served by any server", fallback_ok=True)
         raise NoServer(503, "no_server", "no GPU server is registered", fallback_ok=True)
 
+    def name_on(self, servers: Mapping[str, BackendServer], server_id: str, model: str) -> str | None:
+        """The server's name for `model` when `choose` could pick it for the model (by `_serving`), else None."""
+        try:
+            pool, actual = self._serving(servers, model)
+        except NoServer:  # no server lists the model, and each lists others
+            return None
+        if all(server.server_id != server_id for server in pool):
+            return None
+        return actual.get(server_id, model)  # a server that lists no models gets the name as the client sent it
+
     def _apply_policy(
         self,
         tier: list[BackendServer],

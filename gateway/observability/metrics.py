@@ -89,7 +89,7 @@ class GatewayMetrics:
 
     Under several gunicorn workers (PROMETHEUS_MULTIPROC_DIR set), the counters, histograms and
     the in-flight gauge live in the workers' files and a scrape sums them; the collectors that
-    read state at scrape time (the fleet, the queue, Redis) answer from the scraping worker.
+    read state at scrape time (the fleet, the queues, the allocations, Redis) answer from the scraping worker.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:

@@ -5,7 +5,8 @@ made-up 15 minutes through the metrics' own request_done (the proxy's path into 
 on a clock set back 15 minutes, then sends real requests through the gateway. The job queue is
 real too: jobs submitted over HTTP (the oldest on the job store's clock set back a few minutes),
 some run by the fake servers, one failed by a 500, a backlog for a model that only a pull worker
-serves, and that worker leasing two of them; a second worker last called ten minutes ago.
+serves, and that worker leasing two of them; a second worker last called ten minutes ago. Nine
+allocation keys are pinned over the four servers.
 
 Run it from the repository root:  .venv/bin/python scripts/dashboard_screenshot.py
 It needs selenium (requirements-dev.txt) and Debian's chromium and chromium-driver.
@@ -42,8 +43,8 @@ GIB = 2**30
 OUTPUT = ROOT / "docs" / "dashboard.png"
 FLEET = {"gpu-a": (80, 22), "gpu-b": (80, 61), "gpu-c": (24, 9), "gpu-d": (48, 40)}  # total, used GiB
 OPTIONS = {
-    "gpu-a": {"models": ["llama3.1:70b"], "max_concurrent": 8},
-    "gpu-b": {"models": ["llama3.1:70b", "qwen2.5:32b"], "max_concurrent": 8, "weight": 2},
+    "gpu-a": {"models": ["llama3.1:70b"], "max_concurrent": 8, "max_allocations": 6},
+    "gpu-b": {"models": ["llama3.1:70b", "qwen2.5:32b"], "max_concurrent": 8, "weight": 2, "max_allocations": 12},
     "gpu-c": {"models": ["llama3.1:8b"], "max_concurrent": 4},
     "gpu-d": {"models": ["qwen2.5:32b"], "priority": 2},
 }
@@ -140,6 +141,8 @@ def main() -> None:
         for server in servers:
             options = OPTIONS[server.server_id]
             manager.register_server(server.server_id, "127.0.0.1", server.port, MONITOR_URL, options=options)
+        for n in range(9):  # conversations pinned by allocation, before gpu-d goes down and gpu-c drains
+            app.extensions["allocations"].allocate(f"conv-{n}")
         servers[3].stop()
         replay_traffic(app.extensions["metrics"])
         for _ in range(40):

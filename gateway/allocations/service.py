@@ -30,9 +30,11 @@ from gateway.allocations.store import AllocationStore
 from gateway.allocations.strategies import Place, choose, moved, next_move, reading_load, scores
 from gateway.fleet.server import BackendServer
 from gateway.manager import BackendManager
+from gateway.observability.allocation_metrics import AllocationMetrics
 
 log = logging.getLogger(__name__)
 CLAIM_SECONDS = 30.0  # a move's claim on its key outlives the announcement's timeout by this much
+NO_ROOM, MIGRATE_REFUSED = "no_room", "migrate_refused"  # why a placement or move was refused, as counted
 
 
 class Placement(NamedTuple):
@@ -71,11 +73,13 @@ class AllocationService:
         manager: BackendManager,
         announcer: Announcer | None = None,
         failover_seconds: float = 300.0,
+        metrics: AllocationMetrics | None = None,
     ) -> None:
         self.store = store
         self.manager = manager
         self.announcer = announcer
         self.failover_seconds = failover_seconds
+        self.metrics = metrics
         self.claim_seconds = CLAIM_SECONDS + (announcer.timeout if announcer is not None else 0.0)
 
     def close(self) -> None:
@@ -125,6 +129,13 @@ class AllocationService:
             return self._already(existing)
         if strategy == "location":
             self._check_location(location)
+        try:
+            return self._place(key, strategy, group, location)
+        except NoRoom:
+            self._refused("initial", NO_ROOM)
+            raise
+
+    def _place(self, key: str, strategy: str, group: str | None, location: str | None) -> Placement:
         for _ in range(self._tries()):
             places = self.places(group)
             choice = choose(strategy, places, group, location, self.manager.load_weights)
@@ -138,6 +149,7 @@ class AllocationService:
             if not created:
                 return self._already(placed)  # the same key, allocated at the same moment
             log.info("allocation %s placed on %s: %s", key, choice.server_id, choice.reason)
+            self._moved("initial")
             return Placement(placed, True, choice.score, choice.reason)
         raise NoRoom("other allocations kept taking the room this one was given; try again")
 
@@ -193,11 +205,19 @@ class AllocationService:
         try:
             placed = self._shift(allocation, server_id, "manual", points, reason, server.max_allocations)
         except NoRoom as exc:
+            self._refused("manual", NO_ROOM)
             raise AllocationError(exc.message, status=409) from None
         return Placement(placed, True, points, reason)
 
     def relocate(self, allocation: Allocation, why: str) -> Allocation:
         """Fail a key over: to the server its own strategy picks among the others; NoRoom or Refused if none."""
+        try:
+            return self._relocate(allocation, why)
+        except NoRoom:
+            self._refused("failover", NO_ROOM)
+            raise
+
+    def _relocate(self, allocation: Allocation, why: str) -> Allocation:
         for _ in range(self._tries()):
             places = self.places(allocation.group, exclude={allocation.server_id})
             group, location = allocation.group, allocation.location
@@ -251,14 +271,24 @@ class AllocationService:
                 if not answer.ok:
                     refused = f"{reason}; refused by ALLOCATION_MIGRATE_URL: {answer.detail}"
                     self.store.record(replace(entry, outcome="refused", reason=refused))
+                    self._refused(kind, MIGRATE_REFUSED)
                     raise Refused(f"ALLOCATION_MIGRATE_URL refused moving {key} to {to_id} ({answer.detail}): it stays")
             placed = self.store.move(key, current.server_id, to_id, capacity, entry)
             if placed is None:
                 raise AllocationError(f"allocation {key} changed meanwhile", status=409)
             log.info("allocation %s moved (%s) from %s to %s: %s", key, kind, current.server_id, to_id, reason)
+            self._moved(kind)
             return placed
         finally:
             self.store.unclaim(key, token)
+
+    def _moved(self, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.moved(kind)
+
+    def _refused(self, kind: str, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.refused(kind, reason)
 
     def _urls(self, from_id: str, to_id: str) -> dict[str, str | None]:
         """The base URLs of a move's two servers, for its announcement (None for one that left)."""
@@ -308,6 +338,8 @@ class AllocationService:
                     step["outcome"], step["reason"] = "refused", exc.message
                 except AllocationError as exc:  # it moved, went, or its target filled meanwhile
                     step["outcome"], step["reason"] = "skipped", exc.message
+                    if isinstance(exc, NoRoom):
+                        self._refused("rebalance", NO_ROOM)
             steps.append(step)
             if step["outcome"] in ("planned", "applied"):
                 places, keys = moved(places, keys, planned)

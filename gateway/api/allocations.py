@@ -13,7 +13,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
 from gateway.allocations.announce import Announcer
 from gateway.allocations.failover import FailoverWatcher
-from gateway.allocations.records import AllocationError
+from gateway.allocations.records import MOVE_TYPES, AllocationError
 from gateway.allocations.redis_store import RedisAllocationStore
 from gateway.allocations.service import AllocationService, Placement
 from gateway.allocations.store import AllocationStore, SQLiteAllocationStore
@@ -29,6 +29,7 @@ from gateway.api.webhook import json_body
 from gateway.config import Config
 from gateway.errors import error_response
 from gateway.manager import BackendManager
+from gateway.observability.allocation_metrics import AllocationMetrics
 
 bp = Blueprint("allocations", __name__, url_prefix="/allocations")
 RETRY_AFTER = "5"  # seconds: servers come back, register, or keys are released
@@ -162,7 +163,13 @@ def init_app(app: Flask) -> None:
         if config.allocation_migrate_url
         else None
     )
-    allocations = AllocationService(store, manager, announcer, config.allocation_failover_seconds)
+    metrics = AllocationMetrics(
+        app.extensions["metrics"].registry,
+        store.counts,
+        lambda: [server.server_id for server in manager.list_servers()],  # copied under the fleet's lock
+        MOVE_TYPES,
+    )
+    allocations = AllocationService(store, manager, announcer, config.allocation_failover_seconds, metrics)
     watcher = FailoverWatcher(allocations, config.allocation_failover_seconds, lambda: leads(manager))
     manager.observers.append(watcher)
     app.extensions["allocations"] = allocations

@@ -14,6 +14,7 @@ from flask import Blueprint, Flask, Response, abort, current_app, jsonify, redir
 from prometheus_client import Counter
 
 from gateway.api import admin
+from gateway.api.allocations import service as allocations
 from gateway.api.auth import admin_matches
 from gateway.api.dashboard_sessions import PREFIX, DashboardSessions, LiveSessions
 from gateway.api.jobs import jobs
@@ -150,6 +151,7 @@ def data() -> Response:
     metrics = current_app.extensions["metrics"]
     fleet = manager.get_status()
     served = served_by_server(metrics.requests)
+    keys = allocations().store.counts()  # as gateway_allocations reads them: in Redis mode, the cluster's
     summary = {key: fleet[key] for key in ("total_servers", "healthy_servers", "unhealthy_servers")}
     summary["health_check_running"] = fleet["health_check_running"]
     proxied, not_proxied = metrics.total_requests()
@@ -162,7 +164,7 @@ def data() -> Response:
         "summary": summary,
         "last_sweep": manager.last_sweep or None,
         "charts": {"bucket_seconds": BUCKET_SECONDS, "buckets": BUCKETS, "fleet": history.charts(FLEET)},
-        "servers": [server_row(server, served, history) for server in fleet["servers"]],
+        "servers": [server_row(server, served, keys, history) for server in fleet["servers"]],
         "jobs": queue_summary(jobs().store),
         "workers": worker_list(),
     }
@@ -201,7 +203,9 @@ def served_by_server(requests: Counter) -> dict[str, float]:
     return totals
 
 
-def server_row(server: dict[str, Any], served: dict[str, float], history: RequestHistory) -> dict[str, Any]:
+def server_row(
+    server: dict[str, Any], served: dict[str, float], keys: dict[str, int], history: RequestHistory
+) -> dict[str, Any]:
     """One table row of a server from get_status(), with its charts."""
     server_id = server["server_id"]
     resources = server.get("resources") or {}
@@ -218,6 +222,8 @@ def server_row(server: dict[str, Any], served: dict[str, float], history: Reques
         "in_flight": server["in_flight"],  # the slots max_concurrent caps, streams included
         "max_concurrent": server["max_concurrent"],
         "served": int(served.get(server_id, 0)),
+        "allocations": keys.get(server_id, 0),  # the allocation keys pinned to it (docs/allocations.md)
+        "max_allocations": server["max_allocations"],
         "gpu_memory_free": resources["gpu_memory_free"] if fresh else None,
         "gpu_memory_total": resources["gpu_memory_total"] if fresh else None,
         "weight": server["weight"],

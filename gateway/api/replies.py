@@ -372,6 +372,8 @@ class DashboardServerSchema(Schema):
     in_flight = fields.Integer(required=True)
     max_concurrent = fields.Integer(required=True, metadata={"description": "its cap on in_flight; 0: none"})
     served = fields.Integer(required=True)
+    allocations = fields.Integer(required=True, metadata={"description": "allocation keys pinned to it now"})
+    max_allocations = fields.Integer(required=True, metadata={"description": "its cap on allocations; 0: none"})
     gpu_memory_free = fields.Integer(**NULLABLE)
     gpu_memory_total = fields.Integer(**NULLABLE, metadata={"description": "null without a fresh reading"})
     weight = fields.Integer(required=True)

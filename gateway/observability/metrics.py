@@ -89,7 +89,7 @@ class GatewayMetrics:
 
     Under several gunicorn workers (PROMETHEUS_MULTIPROC_DIR set), the counters, histograms and
     the in-flight gauge live in the workers' files and a scrape sums them; the collectors that
-    read state at scrape time (the fleet, the queue, Redis) answer from the scraping worker.
+    read state at scrape time (the fleet, the queues, the allocations, Redis) answer from the scraping worker.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -140,6 +140,10 @@ class GatewayMetrics:
         self.upstream_aborted = Counter(
             "gateway_upstream_aborted", "Answers the server broke off after their head went out", ["server"], registry=r
         )
+        self.prefix_routing = Counter(
+            "gateway_prefix_routing", "ROUTING_POLICY=prefix choices by result: hit, overloaded, unavailable, miss",
+            ["result"], registry=r,
+        )  # fmt: skip
         # Each proxied request touches these series; labels() validates and locks on every call,
         # so the children are looked up once per label set (and forgotten when a server leaves).
         self._in_flight_children: dict[str, Gauge] = {}
@@ -147,9 +151,10 @@ class GatewayMetrics:
         self.history = RequestHistory()  # the dashboard's charts of the last 15 minutes
 
     def watch(self, manager: BackendManager) -> None:
-        """Collect the fleet gauges from `manager` and hear of sweeps and departures."""
+        """Collect the fleet gauges from `manager`, hear of sweeps and departures, and count its prefix choices."""
         self.registry.register(FleetCollector(manager))
         manager.observers.append(self)
+        manager.selector.count_prefix_results(self.prefix_routing.labels)
         self.manager = manager
 
     # -- what the manager tells ----------------------------------------------------------

@@ -29,6 +29,12 @@ HOLDERS = 4  # servers remembered for one block hash, the most recent first
 PROMPT_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/api/chat", "/api/generate"})
 FIELD_END, MESSAGE_END = "\x1f", "\x1e"  # ASCII unit and record separators: JSON text rarely holds them raw
 MAX_DEPTH = 8  # how deep a message's content is rendered: content parts, lists of token ids
+# How a prefix choice went, as gateway_prefix_routing_total counts it: a holder of the longest
+# prefix it could take was within its load bound (hit); else a holder was a candidate but over
+# its bound (overloaded); else every holder was passed over before the policy (unavailable: gone,
+# down, drained, ejected, capped, in a worse tier); or no block of the prompt was known (miss).
+HIT, OVERLOADED, UNAVAILABLE, MISS = "hit", "overloaded", "unavailable", "miss"
+RESULTS = (HIT, OVERLOADED, UNAVAILABLE, MISS)
 
 
 def prompt_text(payload: Mapping[str, Any], limit: int) -> str:
@@ -130,24 +136,31 @@ class PrefixTable:
         share): the caller rotates among them, so that new conversations spread instead of piling
         on whichever server served the shared part last.
         """
+        return self.match(hashes, candidates)[0]
+
+    def match(self, hashes: Sequence[int], candidates: Sequence[Candidate]) -> tuple[list[Candidate], str]:
+        """`choose`'s holders, and how it went: HIT, else OVERLOADED, UNAVAILABLE or MISS (see RESULTS)."""
         by_id = {c.server_id: c for c in candidates}
         total = sum(c.in_flight for c in candidates) + 1  # this request counts: Mirrokni et al.'s m + 1
         weights = sum(c.weight for c in candidates)
+        over = passed = False  # a holder over its load bound; one not among the candidates
         for block_hash in reversed(hashes):  # the longest prefix first
             found = self._holders.get(block_hash)
             if found is None:
                 continue
-            able = [
-                by_id[server_id]
-                for server_id in found
-                if server_id in by_id
-                and by_id[server_id].in_flight < load_cap(by_id[server_id].weight, total, weights, self.load_bound)
-            ]
+            able = []
+            for server_id in found:
+                candidate = by_id.get(server_id)
+                if candidate is None:  # gone, unhealthy, draining, ejected, capped, or in a worse tier
+                    passed = True
+                elif candidate.in_flight < load_cap(candidate.weight, total, weights, self.load_bound):
+                    able.append(candidate)
+                else:
+                    over = True
             if able:
-                return able
-            # Gone, unhealthy, draining, ejected, capped, in a worse tier, or over the bound: a shorter
-            # prefix may name another server that holds part of it.
-        return []
+                return able, HIT
+            # A shorter prefix may name another server that holds part of it.
+        return [], OVERLOADED if over else UNAVAILABLE if passed else MISS
 
     def record(self, hashes: Iterable[int], server_id: str) -> None:
         """Remember `server_id` as the latest to serve each of these prefixes."""

@@ -7,7 +7,8 @@ themselves are routing.py's pure policies.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
+from typing import Protocol
 
 from gateway.fleet.resources import DEFAULT_WEIGHTS, Reading
 from gateway.fleet.server import BackendServer
@@ -23,7 +24,13 @@ from gateway.routing.policies import (
     choose_sticky,
     slow_start_weight,
 )
-from gateway.routing.prefix import PrefixTable
+from gateway.routing.prefix import RESULTS, PrefixTable
+
+
+class Count(Protocol):
+    """One series of a counter (a prometheus_client child): what counting a prefix choice needs."""
+
+    def inc(self) -> None: ...
 
 
 class Selector:
@@ -36,6 +43,7 @@ class Selector:
         self.load_weights: dict[str, float] = dict(DEFAULT_WEIGHTS)
         self.slow_start_seconds = 0.0
         self.prefix = PrefixTable()  # ROUTING_POLICY=prefix: who served each recent prompt prefix last
+        self._prefix_counts: dict[str, Count] = {}  # a prefix choice's result -> its series, bound once
         self.served: dict[str, dict[str, str]] = {}  # server_id -> model key -> its actual name
         self.placement = Placement()  # memory needs, loaded models, skip_resource_check
         self._uniform = True  # equal weights and tiers, no caps, nobody draining: plain rotation will do
@@ -54,6 +62,10 @@ class Selector:
         self.swrr.forget(self.served)
         self.placement.rebuild(servers)
         self._back_since = {k: v for k, v in self._back_since.items() if k in self.served}
+
+    def count_prefix_results(self, series: Callable[[str], Count]) -> None:
+        """Count each prefix choice by its result (prefix.RESULTS) on `series(result)`, each looked up here once."""
+        self._prefix_counts = {result: series(result) for result in RESULTS}
 
     def came_back(self, server_id: str) -> None:
         """Start a server's slow start: it joined, recovered, or returned from ejection."""
@@ -145,7 +157,10 @@ class Selector:
         if route.session_key is not None:
             chosen = choose_sticky(route.session_key, candidates)
         elif route.prefix and self.policy == "prefix":  # a holder of its longest known prefix, else round-robin
-            holders = self.prefix.choose(route.prefix, candidates)
+            holders, result = self.prefix.match(route.prefix, candidates)
+            counted = self._prefix_counts.get(result)
+            if counted is not None:
+                counted.inc()
             chosen = holders[0].server_id if len(holders) == 1 else self._rotate(holders or candidates, servers)
         elif self.policy == "least_connections":
             chosen = choose_least_connections(candidates, self.swrr)

@@ -367,6 +367,20 @@ def test_a_row_shows_models_in_flight_against_the_cap_ejection_and_draining(clie
     assert (rows["B1"]["draining"], rows["B2"]["draining"]) == (False, True)
 
 
+def test_a_row_shows_its_allocation_keys_against_their_cap(client, manager):
+    manager.register_server("B1", "127.0.0.1", 9001, options={"max_allocations": 2})
+    manager.register_server("B2", "127.0.0.1", 9002)
+    manager.set_draining("B2", True)
+    for key in ("k1", "k2"):
+        assert client.post("/allocations", json={"key": key}, headers={"X-Webhook-Secret": SECRET}).status_code == 201
+    log_in(client)
+    rows = rows_of(client)
+    assert (rows["B1"]["allocations"], rows["B1"]["max_allocations"]) == (2, 2)
+    assert (rows["B2"]["allocations"], rows["B2"]["max_allocations"]) == (0, 0)
+    assert client.delete("/allocations/k1", headers={"X-Webhook-Secret": SECRET}).status_code == 200
+    assert rows_of(client)["B1"]["allocations"] == 1
+
+
 def test_a_row_shows_the_models_its_server_has_loaded(client, manager):
     manager.register_server("B1", "127.0.0.1", 9001, options={"models": ["llama3", "qwen2"]})
     manager.register_server("B2", "127.0.0.1", 9002, options={"models": ["llama3"]})
@@ -754,6 +768,30 @@ def test_the_browser_charts_requests_and_drains_a_server_after_a_confirming_clic
     )
     assert forged == 403
     assert gateway.manager.get_server("B2").draining is False
+    assert browser.execute_script("return window.violations") == []
+
+
+def test_the_browser_shows_each_servers_allocation_keys_against_their_cap(browser, live_gateway, fake_servers):
+    from selenium.webdriver.common.by import By
+
+    gateway = live_gateway(health_check_interval=3600.0)
+    for server_id in ("B1", "B2"):
+        gateway.register(fake_servers(server_id))
+    gateway.manager.update_server("B2", {"max_allocations": 1})
+    wait = open_dashboard(browser, gateway)
+    wait.until(lambda _: rows_shown(browser) == 2)
+    cells = {
+        server_id: browser.find_element(By.CSS_SELECTOR, f'#servers tr[data-server-id="{server_id}"] td.keys')
+        for server_id in ("B1", "B2")
+    }
+    wait.until(lambda _: (cells["B1"].text, cells["B2"].text) == ("0 / no cap", "0 / 1"))
+    for key in ("k1", "k2"):  # B1, then B2: the lower score, ties to the first registered
+        answer = requests.post(
+            gateway.url + "/allocations", json={"key": key}, headers={"X-Webhook-Secret": SECRET}, timeout=5
+        )
+        assert answer.status_code == 201
+    wait.until(lambda _: (cells["B1"].text, cells["B2"].text) == ("1 / no cap", "1 / 1"))  # the page's own refresh
+    assert "full" in cells["B2"].get_attribute("class").split()
     assert browser.execute_script("return window.violations") == []
 
 

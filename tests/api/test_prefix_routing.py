@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import requests
-from conftest import SECRET
+from conftest import SECRET, wait_until
+from prometheus_client.parser import text_string_to_metric_families
 
 MODEL = "llama3:8b"
 
@@ -63,6 +66,7 @@ def test_under_round_robin_the_turns_of_one_conversation_spread(live_gateway, fa
     gateway, _ = start_fleet(live_gateway, fake_llm_servers, policy="round_robin")
     conversation = Conversation(0)
     assert len({served_by(conversation.send(gateway)) for _ in range(6)}) == 3
+    assert prefix_results(gateway) == counted()  # no prefix choice was made
 
 
 @pytest.mark.parametrize("leave", ["unregistered", "killed"])
@@ -81,3 +85,81 @@ def test_a_box_that_leaves_hands_its_conversations_to_the_others(live_gateway, f
     assert all(moved[n] == homes[n] for n in homes if homes[n] != "B1")
     for _ in range(2):  # B1's conversations stay where they went
         assert {n: served_by(c.send(gateway)) for n, c in enumerate(conversations)} == moved
+
+
+# -- gateway_prefix_routing_total --------------------------------------------------------------
+
+
+def prefix_results(gateway) -> dict[str, float]:
+    """gateway_prefix_routing_total by result, as a scrape of /metrics shows it."""
+    text = requests.get(gateway.url + "/metrics", timeout=5).text
+    return {
+        sample.labels["result"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "gateway_prefix_routing_total"
+    }
+
+
+def counted(**results: float) -> dict[str, float]:
+    return {"hit": 0.0, "overloaded": 0.0, "unavailable": 0.0, "miss": 0.0, **results}
+
+
+def sent(conversation: Conversation, gateway) -> str:
+    """The server that answered the conversation's next turn, once its slot is free again.
+
+    The slot is freed just after the client has the last byte: a turn sent at once could find its
+    own server still holding the one before, and over the load bound.
+    """
+    server = served_by(conversation.send(gateway))
+    manager = gateway.manager
+
+    def free() -> bool:
+        with manager._lock:  # the slots are counted under the fleet's lock
+            return not manager.admission.in_flight
+
+    assert wait_until(free)
+    return server
+
+
+def test_hits_misses_and_servers_passed_over_are_counted(live_gateway, fake_llm_servers):
+    gateway, _ = start_fleet(live_gateway, fake_llm_servers)
+    assert prefix_results(gateway) == counted()  # each result at 0 before the first request
+    conversations = [Conversation(n) for n in range(3)]
+    homes = [sent(c, gateway) for c in conversations]  # new: no block known
+    assert prefix_results(gateway) == counted(miss=3)
+    assert [sent(c, gateway) for c in conversations] == homes
+    assert prefix_results(gateway) == counted(hit=3, miss=3)
+    body = {"server_id": homes[0], "secret": SECRET}
+    assert requests.post(gateway.url + "/webhook/unregister", json=body, timeout=5).status_code == 200
+    moved = sent(conversations[0], gateway)  # its prefix is known, but only its server, gone, held it
+    assert sent(conversations[0], gateway) == moved  # where it went holds it now
+    assert prefix_results(gateway) == counted(hit=4, unavailable=1, miss=3)
+
+
+def test_a_match_over_its_load_bound_is_counted_as_overloaded(live_gateway, fake_llm_servers):
+    gate = threading.Event()
+    gateway = live_gateway(routing_policy="prefix")
+    for n in (1, 2, 3):
+        box = fake_llm_servers(f"B{n}", models=[MODEL], gate=gate)  # a stream waits at the gate after its first chunk
+        body = {"server_id": box.server_id, "ip": "127.0.0.1", "port": box.port, "secret": SECRET, "models": [MODEL]}
+        assert requests.post(gateway.url + "/webhook/register", json=body, timeout=5).status_code in (200, 201)
+    conversation = Conversation(0)
+    home = sent(conversation, gateway)
+    body = {"model": MODEL, "messages": [*conversation.messages, {"role": "user", "content": "go on"}], "stream": True}
+    with requests.post(gateway.url + "/v1/chat/completions", json=body, stream=True, timeout=10) as held:
+        assert served_by(held) == home  # a hit, held open on its home: 1 in flight there, 0 elsewhere
+        next(held.iter_content(chunk_size=None))
+        # This one counts too: 2 in flight over 3 servers, a cap of ceil(1.25 x 2 / 3) = 1, which home has.
+        assert served_by(conversation.send(gateway)) != home
+        gate.set()
+    assert prefix_results(gateway) == counted(hit=1, overloaded=1, miss=1)
+
+
+def test_requests_not_routed_by_prefix_are_not_counted(live_gateway, fake_llm_servers):
+    gateway, _ = start_fleet(live_gateway, fake_llm_servers)
+    keyed = {"model": MODEL, "messages": Conversation(1).messages, "user": "user-7", "stream": False}
+    assert requests.post(gateway.url + "/v1/chat/completions", json=keyed, timeout=10).status_code == 200  # sticky
+    embed = {"model": MODEL, "input": "You are the assistant. " * 40}
+    assert requests.post(gateway.url + "/v1/embeddings", json=embed, timeout=10).status_code == 200  # no prompt
+    assert prefix_results(gateway) == counted()

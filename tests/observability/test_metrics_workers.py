@@ -137,7 +137,26 @@ def test_each_family_is_served_once(two_workers):
     text = requests.get(two_workers.url + "/metrics", timeout=10).text
     types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
     assert len(types) == len(set(types))
-    assert {"gateway_requests_total", "gateway_servers_registered", "gateway_jobs_queued"} <= set(types)
+    assert {
+        "gateway_requests_total",
+        "gateway_servers_registered",
+        "gateway_jobs_queued",
+        "gateway_allocations",
+    } <= set(types)
+
+
+@pytest.mark.slow
+def test_allocations_are_read_from_redis_by_the_answering_worker_and_moves_summed(two_workers):
+    headers = {"X-Webhook-Secret": SECRET, "Connection": "close"}  # the admin credential while ADMIN_TOKEN is unset
+    with stopped(two_workers.workers[1]):
+        reply = requests.post(two_workers.url + "/allocations", json={"key": "k1"}, headers=headers, timeout=10)
+        assert reply.status_code == 201
+    for pause, answering in (two_workers.workers, reversed(two_workers.workers)):
+        with stopped(pause):
+            samples = scrape(two_workers.url)
+            assert answering_worker(samples) == answering
+            assert samples[("gateway_allocations", (("server", "B1"),))] == 1  # the store's count, not a sum
+            assert samples[("gateway_allocation_moves_total", (("type", "initial"),))] == 1  # one worker's, summed
 
 
 @pytest.mark.slow

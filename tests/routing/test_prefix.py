@@ -3,7 +3,16 @@
 import pytest
 
 from gateway.routing.policies import Candidate
-from gateway.routing.prefix import PrefixTable, load_cap, prefix_hashes, prompt_text
+from gateway.routing.prefix import (
+    HIT,
+    MISS,
+    OVERLOADED,
+    UNAVAILABLE,
+    PrefixTable,
+    load_cap,
+    prefix_hashes,
+    prompt_text,
+)
 
 BLOCK = 16
 
@@ -144,6 +153,21 @@ def test_a_server_that_is_no_candidate_is_passed_over():
     assert chosen(table, long, idle("B2", "B3")) == []  # left, unhealthy, draining, ejected, capped or other tier
     table.record(long[:4], "B2")
     assert chosen(table, long, idle("B2", "B3")) == ["B2"]
+
+
+def test_a_match_says_how_it_went():
+    table = PrefixTable(load_bound=1.25)
+    long = hashes(chat("delta " * 40))
+    assert table.match(long, idle("B1", "B2", "B3")) == ([], MISS)
+    table.record(long[:2], "B3")
+    table.record(long, "B1")
+    loads = {"B1": 3, "B2": 2, "B3": 1}  # cap 3 (as above): B1 is over it, B3, with the shorter prefix, is not
+    holders, result = table.match(long, idle("B1", "B2", "B3", loads=loads))
+    assert ([c.server_id for c in holders], result) == (["B3"], HIT)
+    assert table.match(long, idle("B1", "B2", "B3", loads={"B1": 3, "B2": 0, "B3": 3})) == ([], OVERLOADED)
+    assert table.match(long, idle("B2")) == ([], UNAVAILABLE)  # B1 and B3 left, or are down, drained, capped
+    # One holder over its bound and another not a candidate: the load is why it fell back.
+    assert table.match(long, idle("B1", "B2", loads={"B1": 5, "B2": 0})) == ([], OVERLOADED)
 
 
 def test_the_table_is_bounded_and_drops_the_least_recent_first():

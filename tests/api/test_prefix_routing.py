@@ -47,6 +47,28 @@ def served_by(response: requests.Response) -> str:
     return response.headers["X-Backend-Server"]
 
 
+def settled(gateway) -> None:
+    """Wait until no request holds a slot at the gateway.
+
+    The slot is freed just after the client has the last byte: a turn sent at once could find its
+    own server still holding the one before, and over the load bound.
+    """
+    manager = gateway.manager
+
+    def free() -> bool:
+        with manager._lock:  # the slots are counted under the fleet's lock
+            return not manager.admission.in_flight
+
+    assert wait_until(free)
+
+
+def sent(conversation: Conversation, gateway) -> str:
+    """The server that answered the conversation's next turn, once its slot is free again."""
+    server = served_by(conversation.send(gateway))
+    settled(gateway)
+    return server
+
+
 def test_the_turns_of_one_conversation_land_on_one_box_whose_cache_they_hit(live_gateway, fake_llm_servers):
     gateway, boxes = start_fleet(live_gateway, fake_llm_servers)
     conversations = [Conversation(n, ollama=n == 4) for n in range(5)]
@@ -54,6 +76,7 @@ def test_the_turns_of_one_conversation_land_on_one_box_whose_cache_they_hit(live
     for turn in range(4):
         for n, conversation in enumerate(conversations):
             response = conversation.send(gateway)
+            settled(gateway)
             assert homes.setdefault(n, served_by(response)) == served_by(response), f"{n} moved at turn {turn}"
             hits = int(response.headers["X-Cache-Hit-Blocks"])
             assert (hits == 0) if turn == 0 else (hits > 0)  # from the second turn on, its start is cached
@@ -73,18 +96,18 @@ def test_under_round_robin_the_turns_of_one_conversation_spread(live_gateway, fa
 def test_a_box_that_leaves_hands_its_conversations_to_the_others(live_gateway, fake_llm_servers, leave):
     gateway, boxes = start_fleet(live_gateway, fake_llm_servers)
     conversations = [Conversation(n) for n in range(6)]
-    homes = {n: served_by(c.send(gateway)) for n, c in enumerate(conversations)}
+    homes = {n: sent(c, gateway) for n, c in enumerate(conversations)}
     assert sorted(homes.values()) == ["B1", "B1", "B2", "B2", "B3", "B3"]
     if leave == "unregistered":
         body = {"server_id": "B1", "secret": SECRET}
         assert requests.post(gateway.url + "/webhook/unregister", json=body, timeout=5).status_code == 200
     else:
         boxes[0].stop()  # the gateway finds out when it connects, and tries another
-    moved = {n: served_by(c.send(gateway)) for n, c in enumerate(conversations)}
+    moved = {n: sent(c, gateway) for n, c in enumerate(conversations)}
     assert "B1" not in moved.values()
     assert all(moved[n] == homes[n] for n in homes if homes[n] != "B1")
     for _ in range(2):  # B1's conversations stay where they went
-        assert {n: served_by(c.send(gateway)) for n, c in enumerate(conversations)} == moved
+        assert {n: sent(c, gateway) for n, c in enumerate(conversations)} == moved
 
 
 # -- gateway_prefix_routing_total --------------------------------------------------------------
@@ -103,23 +126,6 @@ def prefix_results(gateway) -> dict[str, float]:
 
 def counted(**results: float) -> dict[str, float]:
     return {"hit": 0.0, "overloaded": 0.0, "unavailable": 0.0, "miss": 0.0, **results}
-
-
-def sent(conversation: Conversation, gateway) -> str:
-    """The server that answered the conversation's next turn, once its slot is free again.
-
-    The slot is freed just after the client has the last byte: a turn sent at once could find its
-    own server still holding the one before, and over the load bound.
-    """
-    server = served_by(conversation.send(gateway))
-    manager = gateway.manager
-
-    def free() -> bool:
-        with manager._lock:  # the slots are counted under the fleet's lock
-            return not manager.admission.in_flight
-
-    assert wait_until(free)
-    return server
 
 
 def test_hits_misses_and_servers_passed_over_are_counted(live_gateway, fake_llm_servers):

@@ -16,6 +16,7 @@ RANKS = {
     "gunicorn_conf": 6,
     "cli": 6,
     "cli_jobs": 6,
+    "cli_options": 6,
     "client": 6,
     "migrate": 6,
 }  # the process and the operator's tool

@@ -380,8 +380,8 @@ def summarize(data: dict[str, Any], listed: int) -> str:
     )
 
 
-# The job commands live in their own module and join the group when this one is imported.
-from gateway import cli_jobs  # noqa: E402, F401
+# The job and allocation commands live in modules of their own and join the group when this one is imported.
+from gateway import cli_allocations, cli_jobs  # noqa: E402, F401
 
 if __name__ == "__main__":
     cli()

@@ -10,6 +10,7 @@ from urllib.parse import quote, urlsplit
 
 import click
 
+from gateway.cli_options import SERVER_FLAGS, monitor_options, server_options
 from gateway.client import Gateway, GatewayError
 
 EPILOG = """\b
@@ -44,23 +45,6 @@ def check_gateway_url(ctx: click.Context, param: click.Parameter, value: str) ->
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise click.BadParameter("must be a URL such as https://gateway.example.com or http://127.0.0.1:5000")
     return value
-
-
-def pairs(form: str, empty_values: bool = False) -> Callable[[click.Context, click.Parameter, Any], dict[str, str]]:
-    """A callback that turns repeated NAME=VALUE options into a dict, refusing bad forms and repeats."""
-
-    def parse(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
-        parsed: dict[str, str] = {}
-        for item in values:
-            name, sep, value = item.partition("=")
-            if not sep or not name or not (value or empty_values):
-                raise click.BadParameter(f"{item!r} is not of the form {form}")
-            if name in parsed:
-                raise click.BadParameter(f"{name!r} is given twice")
-            parsed[name] = value
-        return parsed
-
-    return parse
 
 
 gateway_url_option = click.option(
@@ -135,53 +119,6 @@ def admin_options(command: Callable[..., None]) -> Callable[..., None]:
     return run
 
 
-def server_options(command: Callable[..., None]) -> Callable[..., None]:
-    """Add the routing options a server may have, and hand the command the ones given as `options`."""
-
-    @click.option("--weight", type=int, metavar="N", help="Its share of traffic within its priority tier (1-1000).")
-    @click.option(
-        "--priority", type=int, metavar="N", help="Its tier: 1 is used first, 2 when no tier-1 server can (1-100)."
-    )
-    @click.option("--max-concurrent", type=int, metavar="N", help="Requests it may hold at once; 0 means no limit.")
-    @click.option("--model", "models", multiple=True, metavar="NAME", help="A model it serves; repeat for more.")
-    @click.option(
-        "--model-map",
-        multiple=True,
-        metavar="VIRTUAL=ACTUAL",
-        callback=pairs("VIRTUAL=ACTUAL"),
-        help="Serve the model VIRTUAL as its model ACTUAL; repeat for more.",
-    )
-    @click.option(
-        "--label",
-        "labels",
-        multiple=True,
-        metavar="KEY=VALUE",
-        callback=pairs("KEY=VALUE", empty_values=True),
-        help="A label; repeat for more.",
-    )
-    @functools.wraps(command)
-    def run(
-        weight: int | None,
-        priority: int | None,
-        max_concurrent: int | None,
-        models: tuple[str, ...],
-        model_map: dict[str, str],
-        labels: dict[str, str],
-        **kwargs: Any,
-    ) -> None:
-        given = {
-            "weight": weight,
-            "priority": priority,
-            "max_concurrent": max_concurrent,
-            "models": list(models) or None,
-            "model_map": model_map or None,
-            "labels": labels or None,
-        }
-        command(options={name: value for name, value in given.items() if value is not None}, **kwargs)
-
-    return run
-
-
 server_token_option = click.option(
     "--server-token",
     metavar="TOKEN",
@@ -203,7 +140,7 @@ def server_path(server_id: str, action: str = "") -> str:
 
 @click.group(epilog=EPILOG)
 def cli() -> None:
-    """Register GPU servers with the gateway, remove them, list the fleet; drain, enable, tune and unbind them."""
+    """Register GPU servers with the gateway, list and tune the fleet, and pin allocation keys to servers."""
 
 
 @cli.command(epilog=EPILOG)
@@ -212,14 +149,21 @@ def cli() -> None:
     "--ip", metavar="ADDRESS", required=True, help="The address the gateway should reach it at (IP or DNS name)."
 )
 @click.option("--port", metavar="PORT", required=True, type=click.IntRange(1, 65535), help="The port it serves on.")
+@monitor_options
 @server_options
 @server_token_option
 @gateway_options
 def register(
-    gateway: Gateway, server_id: str, ip: str, port: int, options: dict[str, Any], server_token: str | None
+    gateway: Gateway,
+    server_id: str,
+    ip: str,
+    port: int,
+    monitor: dict[str, Any],
+    options: dict[str, Any],
+    server_token: str | None,
 ) -> None:
     """Register a GPU server with the gateway, or update its address and the options given."""
-    body = {"server_id": server_id, "ip": ip, "port": port, **options}
+    body = {"server_id": server_id, "ip": ip, "port": port, **monitor, **options}
     reply = gateway.call("POST", "/webhook/register", body, token_header(server_token))
     click.echo(reply.get("message") or f"server {server_id} registered")
     if isinstance(reply.get("server_token"), str):  # a gateway that binds ids: shown this once
@@ -308,9 +252,7 @@ def reset_token(gateway: Gateway, server_id: str) -> None:
 def set_options(gateway: Gateway, server_id: str, options: dict[str, Any]) -> None:
     """Change some of SERVER_ID's routing options; those not given stay as they are."""
     if not options:
-        raise click.UsageError(
-            "Nothing to change: give --weight, --priority, --max-concurrent, --model, --model-map or --label."
-        )
+        raise click.UsageError(f"Nothing to change: give {', '.join(SERVER_FLAGS[:-1])} or {SERVER_FLAGS[-1]}.")
     reply = gateway.call("PATCH", server_path(server_id), options)
     click.echo(reply.get("message") or f"server {server_id} updated")
 
@@ -354,7 +296,20 @@ def priority_row(priority: Any, server: dict[str, Any]) -> tuple[str, ...]:
     )
 
 
-COLUMNS = ("ID", "ADDRESS", "HEALTH", "DRAINING", "PRIORITY", "WEIGHT", "MODELS", "FAILS", "LAST CHECK", "LAST USED")
+COLUMNS = (
+    "ID",
+    "ADDRESS",
+    "TYPE",
+    "HEALTH",
+    "DRAINING",
+    "PRIORITY",
+    "WEIGHT",
+    "MODELS",
+    "LOADED",
+    "FAILS",
+    "LAST CHECK",
+    "LAST USED",
+)
 
 
 def format_table(servers: list[dict[str, Any]]) -> str:
@@ -378,11 +333,13 @@ def server_row(server: dict[str, Any]) -> tuple[str, ...]:
     return (
         str(server.get("server_id", "?")),
         f"{host}:{port}",
+        str(server.get("type", "?")),
         "healthy" if server.get("is_healthy") else "UNHEALTHY",
         draining_cell(server.get("draining")),
         str(server.get("priority", "?")),
         str(server.get("weight", "?")),
         model_cell(server),
+        loaded_cell(server.get("loaded_models")),
         str(server.get("fail_count", 0)),
         server.get("last_check_time") or "never",
         server.get("last_used_time") or "never",
@@ -404,6 +361,14 @@ def model_cell(server: dict[str, Any]) -> str:
     return ",".join(str(model) for model in models) or "unknown"
 
 
+def loaded_cell(loaded: Any) -> str:
+    """The models the last sweep found in its memory (Ollama's /api/ps), comma-separated; `-` for none."""
+    if not isinstance(loaded, list):
+        return "?"  # a gateway that does not say
+    names = [str(model.get("name", "?")) for model in loaded if isinstance(model, dict)]
+    return ",".join(names) or "-"
+
+
 def summarize(data: dict[str, Any], listed: int) -> str:
     """The summary line, e.g. `3 servers: 2 healthy, 1 unhealthy; health checks running`."""
     total = data.get("total_servers", listed)
@@ -415,8 +380,8 @@ def summarize(data: dict[str, Any], listed: int) -> str:
     )
 
 
-# The job commands live in their own module and join the group when this one is imported.
-from gateway import cli_jobs  # noqa: E402, F401
+# The job and allocation commands live in modules of their own and join the group when this one is imported.
+from gateway import cli_allocations, cli_jobs  # noqa: E402, F401
 
 if __name__ == "__main__":
     cli()

@@ -3,40 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+from cli_running import ADMIN, WRONG_SECRET, admin_cli, run_cli
 from conftest import SECRET, free_port
 
 from gateway import cli as b_client
 from gateway.client import field_messages
-
-ROOT = Path(__file__).resolve().parent.parent
-WRONG_SECRET = "not-the-secret-93b1d7"
-ADMIN = "admin-token-61c0f9e2d87a"
-
-
-def run_cli(*args: str, secret: str | None = SECRET, **env: str) -> subprocess.CompletedProcess[str]:
-    """Run the CLI as a subprocess; `secret` goes on the command line. No secret may reach its output."""
-    clean_env = {
-        k: v for k, v in os.environ.items() if k not in ("WEBHOOK_SECRET", "GATEWAY_URL", "ADMIN_TOKEN", "SERVER_TOKEN")
-    }
-    command = [sys.executable, "test_b_client.py", *args]
-    if secret is not None:
-        command += ["--secret", secret]
-    result = subprocess.run(command, cwd=ROOT, env={**clean_env, **env}, capture_output=True, text=True, timeout=30)
-    for value in (SECRET, WRONG_SECRET, ADMIN):
-        assert value not in result.stdout + result.stderr
-    return result
 
 
 def register_args(gateway_url: str, server_id: str, port: int, ip: str = "127.0.0.1") -> list[str]:
@@ -78,10 +57,11 @@ def test_list_shows_a_table_and_a_summary(live_gateway, fake_servers):
     assert result.returncode == 0, result.stderr
     header, row1, row2, summary = result.stdout.splitlines()
     assert header.split() == [
-        "ID", "ADDRESS", "HEALTH", "DRAINING", "PRIORITY", "WEIGHT", "MODELS", "FAILS", "LAST", "CHECK", "LAST", "USED"
+        "ID", "ADDRESS", "TYPE", "HEALTH", "DRAINING", "PRIORITY", "WEIGHT", "MODELS", "LOADED", "FAILS",
+        "LAST", "CHECK", "LAST", "USED",
     ]  # fmt: skip
-    assert row1.split()[:8] == ["B1", f"127.0.0.1:{b1.port}", "healthy", "no", "1", "1", "unknown", "0"]
-    assert row2.split()[:8] == ["B2", f"127.0.0.1:{b2.port}", "UNHEALTHY", "no", "1", "1", "unknown", "3"]
+    assert row1.split()[:10] == ["B1", f"127.0.0.1:{b1.port}", "gpu", "healthy", "no", "1", "1", "unknown", "-", "0"]
+    assert row2.split()[:10] == ["B2", f"127.0.0.1:{b2.port}", "gpu", "UNHEALTHY", "no", "1", "1", "unknown", "-", "3"]
     assert row2.split()[-1] == "never"  # never chosen for a request
     assert row1.index("HEALTHY".lower()) == header.index("HEALTH")  # columns line up
     assert summary == "2 servers: 1 healthy, 1 unhealthy; health checks running"
@@ -98,9 +78,27 @@ def test_list_shows_each_servers_draining_priority_weight_and_models(live_gatewa
 
     assert result.returncode == 0, result.stderr
     header, row1, row2, _ = result.stdout.splitlines()
-    assert row1.split()[2:7] == ["healthy", "no", "1", "1", "unknown"]
-    assert row2.split()[2:7] == ["healthy", "yes", "2", "70", "qwen3:14b,llama3:8b"]
+    assert row1.split()[3:8] == ["healthy", "no", "1", "1", "unknown"]
+    assert row2.split()[3:8] == ["healthy", "yes", "2", "70", "qwen3:14b,llama3:8b"]
     assert row2.index("yes") == header.index("DRAINING")  # columns line up
+
+
+def test_list_shows_each_servers_type_and_the_models_it_has_loaded(live_gateway, fake_servers):
+    gateway = live_gateway()
+    b1, b2 = fake_servers("B1"), fake_servers("B2")
+    gateway.register(b1)
+    gateway.register(b2)
+    gateway.manager.update_server("B2", {"type": "cpu", "models": ["qwen3:14b", "llama3:8b"]})
+    gateway.manager.apply_loaded([("B2", f"http://127.0.0.1:{b2.port}", [("qwen3:14b", 9 * 1024**3)])])
+
+    result = run_cli("list", "--gateway", gateway.url)
+
+    assert result.returncode == 0, result.stderr
+    header, row1, row2, _ = result.stdout.splitlines()
+    assert row1.split()[2:3] + row1.split()[7:9] == ["gpu", "unknown", "-"]  # nothing read: nothing shown
+    assert row2.split()[2:3] + row2.split()[7:9] == ["cpu", "qwen3:14b,llama3:8b", "qwen3:14b"]
+    assert row2.index("cpu") == header.index("TYPE")  # columns line up
+    assert row2.rindex("qwen3:14b") == header.index("LOADED")
 
 
 def test_list_of_an_empty_fleet_is_one_line(live_gateway):
@@ -360,13 +358,15 @@ def test_field_messages(errors, lines):
 def test_table_brackets_ipv6_and_shows_never():
     server = {"server_id": "B6", "ip": "::1", "port": 8000, "is_healthy": True, "fail_count": 0, "draining": False}
     server |= {"priority": 1, "weight": 1, "served_models": []}
-    row = ("B6", "[::1]:8000", "healthy", "no", "1", "1", "unknown", "0", "never", "never")
+    server |= {"type": "gpu", "loaded_models": []}
+    row = ("B6", "[::1]:8000", "gpu", "healthy", "no", "1", "1", "unknown", "-", "0", "never", "never")
     assert b_client.server_row(server) == row
 
 
 def test_table_shows_a_question_mark_for_what_the_gateway_does_not_say():
     server = {"server_id": "B6", "ip": "127.0.0.1", "port": 8000, "is_healthy": True, "fail_count": 0}
-    assert b_client.server_row(server)[3:7] == ("?", "?", "?", "?")
+    row = b_client.server_row(server)
+    assert (row[2], *row[4:9]) == ("?", "?", "?", "?", "?", "?")
 
 
 def test_status_summarises_the_gateway(live_gateway, fake_servers):
@@ -470,6 +470,96 @@ def test_an_option_out_of_range_is_the_gateways_refusal(live_gateway):
     assert gateway.manager.list_servers() == []
 
 
+def stored(gateway, server_id: str = "B1", token: str | None = None) -> dict[str, Any]:
+    """The server as the admin API shows it: what the gateway kept."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {"X-Webhook-Secret": SECRET}
+    response = requests.get(f"{gateway.url}/admin/servers/{server_id}", headers=headers, timeout=5)
+    assert response.status_code == 200, response.text
+    return response.json()["data"]
+
+
+def test_register_sends_seed_001s_fields_the_cap_the_location_and_the_monitor(live_gateway):
+    gateway = live_gateway()
+    options = ["--model-memory", "qwen3:14b=24", "--model-memory", "llama3:8b=7.5", "--type", "CPU"]
+    options += ["--description", "A100 80GB, rack 3", "--skip-resource-check", "--max-allocations", "4"]
+    options += ["--location", "eu-west", "--label", "zone=a", "--monitor-port", "9100"]
+
+    result = run_cli(*register_args(gateway.url, "B1", 8000), *options)
+
+    assert (result.returncode, result.stdout, result.stderr) == (0, "server B1 registered\n", "")
+    server = stored(gateway)
+    assert server["model_memory_gb"] == {"qwen3:14b": 24, "llama3:8b": 7.5}
+    assert (server["type"], server["description"]) == ("cpu", "A100 80GB, rack 3")
+    assert (server["skip_resource_check"], server["max_allocations"]) == (True, 4)
+    assert server["labels"] == {"zone": "a", "location": "eu-west"}
+    assert server["monitor_url"] == "http://127.0.0.1:9100"
+
+
+def test_register_takes_a_monitor_url(live_gateway):
+    gateway = live_gateway()
+
+    result = run_cli(*register_args(gateway.url, "B1", 8000), "--monitor-url", "http://127.0.0.1:9200/")
+
+    assert result.returncode == 0, result.stderr
+    assert stored(gateway)["monitor_url"] == "http://127.0.0.1:9200"
+
+
+def test_register_sends_the_new_options_as_the_schema_has_them(stub_gateway):
+    stub_gateway.answer(200, {"success": True, "message": "ok"})
+    options = ["--model-memory", "a=24", "--model-memory", "b=0.5", "--type", "GPU", "--check-resources"]
+    options += ["--description", "", "--max-allocations", "0", "--location", "us", "--monitor-url", "http://h:1"]
+
+    assert run_cli(*register_args(stub_gateway.url, "B1", 8000), *options).returncode == 0
+
+    (sent,) = stub_gateway.received
+    assert sent["body"] == {
+        "server_id": "B1",
+        "ip": "127.0.0.1",
+        "port": 8000,
+        "monitor_url": "http://h:1",
+        "model_memory_gb": {"a": 24, "b": 0.5},
+        "type": "gpu",
+        "description": "",
+        "skip_resource_check": False,
+        "max_allocations": 0,
+        "labels": {"location": "us"},
+    }
+    assert isinstance(sent["body"]["model_memory_gb"]["a"], int)  # 24 as written, not 24.0
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--model-memory", "qwen3"], "Invalid value for '--model-memory': 'qwen3' is not of the form MODEL=GB"),
+        (["--model-memory", "q=0"], "Invalid value for '--model-memory': the GB of q must be a number above 0"),
+        (["--model-memory", "q=-2"], "Invalid value for '--model-memory': the GB of q must be a number above 0"),
+        (["--model-memory", "q=nan"], "Invalid value for '--model-memory': the GB of q must be a number above 0"),
+        (["--model-memory", "q=inf"], "Invalid value for '--model-memory': the GB of q must be a number above 0"),
+        (["--model-memory", "q=100001"], "Invalid value for '--model-memory': the GB of q must be a number above 0"),
+        (["--model-memory", "q=24GB"], "Invalid value for '--model-memory': the GB of q is not a number: '24GB'"),
+        (["--model-memory", "q=1", "--model-memory", "q=2"], "Invalid value for '--model-memory': 'q' is given twice"),
+        (["--type", "tpu"], "Invalid value for '--type': 'tpu' is not one of 'cpu', 'gpu'"),
+        (["--max-allocations", "many"], "Invalid value for '--max-allocations': 'many' is not a valid integer"),
+        (["--monitor-port", "0"], "Invalid value for '--monitor-port': 0 is not in the range 1<=x<=65535"),
+        (["--monitor-port", "1", "--monitor-url", "http://h:1"], "Invalid value for '--monitor-url': give"),
+        (["--location", "eu", "--label", "location=us"], "Invalid value for '--location': give the location once"),
+    ],
+    ids=[
+        "memory-form", "memory-zero", "memory-negative", "memory-nan", "memory-inf", "memory-too-much",
+        "memory-not-a-number", "memory-twice", "type", "max-allocations", "monitor-port", "monitor-both",
+        "location-twice",
+    ],
+)  # fmt: skip
+def test_bad_new_option_values_are_usage_errors_naming_the_option(live_gateway, args, expected):
+    gateway = live_gateway()
+
+    result = run_cli(*register_args(gateway.url, "B1", 8000), *args)
+
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert gateway.manager.list_servers() == []
+
+
 # -- operator commands: drain, enable, set, priority ---------------------------------------
 
 
@@ -480,11 +570,6 @@ def admin_gateway(live_gateway, fake_servers):
     gateway.register(fake_servers("B1"))
     gateway.manager.update_server("B1", {"models": ["m1"]})
     return gateway
-
-
-def admin_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """The CLI with the admin token on the command line (and the webhook secret, which it must not use)."""
-    return run_cli(*args, "--admin-token", ADMIN, **env)
 
 
 def test_drain_and_enable(admin_gateway):
@@ -508,11 +593,45 @@ def test_set_changes_only_the_options_given(admin_gateway):
     assert (server.weight, server.labels, server.models, server.priority) == (40, {"zone": "eu"}, ["m1"], 1)
 
 
+def test_set_changes_the_new_options_and_turns_the_resource_check_back_on(admin_gateway):
+    url = admin_gateway.url
+    options = ["--model-memory", "m1=12", "--type", "cpu", "--description", "spare box", "--skip-resource-check"]
+    options += ["--max-allocations", "8", "--location", "eu-west"]
+
+    result = admin_cli("set", "B1", "--gateway", url, *options)
+
+    assert result.returncode == 0, result.stderr
+    message, _, changed = result.stdout.rstrip("\n").partition(": ")
+    assert message == "server B1 updated"
+    assert sorted(changed.split(", ")) == sorted(
+        ["max_allocations", "model_memory_gb", "labels", "type", "description", "skip_resource_check"]
+    )
+    server = stored(admin_gateway, token=ADMIN)
+    assert (server["model_memory_gb"], server["type"], server["description"]) == ({"m1": 12}, "cpu", "spare box")
+    assert (server["skip_resource_check"], server["max_allocations"]) == (True, 8)
+    assert (server["labels"], server["models"]) == ({"location": "eu-west"}, ["m1"])
+
+    result = admin_cli("set", "B1", "--gateway", url, "--check-resources")
+    assert (result.returncode, result.stdout) == (0, "server B1 updated: skip_resource_check\n")
+    server = stored(admin_gateway, token=ADMIN)
+    assert (server["skip_resource_check"], server["type"], server["max_allocations"]) == (False, "cpu", 8)
+
+
+def test_set_refuses_what_the_gateway_refuses(admin_gateway):
+    result = admin_cli("set", "B1", "--gateway", admin_gateway.url, "--max-allocations", "-1")
+
+    assert result.returncode == 1
+    assert result.stderr.startswith("error 400: invalid fields: max_allocations\n  max_allocations: must be")
+    assert stored(admin_gateway, token=ADMIN)["max_allocations"] == 0
+
+
 def test_set_without_options_is_a_usage_error(admin_gateway):
     result = admin_cli("set", "B1", "--gateway", admin_gateway.url)
 
     assert result.returncode == 2
     assert "Nothing to change: give --weight" in result.stderr
+    for flag in ("--model-memory", "--type", "--description", "--skip-resource-check", "--max-allocations"):
+        assert flag in result.stderr
 
 
 @pytest.mark.parametrize(

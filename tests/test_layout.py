@@ -16,6 +16,8 @@ RANKS = {
     "gunicorn_conf": 6,
     "cli": 6,
     "cli_jobs": 6,
+    "cli_options": 6,
+    "cli_allocations": 6,
     "client": 6,
     "migrate": 6,
 }  # the process and the operator's tool

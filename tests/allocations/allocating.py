@@ -1,10 +1,11 @@
-"""What the allocation tests share: the admin headers, a fleet in a few words, and a fresh monitor reading."""
+"""What the allocation tests share: the admin headers, a fleet in a few words, a fresh monitor reading, a pinned key."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
+import requests
 from conftest import SECRET
 
 from gateway.fleet.health import HealthResult
@@ -48,3 +49,14 @@ def mark_down(manager: Any, server_id: str, since: str | None = None) -> None:
     if since is not None:
         with manager._lock:  # the record's own clock, set back as hours of downtime would
             manager.registry.servers[server_id].health_changed_time = since
+
+
+def pin_to_b2(gateway: Any) -> None:
+    """Pin `conv-1` to B2: the only server that takes keys while B1 and B3 drain."""
+    manager = gateway.manager
+    manager.set_draining("B1", True)
+    manager.set_draining("B3", True)
+    reply = requests.post(f"{gateway.url}/allocations", json={"key": "conv-1"}, headers=ADMIN, timeout=5)
+    assert reply.json()["data"]["server_id"] == "B2"
+    manager.set_draining("B1", False)
+    manager.set_draining("B3", False)

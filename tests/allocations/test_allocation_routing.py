@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import requests
-from allocating import ADMIN, history, mark_down
+from allocating import history, mark_down, pin_to_b2
 from conftest import wait_until
 
 
@@ -17,13 +17,7 @@ def pinned(live_gateway, fake_servers):
         servers = {server_id: fake_servers(server_id) for server_id in ("B1", "B2", "B3")}
         for server in servers.values():
             gateway.register(server)
-        manager = gateway.manager
-        manager.set_draining("B1", True)
-        manager.set_draining("B3", True)
-        reply = requests.post(f"{gateway.url}/allocations", json={"key": "conv-1"}, headers=ADMIN, timeout=5)
-        assert reply.json()["data"]["server_id"] == "B2"
-        manager.set_draining("B1", False)
-        manager.set_draining("B3", False)
+        pin_to_b2(gateway)
         return gateway, servers
 
     return start

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import requests
-from allocating import ADMIN, mark_down, server_of
+from allocating import mark_down, pin_to_b2, server_of
 from conftest import SECRET
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
@@ -21,17 +21,6 @@ def register(gateway, box, models=None, model_map=None) -> None:
     if model_map is not None:
         body["model_map"] = model_map
     requests.post(gateway.url + "/webhook/register", json=body, timeout=5).raise_for_status()
-
-
-def pin_to_b2(gateway) -> None:
-    """Pin `conv-1` to B2: the only server that takes keys while B1 and B3 drain."""
-    manager = gateway.manager
-    manager.set_draining("B1", True)
-    manager.set_draining("B3", True)
-    reply = requests.post(f"{gateway.url}/allocations", json={"key": "conv-1"}, headers=ADMIN, timeout=5)
-    assert reply.json()["data"]["server_id"] == "B2"
-    manager.set_draining("B1", False)
-    manager.set_draining("B3", False)
 
 
 @pytest.fixture

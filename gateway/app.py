@@ -60,6 +60,7 @@ def create_app(config: Config | None = None) -> Flask:
     manager.load_weights = dict(config.load_score_weights)
     manager.selector.slow_start_seconds = config.slow_start_seconds
     manager.selector.prefix.load_bound = config.prefix_load_bound
+    manager.selector.prefix.load_slack = config.prefix_load_slack
     manager.selector.placement.set_fleet_needs(config.model_memory_gb)
     manager.queue_timeout, manager.queue_max_size = config.queue_timeout, config.queue_max_size
     manager.outliers = OutlierDetector(

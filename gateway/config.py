@@ -81,6 +81,7 @@ class Config:
     prefix_block_size: int = 256
     prefix_max_blocks: int = 32
     prefix_load_bound: float = 1.25
+    prefix_load_slack: int = 4
     model_memory_gb: dict[str, float] = field(default_factory=dict)  # model -> GB a request for it needs free
     admin_token: str = field(default="", repr=False)
     queue_timeout: float = 30.0
@@ -169,6 +170,7 @@ class Config:
             "prefix_block_size": reader.get("PREFIX_BLOCK_SIZE", cls.prefix_block_size, _integer(16, 65536)),
             "prefix_max_blocks": reader.get("PREFIX_MAX_BLOCKS", cls.prefix_max_blocks, _integer(1, 256)),
             "prefix_load_bound": reader.get("PREFIX_LOAD_BOUND", cls.prefix_load_bound, _number(min_value=1)),
+            "prefix_load_slack": reader.get("PREFIX_LOAD_SLACK", cls.prefix_load_slack, _integer(0)),
             "model_memory_gb": reader.get("MODEL_MEMORY_GB", dict[str, float](), parse_model_memory),
             "admin_token": reader.optional_secret("ADMIN_TOKEN"),
             "queue_timeout": reader.get("QUEUE_TIMEOUT", cls.queue_timeout, _number(min_value=0)),

@@ -284,13 +284,16 @@ def test_more_than_one_worker_needs_redis():
     )
 
 
+def prefix_settings(config: Config) -> tuple:
+    return config.prefix_block_size, config.prefix_max_blocks, config.prefix_load_bound, config.prefix_load_slack
+
+
 def test_the_prefix_routing_settings():
-    config = Config.from_env(BASE)
-    assert (config.prefix_block_size, config.prefix_max_blocks, config.prefix_load_bound) == (256, 32, 1.25)
+    assert prefix_settings(Config.from_env(BASE)) == (256, 32, 1.25, 4)
     env = {"ROUTING_POLICY": "prefix", "PREFIX_BLOCK_SIZE": "128", "PREFIX_MAX_BLOCKS": "64", "PREFIX_LOAD_BOUND": "1"}
-    config = Config.from_env({**BASE, **env})
+    config = Config.from_env({**BASE, **env, "PREFIX_LOAD_SLACK": "0"})
     assert config.routing_policy == "prefix"
-    assert (config.prefix_block_size, config.prefix_max_blocks, config.prefix_load_bound) == (128, 64, 1.0)
+    assert prefix_settings(config) == (128, 64, 1.0, 0)
 
 
 @pytest.mark.parametrize(
@@ -304,6 +307,8 @@ def test_the_prefix_routing_settings():
         ("PREFIX_MAX_BLOCKS", "257", "expected an integer from 1 to 256"),
         ("PREFIX_LOAD_BOUND", "0.9", "expected a finite number of at least 1"),
         ("PREFIX_LOAD_BOUND", "inf", "expected a finite number of at least 1"),
+        ("PREFIX_LOAD_SLACK", "-1", "expected an integer of at least 0"),
+        ("PREFIX_LOAD_SLACK", "1.5", "expected an integer"),
     ],
 )
 def test_a_bad_prefix_setting_names_the_variable(name, value, problem):
@@ -312,10 +317,11 @@ def test_a_bad_prefix_setting_names_the_variable(name, value, problem):
     assert problem in str(info.value)
 
 
-def test_the_load_bound_reaches_the_selector(make_app):
-    app = make_app(routing_policy="prefix", prefix_load_bound=2.0)
+def test_the_load_bound_and_slack_reach_the_selector(make_app):
+    app = make_app(routing_policy="prefix", prefix_load_bound=2.0, prefix_load_slack=7)
     manager = app.extensions["backend_manager"]
-    assert (manager.routing_policy, manager.selector.prefix.load_bound) == ("prefix", 2.0)
+    prefix = manager.selector.prefix
+    assert (manager.routing_policy, prefix.load_bound, prefix.load_slack) == ("prefix", 2.0, 7)
 
 
 @pytest.mark.parametrize(

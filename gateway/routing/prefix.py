@@ -5,8 +5,9 @@ into fixed-size blocks of characters. Each block's hash covers every block befor
 names a whole prefix. A bounded LRU table maps each recent block hash to the servers that served
 it last. A request goes to a server holding its longest known prefix, while that server stays
 within a bounded load (Mirrokni, Thorup and Zadimoghaddam's consistent hashing with bounded
-loads: at most ceil(c x the average) in flight, counting this request); else the caller falls back
-to round-robin. Pure and in memory: no I/O, and the caller holds the fleet's lock.
+loads: at most ceil(c x the average) in flight, counting this request, or a small absolute slack
+where that is more); else the caller falls back to round-robin. Pure and in memory: no I/O, and
+the caller holds the fleet's lock.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from gateway.routing.policies import Candidate
 BLOCK_SIZE = 256  # characters a block: about 64 tokens of English text
 MAX_BLOCKS = 32  # blocks hashed a request: 8,192 characters at most, whatever the prompt's length
 LOAD_BOUND = 1.25  # c = 1 + epsilon: a server may hold ceil(c x average) of the requests in flight
+# A server may hold this many whatever the average: an LLM server batches requests, so at low load
+# the bound alone (1 of 2 in flight over 3) would send a conversation to a cold cache for nothing.
+# 4 is Ollama's default OLLAMA_NUM_PARALLEL: as many as it runs at once without queueing.
+LOAD_SLACK = 4
 TABLE_SIZE = 100_000  # block hashes remembered, least recently used dropped first
 HOLDERS = 4  # servers remembered for one block hash, the most recent first
 # The routes whose bodies carry a prompt a server's KV cache can keep; embeddings and the rest do not.
@@ -107,18 +112,21 @@ def prefix_hashes(
     return tuple(hashes)
 
 
-def load_cap(weight: float, total: int, weights: float, load_bound: float) -> int:
-    """The most requests a server of `weight` may hold: ceil(c x its weighted share of `total`)."""
-    # The small slack keeps float noise (1.25 * 12 / 3 = 5.000000001) from lifting the cap by one.
-    return math.ceil(load_bound * total * weight / weights - 1e-9)
+def load_cap(weight: float, total: int, weights: float, load_bound: float, slack: int = 0) -> int:
+    """The most requests a server of `weight` may hold: ceil(c x its weighted share of `total`), or `slack` if more."""
+    # The 1e-9 keeps float noise (1.25 * 12 / 3 = 5.000000001) from lifting the cap by one.
+    return max(math.ceil(load_bound * total * weight / weights - 1e-9), slack)
 
 
 class PrefixTable:
     """Recent prefix block hash -> the servers that served it, most recent first; bounded, LRU."""
 
-    def __init__(self, max_entries: int = TABLE_SIZE, load_bound: float = LOAD_BOUND) -> None:
+    def __init__(
+        self, max_entries: int = TABLE_SIZE, load_bound: float = LOAD_BOUND, load_slack: int = LOAD_SLACK
+    ) -> None:
         self.max_entries = max_entries
         self.load_bound = load_bound
+        self.load_slack = load_slack
         self._holders: OrderedDict[int, tuple[str, ...]] = OrderedDict()
         self._alone: dict[str, tuple[str]] = {}  # one ("B1",) shared by every block B1 alone holds: 48 bytes less each
 
@@ -153,7 +161,7 @@ class PrefixTable:
                 candidate = by_id.get(server_id)
                 if candidate is None:  # gone, unhealthy, draining, ejected, capped, or in a worse tier
                     passed = True
-                elif candidate.in_flight < load_cap(candidate.weight, total, weights, self.load_bound):
+                elif candidate.in_flight < load_cap(candidate.weight, total, weights, self.load_bound, self.load_slack):
                     able.append(candidate)
                 else:
                     over = True

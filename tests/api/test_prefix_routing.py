@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 
 import pytest
 import requests
@@ -143,23 +145,51 @@ def test_hits_misses_and_servers_passed_over_are_counted(live_gateway, fake_llm_
     assert prefix_results(gateway) == counted(hit=4, unavailable=1, miss=3)
 
 
-def test_a_match_over_its_load_bound_is_counted_as_overloaded(live_gateway, fake_llm_servers):
-    gate = threading.Event()
-    gateway = live_gateway(routing_policy="prefix")
+def start_gated_fleet(live_gateway, fake_llm_servers, gate: threading.Event, **config: object):
+    """A prefix-routing gateway over 3 boxes whose streams wait at `gate` after their first chunk."""
+    gateway = live_gateway(routing_policy="prefix", **config)
     for n in (1, 2, 3):
-        box = fake_llm_servers(f"B{n}", models=[MODEL], gate=gate)  # a stream waits at the gate after its first chunk
+        box = fake_llm_servers(f"B{n}", models=[MODEL], gate=gate)
         body = {"server_id": box.server_id, "ip": "127.0.0.1", "port": box.port, "secret": SECRET, "models": [MODEL]}
         assert requests.post(gateway.url + "/webhook/register", json=body, timeout=5).status_code in (200, 201)
-    conversation = Conversation(0)
-    home = sent(conversation, gateway)
+    return gateway
+
+
+@contextlib.contextmanager
+def held_open(conversation: Conversation, gateway) -> Iterator[requests.Response]:
+    """A streamed request on the conversation's prefix, past its first chunk: it holds a slot until the gate opens."""
     body = {"model": MODEL, "messages": [*conversation.messages, {"role": "user", "content": "go on"}], "stream": True}
     with requests.post(gateway.url + "/v1/chat/completions", json=body, stream=True, timeout=10) as held:
-        assert served_by(held) == home  # a hit, held open on its home: 1 in flight there, 0 elsewhere
         next(held.iter_content(chunk_size=None))
+        yield held
+
+
+def test_a_match_over_its_load_bound_is_counted_as_overloaded(live_gateway, fake_llm_servers):
+    gate = threading.Event()
+    gateway = start_gated_fleet(live_gateway, fake_llm_servers, gate, prefix_load_slack=0)  # the bound alone
+    conversation = Conversation(0)
+    home = sent(conversation, gateway)
+    with held_open(conversation, gateway) as held:
+        assert served_by(held) == home  # a hit, held open on its home: 1 in flight there, 0 elsewhere
         # This one counts too: 2 in flight over 3 servers, a cap of ceil(1.25 x 2 / 3) = 1, which home has.
         assert served_by(conversation.send(gateway)) != home
         gate.set()
     assert prefix_results(gateway) == counted(hit=1, overloaded=1, miss=1)
+
+
+def test_within_the_load_slack_a_turn_stays_home_while_its_box_serves_another(live_gateway, fake_llm_servers):
+    gate = threading.Event()
+    gateway = start_gated_fleet(live_gateway, fake_llm_servers, gate)  # PREFIX_LOAD_SLACK's default, 4
+    conversation = Conversation(0)
+    home = sent(conversation, gateway)
+    with held_open(conversation, gateway) as held:
+        assert served_by(held) == home
+        # Over the bound (a cap of 1, as above) but under the slack: home may take a second.
+        response = conversation.send(gateway)
+        assert served_by(response) == home
+        assert int(response.headers["X-Cache-Hit-Blocks"]) > 0  # its start found warm
+        gate.set()
+    assert prefix_results(gateway) == counted(hit=2, miss=1)
 
 
 def test_requests_not_routed_by_prefix_are_not_counted(live_gateway, fake_llm_servers):

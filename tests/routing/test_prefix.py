@@ -113,6 +113,20 @@ def test_the_load_cap_is_ceil_of_c_times_the_weighted_average(weight, total, wei
     assert load_cap(weight, total, weights, bound) == cap
 
 
+@pytest.mark.parametrize(
+    ("weight", "total", "weights", "slack", "cap"),
+    [
+        (1, 2, 3, 4, 4),  # 1 in flight over 3, plus this one: the bound's 1 is lifted to the slack
+        (1, 2, 3, 0, 1),  # no slack: the bound alone
+        (1, 12, 3, 4, 5),  # the bound above the slack is kept
+        (1, 21, 3, 4, 9),
+        (2, 12, 4, 10, 10),
+    ],
+)
+def test_the_load_cap_is_at_least_the_slack(weight, total, weights, slack, cap):
+    assert load_cap(weight, total, weights, 1.25, slack) == cap
+
+
 # -- the table ---------------------------------------------------------------------------------
 
 
@@ -136,7 +150,7 @@ def test_the_longest_match_wins():
 
 
 def test_over_its_load_bound_the_longest_match_gives_way_to_a_shorter_one_or_to_none():
-    table = PrefixTable(load_bound=1.25)
+    table = PrefixTable(load_bound=1.25, load_slack=0)
     long = hashes(chat("beta " * 40))
     table.record(long[:2], "B3")
     table.record(long, "B1")
@@ -156,7 +170,7 @@ def test_a_server_that_is_no_candidate_is_passed_over():
 
 
 def test_a_match_says_how_it_went():
-    table = PrefixTable(load_bound=1.25)
+    table = PrefixTable(load_bound=1.25, load_slack=0)
     long = hashes(chat("delta " * 40))
     assert table.match(long, idle("B1", "B2", "B3")) == ([], MISS)
     table.record(long[:2], "B3")
@@ -168,6 +182,32 @@ def test_a_match_says_how_it_went():
     assert table.match(long, idle("B2")) == ([], UNAVAILABLE)  # B1 and B3 left, or are down, drained, capped
     # One holder over its bound and another not a candidate: the load is why it fell back.
     assert table.match(long, idle("B1", "B2", loads={"B1": 5, "B2": 0})) == ([], OVERLOADED)
+
+
+def test_under_the_slack_a_holder_over_its_bound_keeps_its_prefix():
+    long = hashes(chat("epsilon " * 40))
+    light = idle("B1", "B2", "B3", loads={"B1": 1})  # 2 in flight, this one included: the bound's cap is 1
+    table = PrefixTable()
+    table.record(long, "B1")
+    assert table.load_slack == 4
+    holders, result = table.match(long, light)
+    assert ([c.server_id for c in holders], result) == (["B1"], HIT)
+    pure = PrefixTable(load_slack=0)
+    pure.record(long, "B1")
+    assert pure.match(long, light) == ([], OVERLOADED)
+
+
+def test_at_the_slack_and_over_its_bound_a_holder_is_overloaded():
+    table = PrefixTable(load_bound=1.25, load_slack=4)
+    long = hashes(chat("zeta " * 40))
+    table.record(long, "B1")
+    # 3 in flight on B1 and none elsewhere: the bound's cap is ceil(1.25 x 4 / 3) = 2, the slack's 4.
+    assert chosen(table, long, idle("B1", "B2", "B3", loads={"B1": 3})) == ["B1"]
+    # 4 in flight: the bound's cap is ceil(1.25 x 5 / 3) = 3, so B1 is at the slack and over the bound.
+    assert table.match(long, idle("B1", "B2", "B3", loads={"B1": 4})) == ([], OVERLOADED)
+    # With the others as busy, the bound rises past the slack and takes over: ceil(1.25 x 13 / 3) = 6.
+    assert chosen(table, long, idle("B1", "B2", "B3", loads={"B1": 5, "B2": 4, "B3": 3})) == ["B1"]
+    assert table.match(long, idle("B1", "B2", "B3", loads={"B1": 6, "B2": 4, "B3": 3})) == ([], OVERLOADED)
 
 
 def test_the_table_is_bounded_and_drops_the_least_recent_first():
@@ -190,7 +230,7 @@ def test_a_block_remembers_its_four_latest_servers():
 
 def test_twenty_conversations_over_three_servers_keep_their_server_while_loads_stay_in_bound():
     """Each turn, all 20 conversations are in flight at once; they share the system prompt's blocks."""
-    table = PrefixTable(load_bound=1.25)
+    table = PrefixTable(load_bound=1.25, load_slack=0)
     servers = ("B1", "B2", "B3")
     conversations = [[f"conversation {n} " * 30] for n in range(20)]
     placed: dict[int, str] = {}

@@ -77,8 +77,19 @@ def test_a_server_that_leaves_hands_its_conversations_to_others_and_they_stay_th
         assert {n: served(manager, conversation(n, turns)) for n in range(6)} == moved
 
 
+def test_within_the_load_slack_a_conversation_stays_home_while_its_server_serves_others(tmp_path):
+    manager = make_manager(tmp_path, "B1", "B2", "B3")
+    assert served(manager, conversation(0, 0)) == "B1"
+    held = [manager.acquire(conversation(0, 1), timeout=0) for _ in range(5)]
+    # Over the bound from the second on, but under PREFIX_LOAD_SLACK's 4 until the fifth.
+    assert [lease.server.server_id for lease in held] == ["B1", "B1", "B1", "B1", "B2"]
+    for lease in held:
+        lease.release()
+
+
 def test_over_the_load_bound_a_conversation_spills_over_then_returns(tmp_path):
     manager = make_manager(tmp_path, "B1", "B2", "B3")
+    manager.selector.prefix.load_slack = 0  # the bound alone
     assert served(manager, conversation(0, 0)) == "B1"
     held = [manager.acquire(conversation(0, 1), timeout=0) for _ in range(2)]
     # B1 holds 1 of 1 in flight, then: cap ceil(1.25 x 2 / 3) = 1, so the second went elsewhere.

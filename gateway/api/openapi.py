@@ -24,10 +24,15 @@ from gateway.api import (
     allocation_schemas,
     allocations,
     dashboard,
+    job_replies,
     jobs,
     llm,
+    llm_replies,
     replies,
+    routing_replies,
+    server_replies,
     status,
+    status_replies,
     webhook,
     worker_socket,
     workers,
@@ -217,7 +222,7 @@ def proxied_operations() -> dict[str, dict[str, Any]]:
     described: dict[str, Any] = {
         "tags": ["proxy"],
         "security": OPEN,
-        "responses": {**PASSED_THROUGH, "202": reply(replies.JobAcceptedSchema, "Stored as a job.")},
+        "responses": {**PASSED_THROUGH, "202": reply(job_replies.JobAcceptedSchema, "Stored as a job.")},
         "description": "Forwarded to the next healthy server, path, query, body and headers as sent. When no"
         " server can take it the gateway answers 502, 503 or 504 in its error shape. With `Prefer:"
         " respond-async` (or an `Idempotency-Key`) it is stored as a job and answered 202, or 400 for a bad"
@@ -238,7 +243,7 @@ def job_operation(ok: dict[str, Any], *errors: int, **extra: Any) -> dict[str, A
 
 def held_job_operation(body: Any) -> dict[str, Any]:
     """A pull worker's call about a job it holds: the worker credential and the job's lease token."""
-    described = operation("workers", WORKER, reply(replies.HeldJobReplySchema), 400, 401, 404, 413)
+    described = operation("workers", WORKER, reply(job_replies.HeldJobReplySchema), 400, 401, 404, 413)
     described["responses"]["409"] = "StaleLease"
     return {**described, "requestBody": json_body(body)}
 
@@ -246,7 +251,7 @@ def held_job_operation(body: Any) -> dict[str, Any]:
 def lease_operation() -> dict[str, Any]:
     """`POST /workers/lease`: jobs, or 204 when none came within wait_seconds."""
     described = operation(
-        "workers", WORKER, reply(replies.LeaseReplySchema), 400, 401, 413, requestBody=json_body(LeaseSchema)
+        "workers", WORKER, reply(job_replies.LeaseReplySchema), 400, 401, 413, requestBody=json_body(LeaseSchema)
     )
     described["responses"]["204"] = {"description": "No job came within wait_seconds."}
     described["responses"]["503"] = "TooManyPolls"
@@ -255,7 +260,7 @@ def lease_operation() -> dict[str, Any]:
 
 # At least one option: an empty change is a 400 that says so.
 OPTIONS_CHANGE = admin_operation(
-    replies.ServerReplySchema,
+    server_replies.ServerReplySchema,
     400,
     404,
     503,
@@ -266,7 +271,7 @@ OPERATIONS: dict[Callable[..., Any], dict[str, dict[str, Any]]] = {
         "post": operation(
             "webhook",
             WEBHOOK,
-            reply(replies.RegisterReplySchema),
+            reply(server_replies.RegisterReplySchema),
             400,
             401,
             413,
@@ -278,7 +283,7 @@ OPERATIONS: dict[Callable[..., Any], dict[str, dict[str, Any]]] = {
         "post": operation(
             "webhook",
             WEBHOOK,
-            reply(replies.UnregisterReplySchema),
+            reply(server_replies.UnregisterReplySchema),
             400,
             401,
             404,
@@ -288,42 +293,42 @@ OPERATIONS: dict[Callable[..., Any], dict[str, dict[str, Any]]] = {
         )
     },
     webhook.list_servers: {
-        "get": operation("webhook", [*WEBHOOK, {"webhookQuery": []}], reply(replies.FleetReplySchema), 401)
+        "get": operation("webhook", [*WEBHOOK, {"webhookQuery": []}], reply(server_replies.FleetReplySchema), 401)
     },
-    admin.list_servers: {"get": admin_operation(replies.ServerListReplySchema)},
+    admin.list_servers: {"get": admin_operation(server_replies.ServerListReplySchema)},
     admin.add_server: {
         "post": {
-            **admin_operation(replies.ServerReplySchema, 400, 413, 503, requestBody=json_body("AdminRegister")),
+            **admin_operation(server_replies.ServerReplySchema, 400, 413, 503, requestBody=json_body("AdminRegister")),
             "responses": {
-                "200": reply(replies.ServerReplySchema, "The server was registered already and is updated."),
-                "201": reply(replies.ServerReplySchema, "The server is registered."),
+                "200": reply(server_replies.ServerReplySchema, "The server was registered already and is updated."),
+                "201": reply(server_replies.ServerReplySchema, "The server is registered."),
                 **{str(code): ERROR_RESPONSES[code][0] for code in (400, 401, 413, 503)},
             },
         }
     },
-    admin.get_server: {"get": admin_operation(replies.ServerReplySchema, 404)},
+    admin.get_server: {"get": admin_operation(server_replies.ServerReplySchema, 404)},
     admin.update_server: {"patch": OPTIONS_CHANGE, "put": OPTIONS_CHANGE},
-    admin.delete_server: {"delete": admin_operation(replies.UnregisterReplySchema, 404, 503)},
-    admin.drain_server: {"post": admin_operation(replies.ServerReplySchema, 404, 503)},
-    admin.enable_server: {"post": admin_operation(replies.ServerReplySchema, 404, 503)},
-    admin.reset_token: {"post": admin_operation(replies.ServerReplySchema, 404, 503)},
-    admin.priority_check: {"get": admin_operation(replies.PriorityCheckReplySchema)},
-    admin.priority_overview: {"get": admin_operation(replies.PriorityOverviewReplySchema)},
-    admin.rankings: {"get": admin_operation(replies.RankingsReplySchema)},
-    admin.resource_cache_stats: {"get": admin_operation(replies.ResourceCacheReplySchema)},
+    admin.delete_server: {"delete": admin_operation(server_replies.UnregisterReplySchema, 404, 503)},
+    admin.drain_server: {"post": admin_operation(server_replies.ServerReplySchema, 404, 503)},
+    admin.enable_server: {"post": admin_operation(server_replies.ServerReplySchema, 404, 503)},
+    admin.reset_token: {"post": admin_operation(server_replies.ServerReplySchema, 404, 503)},
+    admin.priority_check: {"get": admin_operation(routing_replies.PriorityCheckReplySchema)},
+    admin.priority_overview: {"get": admin_operation(routing_replies.PriorityOverviewReplySchema)},
+    admin.rankings: {"get": admin_operation(routing_replies.RankingsReplySchema)},
+    admin.resource_cache_stats: {"get": admin_operation(routing_replies.ResourceCacheReplySchema)},
     admin.resource_cache_clear: {
         "post": {
-            **admin_operation(replies.ResourceCacheClearedReplySchema),
+            **admin_operation(routing_replies.ResourceCacheClearedReplySchema),
             "responses": {
                 "202": reply(
-                    replies.ResourceCacheClearedReplySchema, "The readings are dropped; the monitors are read."
+                    routing_replies.ResourceCacheClearedReplySchema, "The readings are dropped; the monitors are read."
                 ),
                 "401": ERROR_RESPONSES[401][0],
             },
         }
     },
-    status.health: {"get": operation("status", OPEN, reply(replies.HealthSchema))},
-    status.status: {"get": operation("status", ADMIN, reply(replies.StatusReplySchema), 401)},
+    status.health: {"get": operation("status", OPEN, reply(status_replies.HealthSchema))},
+    status.status: {"get": operation("status", ADMIN, reply(status_replies.StatusReplySchema), 401)},
     metrics.scrape: {
         "get": operation(
             "status",
@@ -333,39 +338,41 @@ OPERATIONS: dict[Callable[..., Any], dict[str, dict[str, Any]]] = {
         )
     },
     dashboard.data: {
-        "get": operation("dashboard", [{"dashboardSession": []}], reply(replies.DashboardReplySchema), 401)
+        "get": operation("dashboard", [{"dashboardSession": []}], reply(status_replies.DashboardReplySchema), 401)
     },
-    dashboard.drain_server: {"post": dashboard_action(replies.ServerReplySchema)},
-    dashboard.enable_server: {"post": dashboard_action(replies.ServerReplySchema)},
-    dashboard.unregister_server: {"delete": dashboard_action(replies.UnregisterReplySchema)},
-    llm.openai_models_view: {"get": llm_read(reply(replies.OpenAIModelListSchema), replies.OpenAIErrorSchema)},
+    dashboard.drain_server: {"post": dashboard_action(server_replies.ServerReplySchema)},
+    dashboard.enable_server: {"post": dashboard_action(server_replies.ServerReplySchema)},
+    dashboard.unregister_server: {"delete": dashboard_action(server_replies.UnregisterReplySchema)},
+    llm.openai_models_view: {"get": llm_read(reply(llm_replies.OpenAIModelListSchema), llm_replies.OpenAIErrorSchema)},
     llm.openai_model_view: {
-        "get": llm_read(reply(replies.OpenAIModelSchema), replies.OpenAIErrorSchema, description=ONE_MODEL)
+        "get": llm_read(reply(llm_replies.OpenAIModelSchema), llm_replies.OpenAIErrorSchema, description=ONE_MODEL)
     },
-    llm.ollama_tags_view: {"get": llm_read(reply(replies.OllamaTagsSchema), replies.OllamaErrorSchema)},
-    llm.ollama_ps_view: {"get": llm_read(fleet_reply(replies.OllamaPsSchema), replies.OllamaErrorSchema)},
+    llm.ollama_tags_view: {"get": llm_read(reply(llm_replies.OllamaTagsSchema), llm_replies.OllamaErrorSchema)},
+    llm.ollama_ps_view: {"get": llm_read(fleet_reply(llm_replies.OllamaPsSchema), llm_replies.OllamaErrorSchema)},
     llm.ollama_version_view: {
-        "get": llm_read(fleet_reply(replies.OllamaVersionSchema), replies.OllamaErrorSchema, description=VERSION)
+        "get": llm_read(
+            fleet_reply(llm_replies.OllamaVersionSchema), llm_replies.OllamaErrorSchema, description=VERSION
+        )
     },
     llm.openai_view: {"post": llm_operation("OpenAI API, routed by the body's (or the form's) model", openai=True)},
     llm.ollama_view: {"post": llm_operation("Ollama API, routed by the body's model", openai=False)},
     views.proxy_view: proxied_operations(),
-    jobs.get_job: {"get": job_operation(reply(replies.JobReplySchema))},
+    jobs.get_job: {"get": job_operation(reply(job_replies.JobReplySchema))},
     jobs.get_result: {
         "get": {
             **job_operation({"description": "The server's answer, as it gave it."}, 410),
             "responses": {
                 "200": {"description": "The server's answer, as it gave it (any status, headers and body)."},
-                "202": reply(replies.JobReplySchema, "Not finished yet; ask again after Retry-After seconds."),
+                "202": reply(job_replies.JobReplySchema, "Not finished yet; ask again after Retry-After seconds."),
                 "404": ERROR_RESPONSES[404][0],
                 "410": ERROR_RESPONSES[410][0],
                 "502": ERROR_RESPONSES[502][0],
             },
         }
     },
-    jobs.cancel_job: {"delete": job_operation(reply(replies.JobReplySchema), 409)},
-    jobs.list_jobs: {"get": admin_operation(replies.JobListReplySchema, 400)},
-    jobs.retry_job: {"post": admin_operation(replies.JobReplySchema, 404, 409)},
+    jobs.cancel_job: {"delete": job_operation(reply(job_replies.JobReplySchema), 409)},
+    jobs.list_jobs: {"get": admin_operation(job_replies.JobListReplySchema, 400)},
+    jobs.retry_job: {"post": admin_operation(job_replies.JobReplySchema, 404, 409)},
     workers.lease: {"post": lease_operation()},
     worker_socket.worker_socket: {
         "get": {
@@ -385,7 +392,7 @@ OPERATIONS: dict[Callable[..., Any], dict[str, dict[str, Any]]] = {
     workers.heartbeat: {"post": held_job_operation(LeaseTokenSchema)},
     workers.complete: {"post": held_job_operation(JobAnswerSchema)},
     workers.fail: {"post": held_job_operation(JobFailureSchema)},
-    workers.list_workers: {"get": admin_operation(replies.WorkerListReplySchema)},
+    workers.list_workers: {"get": admin_operation(job_replies.WorkerListReplySchema)},
 }
 
 

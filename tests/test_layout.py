@@ -22,7 +22,7 @@ RANKS = {
     "migrate": 6,
 }  # the process and the operator's tool
 RANKS |= {"api": 5, "proxy": 4, "jobs": 4, "allocations": 4, "manager": 3, "routing": 2, "fleet": 1, "cluster": 0}
-SHARED = ("config", "errors", "observability")  # beside the wings: anyone may import them
+SHARED = ("config", "config_values", "errors", "observability")  # beside the wings: anyone may import them
 
 
 def part(module: str) -> str:

@@ -17,7 +17,8 @@ import requests
 from conftest import ROOT, SECRET
 
 from gateway.api.dashboard import SESSION_COOKIE
-from gateway.api.replies import DashboardReplySchema, ServerReplySchema
+from gateway.api.server_replies import ServerReplySchema
+from gateway.api.status_replies import DashboardReplySchema
 from gateway.fleet.resources import parse_reading
 
 ARTIFACTS = ROOT / "tests" / "artifacts"

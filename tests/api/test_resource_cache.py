@@ -9,7 +9,7 @@ import requests
 from conftest import SECRET, wait_until
 from fake_monitor import gpu_report
 
-from gateway.api.replies import ResourceCacheClearedReplySchema, ResourceCacheReplySchema
+from gateway.api.routing_replies import ResourceCacheClearedReplySchema, ResourceCacheReplySchema
 
 ADMIN = {"X-Webhook-Secret": SECRET}  # opens /admin while ADMIN_TOKEN is unset
 

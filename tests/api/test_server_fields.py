@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import SECRET
 
-from gateway.api.replies import ServerListReplySchema
+from gateway.api.server_replies import ServerListReplySchema
 
 ADMIN = {"X-Webhook-Secret": SECRET}
 FIELDS = {

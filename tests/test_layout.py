@@ -22,6 +22,7 @@ RANKS = {
     "migrate": 6,
 }  # the process and the operator's tool
 RANKS |= {"api": 5, "proxy": 4, "jobs": 4, "allocations": 4, "manager": 3, "routing": 2, "fleet": 1, "cluster": 0}
+RANKS |= {"manager_changes": 3, "manager_results": 3, "manager_reads": 3, "manager_cluster": 3}  # the manager's sides
 SHARED = ("config", "config_values", "errors", "observability")  # beside the wings: anyone may import them
 
 

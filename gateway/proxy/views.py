@@ -16,7 +16,8 @@ from gateway.errors import error_response, handle_http_exception
 from gateway.observability.metrics import NO_SERVER
 from gateway.proxy.body_limit import BODY_SECONDS
 from gateway.proxy.current_request import request, serving
-from gateway.proxy.handler import METHODS, UPSTREAM_SECONDS, Answer, Proxy
+from gateway.proxy.exchange import UPSTREAM_SECONDS
+from gateway.proxy.handler import METHODS, Answer, Proxy
 from gateway.proxy.relay import Body, Relay
 from gateway.proxy.upstream import ClientLeft
 from gateway.routing.affinity import TaskAffinity, TaskOwners

@@ -9,7 +9,7 @@ import redis
 import requests
 from counting_server import counting
 
-from gateway.proxy.handler import Proxy
+from gateway.proxy.exchange import Exchange
 from gateway.proxy.upstream import UpstreamResponse
 from tests.conftest import wait_until
 
@@ -150,9 +150,9 @@ def test_every_path_frees_the_shared_slot(
     monkeypatch.setattr(slots, "take", lambda *args: took.append(take(*args)) or took[-1])
     path = "/api/stream?n=5&delay=0.05" if step in ("stream", "client_left") else "/api/echo"
     if step == "send":
-        monkeypatch.setattr(Proxy, "_send", fail_sending)
+        monkeypatch.setattr(Exchange, "_send", fail_sending)
     elif step == "respond":
-        monkeypatch.setattr(Proxy, "_respond", fail_responding)
+        monkeypatch.setattr(Exchange, "_respond", fail_responding)
     elif step == "stream":
         monkeypatch.setattr(UpstreamResponse, "read1", fail_mid_stream(UpstreamResponse.read1))
     if step == "client_left":

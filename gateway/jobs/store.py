@@ -397,7 +397,14 @@ class SQLiteJobStore(SQLiteFile):
 
     def claim_job(self, job_id: str, holder: str, dispatch: str, lease_seconds: float) -> Job | None:
         """Take one given job if it is still queued (None if another took it, or it was cancelled)."""
-        return self._batched(self._claim_job, job_id, holder, dispatch, lease_seconds)
+        return self.claim_jobs([(job_id, holder)], dispatch, lease_seconds)[0]
+
+    def claim_jobs(self, wanted: Sequence[tuple[str, str]], dispatch: str, lease_seconds: float) -> list[Job | None]:
+        """Take each given job (id, holder) that is still queued, all in one commit; None for each that is not."""
+        return self._batched(self._claim_jobs, tuple(wanted), dispatch, lease_seconds)
+
+    def _claim_jobs(self, wanted: tuple[tuple[str, str], ...], dispatch: str, lease_seconds: float) -> list[Job | None]:
+        return [self._claim_job(job_id, holder, dispatch, lease_seconds) for job_id, holder in wanted]
 
     def _claim_job(self, job_id: str, holder: str, dispatch: str, lease_seconds: float) -> Job | None:
         now = self.clock()

@@ -138,6 +138,24 @@ def test_a_batch_claim_takes_up_to_its_limit_within_its_bytes_and_matches_routes
     assert [job.job_id for job in store.claim_many("W2", PULL, 30, 10, ["/api/"], ["llama3"])] == big[2:]
 
 
+def test_given_jobs_are_claimed_together_each_for_its_holder_and_one_no_longer_queued_is_none(store):
+    first, taken, cancelled, last = (store.submit(new_job(b"%d" % i)).job for i in range(4))
+    assert store.claim_job(taken.job_id, "B9", PUSH, 30) is not None
+    store.cancel(cancelled.job_id)
+    wanted = [(first.job_id, "B1"), (taken.job_id, "B1"), (cancelled.job_id, "B2"), (last.job_id, "B2"), ("nope", "B1")]
+    claimed = store.claim_jobs(wanted, PUSH, 30)
+    assert [job and (job.job_id, job.server_id) for job in claimed] == [
+        (first.job_id, "B1"), None, None, (last.job_id, "B2"), None
+    ]  # fmt: skip
+    ran = [job for job in claimed if job is not None]
+    assert {(job.status, job.attempts, job.dispatch) for job in ran} == {(RUNNING, 1, PUSH)}
+    assert all(job.lease_token and job.lease_expires_at == store.clock() + 30 for job in ran)
+    assert ran[0].lease_token != ran[1].lease_token
+    assert store.get(taken.job_id).server_id == "B9"  # the claim that came first stands
+    assert store.counts().by_status[QUEUED] == 0
+    assert store.claim_jobs([], PUSH, 30) == []
+
+
 def test_one_key_with_one_request_is_one_job(store):
     first = store.submit(new_job(idempotency_key="k1", fingerprint="POST /api/enhance abc"))
     again = store.submit(new_job(idempotency_key="k1", fingerprint="POST /api/enhance abc"))

@@ -229,7 +229,8 @@ class Dispatcher:
 
     def _start(self, job: Job, lease: Lease) -> None:
         """Run a claimed job in a thread of its own, which releases `lease` when it ends."""
-        log.info("job %s dispatched to %s (attempt %d)", job.job_id, _holder(lease), job.attempts)
+        # At INFO a job tells its end only, in one line, as a proxied request does: three were a fifth of a drain's CPU.
+        log.debug("job %s dispatched to %s (attempt %d)", job.job_id, _holder(lease), job.attempts)
         if self.started is not None:
             self.started(job)
         thread = threading.Thread(target=self.run, args=(job, lease), name=f"job-{job.job_id[:8]}", daemon=True)
@@ -307,9 +308,10 @@ class Dispatcher:
             return self._failed(job, server_id, token, f"{server_id} broke off its answer: {exc}", repeatable)
         upstream.release_conn()
         self.manager.report_result(server_id, upstream.status < 500, f"HTTP {upstream.status}")
-        log.info(
-            "job %s ran on %s: HTTP %d in %.1f ms", job.job_id, server_id, upstream.status,
-            (time.monotonic() - started) * 1000,
+        # A 5xx is told here, since the job may go back to the queue; an answer that ends it, by its end's line.
+        log.log(
+            logging.INFO if upstream.status >= 500 else logging.DEBUG, "job %s ran on %s: HTTP %d in %.1f ms",
+            job.job_id, server_id, upstream.status, (time.monotonic() - started) * 1000,
         )  # fmt: skip
         result = JobResult(upstream.status, tuple(upstream.headers.iteritems()), answer)
         if upstream.status >= 500:  # the server's own failure: its answer is kept, and tried again if safe

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 
 import pytest
@@ -234,3 +235,20 @@ def test_claimed_jobs_whose_runs_failed_to_start_give_their_slots_back(make_jobs
     runs = [finished(jobs, job_id) for job_id in ids]  # both slots came back: with either kept, one could not run
     assert {job.status for job in runs} == {SUCCEEDED} and {job.attempts for job in runs} == {2}
     assert wait_until(lambda: not jobs.manager.admission.in_flight, 10)
+
+
+def test_a_pushed_job_logs_its_end_in_one_line_and_a_server_error_apart(jobs, fake_servers, caplog):
+    caplog.set_level(logging.INFO, logger="gateway.jobs")
+    server = fake_servers("B1")
+    jobs.manager.register_server("B1", "127.0.0.1", server.port)
+    done = finished(jobs, submit(jobs).job_id)
+    broken = finished(jobs, submit(jobs, "GET", "/api/status-code?code=503").job_id)
+
+    def lines(job_id: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if job_id in r.getMessage() and r.levelno >= logging.INFO]
+
+    assert lines(done.job_id) == [  # as a proxied request's one line; dispatched and ran are at DEBUG
+        f"job {done.job_id} queued (/api/, priority 5)",
+        f"job {done.job_id} succeeded on B1 after 1 attempts (HTTP 200)",
+    ]
+    assert broken.status == FAILED and sum("ran on B1: HTTP 503" in line for line in lines(broken.job_id)) == 3

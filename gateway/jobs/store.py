@@ -468,24 +468,17 @@ class SQLiteJobStore(SQLiteFile):
         if job.status != RUNNING:
             return job  # cancelled meanwhile: the cancel stands
         now = self.clock()
+        changes = f"status = ?, error = ?, finished_at = ?, lease_expires_at = NULL, {CALLBACK_DUE}"
+        values: list[Any] = [status, error, now, now]
         size_delta = 0
-        if result is not None:
+        if result is not None:  # else a result kept from an attempt before stays
             headers = json.dumps(result.headers)
             size_delta = len(result.body) + len(headers)
-            self._db.execute(
-                "UPDATE jobs SET result_status = ?, result_headers = ?, result_body = ?, size = size + ?"
-                " WHERE job_id = ?",
-                (result.status, headers, result.body, size_delta, job_id),
-            )
-        self._db.execute(
-            f"UPDATE jobs SET status = ?, error = ?, finished_at = ?, lease_expires_at = NULL, {CALLBACK_DUE}"
-            " WHERE job_id = ?",
-            (status, error, now, now, job_id),
-        )
+            changes += ", result_status = ?, result_headers = ?, result_body = ?, size = size + ?"
+            values += [result.status, headers, result.body, size_delta]
+        row = self._db.execute(f"UPDATE jobs SET {changes} WHERE job_id = ? RETURNING *", (*values, job_id)).fetchone()
         self._bytes += size_delta
-        done = self._get(job_id)
-        assert done is not None
-        return done
+        return job_from_row(row)  # the row as the one UPDATE left it: no second read
 
     def _requeue(
         self, job_id: str, token: str, error: str, max_attempts: int, counted: bool, result: JobResult | None = None

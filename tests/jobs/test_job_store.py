@@ -6,6 +6,7 @@ Every test that names `store` or `make_store` runs against both; the SQLite file
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -402,5 +403,50 @@ def test_an_acknowledged_job_survives_kill_9(tmp_path):
     try:
         for job_id in acknowledged:
             assert store.get(job_id).status == QUEUED
+    finally:
+        store.close()
+
+
+def test_under_gevent_waiting_callers_share_a_commit_and_a_killed_leader_stalls_nobody(tmp_path):
+    """A child under gevent: 50 submissions at once take a few trips to the thread pool, not 50;
+    the caller that leads a commit is killed in it, and every other submission is still stored."""
+    path = tmp_path / "jobs.db"
+    child = textwrap.dedent(
+        f"""
+        from gevent import monkey
+        monkey.patch_all()
+        import json, sys
+        import gevent
+        sys.path.insert(0, {str(ROOT)!r})
+        import gateway.jobs.store as module
+        from gateway.jobs.records import JobRequest, NewJob
+        trips = []
+        def counted(func, *args):
+            trips.append(func.__name__)
+            return off(func, *args)
+        off, module.off_the_event_loop = module.off_the_event_loop, counted
+        store = module.SQLiteJobStore({str(path)!r})
+        def submit(i):
+            return store.submit(NewJob(JobRequest("POST", "/api/x", (), b"%d" % i), task_type="/api/")).job.job_id
+        together = [gevent.spawn(submit, i) for i in range(50)]
+        gevent.joinall(together, timeout=30)
+        shared = len(trips)
+        leader = gevent.spawn(submit, 50)
+        gevent.sleep(0)  # it leads: its commit is in a pool thread now
+        others = [gevent.spawn(submit, i) for i in range(51, 71)]
+        gevent.sleep(0)  # they wait for it
+        leader.kill()
+        gevent.joinall(others, timeout=30)
+        stored = [g.value for g in together + others if g.successful()]
+        print(json.dumps({{"shared": shared, "stored": stored, "unfinished": sum(not g.ready() for g in others)}}))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60, check=True).stdout
+    seen = json.loads(out)
+    assert 1 <= seen["shared"] <= 10, seen["shared"]  # one leader's trip per commit; the others waited for it
+    assert seen["unfinished"] == 0 and len(seen["stored"]) == 70
+    store = SQLiteJobStore(path)
+    try:
+        assert all(store.get(job_id).status == QUEUED for job_id in seen["stored"])
     finally:
         store.close()

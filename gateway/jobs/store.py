@@ -468,14 +468,22 @@ class SQLiteJobStore(SQLiteFile):
 
     def _held(self, job_id: str, token: str) -> Job:
         """The job, if `token` is its current lease (a cancelled job keeps its last token)."""
+        self._holding(job_id, token)
         job = self._get(job_id)
-        if job is None:
-            raise JobNotFound(f"no job {job_id}")
-        if job.lease_token is None or not same(job.lease_token, token):
-            raise StaleLease(f"job {job_id} is not leased with this token: its lease expired or moved on")
-        if job.status not in (RUNNING, CANCELLED):
-            raise StaleLease(f"job {job_id} is {job.status}: its lease is over")
+        assert job is not None  # read just now, in this transaction
         return job
+
+    def _holding(self, job_id: str, token: str) -> str:
+        """The job's status, if `token` is its current lease: _held's checks, without reading the whole row."""
+        row = self._db.execute("SELECT status, lease_token FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(f"no job {job_id}")
+        status, lease_token = row
+        if lease_token is None or not same(lease_token, token):
+            raise StaleLease(f"job {job_id} is not leased with this token: its lease expired or moved on")
+        if status not in (RUNNING, CANCELLED):
+            raise StaleLease(f"job {job_id} is {status}: its lease is over")
+        return str(status)
 
     def succeed(self, job_id: str, token: str, result: JobResult) -> Job:
         """Keep a running job's answer; StaleLease unless `token` is its current lease."""
@@ -497,9 +505,8 @@ class SQLiteJobStore(SQLiteFile):
         return self._batched(self._requeue, job_id, token, error, 0, False)
 
     def _finish(self, job_id: str, token: str, status: str, error: str | None, result: JobResult | None) -> Job:
-        job = self._held(job_id, token)
-        if job.status != RUNNING:
-            return job  # cancelled meanwhile: the cancel stands
+        if self._holding(job_id, token) != RUNNING:
+            return self._held(job_id, token)  # cancelled meanwhile: the cancel stands
         now = self.clock()
         changes = f"status = ?, error = ?, finished_at = ?, lease_expires_at = NULL, {CALLBACK_DUE}"
         values: list[Any] = [status, error, now, now]

@@ -218,13 +218,22 @@ end
 return claimed
 """
 
-# ARGV[3..]: id, holder, dispatch, lease seconds, lease token.
-CLAIM_JOB = r"""
-local id = ARGV[3]
-local job = load(id)
-if not job or job.status ~= 'queued' then return false end
-claim(id, job, ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7])
-return reply(id)
+# ARGV[3..]: dispatch, lease seconds, then id, holder and lease token for each job. A job that is
+# no longer queued answers false (nil to the caller), in its place.
+CLAIM_JOBS = r"""
+local dispatch, lease_seconds = ARGV[3], tonumber(ARGV[4])
+local claimed = {}
+for at = 5, #ARGV, 3 do
+  local id = ARGV[at]
+  local job = load(id)
+  if job and job.status == 'queued' then
+    claim(id, job, ARGV[at + 1], dispatch, lease_seconds, ARGV[at + 2])
+    claimed[#claimed + 1] = reply(id)
+  else
+    claimed[#claimed + 1] = false
+  end
+end
+return claimed
 """
 
 # ARGV[3..]: id, lease token, lease seconds.
@@ -403,7 +412,7 @@ return {expired, deleted}
 CHANGES = {
     "submit": SUBMIT,
     "claim_many": CLAIM_MANY,
-    "claim_job": CLAIM_JOB,
+    "claim_jobs": CLAIM_JOBS,
     "heartbeat": HEARTBEAT,
     "finish": FINISH,
     "requeue": REQUEUE,

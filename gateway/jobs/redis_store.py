@@ -207,8 +207,13 @@ class RedisJobStore:
 
     def claim_job(self, job_id: str, holder: str, dispatch: str, lease_seconds: float) -> Job | None:
         """Take one given job if it is still queued (None if another took it, or it was cancelled)."""
-        reply = self._run("claim a job", "claim_job", job_id, holder, dispatch, lease_seconds, new_lease_token())
-        return None if reply is None else job_from_hash(reply)
+        return self.claim_jobs([(job_id, holder)], dispatch, lease_seconds)[0]
+
+    def claim_jobs(self, wanted: Sequence[tuple[str, str]], dispatch: str, lease_seconds: float) -> list[Job | None]:
+        """Take each given job (id, holder) that is still queued, in one script; None for each that is not."""
+        triples = [(job_id, holder, new_lease_token()) for job_id, holder in wanted]
+        reply = self._run("claim jobs", "claim_jobs", dispatch, lease_seconds, *(part for t in triples for part in t))
+        return [None if flat is None else job_from_hash(flat) for flat in reply]
 
     def holders(self, dispatch: str) -> dict[str, list[str]]:
         """The running jobs of one dispatch kind, by the holder that runs them (ids only)."""

@@ -277,7 +277,9 @@ class JobService:
         if job.status == FAILED:  # kept for the operator: GET /admin/jobs?status=failed, and retry
             log.warning("job %s is a dead letter after %d attempts: %s", job.job_id, job.attempts, job.error)
         else:
-            log.info("job %s %s after %d attempts%s", job.job_id, job.status, job.attempts,
+            log.info("job %s %s%s after %d attempts%s%s", job.job_id, job.status,
+                     f" on {job.server_id}" if job.server_id else "", job.attempts,
+                     f" (HTTP {job.result.status})" if job.result is not None else "",
                      f": {job.error}" if job.error else "")  # fmt: skip
         self._wake_waiters(job.job_id)
         if self.wakes is not None:

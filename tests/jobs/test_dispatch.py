@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 
 import pytest
@@ -10,7 +11,7 @@ from conftest import wait_until
 
 from gateway.cluster.connection import Redis
 from gateway.fleet.store import JsonFileStore
-from gateway.jobs.records import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobRequest, NewJob
+from gateway.jobs.records import CANCELLED, FAILED, PULL, QUEUED, RUNNING, SUCCEEDED, JobRequest, NewJob
 from gateway.jobs.redis_store import RedisJobStore
 from gateway.jobs.service import JobService, fingerprint
 from gateway.jobs.store import SQLiteJobStore
@@ -179,3 +180,75 @@ def test_a_pushed_job_that_runs_past_its_lease_keeps_it_and_runs_once(make_jobs,
     done = finished(jobs, job.job_id)
     assert (done.status, done.attempts, done.error) == (SUCCEEDED, 1, None)
     assert [r["path"] for r in server.requests].count("/api/slow") == 1
+
+
+def test_a_round_claims_every_job_it_found_a_slot_for_in_one_call(jobs, fake_servers, monkeypatch):
+    calls: list[list[tuple[str, str]]] = []
+    claim_jobs = jobs.store.claim_jobs
+
+    def counted(wanted, dispatch, lease_seconds):
+        calls.append(list(wanted))
+        return claim_jobs(wanted, dispatch, lease_seconds)
+
+    monkeypatch.setattr(jobs.store, "claim_jobs", counted)
+    ids = [submit(jobs, target=f"/api/echo?n={n}").job_id for n in range(4)]
+    server = fake_servers("B1")
+    jobs.manager.register_server("B1", "127.0.0.1", server.port, options={"max_concurrent": 3})
+    assert {finished(jobs, job_id).status for job_id in ids} == {SUCCEEDED}
+    assert calls[0] == [(job_id, "B1") for job_id in ids[:3]]  # the fourth waited for a slot
+    assert wait_until(lambda: not jobs.manager.admission.in_flight, 10)
+
+
+def test_a_job_taken_between_the_peek_and_the_claim_gives_its_slot_to_the_next(jobs, fake_servers, monkeypatch):
+    claim_jobs, stolen = jobs.store.claim_jobs, []
+
+    def taken_first(wanted, dispatch, lease_seconds):
+        if not stolen:  # a pull worker (or another process) takes the first job just before this claim
+            stolen.extend(claim_jobs(wanted[:1], PULL, 30))
+        return claim_jobs(wanted, dispatch, lease_seconds)
+
+    monkeypatch.setattr(jobs.store, "claim_jobs", taken_first)
+    first, second = submit(jobs).job_id, submit(jobs).job_id
+    server = fake_servers("B1")
+    jobs.manager.register_server("B1", "127.0.0.1", server.port, options={"max_concurrent": 1})
+    done = finished(jobs, second)  # the one slot was given back: with it kept, nothing could run
+    assert (done.status, done.server_id) == (SUCCEEDED, "B1")
+    assert stolen[0] is not None and stolen[0].job_id == first
+    assert (jobs.store.get(first).status, jobs.store.get(first).dispatch) == (RUNNING, PULL)
+    assert wait_until(lambda: not jobs.manager.admission.in_flight, 10)
+
+
+def test_claimed_jobs_whose_runs_failed_to_start_give_their_slots_back(make_jobs, fake_servers, monkeypatch):
+    jobs = make_jobs(lease_seconds=1)  # the jobs that never started are queued again when their leases run out
+    failures, started = [], jobs.dispatcher.started
+
+    def fails_once(job):
+        if not failures:
+            failures.append(job.job_id)
+            raise RuntimeError("a start that failed")
+        started(job)
+
+    monkeypatch.setattr(jobs.dispatcher, "started", fails_once)
+    ids = [submit(jobs).job_id for _ in range(2)]
+    server = fake_servers("B1")
+    jobs.manager.register_server("B1", "127.0.0.1", server.port, options={"max_concurrent": 2})
+    runs = [finished(jobs, job_id) for job_id in ids]  # both slots came back: with either kept, one could not run
+    assert {job.status for job in runs} == {SUCCEEDED} and {job.attempts for job in runs} == {2}
+    assert wait_until(lambda: not jobs.manager.admission.in_flight, 10)
+
+
+def test_a_pushed_job_logs_its_end_in_one_line_and_a_server_error_apart(jobs, fake_servers, caplog):
+    caplog.set_level(logging.INFO, logger="gateway.jobs")
+    server = fake_servers("B1")
+    jobs.manager.register_server("B1", "127.0.0.1", server.port)
+    done = finished(jobs, submit(jobs).job_id)
+    broken = finished(jobs, submit(jobs, "GET", "/api/status-code?code=503").job_id)
+
+    def lines(job_id: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if job_id in r.getMessage() and r.levelno >= logging.INFO]
+
+    assert lines(done.job_id) == [  # as a proxied request's one line; dispatched and ran are at DEBUG
+        f"job {done.job_id} queued (/api/, priority 5)",
+        f"job {done.job_id} succeeded on B1 after 1 attempts (HTTP 200)",
+    ]
+    assert broken.status == FAILED and sum("ran on B1: HTTP 503" in line for line in lines(broken.job_id)) == 3

@@ -6,6 +6,7 @@ Every test that names `store` or `make_store` runs against both; the SQLite file
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -136,6 +137,24 @@ def test_a_batch_claim_takes_up_to_its_limit_within_its_bytes_and_matches_routes
     assert store.holders(PULL) == {"W1": [big[0], big[1], chat]}
     assert store.holders(PUSH) == {}
     assert [job.job_id for job in store.claim_many("W2", PULL, 30, 10, ["/api/"], ["llama3"])] == big[2:]
+
+
+def test_given_jobs_are_claimed_together_each_for_its_holder_and_one_no_longer_queued_is_none(store):
+    first, taken, cancelled, last = (store.submit(new_job(b"%d" % i)).job for i in range(4))
+    assert store.claim_job(taken.job_id, "B9", PUSH, 30) is not None
+    store.cancel(cancelled.job_id)
+    wanted = [(first.job_id, "B1"), (taken.job_id, "B1"), (cancelled.job_id, "B2"), (last.job_id, "B2"), ("nope", "B1")]
+    claimed = store.claim_jobs(wanted, PUSH, 30)
+    assert [job and (job.job_id, job.server_id) for job in claimed] == [
+        (first.job_id, "B1"), None, None, (last.job_id, "B2"), None
+    ]  # fmt: skip
+    ran = [job for job in claimed if job is not None]
+    assert {(job.status, job.attempts, job.dispatch) for job in ran} == {(RUNNING, 1, PUSH)}
+    assert all(job.lease_token and job.lease_expires_at == store.clock() + 30 for job in ran)
+    assert ran[0].lease_token != ran[1].lease_token
+    assert store.get(taken.job_id).server_id == "B9"  # the claim that came first stands
+    assert store.counts().by_status[QUEUED] == 0
+    assert store.claim_jobs([], PUSH, 30) == []
 
 
 def test_one_key_with_one_request_is_one_job(store):
@@ -384,5 +403,50 @@ def test_an_acknowledged_job_survives_kill_9(tmp_path):
     try:
         for job_id in acknowledged:
             assert store.get(job_id).status == QUEUED
+    finally:
+        store.close()
+
+
+def test_under_gevent_waiting_callers_share_a_commit_and_a_killed_leader_stalls_nobody(tmp_path):
+    """A child under gevent: 50 submissions at once take a few trips to the thread pool, not 50;
+    the caller that leads a commit is killed in it, and every other submission is still stored."""
+    path = tmp_path / "jobs.db"
+    child = textwrap.dedent(
+        f"""
+        from gevent import monkey
+        monkey.patch_all()
+        import json, sys
+        import gevent
+        sys.path.insert(0, {str(ROOT)!r})
+        import gateway.jobs.store as module
+        from gateway.jobs.records import JobRequest, NewJob
+        trips = []
+        def counted(func, *args):
+            trips.append(func.__name__)
+            return off(func, *args)
+        off, module.off_the_event_loop = module.off_the_event_loop, counted
+        store = module.SQLiteJobStore({str(path)!r})
+        def submit(i):
+            return store.submit(NewJob(JobRequest("POST", "/api/x", (), b"%d" % i), task_type="/api/")).job.job_id
+        together = [gevent.spawn(submit, i) for i in range(50)]
+        gevent.joinall(together, timeout=30)
+        shared = len(trips)
+        leader = gevent.spawn(submit, 50)
+        gevent.sleep(0)  # it leads: its commit is in a pool thread now
+        others = [gevent.spawn(submit, i) for i in range(51, 71)]
+        gevent.sleep(0)  # they wait for it
+        leader.kill()
+        gevent.joinall(others, timeout=30)
+        stored = [g.value for g in together + others if g.successful()]
+        print(json.dumps({{"shared": shared, "stored": stored, "unfinished": sum(not g.ready() for g in others)}}))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60, check=True).stdout
+    seen = json.loads(out)
+    assert 1 <= seen["shared"] <= 10, seen["shared"]  # one leader's trip per commit; the others waited for it
+    assert seen["unfinished"] == 0 and len(seen["stored"]) == 70
+    store = SQLiteJobStore(path)
+    try:
+        assert all(store.get(job_id).status == QUEUED for job_id in seen["stored"])
     finally:
         store.close()

@@ -20,6 +20,7 @@ from gateway.cluster.connection import Redis
 from gateway.cluster.slots import SharedSlots
 from gateway.config import Config, ConfigError, parse_bind
 from gateway.fleet.health import HealthChecker
+from gateway.fleet.local_copy import LocalCopy, copy_path
 from gateway.fleet.model_discovery import ModelDiscoverer
 from gateway.fleet.monitor_reader import MonitorReader
 from gateway.fleet.redis_store import RedisFleetStore
@@ -66,11 +67,13 @@ def create_app(config: Config | None = None) -> Flask:
     manager.outliers = OutlierDetector(
         config.outlier_consecutive_failures, config.outlier_base_ejection_seconds, config.outlier_max_ejection_seconds
     )
-    manager.load()
+    # Redis mode: the fleet as this host's processes last read it, for one that starts while Redis is down.
+    local_copy = LocalCopy(copy_path(config.backend_servers_file)) if shared is not None else None
+    manager.load(local_copy)
     # Caps across processes: a dead process's slots are free once their leases run out.
     manager.shared_slots = SharedSlots(shared, config.slot_lease_seconds) if shared is not None else None
     if shared is not None:
-        manager.share(shared)
+        manager.share(shared, local_copy)
         left_behind = Path(config.backend_servers_file)
         if not manager.list_servers() and left_behind.is_file() and left_behind.stat().st_size > 3:  # not "[]\n"
             log.warning(

@@ -22,6 +22,7 @@ from gateway.cluster.connection import Redis, RedisUnavailable
 from gateway.cluster.slots import SharedSlots
 from gateway.fleet.follow import FleetFollower
 from gateway.fleet.health import HealthChecker
+from gateway.fleet.local_copy import LocalCopy
 from gateway.fleet.model_discovery import ModelDiscoverer
 from gateway.fleet.monitor_reader import MonitorReader
 from gateway.fleet.redis_store import RedisFleetStore
@@ -208,21 +209,36 @@ class BackendManager(FleetChanges, FleetResults, FleetReads):
         for listener in self.change_listeners:  # the job dispatcher: a server came, or came back
             listener()
 
-    def load(self) -> None:
-        """Restore the fleet from the store, with its health state; it takes traffic at once."""
+    def load(self, local_copy: LocalCopy | None = None) -> None:
+        """Restore the fleet from the store, with its health state; it takes traffic at once.
+
+        In Redis mode, `local_copy` is the host's copy of the fleet, taken while Redis does not answer.
+        """
         if self.store is None:
             return
         try:
             self.registry.load()
         except RedisUnavailable:
-            log.error("starting with no servers: Redis did not answer; the fleet loads as soon as it does")
+            snapshot = local_copy.read() if local_copy is not None else None
+            if snapshot is None:
+                log.error("starting with no servers: Redis did not answer; the fleet loads as soon as it does")
+            else:
+                assert local_copy is not None
+                self.registry.adopt_copy(snapshot)
+                log.error(
+                    "Redis did not answer: routing to the %d servers of %s (fleet version %d) until it does",
+                    len(snapshot.records), local_copy.path, snapshot.version,
+                )  # fmt: skip
         self.health_job.sync()
 
     # -- Redis mode ----------------------------------------------------------------------
 
-    def share(self, redis: Redis) -> None:
-        """Follow the cluster's fleet in Redis, and take part in the leader election for the sweep; after `load`."""
-        self.cluster.share(redis, self.health_check_interval)
+    def share(self, redis: Redis, local_copy: LocalCopy | None = None) -> None:
+        """Follow the cluster's fleet in Redis, and take part in the leader election for the sweep; after `load`.
+
+        `local_copy`, when given, is kept up with each fleet read, for a process that starts while Redis is down.
+        """
+        self.cluster.share(redis, self.health_check_interval, local_copy)
 
     def cluster_state(self) -> dict[str, Any]:
         """Where the fleet is kept, and in Redis mode whether Redis answers and which process sweeps."""

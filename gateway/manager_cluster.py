@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.cluster.connection import Redis, RedisUnavailable
 from gateway.cluster.leader import LeaderLease
 from gateway.fleet.follow import FleetFollower
+from gateway.fleet.local_copy import LocalCopy
 from gateway.fleet.redis_store import RedisFleetStore, Snapshot
 from gateway.fleet.registry import StaleCopy
 from gateway.fleet.store import JsonFileStore
@@ -28,14 +29,14 @@ class ClusterLink:
         self.health_job = health_job
         self.follower: FleetFollower | None = None  # Redis mode: keeps this copy up with the cluster's
 
-    def share(self, redis: Redis, health_check_interval: float) -> None:
+    def share(self, redis: Redis, health_check_interval: float, local_copy: LocalCopy | None = None) -> None:
         """Follow the cluster's fleet in Redis, and take part in the leader election for the sweep; after `load`."""
         store = self.registry.store
         assert isinstance(store, RedisFleetStore), "share() needs the Redis store configured"
         # Renewed every quarter interval, a dead leader's lease runs out and is taken within one interval.
         self.health_job.leader = LeaderLease(redis, ttl=0.75 * health_check_interval)
         self.health_job.leader.start()
-        self.follower = FleetFollower(store, self.adopt)
+        self.follower = FleetFollower(store, self.adopt, keep=local_copy.keep if local_copy is not None else None)
         self.follower.seen = self.registry.shared_version
         self.follower.start()
 

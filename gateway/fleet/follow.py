@@ -22,9 +22,16 @@ MAX_BACKOFF = 2.0  # seconds between tries to reach Redis while it is down
 class FleetFollower:
     """A daemon thread (a greenlet under gevent) that applies every new snapshot through `adopt`."""
 
-    def __init__(self, store: RedisFleetStore, adopt: Callable[[Snapshot], None], poll: float = 0.5) -> None:
+    def __init__(
+        self,
+        store: RedisFleetStore,
+        adopt: Callable[[Snapshot], None],
+        poll: float = 0.5,
+        keep: Callable[[Snapshot], None] | None = None,
+    ) -> None:
         self.store = store
         self.adopt = adopt
+        self.keep = keep  # sees each snapshot before it is adopted: the host's copy on disk (fleet/local_copy.py)
         self.poll = poll
         self.seen = -1  # the version last adopted
         self._following = False  # the last attempt got as far as following: retry at once when it ends
@@ -36,6 +43,8 @@ class FleetFollower:
         if self.store.version() == self.seen:
             return False
         snapshot = self.store.snapshot()
+        if self.keep is not None:  # first: a request routed on this snapshot means the copy has it
+            self.keep(snapshot)
         self.adopt(snapshot)
         self.seen = snapshot.version
         return True

@@ -338,6 +338,13 @@ class Registry:
             self.changed()
         return True
 
+    def adopt_copy(self, snapshot: Snapshot) -> None:
+        """Take the host's copy of Redis's fleet, Redis being down: once it answers, its fleet replaces all of it."""
+        self.adopt(snapshot)
+        with self._lock:
+            self._shared_version = 0  # any version Redis has is adopted, even one older than the copy's
+            self._revs.clear()  # and every record of it is read again, none kept as the copy had it
+
     @property
     def shared_version(self) -> int:
         """The newest fleet version this process wrote to Redis or adopted from it."""

@@ -202,6 +202,25 @@ def test_a_redis_restart_is_recovered_from_by_itself(cluster, fake_servers, redi
     assert wait_until(lambda: {served_by(a) for _ in range(8)} == {"B1", "B2"}, timeout=10)
 
 
+def test_a_gateway_started_while_redis_is_down_routes_on_the_hosts_copy(cluster, fake_servers, redis_server, tmp_path):
+    first, second = fake_servers("B1"), fake_servers("B2")
+    settings = {"BACKEND_SERVERS_FILE": str(tmp_path / "host" / "backend_servers.json")}
+    (tmp_path / "host").mkdir()
+    a = cluster(**settings)
+    assert register(a, first).status_code == 200
+    copy = tmp_path / "host" / "backend_servers.redis-copy.json"
+    assert wait_until(lambda: copy.is_file() and "B1" in copy.read_text(), timeout=5)
+    a.kill(signal.SIGKILL)
+    redis_server.kill()
+    restarted = cluster(**settings)  # a host rebooted, a worker replaced: no copy in memory to go on with
+    assert all(served_by(restarted) == "B1" for _ in range(10)), restarted.log()
+    assert "until it does" in restarted.log()
+    assert register(restarted, second).status_code == 503  # the copy routes; it takes no changes
+    redis_server.start()
+    assert wait_until(lambda: register(restarted, second).status_code == 200, timeout=15)
+    assert wait_until(lambda: {served_by(restarted) for _ in range(8)} == {"B1", "B2"}, timeout=10)
+
+
 def test_jobs_acknowledged_by_a_dead_gateway_are_run_by_the_other(cluster, fake_servers):
     a, b = cluster(), cluster()
     with requests.Session() as session:

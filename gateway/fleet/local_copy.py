@@ -1,0 +1,82 @@
+"""Redis mode: the fleet last read from Redis, kept on this host's disk for a process that starts while Redis is down.
+
+A process that is running when Redis goes down routes on the copy it has in memory. One that
+starts then (a gunicorn worker replaced, the host rebooted) has none: without this file it would
+answer 503 to every request until Redis came back. With it, it routes on the fleet as the host's
+processes last saw it; Redis's fleet replaces that, record by record, as soon as it answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from gateway.fleet.redis_store import Snapshot
+from gateway.fleet.store import off_the_event_loop
+
+log = logging.getLogger(__name__)
+SUFFIX = ".redis-copy.json"  # beside BACKEND_SERVERS_FILE: backend_servers.json -> backend_servers.redis-copy.json
+
+
+def copy_path(backend_servers_file: str) -> Path:
+    """Where the copy of Redis's fleet is kept: beside the embedded mode's file, named after it."""
+    path = Path(backend_servers_file)
+    return path.with_name(path.stem + SUFFIX)
+
+
+class LocalCopy:
+    """The records of the last fleet snapshot read from Redis, written whenever a record changes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._kept: list[tuple[str, int]] | None = None  # the (id, revision) of each record last written
+        self._failing = False  # a write failed: said once, until one succeeds
+
+    def keep(self, snapshot: Snapshot) -> None:
+        """Write the snapshot's records if any was added, changed or removed since the last write."""
+        kept = [(server_id, rev) for server_id, rev, _ in snapshot.records]
+        if kept == self._kept:
+            return  # only the readings or the sweep moved: the records on disk are these
+        body = {
+            "version": snapshot.version,
+            "records": [{"server_id": i, "rev": rev, "record": text.decode()} for i, rev, text in snapshot.records],
+        }
+        try:
+            off_the_event_loop(self._write, json.dumps(body))
+        except OSError as exc:
+            if not self._failing:
+                log.warning(
+                    "could not keep the fleet's copy in %s (%s): a start without Redis has none", self.path, exc
+                )
+            self._failing = True
+            return
+        self._kept, self._failing = kept, False
+
+    def read(self) -> Snapshot | None:
+        """The copy as a snapshot with no readings, sweep or ejections; None when there is none to read."""
+        try:
+            body = json.loads(self.path.read_text(encoding="utf-8"))
+            records = [(r["server_id"], int(r["rev"]), r["record"].encode()) for r in body["records"]]
+            version = int(body["version"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            log.warning("the fleet's copy in %s cannot be read (%s): left unused", self.path, exc)
+            return None
+        return Snapshot(version, records, {}, {}, {})
+
+    def _write(self, text: str) -> None:
+        """Replace the file at once (temp file, rename): a reader sees the old copy or the new, never half."""
+        fd, temp_name = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+            os.replace(temp_name, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp_name)
+            raise

@@ -13,12 +13,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-from gateway.fleet.store import off_the_event_loop
+from gateway.jobs.group_commit import GroupCommits
 from gateway.jobs.interface import CALLBACK_BACKOFF_CAP, ROW_OVERHEAD, QueueCounts, Submitted
 from gateway.jobs.records import (
     CANCELLED,
@@ -31,7 +30,6 @@ from gateway.jobs.records import (
     SUCCEEDED,
     IdempotencyConflict,
     Job,
-    JobError,
     JobNotFound,
     JobResult,
     NewJob,
@@ -40,27 +38,12 @@ from gateway.jobs.records import (
     new_lease_token,
 )
 from gateway.jobs.rows import CALLBACK_DUE, CLAIMED, SCHEMA, job_from_row, same
-from gateway.jobs.sqlite import SQLiteFile, native_lock
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-FOLLOW_SECONDS = 1.0  # the longest a caller waits for a leader to commit its operation before it leads
 
 
-class _Pending:
-    """One operation waiting for the next group commit: what to run, and what came of it."""
-
-    __slots__ = ("args", "done", "error", "func", "outcome", "turn")
-
-    def __init__(self, func: Callable[..., Any], args: tuple[Any, ...]) -> None:
-        self.func, self.args = func, args
-        self.done = False
-        self.outcome: Any = None
-        self.error: Exception | None = None
-        self.turn = threading.Event()  # gevent's under gevent: set by a leader, in the event loop's thread
-
-
-class SQLiteJobStore(SQLiteFile):
+class SQLiteJobStore(GroupCommits):
     """Jobs in one SQLite file (WAL, synchronous=FULL): a 202 means the job is on disk."""
 
     schema = SCHEMA
@@ -81,9 +64,6 @@ class SQLiteJobStore(SQLiteFile):
         self.result_ttl = result_ttl
         self.queue_ttl = queue_ttl
         self.clock = clock
-        self._pending_lock = native_lock()
-        self._pending: list[_Pending] = []
-        self._leading = False  # a caller is committing the pending operations, or has been handed the lead
         self._bytes = int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM jobs").fetchone()[0])
         self._seq = int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0])
         # Queued jobs per priority, kept as they change (under the lock), so that a submission's
@@ -117,78 +97,6 @@ class SQLiteJobStore(SQLiteFile):
         """
         submitted: Submitted = self._batched(self._insert, job, self.clock())
         return submitted
-
-    def _batched(self, func: Callable[..., T], *args: Any) -> T:
-        """Run `func(*args)` in the next group commit: the operations that wait together share one fsync.
-
-        Each runs in a savepoint of its own, so that one refused (a JobError: a stale lease, a full
-        store) leaves the others as they were; any other failure rolls the whole batch back.
-
-        One caller at a time leads: it commits what waits in a native thread, then wakes the callers
-        it committed for and hands the lead to the first that came meanwhile. The others wait where
-        they are, not each in a thread of the pool: under gevent, a pool thread per operation cost
-        a drain 7 thread switches per job and more CPU than its SQL. A wait that outlasts
-        FOLLOW_SECONDS (its leader was killed) leads itself: any number of callers may commit at once.
-        """
-        entry = _Pending(func, args)
-        with self._pending_lock:
-            self._pending.append(entry)
-            lead, self._leading = not self._leading, True
-        if not lead:
-            entry.turn.wait(FOLLOW_SECONDS)
-        if not entry.done:
-            self._lead(entry)
-        if entry.error is not None:
-            raise entry.error
-        outcome: T = entry.outcome
-        return outcome
-
-    def _lead(self, entry: _Pending) -> None:
-        """Commit what waits (`entry` among it), then wake those committed and the next leader."""
-        batch: list[_Pending] = []
-        try:
-            batch = off_the_event_loop(self._commit_pending, entry)
-        finally:
-            with self._pending_lock:
-                # Not `entry`: still pending only if this caller was stopped before its commit began.
-                successor = next((item for item in self._pending if item is not entry), None)
-                self._leading = successor is not None
-            for item in batch:
-                item.turn.set()
-            if successor is not None:
-                successor.turn.set()
-
-    def _commit_pending(self, entry: _Pending) -> list[_Pending]:
-        """Commit every operation waiting now, in one transaction: one fsync for all of them; those committed."""
-        with self._lock:
-            if entry.done:  # a leader before this one committed it with its own batch
-                return []
-            with self._pending_lock:
-                batch, self._pending = self._pending, []
-            seq, stored, queued = self._seq, self._bytes, dict(self._queued_counts)
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for item in batch:
-                    self._db.execute("SAVEPOINT op")
-                    try:
-                        item.outcome = item.func(*item.args)
-                    except JobError as exc:
-                        self._db.execute("ROLLBACK TO op")
-                        item.error = exc
-                    self._db.execute("RELEASE op")
-                self._db.execute("COMMIT")
-            except BaseException as exc:  # every operation of the batch is told, and none of it is kept
-                self._db.execute("ROLLBACK")
-                self._seq, self._bytes, self._queued_counts = seq, stored, queued
-                for item in batch:
-                    item.outcome, item.error = None, exc if isinstance(exc, Exception) else RuntimeError(str(exc))
-                    item.done = True
-                if not isinstance(exc, Exception):
-                    raise
-                return batch
-            for item in batch:
-                item.done = True
-            return batch
 
     def _insert(self, new: NewJob, now: float) -> Submitted:
         if new.idempotency_key is not None:

@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
-from gateway.jobs.group_commit import GroupCommits
-from gateway.jobs.interface import CALLBACK_BACKOFF_CAP, ROW_OVERHEAD, QueueCounts, Submitted
+from gateway.jobs.interface import CALLBACK_BACKOFF_CAP, ROW_OVERHEAD, Submitted
 from gateway.jobs.records import (
     CANCELLED,
     EXPIRED,
@@ -26,7 +23,6 @@ from gateway.jobs.records import (
     FINISHED,
     QUEUED,
     RUNNING,
-    STATUSES,
     SUCCEEDED,
     IdempotencyConflict,
     Job,
@@ -37,56 +33,15 @@ from gateway.jobs.records import (
     StoreFull,
     new_lease_token,
 )
-from gateway.jobs.rows import CALLBACK_DUE, CLAIMED, SCHEMA, job_from_row, same
+from gateway.jobs.rows import CALLBACK_DUE, CLAIMED, job_from_row, same
+from gateway.jobs.store_reads import JobReads
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class SQLiteJobStore(GroupCommits):
+class SQLiteJobStore(JobReads):
     """Jobs in one SQLite file (WAL, synchronous=FULL): a 202 means the job is on disk."""
-
-    schema = SCHEMA
-    what = "job store"
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        max_bytes: int = 1 << 30,
-        idempotency_ttl: float = 86400.0,
-        result_ttl: float = 86400.0,
-        queue_ttl: float = 86400.0,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        super().__init__(path)
-        self.max_bytes = max_bytes
-        self.idempotency_ttl = idempotency_ttl
-        self.result_ttl = result_ttl
-        self.queue_ttl = queue_ttl
-        self.clock = clock
-        self._bytes = int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM jobs").fetchone()[0])
-        self._seq = int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0])
-        # Queued jobs per priority, kept as they change (under the lock), so that a submission's
-        # place in the queue costs no count over the queue; counted again from the table at every
-        # purge (a minute), so that a mistake here could not last.
-        self._queued_counts: dict[int, int] = {}
-        self._recount()
-
-    def _recount(self) -> None:
-        rows = self._db.execute("SELECT priority, COUNT(*) FROM jobs WHERE status = 'queued' GROUP BY priority")
-        self._queued_counts = {int(priority): int(count) for priority, count in rows.fetchall()}
-
-    def _queued_changed(self, priority: int, delta: int) -> None:
-        self._queued_counts[priority] = self._queued_counts.get(priority, 0) + delta
-
-    def _locked(self, func: Callable[..., T], *args: Any) -> T:
-        """As SQLiteFile's, and what is kept in memory goes back too when the transaction does."""
-        kept = self._seq, self._bytes, dict(self._queued_counts)
-        try:
-            return super()._locked(func, *args)
-        except BaseException:
-            self._seq, self._bytes, self._queued_counts = kept
-            raise
 
     # -- submitting ------------------------------------------------------------------------
 
@@ -148,75 +103,6 @@ class SQLiteJobStore(GroupCommits):
             count for priority, count in self._queued_counts.items() if priority <= new.priority
         )  # the last in its own
         return Submitted(job, True, place)
-
-    # -- reading ---------------------------------------------------------------------------
-
-    def get(self, job_id: str) -> Job:
-        """The job; JobNotFound if there is none (or it was purged)."""
-        job = self._run(self._get, job_id)
-        if job is None:
-            raise JobNotFound(f"no job {job_id}")
-        return job
-
-    def _get(self, job_id: str) -> Job | None:
-        row = self._db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        return None if row is None else job_from_row(row)
-
-    def position(self, job: Job) -> int | None:
-        """1 for the next job to run, and so on; None once it is no longer queued."""
-        if job.status != QUEUED:
-            return None
-        return self._run(self._position, job.priority, job.seq)
-
-    def _position(self, priority: int, seq: int) -> int:
-        row = self._db.execute(
-            "SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND (priority < ? OR (priority = ? AND seq < ?))",
-            (priority, priority, seq),
-        ).fetchone()
-        return int(row[0]) + 1
-
-    def recent(self, status: str | None = None, limit: int = 100) -> list[Job]:
-        """The newest jobs first, of one status or all."""
-        if status is not None and status not in STATUSES:
-            raise ValueError(f"unknown job status {status!r}: one of {', '.join(STATUSES)}")
-        return self._run(self._list, status, limit)
-
-    def unfinished(self) -> list[tuple[Job, str | None, str]]:
-        """Every queued or running job, oldest first, with its Idempotency-Key and fingerprint (for a move to Redis)."""
-        return self._run(self._unfinished)
-
-    def _unfinished(self) -> list[tuple[Job, str | None, str]]:
-        rows = self._db.execute(
-            "SELECT * FROM jobs WHERE status IN ('queued', 'running') ORDER BY priority, seq"
-        ).fetchall()
-        keys = {job_id: (key, fingerprint) for key, fingerprint, job_id, _ in self._db.execute(
-            "SELECT * FROM idempotency WHERE expires_at > ?", (self.clock(),)
-        )}  # fmt: skip
-        jobs = [job_from_row(row) for row in rows]
-        return [(job, *keys.get(job.job_id, (None, ""))) for job in jobs]
-
-    def _list(self, status: str | None, limit: int) -> list[Job]:
-        if status is None:
-            rows = self._db.execute("SELECT * FROM jobs ORDER BY created_at DESC, seq DESC LIMIT ?", (limit,))
-        else:
-            rows = self._db.execute(
-                "SELECT * FROM jobs WHERE status = ? ORDER BY created_at DESC, seq DESC LIMIT ?", (status, limit)
-            )
-        return [job_from_row(row) for row in rows.fetchall()]
-
-    def counts(self) -> QueueCounts:
-        """Jobs per status, queued jobs per priority, the oldest queued job's time."""
-        return self._run(self._counts)
-
-    def _counts(self) -> QueueCounts:
-        by_status = dict.fromkeys(STATUSES, 0)
-        for status, count in self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status"):
-            by_status[status] = count
-        per_priority = dict(
-            self._db.execute("SELECT priority, COUNT(*) FROM jobs WHERE status = 'queued' GROUP BY priority").fetchall()
-        )
-        oldest = self._db.execute("SELECT MIN(created_at) FROM jobs WHERE status = 'queued'").fetchone()[0]
-        return QueueCounts(by_status, per_priority, oldest, self._bytes)
 
     # -- running ---------------------------------------------------------------------------
 
@@ -307,34 +193,6 @@ class SQLiteJobStore(GroupCommits):
             claimed.append(job_from_row(row))
             self._queued_changed(claimed[-1].priority, -1)
         return claimed
-
-    def holders(self, dispatch: str) -> dict[str, list[str]]:
-        """The running jobs of one dispatch kind, by the holder that runs them (ids only)."""
-        return self._run(self._holders, dispatch)
-
-    def _holders(self, dispatch: str) -> dict[str, list[str]]:
-        held: dict[str, list[str]] = {}
-        rows = self._db.execute(
-            "SELECT server_id, job_id FROM jobs WHERE status = 'running' AND dispatch = ? ORDER BY started_at, seq",
-            (dispatch,),
-        )
-        for holder, job_id in rows:
-            held.setdefault(holder, []).append(job_id)
-        return held
-
-    def queue_heads(self, limit: int = 200) -> list[tuple[str, str | None, str]]:
-        """The next `limit` queued jobs' ids, models and headers (JSON), in order: what routing needs.
-
-        The dispatcher looks at these every round; reading whole jobs (bodies too) would cost it,
-        and every submission waiting for the lock, far more.
-        """
-        return self._run(self._queue_heads, limit)
-
-    def _queue_heads(self, limit: int) -> list[tuple[str, str | None, str]]:
-        rows = self._db.execute(
-            "SELECT job_id, model, headers FROM jobs WHERE status = 'queued' ORDER BY priority, seq LIMIT ?", (limit,)
-        )
-        return [(str(job_id), model, str(headers)) for job_id, model, headers in rows.fetchall()]
 
     def claim_job(self, job_id: str, holder: str, dispatch: str, lease_seconds: float) -> Job | None:
         """Take one given job if it is still queued (None if another took it, or it was cancelled)."""

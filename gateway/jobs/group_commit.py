@@ -36,7 +36,7 @@ class _Pending:
 class GroupCommits(SQLiteFile):
     """A SQLite file whose changes that wait together share one transaction, led by one of their callers."""
 
-    # Kept in memory beside the file by the job store: put back when a batch rolls back.
+    # Kept in memory beside the file by the job store (JobFile, store_file.py): put back when a batch rolls back.
     _seq: int
     _bytes: int
     _queued_counts: dict[int, int]

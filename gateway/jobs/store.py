@@ -5,14 +5,19 @@ store implements too: submit, get, claim, heartbeat, finish, release, cancel, an
 that expire leases and old jobs. Every operation runs in a native thread under gevent (the
 commit's fsync would otherwise stop every request) and holds one native lock around its
 transaction; the changes that wait together (submissions, claims, a job's end) are committed
-together, one fsync for all, by one of their callers while the others wait in the event loop.
+together, one fsync for all, by one of their callers while the others wait in the event loop
+(group_commit.py).
+
+SQLiteJobStore submits, cancels and retries jobs and keeps their callbacks' state here; its other
+sides are its bases: JobSweeps (store_sweeps.py: leases that ran out, recovery at start,
+retention), JobRuns (store_runs.py: claims, heartbeats, a run's end) and JobReads
+(store_reads.py), each on JobFile (store_file.py: the settings, and what is kept in memory).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import TypeVar
 
 from gateway.jobs.interface import CALLBACK_BACKOFF_CAP, ROW_OVERHEAD, Submitted
 from gateway.jobs.records import (
@@ -31,12 +36,12 @@ from gateway.jobs.records import (
 from gateway.jobs.rows import CALLBACK_DUE, job_from_row
 from gateway.jobs.store_reads import JobReads
 from gateway.jobs.store_runs import JobRuns
+from gateway.jobs.store_sweeps import JobSweeps
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
-class SQLiteJobStore(JobRuns, JobReads):
+class SQLiteJobStore(JobSweeps, JobRuns, JobReads):
     """Jobs in one SQLite file (WAL, synchronous=FULL): a 202 means the job is on disk."""
 
     # -- submitting ------------------------------------------------------------------------
@@ -176,52 +181,3 @@ class SQLiteJobStore(JobRuns, JobReads):
             (state, self.clock() + wait if state == "pending" else None, error, tried, job_id),
         )
         return state, wait
-
-    # -- sweeps ----------------------------------------------------------------------------
-
-    def expire_leases(self, max_attempts: int) -> list[Job]:
-        """Re-queue (or fail, out of attempts) every running job whose lease ran out; the jobs after."""
-        return self._run(self._expire_leases, max_attempts)
-
-    def _expire_leases(self, max_attempts: int) -> list[Job]:
-        now = self.clock()
-        rows = self._db.execute(
-            "SELECT job_id, lease_token FROM jobs WHERE status = 'running' AND lease_expires_at <= ?", (now,)
-        ).fetchall()
-        return [self._requeue(job_id, token, "its lease expired", max_attempts, True) for job_id, token in rows]
-
-    def recover(self) -> int:
-        """At start: pushed jobs that were running go back to the queue now (their requests died
-        with the process); pulled ones keep their lease, since their worker may still finish."""
-        return self._run(self._recover)
-
-    def _recover(self) -> int:
-        cursor = self._db.execute(
-            "UPDATE jobs SET status = 'queued', attempts = attempts - 1, server_id = NULL, dispatch = NULL,"
-            " lease_token = NULL, lease_expires_at = NULL, error = 'the gateway restarted while it ran'"
-            " WHERE status = 'running' AND dispatch = 'push'"
-        )
-        self._recount()
-        return cursor.rowcount
-
-    def purge(self) -> tuple[int, int]:
-        """Expire queued jobs past JOB_QUEUE_TTL and delete finished ones past JOB_RESULT_TTL."""
-        return self._run(self._purge)
-
-    def _purge(self) -> tuple[int, int]:
-        now = self.clock()
-        expired = self._db.execute(
-            f"UPDATE jobs SET status = 'expired', finished_at = ?, {CALLBACK_DUE},"
-            " error = 'no server took it within JOB_QUEUE_TTL' WHERE status = 'queued' AND created_at <= ?",
-            (now, now, now - self.queue_ttl),
-        ).rowcount
-        finished = tuple(FINISHED)
-        placeholders = ", ".join("?" * len(finished))
-        freed = self._db.execute(
-            f"DELETE FROM jobs WHERE status IN ({placeholders}) AND finished_at <= ? RETURNING size",
-            (*finished, now - self.result_ttl),
-        ).fetchall()
-        self._db.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
-        self._bytes -= sum(size for (size,) in freed)
-        self._recount()
-        return expired, len(freed)

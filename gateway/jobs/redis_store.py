@@ -1,6 +1,6 @@
 """The job store on Redis: every gateway process and host shares one queue, each change one Lua script.
 
-The layout (gateway/jobs/redis_scripts.py lists the keys) is one hash per job and sorted sets
+The layout (gateway/jobs/redis_preamble.py lists the keys) is one hash per job and sorted sets
 as indexes: the queue by (priority, seq), each task type's and model's queue, running jobs by
 lease expiry, finished ones by when. A claim takes the given job, or the first that matches,
 in the same script that reads it, so two processes never take one job; a lease that runs out
@@ -35,8 +35,9 @@ from gateway.jobs.records import (
     StoreFull,
     new_lease_token,
 )
+from gateway.jobs.redis_preamble import PREAMBLE
 from gateway.jobs.redis_reads import READS
-from gateway.jobs.redis_scripts import CHANGES, PREAMBLE
+from gateway.jobs.redis_scripts import CHANGES
 from gateway.jobs.rows import pairs
 
 REFUSALS: dict[str, type[JobError]] = {

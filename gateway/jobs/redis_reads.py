@@ -1,6 +1,6 @@
 """The Redis job store's reads, each one Lua script: one round trip, and one consistent view of the jobs.
 
-They run after redis_scripts.PREAMBLE, as the changes do: ARGV[1] the key prefix, ARGV[2] the time.
+They run after redis_preamble.PREAMBLE, as the changes do: ARGV[1] the key prefix, ARGV[2] the time.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """The job store on Redis: every gateway process and host shares one queue, each change one Lua script.
 
-The layout (gateway/jobs/redis_scripts.py lists the keys) is one hash per job and sorted sets
+The layout (gateway/jobs/redis_preamble.py lists the keys) is one hash per job and sorted sets
 as indexes: the queue by (priority, seq), each task type's and model's queue, running jobs by
 lease expiry, finished ones by when. A claim takes the given job, or the first that matches,
 in the same script that reads it, so two processes never take one job; a lease that runs out
 is moved back by a script that checks it is still that lease. A call returns once Redis has
-answered, so an acknowledged job is stored as durably as Redis's appendfsync keeps it.
+answered, so an acknowledged job is stored as durably as Redis's appendfsync keeps it. A job's
+hash is read back as a Job in redis_hashes.py.
 """
 
 from __future__ import annotations
@@ -28,16 +29,16 @@ from gateway.jobs.records import (
     Job,
     JobError,
     JobNotFound,
-    JobRequest,
     JobResult,
     NewJob,
     StaleLease,
     StoreFull,
     new_lease_token,
 )
+from gateway.jobs.redis_hashes import job_from_fields, job_from_hash
+from gateway.jobs.redis_preamble import PREAMBLE
 from gateway.jobs.redis_reads import READS
-from gateway.jobs.redis_scripts import CHANGES, PREAMBLE
-from gateway.jobs.rows import pairs
+from gateway.jobs.redis_scripts import CHANGES
 
 REFUSALS: dict[str, type[JobError]] = {
     "NOTFOUND": JobNotFound,
@@ -364,49 +365,3 @@ def _result(result: JobResult | None) -> tuple[int, int, str, bytes]:
     if result is None:
         return 0, 0, "", b""
     return 1, result.status, json.dumps(result.headers), result.body
-
-
-def job_from_hash(flat: list[bytes]) -> Job:
-    """A job from a script's HGETALL reply: field, value, field, value ..."""
-    return job_from_fields(dict(zip(flat[::2], flat[1::2], strict=True)))
-
-
-def job_from_fields(fields: dict[bytes, bytes]) -> Job:
-    """A job from its hash; an absent field is NULL."""
-
-    def text(name: bytes) -> str | None:
-        value = fields.get(name)
-        return None if value is None else value.decode()
-
-    def number(name: bytes) -> float | None:
-        value = fields.get(name)
-        return None if value is None else float(value)
-
-    result = None
-    if b"result_status" in fields:
-        result = JobResult(
-            int(fields[b"result_status"]), pairs(fields[b"result_headers"].decode()), fields.get(b"result_body", b"")
-        )
-    return Job(
-        job_id=fields[b"job_id"].decode(),
-        status=fields[b"status"].decode(),
-        priority=int(fields[b"priority"]),
-        seq=int(fields[b"seq"]),
-        task_type=fields[b"task_type"].decode(),
-        model=text(b"model"),
-        request=JobRequest(
-            fields[b"method"].decode(), fields[b"target"].decode(), pairs(fields[b"headers"].decode()), fields[b"body"]
-        ),
-        attempts=int(fields[b"attempts"]),
-        server_id=text(b"server_id"),
-        dispatch=text(b"dispatch"),
-        lease_token=text(b"lease_token"),
-        lease_expires_at=number(b"lease_expires_at"),
-        created_at=float(fields[b"created_at"]),
-        started_at=number(b"started_at"),
-        finished_at=number(b"finished_at"),
-        error=text(b"error"),
-        callback_url=text(b"callback_url"),
-        result=result,
-        callback_state=text(b"callback_state"),
-    )

@@ -5,108 +5,44 @@ store implements too: submit, get, claim, heartbeat, finish, release, cancel, an
 that expire leases and old jobs. Every operation runs in a native thread under gevent (the
 commit's fsync would otherwise stop every request) and holds one native lock around its
 transaction; the changes that wait together (submissions, claims, a job's end) are committed
-together, one fsync for all, by one of their callers while the others wait in the event loop.
+together, one fsync for all, by one of their callers while the others wait in the event loop
+(group_commit.py).
+
+SQLiteJobStore submits, cancels and retries jobs and keeps their callbacks' state here; its other
+sides are its bases: JobSweeps (store_sweeps.py: leases that ran out, recovery at start,
+retention), JobRuns (store_runs.py: claims, heartbeats, a run's end) and JobReads
+(store_reads.py), each on JobFile (store_file.py: the settings, and what is kept in memory).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import threading
-import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
 
-from gateway.fleet.store import off_the_event_loop
-from gateway.jobs.interface import CALLBACK_BACKOFF_CAP, ROW_OVERHEAD, QueueCounts, Submitted
+from gateway.jobs.interface import CALLBACK_BACKOFF_CAP, ROW_OVERHEAD, Submitted
 from gateway.jobs.records import (
     CANCELLED,
     EXPIRED,
     FAILED,
     FINISHED,
     QUEUED,
-    RUNNING,
-    STATUSES,
-    SUCCEEDED,
     IdempotencyConflict,
     Job,
-    JobError,
     JobNotFound,
-    JobResult,
     NewJob,
     StaleLease,
     StoreFull,
-    new_lease_token,
 )
-from gateway.jobs.rows import CALLBACK_DUE, CLAIMED, SCHEMA, job_from_row, same
-from gateway.jobs.sqlite import SQLiteFile, native_lock
+from gateway.jobs.rows import CALLBACK_DUE, job_from_row
+from gateway.jobs.store_reads import JobReads
+from gateway.jobs.store_runs import JobRuns
+from gateway.jobs.store_sweeps import JobSweeps
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-FOLLOW_SECONDS = 1.0  # the longest a caller waits for a leader to commit its operation before it leads
 
 
-class _Pending:
-    """One operation waiting for the next group commit: what to run, and what came of it."""
-
-    __slots__ = ("args", "done", "error", "func", "outcome", "turn")
-
-    def __init__(self, func: Callable[..., Any], args: tuple[Any, ...]) -> None:
-        self.func, self.args = func, args
-        self.done = False
-        self.outcome: Any = None
-        self.error: Exception | None = None
-        self.turn = threading.Event()  # gevent's under gevent: set by a leader, in the event loop's thread
-
-
-class SQLiteJobStore(SQLiteFile):
+class SQLiteJobStore(JobSweeps, JobRuns, JobReads):
     """Jobs in one SQLite file (WAL, synchronous=FULL): a 202 means the job is on disk."""
-
-    schema = SCHEMA
-    what = "job store"
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        max_bytes: int = 1 << 30,
-        idempotency_ttl: float = 86400.0,
-        result_ttl: float = 86400.0,
-        queue_ttl: float = 86400.0,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        super().__init__(path)
-        self.max_bytes = max_bytes
-        self.idempotency_ttl = idempotency_ttl
-        self.result_ttl = result_ttl
-        self.queue_ttl = queue_ttl
-        self.clock = clock
-        self._pending_lock = native_lock()
-        self._pending: list[_Pending] = []
-        self._leading = False  # a caller is committing the pending operations, or has been handed the lead
-        self._bytes = int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM jobs").fetchone()[0])
-        self._seq = int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0])
-        # Queued jobs per priority, kept as they change (under the lock), so that a submission's
-        # place in the queue costs no count over the queue; counted again from the table at every
-        # purge (a minute), so that a mistake here could not last.
-        self._queued_counts: dict[int, int] = {}
-        self._recount()
-
-    def _recount(self) -> None:
-        rows = self._db.execute("SELECT priority, COUNT(*) FROM jobs WHERE status = 'queued' GROUP BY priority")
-        self._queued_counts = {int(priority): int(count) for priority, count in rows.fetchall()}
-
-    def _queued_changed(self, priority: int, delta: int) -> None:
-        self._queued_counts[priority] = self._queued_counts.get(priority, 0) + delta
-
-    def _locked(self, func: Callable[..., T], *args: Any) -> T:
-        """As SQLiteFile's, and what is kept in memory goes back too when the transaction does."""
-        kept = self._seq, self._bytes, dict(self._queued_counts)
-        try:
-            return super()._locked(func, *args)
-        except BaseException:
-            self._seq, self._bytes, self._queued_counts = kept
-            raise
 
     # -- submitting ------------------------------------------------------------------------
 
@@ -117,78 +53,6 @@ class SQLiteJobStore(SQLiteFile):
         """
         submitted: Submitted = self._batched(self._insert, job, self.clock())
         return submitted
-
-    def _batched(self, func: Callable[..., T], *args: Any) -> T:
-        """Run `func(*args)` in the next group commit: the operations that wait together share one fsync.
-
-        Each runs in a savepoint of its own, so that one refused (a JobError: a stale lease, a full
-        store) leaves the others as they were; any other failure rolls the whole batch back.
-
-        One caller at a time leads: it commits what waits in a native thread, then wakes the callers
-        it committed for and hands the lead to the first that came meanwhile. The others wait where
-        they are, not each in a thread of the pool: under gevent, a pool thread per operation cost
-        a drain 7 thread switches per job and more CPU than its SQL. A wait that outlasts
-        FOLLOW_SECONDS (its leader was killed) leads itself: any number of callers may commit at once.
-        """
-        entry = _Pending(func, args)
-        with self._pending_lock:
-            self._pending.append(entry)
-            lead, self._leading = not self._leading, True
-        if not lead:
-            entry.turn.wait(FOLLOW_SECONDS)
-        if not entry.done:
-            self._lead(entry)
-        if entry.error is not None:
-            raise entry.error
-        outcome: T = entry.outcome
-        return outcome
-
-    def _lead(self, entry: _Pending) -> None:
-        """Commit what waits (`entry` among it), then wake those committed and the next leader."""
-        batch: list[_Pending] = []
-        try:
-            batch = off_the_event_loop(self._commit_pending, entry)
-        finally:
-            with self._pending_lock:
-                # Not `entry`: still pending only if this caller was stopped before its commit began.
-                successor = next((item for item in self._pending if item is not entry), None)
-                self._leading = successor is not None
-            for item in batch:
-                item.turn.set()
-            if successor is not None:
-                successor.turn.set()
-
-    def _commit_pending(self, entry: _Pending) -> list[_Pending]:
-        """Commit every operation waiting now, in one transaction: one fsync for all of them; those committed."""
-        with self._lock:
-            if entry.done:  # a leader before this one committed it with its own batch
-                return []
-            with self._pending_lock:
-                batch, self._pending = self._pending, []
-            seq, stored, queued = self._seq, self._bytes, dict(self._queued_counts)
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for item in batch:
-                    self._db.execute("SAVEPOINT op")
-                    try:
-                        item.outcome = item.func(*item.args)
-                    except JobError as exc:
-                        self._db.execute("ROLLBACK TO op")
-                        item.error = exc
-                    self._db.execute("RELEASE op")
-                self._db.execute("COMMIT")
-            except BaseException as exc:  # every operation of the batch is told, and none of it is kept
-                self._db.execute("ROLLBACK")
-                self._seq, self._bytes, self._queued_counts = seq, stored, queued
-                for item in batch:
-                    item.outcome, item.error = None, exc if isinstance(exc, Exception) else RuntimeError(str(exc))
-                    item.done = True
-                if not isinstance(exc, Exception):
-                    raise
-                return batch
-            for item in batch:
-                item.done = True
-            return batch
 
     def _insert(self, new: NewJob, now: float) -> Submitted:
         if new.idempotency_key is not None:
@@ -240,303 +104,6 @@ class SQLiteJobStore(SQLiteFile):
             count for priority, count in self._queued_counts.items() if priority <= new.priority
         )  # the last in its own
         return Submitted(job, True, place)
-
-    # -- reading ---------------------------------------------------------------------------
-
-    def get(self, job_id: str) -> Job:
-        """The job; JobNotFound if there is none (or it was purged)."""
-        job = self._run(self._get, job_id)
-        if job is None:
-            raise JobNotFound(f"no job {job_id}")
-        return job
-
-    def _get(self, job_id: str) -> Job | None:
-        row = self._db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        return None if row is None else job_from_row(row)
-
-    def position(self, job: Job) -> int | None:
-        """1 for the next job to run, and so on; None once it is no longer queued."""
-        if job.status != QUEUED:
-            return None
-        return self._run(self._position, job.priority, job.seq)
-
-    def _position(self, priority: int, seq: int) -> int:
-        row = self._db.execute(
-            "SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND (priority < ? OR (priority = ? AND seq < ?))",
-            (priority, priority, seq),
-        ).fetchone()
-        return int(row[0]) + 1
-
-    def recent(self, status: str | None = None, limit: int = 100) -> list[Job]:
-        """The newest jobs first, of one status or all."""
-        if status is not None and status not in STATUSES:
-            raise ValueError(f"unknown job status {status!r}: one of {', '.join(STATUSES)}")
-        return self._run(self._list, status, limit)
-
-    def unfinished(self) -> list[tuple[Job, str | None, str]]:
-        """Every queued or running job, oldest first, with its Idempotency-Key and fingerprint (for a move to Redis)."""
-        return self._run(self._unfinished)
-
-    def _unfinished(self) -> list[tuple[Job, str | None, str]]:
-        rows = self._db.execute(
-            "SELECT * FROM jobs WHERE status IN ('queued', 'running') ORDER BY priority, seq"
-        ).fetchall()
-        keys = {job_id: (key, fingerprint) for key, fingerprint, job_id, _ in self._db.execute(
-            "SELECT * FROM idempotency WHERE expires_at > ?", (self.clock(),)
-        )}  # fmt: skip
-        jobs = [job_from_row(row) for row in rows]
-        return [(job, *keys.get(job.job_id, (None, ""))) for job in jobs]
-
-    def _list(self, status: str | None, limit: int) -> list[Job]:
-        if status is None:
-            rows = self._db.execute("SELECT * FROM jobs ORDER BY created_at DESC, seq DESC LIMIT ?", (limit,))
-        else:
-            rows = self._db.execute(
-                "SELECT * FROM jobs WHERE status = ? ORDER BY created_at DESC, seq DESC LIMIT ?", (status, limit)
-            )
-        return [job_from_row(row) for row in rows.fetchall()]
-
-    def counts(self) -> QueueCounts:
-        """Jobs per status, queued jobs per priority, the oldest queued job's time."""
-        return self._run(self._counts)
-
-    def _counts(self) -> QueueCounts:
-        by_status = dict.fromkeys(STATUSES, 0)
-        for status, count in self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status"):
-            by_status[status] = count
-        per_priority = dict(
-            self._db.execute("SELECT priority, COUNT(*) FROM jobs WHERE status = 'queued' GROUP BY priority").fetchall()
-        )
-        oldest = self._db.execute("SELECT MIN(created_at) FROM jobs WHERE status = 'queued'").fetchone()[0]
-        return QueueCounts(by_status, per_priority, oldest, self._bytes)
-
-    # -- running ---------------------------------------------------------------------------
-
-    def claim(
-        self,
-        holder: str,
-        dispatch: str,
-        lease_seconds: float,
-        task_types: Sequence[str] | None = None,
-        skip: Iterable[str] = (),
-    ) -> Job | None:
-        """Take the next queued job (by priority, then age) for `holder`, with a new lease token.
-
-        `task_types` limits it to the routes or models a worker serves; `skip` leaves out job ids
-        the caller already found no server for. The attempt is counted now.
-        """
-        claimed = self.claim_many(holder, dispatch, lease_seconds, 1, task_types, skip=skip)
-        return claimed[0] if claimed else None
-
-    def claim_many(
-        self,
-        holder: str,
-        dispatch: str,
-        lease_seconds: float,
-        limit: int,
-        task_types: Sequence[str] | None = None,
-        models: Sequence[str] = (),
-        skip: Iterable[str] = (),
-        max_bytes: int | None = None,
-    ) -> list[Job]:
-        """Take up to `limit` queued jobs in order, each with a lease token of its own.
-
-        A job matches when its task type is one of `task_types` or its model one of `models`
-        (neither given: any job). `max_bytes` bounds what the jobs hold together, so one answer
-        that carries them stays bounded; the first job is always taken.
-        """
-        return self._run(
-            self._claim_many,
-            holder,
-            dispatch,
-            lease_seconds,
-            limit,
-            tuple(task_types or ()),
-            tuple(models),
-            tuple(skip),
-            max_bytes,
-        )
-
-    def _claim_many(
-        self,
-        holder: str,
-        dispatch: str,
-        lease_seconds: float,
-        limit: int,
-        task_types: tuple[str, ...],
-        models: tuple[str, ...],
-        skip: tuple[str, ...],
-        max_bytes: int | None,
-    ) -> list[Job]:
-        now = self.clock()
-        where = "status = 'queued'"
-        args: list[str] = []
-        matches = []
-        if task_types:
-            matches.append(f"task_type IN ({', '.join('?' * len(task_types))})")
-            args.extend(task_types)
-        if models:
-            matches.append(f"model IN ({', '.join('?' * len(models))})")
-            args.extend(models)
-        if matches:
-            where += f" AND ({' OR '.join(matches)})"
-        if skip:
-            where += f" AND job_id NOT IN ({', '.join('?' * len(skip))})"
-            args.extend(skip)
-        rows = self._db.execute(
-            f"SELECT job_id, size FROM jobs WHERE {where} ORDER BY priority, seq LIMIT ?", (*args, limit)
-        ).fetchall()
-        claimed: list[Job] = []
-        total = 0
-        for job_id, size in rows:
-            total += size
-            if claimed and max_bytes is not None and total > max_bytes:
-                break
-            row = self._db.execute(
-                f"UPDATE jobs SET {CLAIMED} WHERE job_id = ? RETURNING *",
-                (holder, dispatch, new_lease_token(), now + lease_seconds, now, job_id),
-            ).fetchone()
-            claimed.append(job_from_row(row))
-            self._queued_changed(claimed[-1].priority, -1)
-        return claimed
-
-    def holders(self, dispatch: str) -> dict[str, list[str]]:
-        """The running jobs of one dispatch kind, by the holder that runs them (ids only)."""
-        return self._run(self._holders, dispatch)
-
-    def _holders(self, dispatch: str) -> dict[str, list[str]]:
-        held: dict[str, list[str]] = {}
-        rows = self._db.execute(
-            "SELECT server_id, job_id FROM jobs WHERE status = 'running' AND dispatch = ? ORDER BY started_at, seq",
-            (dispatch,),
-        )
-        for holder, job_id in rows:
-            held.setdefault(holder, []).append(job_id)
-        return held
-
-    def queue_heads(self, limit: int = 200) -> list[tuple[str, str | None, str]]:
-        """The next `limit` queued jobs' ids, models and headers (JSON), in order: what routing needs.
-
-        The dispatcher looks at these every round; reading whole jobs (bodies too) would cost it,
-        and every submission waiting for the lock, far more.
-        """
-        return self._run(self._queue_heads, limit)
-
-    def _queue_heads(self, limit: int) -> list[tuple[str, str | None, str]]:
-        rows = self._db.execute(
-            "SELECT job_id, model, headers FROM jobs WHERE status = 'queued' ORDER BY priority, seq LIMIT ?", (limit,)
-        )
-        return [(str(job_id), model, str(headers)) for job_id, model, headers in rows.fetchall()]
-
-    def claim_job(self, job_id: str, holder: str, dispatch: str, lease_seconds: float) -> Job | None:
-        """Take one given job if it is still queued (None if another took it, or it was cancelled)."""
-        return self.claim_jobs([(job_id, holder)], dispatch, lease_seconds)[0]
-
-    def claim_jobs(self, wanted: Sequence[tuple[str, str]], dispatch: str, lease_seconds: float) -> list[Job | None]:
-        """Take each given job (id, holder) that is still queued, all in one commit; None for each that is not."""
-        return self._batched(self._claim_jobs, tuple(wanted), dispatch, lease_seconds)
-
-    def _claim_jobs(self, wanted: tuple[tuple[str, str], ...], dispatch: str, lease_seconds: float) -> list[Job | None]:
-        return [self._claim_job(job_id, holder, dispatch, lease_seconds) for job_id, holder in wanted]
-
-    def _claim_job(self, job_id: str, holder: str, dispatch: str, lease_seconds: float) -> Job | None:
-        now = self.clock()
-        row = self._db.execute(
-            f"UPDATE jobs SET {CLAIMED} WHERE job_id = ? AND status = 'queued' RETURNING *",
-            (holder, dispatch, new_lease_token(), now + lease_seconds, now, job_id),
-        ).fetchone()
-        if row is None:
-            return None
-        job = job_from_row(row)
-        self._queued_changed(job.priority, -1)
-        return job
-
-    def heartbeat(self, job_id: str, token: str, lease_seconds: float) -> Job:
-        """Extend a running job's lease; StaleLease if `token` is not its current lease."""
-        return self._run(self._heartbeat, job_id, token, lease_seconds)
-
-    def _heartbeat(self, job_id: str, token: str, lease_seconds: float) -> Job:
-        job = self._held(job_id, token)
-        if job.status != RUNNING:
-            return job  # cancelled while it ran: the caller tells the worker to stop
-        self._db.execute(
-            "UPDATE jobs SET lease_expires_at = ? WHERE job_id = ?", (self.clock() + lease_seconds, job_id)
-        )
-        held = self._get(job_id)
-        assert held is not None
-        return held
-
-    def _held(self, job_id: str, token: str) -> Job:
-        """The job, if `token` is its current lease (a cancelled job keeps its last token)."""
-        self._holding(job_id, token)
-        job = self._get(job_id)
-        assert job is not None  # read just now, in this transaction
-        return job
-
-    def _holding(self, job_id: str, token: str) -> str:
-        """The job's status, if `token` is its current lease: _held's checks, without reading the whole row."""
-        row = self._db.execute("SELECT status, lease_token FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        if row is None:
-            raise JobNotFound(f"no job {job_id}")
-        status, lease_token = row
-        if lease_token is None or not same(lease_token, token):
-            raise StaleLease(f"job {job_id} is not leased with this token: its lease expired or moved on")
-        if status not in (RUNNING, CANCELLED):
-            raise StaleLease(f"job {job_id} is {status}: its lease is over")
-        return str(status)
-
-    def succeed(self, job_id: str, token: str, result: JobResult) -> Job:
-        """Keep a running job's answer; StaleLease unless `token` is its current lease."""
-        return self._batched(self._finish, job_id, token, SUCCEEDED, None, result)
-
-    def fail(
-        self, job_id: str, token: str, error: str, retry: bool, max_attempts: int, result: JobResult | None = None
-    ) -> Job:
-        """End a running job's attempt: re-queued when `retry` and attempts are left, else failed.
-
-        A failed job keeps `result` (a server's 5xx answer, say) for the client to see.
-        """
-        if retry:
-            return self._batched(self._requeue, job_id, token, error, max_attempts, True, result)
-        return self._batched(self._finish, job_id, token, FAILED, error, result)
-
-    def release(self, job_id: str, token: str, error: str) -> Job:
-        """Put a running job back in the queue, its attempt not counted: nothing reached a server."""
-        return self._batched(self._requeue, job_id, token, error, 0, False)
-
-    def _finish(self, job_id: str, token: str, status: str, error: str | None, result: JobResult | None) -> Job:
-        if self._holding(job_id, token) != RUNNING:
-            return self._held(job_id, token)  # cancelled meanwhile: the cancel stands
-        now = self.clock()
-        changes = f"status = ?, error = ?, finished_at = ?, lease_expires_at = NULL, {CALLBACK_DUE}"
-        values: list[Any] = [status, error, now, now]
-        size_delta = 0
-        if result is not None:  # else a result kept from an attempt before stays
-            headers = json.dumps(result.headers)
-            size_delta = len(result.body) + len(headers)
-            changes += ", result_status = ?, result_headers = ?, result_body = ?, size = size + ?"
-            values += [result.status, headers, result.body, size_delta]
-        row = self._db.execute(f"UPDATE jobs SET {changes} WHERE job_id = ? RETURNING *", (*values, job_id)).fetchone()
-        self._bytes += size_delta
-        return job_from_row(row)  # the row as the one UPDATE left it: no second read
-
-    def _requeue(
-        self, job_id: str, token: str, error: str, max_attempts: int, counted: bool, result: JobResult | None = None
-    ) -> Job:
-        job = self._held(job_id, token)
-        if job.status != RUNNING:
-            return job
-        if counted and job.attempts >= max_attempts:
-            return self._finish(job_id, token, FAILED, f"{error} (after {job.attempts} attempts)", result)
-        self._db.execute(
-            "UPDATE jobs SET status = 'queued', error = ?, server_id = NULL, dispatch = NULL, lease_token = NULL,"
-            " lease_expires_at = NULL, attempts = attempts - ? WHERE job_id = ?",
-            (error, 0 if counted else 1, job_id),
-        )
-        self._queued_changed(job.priority, 1)
-        back = self._get(job_id)
-        assert back is not None
-        return back
 
     def cancel(self, job_id: str) -> tuple[Job, Job]:
         """Cancel a job that has not finished; (before, after), so that a caller can stop its run."""
@@ -614,52 +181,3 @@ class SQLiteJobStore(SQLiteFile):
             (state, self.clock() + wait if state == "pending" else None, error, tried, job_id),
         )
         return state, wait
-
-    # -- sweeps ----------------------------------------------------------------------------
-
-    def expire_leases(self, max_attempts: int) -> list[Job]:
-        """Re-queue (or fail, out of attempts) every running job whose lease ran out; the jobs after."""
-        return self._run(self._expire_leases, max_attempts)
-
-    def _expire_leases(self, max_attempts: int) -> list[Job]:
-        now = self.clock()
-        rows = self._db.execute(
-            "SELECT job_id, lease_token FROM jobs WHERE status = 'running' AND lease_expires_at <= ?", (now,)
-        ).fetchall()
-        return [self._requeue(job_id, token, "its lease expired", max_attempts, True) for job_id, token in rows]
-
-    def recover(self) -> int:
-        """At start: pushed jobs that were running go back to the queue now (their requests died
-        with the process); pulled ones keep their lease, since their worker may still finish."""
-        return self._run(self._recover)
-
-    def _recover(self) -> int:
-        cursor = self._db.execute(
-            "UPDATE jobs SET status = 'queued', attempts = attempts - 1, server_id = NULL, dispatch = NULL,"
-            " lease_token = NULL, lease_expires_at = NULL, error = 'the gateway restarted while it ran'"
-            " WHERE status = 'running' AND dispatch = 'push'"
-        )
-        self._recount()
-        return cursor.rowcount
-
-    def purge(self) -> tuple[int, int]:
-        """Expire queued jobs past JOB_QUEUE_TTL and delete finished ones past JOB_RESULT_TTL."""
-        return self._run(self._purge)
-
-    def _purge(self) -> tuple[int, int]:
-        now = self.clock()
-        expired = self._db.execute(
-            f"UPDATE jobs SET status = 'expired', finished_at = ?, {CALLBACK_DUE},"
-            " error = 'no server took it within JOB_QUEUE_TTL' WHERE status = 'queued' AND created_at <= ?",
-            (now, now, now - self.queue_ttl),
-        ).rowcount
-        finished = tuple(FINISHED)
-        placeholders = ", ".join("?" * len(finished))
-        freed = self._db.execute(
-            f"DELETE FROM jobs WHERE status IN ({placeholders}) AND finished_at <= ? RETURNING size",
-            (*finished, now - self.result_ttl),
-        ).fetchall()
-        self._db.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
-        self._bytes -= sum(size for (size,) in freed)
-        self._recount()
-        return expired, len(freed)

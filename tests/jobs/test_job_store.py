@@ -418,14 +418,15 @@ def test_under_gevent_waiting_callers_share_a_commit_and_a_killed_leader_stalls_
         import json, sys
         import gevent
         sys.path.insert(0, {str(ROOT)!r})
-        import gateway.jobs.store as module
+        import gateway.jobs.group_commit as commits
         from gateway.jobs.records import JobRequest, NewJob
+        from gateway.jobs.store import SQLiteJobStore
         trips = []
         def counted(func, *args):
             trips.append(func.__name__)
             return off(func, *args)
-        off, module.off_the_event_loop = module.off_the_event_loop, counted
-        store = module.SQLiteJobStore({str(path)!r})
+        off, commits.off_the_event_loop = commits.off_the_event_loop, counted
+        store = SQLiteJobStore({str(path)!r})
         def submit(i):
             return store.submit(NewJob(JobRequest("POST", "/api/x", (), b"%d" % i), task_type="/api/")).job.job_id
         together = [gevent.spawn(submit, i) for i in range(50)]

@@ -68,7 +68,9 @@ def create_app(config: Config | None = None) -> Flask:
         config.outlier_consecutive_failures, config.outlier_base_ejection_seconds, config.outlier_max_ejection_seconds
     )
     # Redis mode: the fleet as this host's processes last read it, for one that starts while Redis is down.
-    local_copy = LocalCopy(copy_path(config.backend_servers_file)) if shared is not None else None
+    local_copy = None
+    if shared is not None:
+        local_copy = LocalCopy(copy_path(config.backend_servers_file), f"{shared.where} {shared.prefix}")
     manager.load(local_copy)
     # Caps across processes: a dead process's slots are free once their leases run out.
     manager.shared_slots = SharedSlots(shared, config.slot_lease_seconds) if shared is not None else None

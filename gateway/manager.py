@@ -219,12 +219,11 @@ class BackendManager(FleetChanges, FleetResults, FleetReads):
         try:
             self.registry.load()
         except RedisUnavailable:
-            snapshot = local_copy.read() if local_copy is not None else None
+            snapshot = self.cluster.take_copy(local_copy) if local_copy is not None else None
             if snapshot is None:
                 log.error("starting with no servers: Redis did not answer; the fleet loads as soon as it does")
             else:
                 assert local_copy is not None
-                self.registry.adopt_copy(snapshot)
                 log.error(
                     "Redis did not answer: routing to the %d servers of %s (fleet version %d) until it does",
                     len(snapshot.records), local_copy.path, snapshot.version,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +14,8 @@ from gateway.fleet.local_copy import LocalCopy
 from gateway.fleet.redis_store import RedisFleetStore, Snapshot
 from gateway.fleet.registry import StaleCopy
 from gateway.fleet.store import JsonFileStore
+
+log = logging.getLogger("gateway.manager")  # as the rest of the manager logs
 
 if TYPE_CHECKING:
     from gateway.fleet.registry import Registry
@@ -28,6 +31,8 @@ class ClusterLink:
         self.outliers = outliers
         self.health_job = health_job
         self.follower: FleetFollower | None = None  # Redis mode: keeps this copy up with the cluster's
+        self.local_copy: LocalCopy | None = None  # the host's copy on disk, which the follower keeps
+        self._copy_taken = 0  # the version of the host's copy last taken while Redis was down
 
     def share(self, redis: Redis, health_check_interval: float, local_copy: LocalCopy | None = None) -> None:
         """Follow the cluster's fleet in Redis, and take part in the leader election for the sweep; after `load`."""
@@ -36,7 +41,9 @@ class ClusterLink:
         # Renewed every quarter interval, a dead leader's lease runs out and is taken within one interval.
         self.health_job.leader = LeaderLease(redis, ttl=0.75 * health_check_interval)
         self.health_job.leader.start()
-        self.follower = FleetFollower(store, self.adopt, keep=local_copy.keep if local_copy is not None else None)
+        self.local_copy = local_copy
+        keep = local_copy.keep if local_copy is not None else None
+        self.follower = FleetFollower(store, self.adopt, keep=keep, down=self._down)
         self.follower.seen = self.registry.shared_version
         self.follower.start()
 
@@ -59,6 +66,26 @@ class ClusterLink:
         if self.registry.adopt(snapshot):
             self.outliers.adopt(snapshot.ejections)
             self.health_job.sync()
+
+    def take_copy(self, local_copy: LocalCopy) -> Snapshot | None:
+        """Redis is down: take the host's copy if it is newer than the fleet this process has; what was taken."""
+        snapshot = local_copy.read()
+        if snapshot is None or snapshot.version <= max(self.registry.shared_version, self._copy_taken):
+            return None
+        self._copy_taken = snapshot.version
+        self.registry.adopt_copy(snapshot)
+        self.health_job.sync()
+        return snapshot
+
+    def _down(self) -> None:
+        """The follower found Redis down: a sibling process may have read a change this one missed.
+
+        A change published just before Redis went may have reached a sibling, which wrote it to
+        the copy before routing on it, and not this process, whose next read found Redis gone.
+        """
+        taken = self.take_copy(self.local_copy) if self.local_copy is not None else None
+        if taken is not None:
+            log.warning("Redis is down: routing on the host's copy of the fleet (version %d)", taken.version)
 
     def share_ejection(self, server_id: str) -> None:
         """Redis mode: put a server's ejection, or its end, where every process sees it (never under the lock)."""

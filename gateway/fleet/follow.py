@@ -28,10 +28,12 @@ class FleetFollower:
         adopt: Callable[[Snapshot], None],
         poll: float = 0.5,
         keep: Callable[[Snapshot], None] | None = None,
+        down: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.adopt = adopt
         self.keep = keep  # sees each snapshot before it is adopted: the host's copy on disk (fleet/local_copy.py)
+        self.down = down  # called after each attempt that found Redis down: the copy may be newer than ours
         self.poll = poll
         self.seen = -1  # the version last adopted
         self._following = False  # the last attempt got as far as following: retry at once when it ends
@@ -66,13 +68,21 @@ class FleetFollower:
             try:
                 self._follow()
             except RedisUnavailable:
-                pass  # Redis.call logged the outage once
+                self._went_down()  # Redis.call logged the outage once
             except DOWN_ERRORS as exc:  # the subscription's own connection
                 self.store.redis.went_down(exc)
+                self._went_down()
             except Exception:  # the follower must outlive anything, or this process stops seeing changes
                 log.exception("following the fleet in Redis failed; trying again")
             backoff = 0.1 if self._following else min(MAX_BACKOFF, backoff * 2)
             self._stop.wait(backoff)
+
+    def _went_down(self) -> None:
+        if self.down is not None:
+            try:
+                self.down()
+            except Exception:  # as above: nothing may end the follower
+                log.exception("taking the host's copy of the fleet failed")
 
     def _follow(self) -> None:
         pubsub = self.store.redis.client.pubsub(ignore_subscribe_messages=True)

@@ -31,8 +31,9 @@ def copy_path(backend_servers_file: str) -> Path:
 class LocalCopy:
     """The records of the last fleet snapshot read from Redis, written whenever a record changes."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, where: str) -> None:
         self.path = path
+        self.where = where  # whose fleet: Redis's address and prefix; a copy of another fleet's is not read
         self._kept: list[tuple[str, int]] | None = None  # the (id, revision) of each record last written
         self._failing = False  # a write failed: said once, until one succeeds
 
@@ -42,6 +43,7 @@ class LocalCopy:
         if kept == self._kept:
             return  # only the readings or the sweep moved: the records on disk are these
         body = {
+            "where": self.where,
             "version": snapshot.version,
             "records": [{"server_id": i, "rev": rev, "record": text.decode()} for i, rev, text in snapshot.records],
         }
@@ -61,11 +63,14 @@ class LocalCopy:
         try:
             body = json.loads(self.path.read_text(encoding="utf-8"))
             records = [(r["server_id"], int(r["rev"]), r["record"].encode()) for r in body["records"]]
-            version = int(body["version"])
+            version, where = int(body["version"]), body["where"]
         except FileNotFoundError:
             return None
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
             log.warning("the fleet's copy in %s cannot be read (%s): left unused", self.path, exc)
+            return None
+        if where != self.where:
+            log.warning("the fleet's copy in %s is of %s, not of %s: left unused", self.path, where, self.where)
             return None
         return Snapshot(version, records, {}, {}, {})
 

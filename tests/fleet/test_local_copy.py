@@ -7,10 +7,13 @@ import logging
 import threading
 
 import pytest
+from conftest import SECRET, wait_until
 
 from gateway.fleet.local_copy import LocalCopy, copy_path
 from gateway.fleet.redis_store import Snapshot
 from gateway.fleet.registry import Registry
+
+WHERE = "127.0.0.1:6379/0 gpu-gateway:"
 
 
 def record(server_id: str, port: int = 8000) -> bytes:
@@ -30,7 +33,7 @@ def test_the_copy_sits_beside_the_embedded_modes_file():
 
 
 def test_what_is_kept_reads_back_as_the_same_records(tmp_path):
-    copy = LocalCopy(tmp_path / "backend_servers.redis-copy.json")
+    copy = LocalCopy(tmp_path / "backend_servers.redis-copy.json", WHERE)
     assert copy.read() is None  # none kept yet
     kept = snapshot(7, ("B1", 3, record("B1")), ("B2", 7, record("B2", 8001)))
     copy.keep(kept)
@@ -42,7 +45,7 @@ def test_what_is_kept_reads_back_as_the_same_records(tmp_path):
 
 def test_a_snapshot_whose_records_did_not_move_is_not_written_again(tmp_path):
     path = tmp_path / "copy.json"
-    copy = LocalCopy(path)
+    copy = LocalCopy(path, WHERE)
     copy.keep(snapshot(7, ("B1", 3, record("B1"))))
     path.unlink()
     copy.keep(snapshot(8, ("B1", 3, record("B1"))))  # only a sweep's readings moved the version
@@ -53,18 +56,29 @@ def test_a_snapshot_whose_records_did_not_move_is_not_written_again(tmp_path):
     assert copy.read().records == []
 
 
-@pytest.mark.parametrize("text", ["", "{", "[]", '{"version": 1}', '{"version": 1, "records": [{"rev": 1}]}'])
+@pytest.mark.parametrize(
+    "text",
+    ["", "{", "[]", '{"version": 1}', '{"version": 1, "records": [{"rev": 1}]}', '{"version": 1, "records": []}'],
+)
 def test_a_copy_that_cannot_be_read_is_left_unused(tmp_path, caplog, text):
     path = tmp_path / "copy.json"
     path.write_text(text)
     with caplog.at_level(logging.WARNING, "gateway.fleet.local_copy"):
-        assert LocalCopy(path).read() is None
+        assert LocalCopy(path, WHERE).read() is None
     assert "cannot be read" in caplog.text
+
+
+def test_a_copy_of_another_fleets_is_left_unused(tmp_path, caplog):
+    path = tmp_path / "copy.json"
+    LocalCopy(path, "127.0.0.1:6379/0 other-fleet:").keep(snapshot(5, ("B1", 5, record("B1"))))
+    with caplog.at_level(logging.WARNING, "gateway.fleet.local_copy"):
+        assert LocalCopy(path, WHERE).read() is None
+    assert "not of 127.0.0.1:6379/0 gpu-gateway:" in caplog.text
 
 
 def test_a_copy_that_cannot_be_written_is_said_once_and_tried_again(tmp_path, caplog):
     folder = tmp_path / "gone"
-    copy = LocalCopy(folder / "copy.json")
+    copy = LocalCopy(folder / "copy.json", WHERE)
     with caplog.at_level(logging.WARNING, "gateway.fleet.local_copy"):
         copy.keep(snapshot(1, ("B1", 1, record("B1"))))
         copy.keep(snapshot(2, ("B1", 1, record("B1"))))
@@ -88,3 +102,25 @@ def test_a_registry_on_the_copy_takes_all_of_redis_s_fleet_once_it_answers(redis
     assert registry.adopt(fresh)
     assert list(registry.servers) == ["B1"]
     assert registry.servers["B1"].port == 9000  # read again, though the copy had a record of B1
+
+
+def test_a_process_that_missed_the_last_change_before_redis_went_takes_the_copy(make_app, redis_server, tmp_path):
+    """A sibling read the change and wrote it to the copy; this process's read found Redis gone."""
+    settings = {"redis_url": redis_server.url, "redis_timeout": 0.5}
+    settings["backend_servers_file"] = str(tmp_path / "backend_servers.json")
+    a, b = make_app(**settings), make_app(**settings)
+    manager_b = b.extensions["backend_manager"]
+    body = {"server_id": "B1", "ip": "127.0.0.1", "port": 8000, "secret": SECRET}
+    assert a.test_client().post("/webhook/register", json=body).status_code == 200
+    assert wait_until(lambda: manager_b.get_server("B1") is not None, timeout=2)
+    manager_b.follower.stop()  # as if B2's message reached B just as Redis went
+    manager_b.follower._thread.join(timeout=5)  # a message read in its last poll would still be taken
+    assert a.test_client().post("/webhook/register", json={**body, "server_id": "B2"}).status_code == 200
+    copy = tmp_path / "backend_servers.redis-copy.json"
+    assert wait_until(lambda: '"B2"' in copy.read_text(), timeout=2)  # A's follower wrote it
+    redis_server.kill()
+    assert [s.server_id for s in manager_b.list_servers()] == ["B1"]
+    manager_b.follower.down()  # what B's follower calls when its read finds Redis down
+    assert [s.server_id for s in manager_b.list_servers()] == ["B1", "B2"]
+    manager_b.follower.down()  # the same copy again: nothing more to take
+    assert manager_b.registry.shared_version == 0  # and Redis's fleet replaces it all once it answers

@@ -8,15 +8,11 @@ processes last saw it; Redis's fleet replaces that, record by record, as soon as
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 from gateway.fleet.redis_store import Snapshot
-from gateway.fleet.store import off_the_event_loop
+from gateway.fleet.store import JsonFileStore, StoreError, off_the_event_loop
 
 log = logging.getLogger(__name__)
 SUFFIX = ".redis-copy.json"  # beside BACKEND_SERVERS_FILE: backend_servers.json -> backend_servers.redis-copy.json
@@ -33,6 +29,7 @@ class LocalCopy:
 
     def __init__(self, path: Path, where: str) -> None:
         self.path = path
+        self._file = JsonFileStore(path)  # written as the server list is: temp file, fsync, rename
         self.where = where  # whose fleet: Redis's address and prefix; a copy of another fleet's is not read
         self._kept: list[tuple[str, int]] | None = None  # the (id, revision) of each record last written
         self._failing = False  # a write failed: said once, until one succeeds
@@ -42,13 +39,10 @@ class LocalCopy:
         kept = [(server_id, rev) for server_id, rev, _ in snapshot.records]
         if kept == self._kept:
             return  # only the readings or the sweep moved: the records on disk are these
-        body = {
-            "where": self.where,
-            "version": snapshot.version,
-            "records": [{"server_id": i, "rev": rev, "record": text.decode()} for i, rev, text in snapshot.records],
-        }
+        head = {"where": self.where, "version": snapshot.version}
+        records = [{"server_id": i, "rev": rev, "record": text.decode()} for i, rev, text in snapshot.records]
         try:
-            off_the_event_loop(self._write, json.dumps(body))
+            off_the_event_loop(self._file.save, [head, *records])
         except OSError as exc:
             if not self._failing:
                 log.warning(
@@ -60,28 +54,16 @@ class LocalCopy:
 
     def read(self) -> Snapshot | None:
         """The copy as a snapshot with no readings, sweep or ejections; None when there is none to read."""
-        try:
-            body = json.loads(self.path.read_text(encoding="utf-8"))
-            records = [(r["server_id"], int(r["rev"]), r["record"].encode()) for r in body["records"]]
-            version, where = int(body["version"]), body["where"]
-        except FileNotFoundError:
+        if not self.path.exists():
             return None
-        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        try:
+            head, *body = self._file.load()  # a file that is not a JSON list is moved aside, and reads as []
+            records = [(r["server_id"], int(r["rev"]), r["record"].encode()) for r in body]
+            version, where = int(head["version"]), head["where"]
+        except (StoreError, ValueError, TypeError, KeyError, AttributeError) as exc:
             log.warning("the fleet's copy in %s cannot be read (%s): left unused", self.path, exc)
             return None
         if where != self.where:
             log.warning("the fleet's copy in %s is of %s, not of %s: left unused", self.path, where, self.where)
             return None
         return Snapshot(version, records, {}, {}, {})
-
-    def _write(self, text: str) -> None:
-        """Replace the file at once (temp file, rename): a reader sees the old copy or the new, never half."""
-        fd, temp_name = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-            os.replace(temp_name, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp_name)
-            raise

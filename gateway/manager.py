@@ -219,11 +219,9 @@ class BackendManager(FleetChanges, FleetResults, FleetReads):
         try:
             self.registry.load()
         except RedisUnavailable:
-            snapshot = self.cluster.take_copy(local_copy) if local_copy is not None else None
-            if snapshot is None:
+            if local_copy is None or (snapshot := self.cluster.take_copy(local_copy)) is None:
                 log.error("starting with no servers: Redis did not answer; the fleet loads as soon as it does")
             else:
-                assert local_copy is not None
                 log.error(
                     "Redis did not answer: routing to the %d servers of %s (fleet version %d) until it does",
                     len(snapshot.records), local_copy.path, snapshot.version,

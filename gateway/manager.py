@@ -185,11 +185,7 @@ class BackendManager(FleetChanges, FleetResults, FleetReads):
 
     def _take(self, route: RouteRequest, exclude: Collection[str]) -> tuple[BackendServer, str | None]:
         """Under the lock: the Selector's choice for `route`, stamped as used, as a copy; and the model's name."""
-        fresh = (
-            route.required_bytes is not None
-            or self.routing_policy == "least_load"
-            or (route.model is not None and self.selector.placement.has_needs)
-        )
+        fresh = self.routing_policy == "least_load" or self.selector.placement.places(route)
         readings = self.registry.readings.fresh(self.stale_after) if fresh else {}
         servers = self.registry.servers
         server_id, actual_model = self.selector.choose(

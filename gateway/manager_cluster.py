@@ -69,12 +69,11 @@ class ClusterLink:
 
     def take_copy(self, local_copy: LocalCopy) -> Snapshot | None:
         """Redis is down: take the host's copy if it is newer than the fleet this process has; what was taken."""
-        snapshot = local_copy.read()
+        snapshot = local_copy.read_if_changed()  # the follower asks at every retry while Redis is down
         if snapshot is None or snapshot.version <= max(self.registry.shared_version, self._copy_taken):
             return None
         self._copy_taken = snapshot.version
         self.registry.adopt_copy(snapshot)
-        self.health_job.sync()
         return snapshot
 
     def _down(self) -> None:
@@ -85,6 +84,7 @@ class ClusterLink:
         """
         taken = self.take_copy(self.local_copy) if self.local_copy is not None else None
         if taken is not None:
+            self.health_job.sync()
             log.warning("Redis is down: routing on the host's copy of the fleet (version %d)", taken.version)
 
     def share_ejection(self, server_id: str) -> None:

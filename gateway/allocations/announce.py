@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import requests
 
 from gateway.allocations.records import Allocation, Move
-from gateway.jobs.callbacks import signature, signing_key
+from gateway.jobs.callbacks import signed_headers, signing_key
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +66,8 @@ class Announcer:
     def announce(self, allocation: Allocation, move: Move, urls: dict[str, str | None]) -> Answer:
         """Ask the receiver to let `move` happen; Answer.ok is False on a refusal or no answer in time."""
         move_id = uuid.uuid4().hex
-        body, stamp = event(move_id, allocation, move, urls), int(time.time())
-        headers = {
-            "Content-Type": "application/json",
-            "webhook-id": move_id,
-            "webhook-timestamp": str(stamp),
-            "webhook-signature": signature(self.key, move_id, stamp, body),
-        }
+        body = event(move_id, allocation, move, urls)
+        headers = signed_headers(self.key, move_id, body)
         try:
             answer = self.session.post(
                 self.url, data=body, headers=headers, timeout=self.timeout, allow_redirects=False

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -53,7 +53,7 @@ class Allocation:
         return cls(**{name: data[name] for name in ALLOCATION_FIELDS if name in data})
 
 
-ALLOCATION_FIELDS = ("key", "server_id", "strategy", "group", "location", "created_at", "updated_at")
+ALLOCATION_FIELDS = tuple(f.name for f in fields(Allocation))
 
 
 @dataclass(frozen=True)
@@ -79,18 +79,7 @@ class Move:
         return cls(**{name: data[name] for name in MOVE_FIELDS if name in data})
 
 
-MOVE_FIELDS = (
-    "key",
-    "type",
-    "server_id",
-    "from_server_id",
-    "load_score",
-    "strategy",
-    "reason",
-    "outcome",
-    "move_id",
-    "created_at",
-)
+MOVE_FIELDS = tuple(f.name for f in fields(Move))
 
 
 class AllocationError(Exception):

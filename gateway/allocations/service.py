@@ -309,7 +309,6 @@ class AllocationService:
         for allocation in self.store.allocations(limit=-1):
             if allocation.server_id in before:
                 keys.setdefault(allocation.server_id, []).append(allocation)
-        capacity = {place.server_id: place.capacity for place in places}
         steps: list[dict[str, Any]] = []
         skip: set[str] = set()
         while len(steps) < max_migrations:
@@ -331,7 +330,7 @@ class AllocationService:
                         "rebalance",
                         planned.to_score,
                         reason,
-                        capacity[planned.to_server_id],
+                        _capacity(places, planned.to_server_id),
                     )
                     step["outcome"] = "applied"
                 except Refused as exc:

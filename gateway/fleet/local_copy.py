@@ -33,6 +33,7 @@ class LocalCopy:
         self.where = where  # whose fleet: Redis's address and prefix; a copy of another fleet's is not read
         self._kept: list[tuple[str, int]] | None = None  # the (id, revision) of each record last written
         self._failing = False  # a write failed: said once, until one succeeds
+        self._stamp: tuple[int, int] | None = None  # the file's (mtime, size) at its last read
 
     def keep(self, snapshot: Snapshot) -> None:
         """Write the snapshot's records if any was added, changed or removed since the last write."""
@@ -51,6 +52,18 @@ class LocalCopy:
             self._failing = True
             return
         self._kept, self._failing = kept, False
+
+    def read_if_changed(self) -> Snapshot | None:
+        """`read`, unless the file is as it was at the last read: while Redis is down, nobody rewrites it."""
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return None
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        if stamp == self._stamp:
+            return None
+        self._stamp = stamp
+        return self.read()
 
     def read(self) -> Snapshot | None:
         """The copy as a snapshot with no readings, sweep or ejections; None when there is none to read."""

@@ -70,6 +70,17 @@ def signature(key: bytes, message_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
 
 
+def signed_headers(key: bytes, message_id: str, body: bytes) -> dict[str, str]:
+    """A Standard Webhooks POST's headers for `body`, signed now."""
+    stamp = int(time.time())
+    return {
+        "Content-Type": "application/json",
+        "webhook-id": message_id,
+        "webhook-timestamp": str(stamp),
+        "webhook-signature": signature(key, message_id, stamp, body),
+    }
+
+
 def payload(job: Job) -> bytes:
     """The event: `job.<status>`, when, and the job's state, with where its result is."""
     event = {
@@ -137,13 +148,8 @@ class CallbackSender:
     def deliver(self, job: Job) -> bool:
         """POST one job's callback; record the outcome; True if the receiver took it."""
         assert job.callback_url is not None
-        body, stamp = payload(job), int(time.time())
-        headers = {
-            "Content-Type": "application/json",
-            "webhook-id": job.job_id,
-            "webhook-timestamp": str(stamp),
-            "webhook-signature": signature(self.key, job.job_id, stamp, body),
-        }
+        body = payload(job)
+        headers = signed_headers(self.key, job.job_id, body)
         error: str | None = None
         try:
             check_callback_url(job.callback_url, self.allowed_networks)  # again: a name may resolve elsewhere now

@@ -157,9 +157,10 @@ class JobRuns(JobFile):
 
     def _held(self, job_id: str, token: str) -> Job:
         """The job, if `token` is its current lease (a cancelled job keeps its last token)."""
-        self._holding(job_id, token)
         job = self._get(job_id)
-        assert job is not None  # read just now, in this transaction
+        if job is None:
+            raise JobNotFound(f"no job {job_id}")
+        _check_lease(job_id, job.status, job.lease_token, token)
         return job
 
     def _holding(self, job_id: str, token: str) -> str:
@@ -167,12 +168,8 @@ class JobRuns(JobFile):
         row = self._db.execute("SELECT status, lease_token FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         if row is None:
             raise JobNotFound(f"no job {job_id}")
-        status, lease_token = row
-        if lease_token is None or not same(lease_token, token):
-            raise StaleLease(f"job {job_id} is not leased with this token: its lease expired or moved on")
-        if status not in (RUNNING, CANCELLED):
-            raise StaleLease(f"job {job_id} is {status}: its lease is over")
-        return str(status)
+        _check_lease(job_id, row[0], row[1], token)
+        return str(row[0])
 
     def succeed(self, job_id: str, token: str, result: JobResult) -> Job:
         """Keep a running job's answer; StaleLease unless `token` is its current lease."""
@@ -226,3 +223,11 @@ class JobRuns(JobFile):
         back = self._get(job_id)
         assert back is not None
         return back
+
+
+def _check_lease(job_id: str, status: str, lease_token: str | None, token: str) -> None:
+    """StaleLease unless `token` is the job's current lease and the job runs (or was cancelled as it ran)."""
+    if lease_token is None or not same(lease_token, token):
+        raise StaleLease(f"job {job_id} is not leased with this token: its lease expired or moved on")
+    if status not in (RUNNING, CANCELLED):
+        raise StaleLease(f"job {job_id} is {status}: its lease is over")

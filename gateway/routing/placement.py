@@ -28,6 +28,10 @@ class Placement:
         self.hits: dict[str, int] = {}  # server id -> routing decisions that read its reading (this process)
         self.has_needs = False  # some need is declared: a request naming a model reads the fresh readings
 
+    def places(self, route: RouteRequest) -> bool:
+        """Whether `route` is placed by memory: a need given with it, or one declared for a model it names."""
+        return route.required_bytes is not None or (route.model is not None and self.has_needs)
+
     def set_fleet_needs(self, gigabytes: Mapping[str, float]) -> None:
         """Take MODEL_MEMORY_GB (model name -> GB)."""
         self.fleet_needs = {model_key(name): int(gb * GIB) for name, gb in gigabytes.items()}

@@ -106,7 +106,7 @@ class Selector:
                     503, "model_unavailable", f"every server with model {route.model!r} is down, draining or ejected"
                 )
             raise NoServer(503, "no_server", "no healthy GPU server is available", fallback_ok=True)
-        if route.required_bytes is not None or (route.model is not None and self.placement.has_needs):
+        if self.placement.places(route):
             up = self.placement.place(up, route, actual, readings)
         free = [s for s in up if not s.max_concurrent or in_flight.get(s.server_id, 0) < s.max_concurrent]
         if not free:

@@ -174,5 +174,5 @@ def init_app(app: Flask) -> None:
     manager.observers.append(watcher)
     app.extensions["allocations"] = allocations
     app.extensions["allocation_failover"] = watcher
-    app.extensions["proxy"].allocations = allocations
+    app.extensions["proxy"].pinned.allocations = allocations  # X-Allocation-Key routes to the key's server
     app.register_blueprint(bp)

@@ -104,7 +104,7 @@ def route_by_model(dialect: Dialect) -> Response:
     proxy: Proxy = current_app.extensions["proxy"]
     headers = upstream_headers()
     # An allocated X-Allocation-Key goes to its key's server at once, as on the proxy: before the jobs.
-    answer = proxy.forward_allocated(target, body_for(raw, body), headers, model=body.model)
+    answer = proxy.pinned.forward_allocated(target, body_for(raw, body), headers, model=body.model)
     if answer is None:
         if proxy.jobs is not None and intake.wanted(request.environ):  # a job, run by a server with the model
             job = proxy.as_job(target, headers, raw, model=body.model)

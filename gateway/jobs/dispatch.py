@@ -212,12 +212,12 @@ class Dispatcher:
             for _, lease in taken:
                 lease.release()
             raise
-        started = handed = 0
+        started = handed = lost = 0
         try:
             for (_, lease), job in zip(taken, claimed, strict=True):
                 if job is None:  # cancelled, or taken by a worker or another process, since the peek
                     lease.release()
-                    self.wake()  # its slot may suit a job this round passed over
+                    lost += 1
                 else:
                     self._start(job, lease)
                     started += 1
@@ -225,6 +225,8 @@ class Dispatcher:
         finally:
             for _, lease in taken[handed:]:  # not handed to a run: a start that failed, and the ones after it
                 lease.release()
+        if lost:
+            self.wake()  # the slots of the jobs lost may suit a job this round passed over: one full round
         return started
 
     def _start(self, job: Job, lease: Lease) -> None:

@@ -95,7 +95,7 @@ class Exchange:
 
     def _send(self, base_url: str, target: str, body: bytes, headers: dict[str, str]) -> UpstreamResponse:
         """Send the request upstream; the response body is left unread for streaming."""
-        pool = self.pools.get(base_url) or self._new_pool(base_url)
+        pool = self.pool(base_url)
         environ = request.environ
         client = client_socket(environ)
         started = time.perf_counter()

@@ -11,7 +11,6 @@ import functools
 import logging
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from flask import Response
 
@@ -30,9 +29,6 @@ from gateway.proxy.pinned import PinnedForwarding
 from gateway.proxy.upstream import UpstreamPool
 from gateway.routing.admission import Lease, NoServer, RouteRequest
 from gateway.routing.affinity import FALLBACK_OWNER, TaskOwners
-
-if TYPE_CHECKING:
-    from gateway.allocations.service import AllocationService
 
 __all__ = ["METHODS", "SESSION_HEADER", "Answer", "Body", "Proxy", "retry_after_seconds"]
 
@@ -67,15 +63,6 @@ class Proxy:
         self.pinned = PinnedForwarding(config, manager, self.exchange, self.retry_after)
         self.jobs: JobService | None = None  # set by the jobs API: requests may become jobs
         self.queue_when_offline = config.queue_when_offline
-
-    @property
-    def allocations(self) -> AllocationService | None:
-        """Set by the allocations API: requests with an allocated X-Allocation-Key go to the key's server."""
-        return self.pinned.allocations
-
-    @allocations.setter
-    def allocations(self, allocations: AllocationService | None) -> None:
-        self.pinned.allocations = allocations
 
     @property
     def pools(self) -> dict[str, UpstreamPool]:
@@ -212,12 +199,6 @@ class Proxy:
         """The gateway's JSON error for a request no server could take."""
         retry_after = exc.retry_after or (self.retry_after if exc.status == 503 else None)
         return error_response(exc.status, exc.message, headers={"Retry-After": retry_after} if retry_after else None)
-
-    def forward_allocated(
-        self, target: str, body: Body, headers: dict[str, str], model: str | None = None
-    ) -> Answer | None:
-        """Send a request with an allocated X-Allocation-Key to the key's server, or None (see PinnedForwarding)."""
-        return self.pinned.forward_allocated(target, body, headers, model)
 
     def forward_fallback(
         self,
